@@ -1,0 +1,128 @@
+"""`hybrid-k2` command line: generate | chat | convert."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+MODEL_HELP = "an HF checkpoint directory, a .gguf file, or the preset 'demo' (written on first use, no download)"
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--device", default=None, help="torch device for attention/shared experts (default: cuda if present, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="accelerator compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--experts", default="auto", help="routed-expert backend: auto, torch, cpu")
+    p.add_argument("--expert-format", default=None,
+                   help="quantisation of routed experts at load: q4_0, q8_0, q4_k, q6_k, or native")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the expert kernels")
+    p.add_argument("--ctx", type=int, default=None, help="context window in tokens (default: the model's)")
+
+
+def _load(args):
+    import hybrid_k2
+    return hybrid_k2.load(args.model, device=args.device, dtype=args.dtype, experts=args.experts,
+                          expert_format=args.expert_format, threads=args.threads, ctx=args.ctx, progress=True)
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("-n", "--max-new-tokens", type=int, default=max_new)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6, Kimi K2's recommendation)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                seed=args.seed, stop=args.stop)
+
+
+def cmd_generate(args) -> int:
+    engine = _load(args)
+    if engine.tokenizer is None:
+        raise SystemExit(f"error: {args.model} has no tokenizer (tiktoken.model); cannot generate text")
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    for piece in engine.generate(prompt, stream=True, **_sampling(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{engine.stats}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    engine = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("hybrid-k2 chat — Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in engine.generate(messages, stream=True, **_sampling(args)):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_convert(args) -> int:
+    from quant.convert import convert
+    convert(args.hf_dir, args.out, experts=args.experts, other=args.other, progress=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hybrid-k2", description="Kimi K2 inference with routed experts on CPU kernels.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="complete a prompt and print tok/s",
+                       description="Complete a prompt, streaming tokens; prints prefill/decode tok/s to stderr.")
+    _add_load_flags(g)
+    g.add_argument("-p", "--prompt", required=True, help="prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    _add_sampling_flags(g, 64)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat")
+    _add_load_flags(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_flags(c, 512)
+    c.set_defaults(func=cmd_chat)
+
+    v = sub.add_parser("convert", help="HF checkpoint -> GGUF with quantised experts")
+    v.add_argument("hf_dir")
+    v.add_argument("out", help="output .gguf path")
+    v.add_argument("--experts", default="q4_0", help="routed expert format: q4_0, q8_0, q4_k, q6_k")
+    v.add_argument("--other", default="q8_0", help="format of the other matrices: q8_0, bf16, f16, f32")
+    v.set_defaults(func=cmd_convert)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Routed-expert backends: `forward(layer, x[T,H], ids[T,K], weights[T,K]) -> y[T,H]`.
+
+`torch` is the reference (dequantized weights, torch matmuls on the accelerator); `cpu` runs GGML blocks
+in the C kernels. The model calls `run`, which adds the shared expert so a backend can overlap the two.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class ExpertBackend:
+    name = "base"
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+            shared: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        y = self.forward(layer, x, ids, weights)
+        return y if shared is None else y + shared(x)
+
+    def close(self) -> None:
+        pass
+
+
+def expert_names(layer: int, e: int) -> tuple[str, str, str]:
+    p = f"model.layers.{layer}.mlp.experts.{e}."
+    return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"

@@ -1,0 +1,223 @@
+"""Engine: prompt in, tokens out. Sampling, stop conditions, streaming and throughput stats."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .model import Transformer
+
+
+class ContextOverflowError(ValueError):
+    """The prompt (plus the tokens asked for) does not fit the context window."""
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.6          # Kimi K2's recommended default
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def validate(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], gen: torch.Generator | None) -> int:
+    """logits [vocab] fp32 -> token id. temperature 0 is greedy."""
+    logits = logits.float().clone()
+    if p.repetition_penalty != 1.0 and len(history):
+        prev = torch.tensor(sorted(set(history)), device=logits.device)
+        vals = logits[prev]
+        logits[prev] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if p.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        kth = logits.topk(min(p.top_k, logits.numel()))[0][-1]
+        logits[logits < kth] = float("-inf")
+    probs = logits.softmax(-1)
+    if p.min_p > 0:
+        probs[probs < p.min_p * probs.max()] = 0
+    if p.top_p < 1.0:
+        sp, si = probs.sort(descending=True)
+        drop = sp.cumsum(0) - sp > p.top_p   # keep the smallest prefix whose mass reaches top_p
+        sp[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, si, sp)
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first generated token comes from prefill; the rest from decode steps
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s else 0.0
+
+    def __str__(self) -> str:
+        return (f"prefill {self.prompt_tokens} tok @ {self.prefill_tok_s:.1f} tok/s, "
+                f"decode {self.generated_tokens} tok @ {self.decode_tok_s:.1f} tok/s")
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str                 # "stop" (EOS / <|im_end|> / stop string) or "length"
+    stats: Stats = field(default_factory=Stats)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer, *, ctx: int | None = None, experts=None, checkpoint=None):
+        self.model = model
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.ctx = min(ctx or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
+        self.experts = experts
+        self.checkpoint = checkpoint
+        self.stats = Stats()
+        self._cache = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def close(self) -> None:
+        if self.experts is not None:
+            self.experts.close()
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- prompts ---------------------------------------------------------------------------------
+    def encode_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            return self.tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+            return ids
+        raise TypeError("prompt must be a string, a list of token ids, or a list of chat messages "
+                        "({'role': ..., 'content': ...})")
+
+    def _check_len(self, n_prompt: int, max_new_tokens: int) -> None:
+        if n_prompt == 0:
+            raise ValueError("prompt is empty")
+        if n_prompt >= self.ctx:
+            raise ContextOverflowError(
+                f"prompt has {n_prompt} tokens but the context window is {self.ctx}; shorten the prompt "
+                f"or load with a larger ctx (the model allows up to {self.cfg.max_position_embeddings})")
+
+    def _cache_for(self, n: int):
+        if self._cache is None or self._cache.max_len < n:
+            self._cache = self.model.new_cache(n)
+        return self._cache
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """fp32 logits [T, vocab] for a whole sequence, computed with a fresh cache."""
+        ids = self.encode_prompt(list(token_ids))
+        self._check_len(len(ids), 0)
+        cache = self._cache_for(len(ids))
+        return self.model(torch.tensor(ids, device=self.device), 0, cache).cpu()
+
+    # ---- generation ------------------------------------------------------------------------------
+    def generate(self, prompt, *, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 1.0,
+                 top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 stop: str | Sequence[str] | None = None, seed: int | None = None, stream: bool = False):
+        """Generate a continuation. Returns a `Generation`, or with stream=True an iterator of text pieces."""
+        params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
+        params.validate()
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = self.encode_prompt(prompt)
+        self._check_len(len(ids), max_new_tokens)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        it = self._run(ids, max_new_tokens, params, stops, seed)
+        if stream:
+            return (piece for piece in it if isinstance(piece, str))
+        for item in it:
+            if isinstance(item, Generation):
+                return item
+        raise AssertionError("generation ended without a result")
+
+    def _run(self, ids: list[int], max_new: int, params: SamplingParams, stops: list[str],
+             seed: int | None) -> Iterator[str | Generation]:
+        tok = self.tokenizer
+        max_new = min(max_new, self.ctx - len(ids))
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cache = self._cache_for(min(self.ctx, len(ids) + max_new))
+        stop_ids = {t for t in (tok.eos_id, tok.im_end_id) if t is not None}
+        stats = Stats(prompt_tokens=len(ids))
+        self.stats = stats
+        decoder = tok.stream_decoder()
+        out: list[int] = []
+        text = ""
+        emitted = 0          # chars of `text` already yielded (held back while a stop string may be forming)
+        hold = max((len(s) for s in stops), default=1) - 1
+        finish, cut = "length", -1
+
+        t0 = time.perf_counter()
+        logits = self.model(torch.tensor(ids, device=self.device), 0, cache, last_only=True)[-1]
+        stats.prefill_s = time.perf_counter() - t0
+        pos = len(ids)
+        t1 = time.perf_counter()
+        while True:
+            nxt = sample(logits, params, ids + out, gen)
+            if nxt in stop_ids:
+                finish = "stop"
+                break
+            out.append(nxt)
+            stats.generated_tokens = len(out)
+            text += decoder.add(nxt)
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+                break
+            if len(text) - hold > emitted:
+                yield text[emitted:len(text) - hold]
+                emitted = len(text) - hold
+            if len(out) >= max_new:
+                break
+            logits = self.model(torch.tensor([nxt], device=self.device), pos, cache, last_only=True)[-1]
+            pos += 1
+        if cut < 0:
+            text += decoder.flush()
+        stats.decode_s = time.perf_counter() - t1
+        if len(text) > emitted:
+            yield text[emitted:]
+        yield Generation(text=text, token_ids=out, finish_reason=finish, stats=stats)

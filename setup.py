@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="hybrid_k2",
+    version="0.1.0",
+    description="Kimi K2 inference: attention on the accelerator, routed experts on CPU kernels",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hybrid_k2", "hybrid_k2.*", "quant", "quant.*"]),
+    setup_requires=["cffi>=1.16"],
+    cffi_modules=["hybrid_k2/_kernels_build.py:ffibuilder"],
+    install_requires=[
+        "torch==2.13.0",   # the CPU wheel on disk; any 2.13 build with CUDA works the same
+        "numpy>=1.26",
+        "cffi>=1.16",      # C kernel binding (API mode)
+        "tiktoken>=0.7",   # Kimi's BPE tokenizer
+        "gguf>=0.10",      # GGUF reading/writing (llama.cpp's own package)
+        "tqdm>=4.66",      # progress bars on loading and conversion
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=4.57", "safetensors>=0.4", "pexpect>=4.9", "jinja2>=3.1"],
+    },
+    entry_points={"console_scripts": ["hybrid-k2=hybrid_k2.cli:main"]},
+    zip_safe=False,
+)

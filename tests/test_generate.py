@@ -1,0 +1,90 @@
+"""Engine.generate / logits on the demo checkpoint, loaded through the real checkpoint path."""
+import json
+
+import pytest
+import torch
+
+import hybrid_k2
+from hybrid_k2.demo import ensure_demo
+from hybrid_k2.generate import ContextOverflowError
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    path = ensure_demo(root)
+    return hybrid_k2.load(path, device="cpu", experts="torch", ctx=256)
+
+
+def test_demo_checkpoint_is_real_fp8_and_deterministic(tmp_path, engine):
+    from hybrid_k2.checkpoint import open_checkpoint
+    a, b = ensure_demo(tmp_path / "a"), ensure_demo(tmp_path / "b")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "tiktoken.model").read_bytes() == (b / "tiktoken.model").read_bytes()
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+    with open_checkpoint(a) as ck:
+        assert ck.format("model.layers.1.mlp.experts.3.up_proj.weight") == "fp8_block"
+        assert ck.format("model.layers.1.mlp.gate.weight") == "bf16"
+
+
+def test_same_seed_same_output_and_stream_matches(engine):
+    kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=7)
+    a = engine.generate("Beautiful is better than", **kw)
+    b = engine.generate("Beautiful is better than", **kw)
+    assert a.token_ids == b.token_ids and a.text == b.text and len(a.token_ids) > 0
+    streamed = "".join(engine.generate("Beautiful is better than", stream=True, **kw))
+    assert streamed == a.text
+    assert a.stats.prefill_tok_s > 0 and engine.stats.generated_tokens == len(a.token_ids)
+
+
+def test_greedy_matches_argmax_of_logits(engine):
+    prompt = engine.tokenizer.encode("Simple is better than complex.")
+    g = engine.generate(prompt, max_new_tokens=6, temperature=0)
+    seq = list(prompt)
+    for t in g.token_ids:       # each greedy token is the argmax of a fresh full-sequence forward
+        assert t == int(engine.logits(seq)[-1].argmax())
+        seq.append(t)
+
+
+def test_logits_shape_dtype(engine):
+    out = engine.logits([1, 2, 3, 4])
+    assert out.shape == (4, engine.cfg.vocab_size) and out.dtype == torch.float32
+
+
+def test_stop_string_and_chat_prompt(engine):
+    free = engine.generate("Errors should", max_new_tokens=40, temperature=0)
+    assert len(free.text) > 3
+    stop = free.text[2:4]
+    cut = engine.generate("Errors should", max_new_tokens=40, temperature=0, stop=stop)
+    assert cut.text == free.text[:free.text.find(stop)] and cut.finish_reason == "stop"
+    chat = engine.generate([{"role": "user", "content": "hi"}], max_new_tokens=4, seed=1)
+    assert chat.finish_reason in ("stop", "length")
+
+
+def test_stops_on_im_end(engine):
+    # a head that always prefers <|im_end|>: generation must stop there without emitting it
+    tok, model = engine.tokenizer, engine.model
+    saved = model.lm_head
+    head = torch.nn.Linear(engine.cfg.hidden_size, engine.cfg.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.im_end_id] = 1.0
+    model.lm_head = head
+    try:
+        g = engine.generate("x", max_new_tokens=10, temperature=0)
+        assert g.token_ids == [] and g.finish_reason == "stop"
+    finally:
+        model.lm_head = saved
+
+
+def test_context_overflow_and_bad_args(engine):
+    with pytest.raises(ContextOverflowError, match="context window is 256"):
+        engine.generate(list(range(1, 300)), max_new_tokens=4)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([engine.cfg.vocab_size + 5])
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate("x", top_p=0)
+    with pytest.raises(TypeError, match="prompt must be"):
+        engine.generate(3.5)
