@@ -13,6 +13,7 @@ setup(
         "numpy>=1.26",
         "cffi>=1.16",      # C kernel binding (API mode)
         "tiktoken>=0.7",   # Kimi's BPE tokenizer
+        "regex>=2023",     # the BPE trainer behind the demo tokenizer (same pattern syntax as tiktoken)
         "gguf>=0.10",      # GGUF reading/writing (llama.cpp's own package)
         "tqdm>=4.66",      # progress bars on loading and conversion
     ],

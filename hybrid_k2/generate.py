@@ -35,11 +35,14 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], gen: torch.Generator | None) -> int:
-    """logits [vocab] fp32 -> token id. temperature 0 is greedy."""
+def sample(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], gen: torch.Generator | None,
+           suppress: torch.Tensor | None = None) -> int:
+    """logits [vocab] fp32 -> token id. temperature 0 is greedy. `suppress` ids are never sampled."""
     logits = logits.float().clone()
+    if suppress is not None:
+        logits[suppress] = float("-inf")
     if p.repetition_penalty != 1.0 and len(history):
-        prev = torch.tensor(sorted(set(history)), device=logits.device)
+        prev = torch.tensor(sorted(set(history)))
         vals = logits[prev]
         logits[prev] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if p.temperature == 0:
@@ -102,6 +105,10 @@ class Engine:
         self.checkpoint = checkpoint
         self.stats = Stats()
         self._cache = None
+        # reserved special ids carry no meaning: a trained model never emits them, an untrained one must not
+        reserved = [i for n, i in (tokenizer.special_tokens.items() if tokenizer else ())
+                    if n.startswith("<|reserved_token_") and i < self.cfg.vocab_size]
+        self._suppress = torch.tensor(sorted(reserved), dtype=torch.long) if reserved else None
 
     @property
     def device(self) -> torch.device:
@@ -181,7 +188,7 @@ class Engine:
         max_new = min(max_new, self.ctx - len(ids))
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         cache = self._cache_for(min(self.ctx, len(ids) + max_new))
-        stop_ids = {t for t in (tok.eos_id, tok.im_end_id) if t is not None}
+        stop_ids = set(tok.stop_ids)
         stats = Stats(prompt_tokens=len(ids))
         self.stats = stats
         decoder = tok.stream_decoder()
@@ -192,18 +199,18 @@ class Engine:
         finish, cut = "length", -1
 
         t0 = time.perf_counter()
-        logits = self.model(torch.tensor(ids, device=self.device), 0, cache, last_only=True)[-1]
+        logits = self.model(torch.tensor(ids, device=self.device), 0, cache, last_only=True)[-1].cpu()
         stats.prefill_s = time.perf_counter() - t0
         pos = len(ids)
         t1 = time.perf_counter()
         while True:
-            nxt = sample(logits, params, ids + out, gen)
+            nxt = sample(logits, params, ids + out, gen, self._suppress)
             if nxt in stop_ids:
                 finish = "stop"
                 break
             out.append(nxt)
             stats.generated_tokens = len(out)
-            text += decoder.add(nxt)
+            text += decoder.push(nxt)
             cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
@@ -213,7 +220,7 @@ class Engine:
                 emitted = len(text) - hold
             if len(out) >= max_new:
                 break
-            logits = self.model(torch.tensor([nxt], device=self.device), pos, cache, last_only=True)[-1]
+            logits = self.model(torch.tensor([nxt], device=self.device), pos, cache, last_only=True)[-1].cpu()
             pos += 1
         if cut < 0:
             text += decoder.flush()
