@@ -140,7 +140,7 @@ class GGUFCheckpoint(Checkpoint):
         v = self._arch(key, default)
         if isinstance(v, list):  # per-layer arrays (feed_forward_length, head_count): take the first
             v = v[0] if v else None
-        if v is None or (v is default and default is None):
+        if v is None:
             return None
         if isinstance(v, bool) or not isinstance(v, int):
             raise CheckpointError(f"{self.path}: metadata key {ARCH}.{key} must be an integer, got {v!r}")

@@ -141,6 +141,14 @@ class HFCheckpoint(Checkpoint):
         return self.raw_info(name)[1]
 
     def get(self, name: str, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+        w = self._get(name, dtype, device)
+        # loading walks the whole checkpoint once: keep only the dequantised copy resident, not the file pages
+        for phys in (name, name + "_scale_inv", name + "_packed", name + "_scale"):
+            if phys in self._where:
+                self._locate(phys).release(phys)
+        return w
+
+    def _get(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
         self._check(name)
         if name in self._int4:
             w = self._int4_get(name, device)

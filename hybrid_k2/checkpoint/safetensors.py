@@ -137,6 +137,16 @@ class SafetensorsFile:
             raw = raw.clone()
         return raw.view(tdtype).reshape(shape)
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's RSS (they stay in the page cache); views stay valid."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, begin, end = self._entry(name)
+        start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        stop = self._data_start + end
+        if stop > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def close(self) -> None:
         mm, self._mmap = getattr(self, "_mmap", None), None
         if mm is not None:
