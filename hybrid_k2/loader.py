@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, fetch, open_checkpoint
+from .checkpoint import fetch, open_checkpoint
 from .config import PRESETS, ModelConfig
 from .generate import Engine
 from .model import Transformer
@@ -57,7 +57,7 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
             raise ValueError(f"ctx must be positive, got {ctx}")
         tokenizer = _load_tokenizer(ckpt, path)
         net = build_model(cfg, ckpt, device, dtype, progress)
-        backend = _load_experts(experts, ckpt, cfg, device, dtype, progress)
+        backend = _load_experts(experts, ckpt, cfg, device, dtype, progress, expert_format, threads)
         net.set_experts(backend)
     except BaseException:
         ckpt.close()
@@ -90,15 +90,20 @@ def _load_tokenizer(ckpt, path: Path):
     return None   # weights-only checkpoints still serve Engine.logits
 
 
-def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bool):
+def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bool, expert_format, threads):
     if not cfg.moe_layers:
         return None
+    if kind == "auto":
+        kind = "cpu"
     total = len(cfg.moe_layers) * cfg.n_routed_experts
-    bar = tqdm(total=total, desc="experts", unit="expert", disable=not progress)
+    bar = tqdm(total=total, desc=f"experts ({kind})", unit="expert", disable=not progress)
     try:
-        if kind in ("auto", "torch"):
+        if kind == "torch":
+            if expert_format not in (None, "native"):
+                raise ValueError("expert_format applies to the cpu backend; the torch backend keeps exact weights")
             from .experts.torch_backend import TorchExperts
             return TorchExperts.from_checkpoint(ckpt, cfg, device, dtype, bar)
-        raise CheckpointError(f"experts={kind!r} is not available in this build")
+        from .experts.cpu import CPUExperts
+        return CPUExperts.from_checkpoint(ckpt, cfg, expert_format, threads=threads, progress=bar)
     finally:
         bar.close()

@@ -30,6 +30,8 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 
+from hybrid_k2.checkpoint.quantize import int4_to_q4_0
+
 log = logging.getLogger("hybrid_k2.convert")
 
 ARCH = "deepseek2"
@@ -86,23 +88,6 @@ def encode(x: np.ndarray, qtype: QT) -> np.ndarray:
     from hybrid_k2 import kernels  # the project's one quantizer (C, GGML block formats byte for byte)
 
     return kernels.quantize(x.reshape(-1, x.shape[-1]), int(qtype))
-
-
-def int4_to_q4_0(q: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, int]:
-    """compressed-tensors symmetric INT4 (group 32) -> GGML Q4_0 blocks, without requantizing.
-
-    Both decode as (nibble - 8) * scale, so a Q4_0 block is d = fp16(scale) followed by 16 bytes
-    qs[j] = nibble[j] | nibble[j + 16] << 4 (ggml quantize_row_q4_0_ref). Returns (blocks
-    [rows, cols/32 * 18] uint8, number of scales fp16 cannot hold exactly)."""
-    rows, cols = q.shape
-    nb = cols // 32
-    d = scale.astype(np.float16)
-    inexact = int(np.count_nonzero(d.astype(np.float32) != scale))
-    out = np.empty((rows, nb, 18), dtype=np.uint8)
-    out[:, :, :2] = d.reshape(rows, nb, 1).view(np.uint8)
-    nib = q.reshape(rows, nb, 32)
-    np.bitwise_or(nib[:, :, :16], nib[:, :, 16:] << 4, out=out[:, :, 2:])
-    return out.reshape(rows, nb * 18), inexact
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import math
 import os
 import struct
 
+import numpy as np
 import torch
 
 from .safetensors import DTYPE_NAMES
@@ -109,3 +110,20 @@ def write_sharded(directory: str | os.PathLike, tensors: dict[str, torch.Tensor]
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return files
+
+
+def int4_to_q4_0(q: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, int]:
+    """compressed-tensors symmetric INT4 (group 32) -> GGML Q4_0 blocks, without requantizing.
+
+    Both decode as (nibble - 8) * scale, so a Q4_0 block is d = fp16(scale) followed by 16 bytes
+    qs[j] = nibble[j] | nibble[j + 16] << 4 (ggml quantize_row_q4_0_ref). Returns (blocks
+    [rows, cols/32 * 18] uint8, number of scales fp16 cannot hold exactly)."""
+    rows, cols = q.shape
+    nb = cols // 32
+    d = scale.astype(np.float16)
+    inexact = int(np.count_nonzero(d.astype(np.float32) != scale))
+    out = np.empty((rows, nb, 18), dtype=np.uint8)
+    out[:, :, :2] = d.reshape(rows, nb, 1).view(np.uint8)
+    nib = q.reshape(rows, nb, 32)
+    np.bitwise_or(nib[:, :, :16], nib[:, :, 16:] << 4, out=out[:, :, 2:])
+    return out.reshape(rows, nb * 18), inexact

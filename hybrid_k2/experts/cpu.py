@@ -1,0 +1,117 @@
+"""CPU backend: routed experts as GGML blocks in RAM, run by the C kernels (hybrid_k2.kernels).
+
+Weights come from a GGUF file in place (zero-copy views of the mmap) or from an HF checkpoint quantized at
+load, one expert at a time. compressed-tensors INT4 experts become Q4_0 without requantizing.
+While the kernels run (they release the GIL) the accelerator computes the shared expert.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .. import kernels
+from ..checkpoint import CheckpointError, fetch
+from ..checkpoint.quantize import int4_to_q4_0
+from . import ExpertBackend, expert_names
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"q4_0": "Q4_0", "q8_0": "Q8_0", "q4_k": "Q4_K", "q6_k": "Q6_K"}
+
+
+class CPUExperts(ExpertBackend):
+    name = "cpu"
+
+    def __init__(self, layers: dict[int, kernels.ExpertWeights], threads: int | None = None, overlap: bool = True):
+        self.layers = layers
+        if threads is not None:
+            kernels.set_threads(threads)
+        self.overlap = overlap
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hk2-experts") if overlap else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.layers.values())
+
+    # ---- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, ckpt, cfg, expert_format: str | None = None, threads: int | None = None,
+                        progress=None, overlap: bool = True) -> "CPUExperts":
+        if expert_format is not None and expert_format != "native" and expert_format not in FORMATS:
+            raise ValueError(f"expert_format={expert_format!r}: expected one of {', '.join(FORMATS)} or 'native'")
+        layers = {}
+        for layer in cfg.moe_layers:
+            if hasattr(ckpt, "expert_blocks") and expert_format in (None, "native", *_native_names(ckpt, layer)):
+                layers[layer] = _gguf_layer(ckpt, layer)
+                if progress is not None:
+                    progress.update(cfg.n_routed_experts)
+            else:
+                layers[layer] = _quantize_layer(ckpt, cfg, layer, expert_format, progress)
+        return cls(layers, threads=threads, overlap=overlap)
+
+    # ---- running -----------------------------------------------------------------------------
+    def _cpu_forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        xf = x.detach().to("cpu", torch.float32).contiguous()
+        y = kernels.moe_forward(self.layers[layer], xf, ids.detach().to("cpu", torch.int32).contiguous(),
+                                weights.detach().to("cpu", torch.float32).contiguous())
+        return y
+
+    def forward(self, layer, x, ids, weights):
+        return self._cpu_forward(layer, x, ids, weights).to(x.device, x.dtype)
+
+    def run(self, layer, x, ids, weights, shared):
+        if shared is None or self._pool is None:
+            return super().run(layer, x, ids, weights, shared)
+        fut = self._pool.submit(self._cpu_forward, layer, x, ids, weights)   # kernels release the GIL
+        s = shared(x)
+        return s + fut.result().to(x.device, x.dtype)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _native_names(ckpt, layer: int) -> tuple[str, ...]:
+    """The format names of a GGUF layer's experts, so asking for the stored format keeps them in place."""
+    kinds = {kernels.qtype(q).name for _, q in ckpt.expert_blocks(layer).values()}
+    return tuple(k.lower() for k in kinds) if len(kinds) == 1 else ()
+
+
+def _gguf_layer(ckpt, layer: int) -> kernels.ExpertWeights:
+    blocks = ckpt.expert_blocks(layer)
+    types = {k: kernels.qtype(q) for k, (_, q) in blocks.items()}
+    unsupported = [f"{k}={t.name}" for k, t in types.items() if t.name not in kernels.WEIGHT_QTYPES]
+    if unsupported:
+        raise CheckpointError(f"{ckpt.path}: layer {layer} experts are stored as {', '.join(unsupported)}, which the "
+                              f"CPU kernels do not run in place; pass expert_format= one of {', '.join(FORMATS)} "
+                              "to requantize at load")
+    return kernels.ExpertWeights(blocks["gate"][0], blocks["up"][0], blocks["down"][0], types["gate"],
+                                 types["up"], types["down"])
+
+
+def _quantize_layer(ckpt, cfg, layer: int, fmt: str | None, progress) -> kernels.ExpertWeights:
+    E, I, H = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    names0 = expert_names(layer, 0)
+    int4 = all(ckpt.format(n) == "int4_group" for n in names0) if hasattr(ckpt, "format") else False
+    if fmt in (None, "native"):
+        fmt = "q4_0" if int4 else "q8_0"
+    qt = kernels.qtype(FORMATS[fmt])
+    gate = np.empty((E, I, qt.row_bytes(H)), np.uint8)
+    up = np.empty((E, I, qt.row_bytes(H)), np.uint8)
+    down = np.empty((E, H, qt.row_bytes(I)), np.uint8)
+    lossless = int4 and fmt == "q4_0"
+    for e in range(E):
+        for dst, name, shape in zip((gate, up, down), expert_names(layer, e), ((I, H), (I, H), (H, I))):
+            iw = ckpt.get_int4(name) if lossless else None
+            if iw is not None and iw.group_size == 32 and tuple(iw.q.shape) == shape:
+                dst[e] = int4_to_q4_0(iw.q.numpy(), iw.scale.numpy())[0]   # same nibbles, same scales
+            else:
+                dst[e] = kernels.quantize(fetch(ckpt, name, shape).numpy(), qt.name)
+        if progress is not None:
+            progress.update(1)
+    return kernels.ExpertWeights(gate, up, down, qt.name)
+
