@@ -96,25 +96,29 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer, *, ctx: int | None = None, experts=None, checkpoint=None):
+    def __init__(self, model: Transformer, tokenizer, *, ctx: int | None = None, experts=None, checkpoint=None,
+                 recorder=None):
         self.model = model
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         self.ctx = min(ctx or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         self.experts = experts
         self.checkpoint = checkpoint
+        self.recorder = recorder     # routing trace, saved after each generate() and on close()
         self.stats = Stats()
         self._cache = None
         # reserved special ids carry no meaning: a trained model never emits them, an untrained one must not
         reserved = [i for n, i in (tokenizer.special_tokens.items() if tokenizer else ())
                     if n.startswith("<|reserved_token_") and i < self.cfg.vocab_size]
-        self._suppress = torch.tensor(sorted(reserved), dtype=torch.long) if reserved else None
+        self.suppressed_ids = torch.tensor(sorted(reserved), dtype=torch.long) if reserved else None
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
     def close(self) -> None:
+        if self.recorder is not None and self.recorder.tokens:
+            self.recorder.save()
         if self.experts is not None:
             self.experts.close()
         if self.checkpoint is not None:
@@ -204,7 +208,7 @@ class Engine:
         pos = len(ids)
         t1 = time.perf_counter()
         while True:
-            nxt = sample(logits, params, ids + out, gen, self._suppress)
+            nxt = sample(logits, params, ids + out, gen, self.suppressed_ids)
             if nxt in stop_ids:
                 finish = "stop"
                 break
@@ -227,4 +231,6 @@ class Engine:
         stats.decode_s = time.perf_counter() - t1
         if len(text) > emitted:
             yield text[emitted:]
+        if self.recorder is not None:
+            self.recorder.save()
         yield Generation(text=text, token_ids=out, finish_reason=finish, stats=stats)

@@ -59,10 +59,15 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
         net = build_model(cfg, ckpt, device, dtype, progress)
         backend = _load_experts(experts, ckpt, cfg, device, dtype, progress, expert_format, threads)
         net.set_experts(backend)
+        recorder = None
+        if record_routing is not None:
+            from .routing import RoutingRecorder
+            recorder = RoutingRecorder(record_routing, cfg.moe_layers, cfg.num_experts_per_tok)
+            net.set_recorder(recorder)
     except BaseException:
         ckpt.close()
         raise
-    return Engine(net, tokenizer, ctx=ctx, experts=backend, checkpoint=ckpt)
+    return Engine(net, tokenizer, ctx=ctx, experts=backend, checkpoint=ckpt, recorder=recorder)
 
 
 def build_model(cfg: ModelConfig, ckpt, device, dtype, progress: bool = False) -> Transformer:

@@ -190,9 +190,12 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
         self.experts = experts
+        self.recorder = None     # a RoutingRecorder when traces are asked for
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)
+        if self.recorder is not None:
+            self.recorder.record(self.layer, ids, weights)
         return self.experts.run(self.layer, x, ids, weights, self.shared_experts)
 
 
@@ -229,6 +232,11 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoE):
                 layer.mlp.experts = experts
+
+    def set_recorder(self, recorder) -> None:
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.recorder = recorder
 
     def new_cache(self, max_len: int) -> KVCache:
         p = self.lm_head.weight

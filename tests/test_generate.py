@@ -43,7 +43,9 @@ def test_greedy_matches_argmax_of_logits(engine):
     g = engine.generate(prompt, max_new_tokens=6, temperature=0)
     seq = list(prompt)
     for t in g.token_ids:       # each greedy token is the argmax of a fresh full-sequence forward
-        assert t == int(engine.logits(seq)[-1].argmax())
+        logits = engine.logits(seq)[-1]
+        logits[engine.suppressed_ids] = float("-inf")    # reserved special ids are never sampled
+        assert t == int(logits.argmax())
         seq.append(t)
 
 
@@ -88,3 +90,19 @@ def test_context_overflow_and_bad_args(engine):
         engine.generate("x", top_p=0)
     with pytest.raises(TypeError, match="prompt must be"):
         engine.generate(3.5)
+
+
+def test_record_routing_trace(tmp_path):
+    import numpy as np
+    trace = tmp_path / "trace.npz"
+    eng = hybrid_k2.load(ensure_demo(tmp_path / "c"), device="cpu", experts="torch", record_routing=trace)
+    g = eng.generate("Now is better than never.", max_new_tokens=8, temperature=0)
+    n_prompt = len(eng.tokenizer.encode("Now is better than never."))
+    z = np.load(trace)
+    cfg = eng.cfg
+    # every forwarded token: the prompt, then each generated token except the last (never fed back)
+    assert z["ids"].dtype == np.int16
+    assert z["ids"].shape == (n_prompt + max(len(g.token_ids) - 1, 0), len(cfg.moe_layers), cfg.num_experts_per_tok)
+    assert z["ids"].min() >= 0 and z["ids"].max() < cfg.n_routed_experts
+    assert np.allclose(z["weights"].sum(-1), cfg.routed_scaling_factor, atol=1e-4)
+    eng.close()
