@@ -164,7 +164,7 @@ class Engine:
         ids = self.encode_prompt(list(token_ids))
         self._check_len(len(ids), 0)
         cache = self._cache_for(len(ids))
-        return self.model(torch.tensor(ids, device=self.device), 0, cache).cpu()
+        return self.model(torch.tensor(ids, device=self.device), 0, cache).cpu().clone()   # a normal tensor, not an inference one
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompt, *, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 1.0,
