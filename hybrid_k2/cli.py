@@ -1,4 +1,4 @@
-"""`hybrid-k2` command line: generate | chat | convert."""
+"""`hybrid-k2` command line: generate | chat | plan | convert."""
 from __future__ import annotations
 
 import argparse
@@ -86,6 +86,11 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .placement import main as plan_main
+    return plan_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hybrid-k2", description="Kimi K2 inference with routed experts on CPU kernels.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -103,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     _add_sampling_flags(c, 512)
     c.set_defaults(func=cmd_chat)
+
+    pl = sub.add_parser("plan", add_help=False, help="placement under VRAM/RAM budgets and predicted tok/s",
+                        description="See `hybrid-k2 plan --help`.")
+    pl.add_argument("rest", nargs=argparse.REMAINDER)
+    pl.set_defaults(func=cmd_plan)
 
     v = sub.add_parser("convert", help="HF checkpoint -> GGUF with quantised experts")
     v.add_argument("hf_dir")

@@ -1,0 +1,377 @@
+"""Replay a routing trace through the expert cache + prefetcher and estimate decode time.
+
+    python -m hybrid_k2.sim TRACE.npz --slots N --pcie-gbps X --ram-gbps Y --policy score|lru|static|belady
+                            [--lookahead d] [--expert-bytes B]
+
+Trace (.npz): `ids` integer [tokens, moe_layers, top_k] (written as int16); optional `weights` [same],
+`n_experts` (scalar), `hidden` [tokens, moe_layers, H] router inputs and `routers` [moe_layers, E, H]
+(+ optional `router_bias` [moe_layers, E], `norms` [moe_layers, H] post_attention_layernorm weights,
+`n_group`, `topk_group` scalars) for predictor replay.
+
+Timing model, per token and MoE layer, one decode token at a time:
+  cpu_s  = expert_bytes / ram_gbps          one expert run by the CPU (memory-bound at batch 1)
+  copy_s = expert_bytes / pcie_gbps         one host->VRAM copy; copies queue on one link
+  gpu_s  = expert_bytes / gpu_gbps          one cached expert on the GPU (0 unless --gpu-gbps)
+  layer  = gpu_layer_s + max(n_cpu * cpu_s, wait + n_gpu * gpu_s)
+The CPU runs the misses while the GPU runs the hits (concurrently, as the engine does). A hit whose copy
+has not landed makes the GPU wait (`wait`, summed into the stall) unless waiting would take longer than
+the CPU run, in which case the expert goes to the CPU ('late'). Prefetches for layer L+d are issued at
+the start of layer L; demand copies of missed experts when their layer ends. The CPU-only baseline is
+gpu_layer_s + top_k * cpu_s per layer. Copies are assumed not to slow the CPU's RAM reads.
+The first `warmup` tokens train the policies (and form the static profile) and are not measured; Belady
+instead starts the measured window with the optimal preload (its free warm start).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .experts.cache import POLICIES, ExpertCache
+from .experts.prefetch import CostModel, Prefetcher, RoutingPredictor
+
+
+class TraceError(ValueError):
+    """A routing trace is malformed; the message names the file and the array."""
+
+
+@dataclass
+class Trace:
+    ids: np.ndarray                         # int64 [tokens, layers, top_k]
+    n_experts: int
+    weights: np.ndarray | None = None
+    hidden: np.ndarray | None = None        # float32 [tokens, layers, H]
+    routers: np.ndarray | None = None       # float32 [layers, E, H]
+    router_bias: np.ndarray | None = None   # float32 [layers, E]
+    norms: np.ndarray | None = None         # float32 [layers, H] router-input RMSNorm weights
+    n_group: int = 1
+    topk_group: int = 1
+    source: str = "<trace>"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.ids.shape
+
+    def predictor(self) -> RoutingPredictor | None:
+        if self.hidden is None or self.routers is None:
+            return None
+        return RoutingPredictor.from_weights(self.routers, self.router_bias, top_k=self.shape[2],
+                                             n_group=self.n_group, topk_group=self.topk_group,
+                                             norm_weights=self.norms)
+
+
+def _scalar_int(arrays, name, source, default):
+    if name not in arrays:
+        return default
+    v = np.asarray(arrays[name])
+    if v.size != 1 or not np.issubdtype(v.dtype, np.integer):
+        raise TraceError(f"{source}: array {name!r} must be one integer, got dtype {v.dtype} shape {v.shape}")
+    return int(v.reshape(()))
+
+
+def validate_trace(arrays, source: str = "<trace>") -> Trace:
+    """Check a mapping of arrays (an opened .npz or a dict) and return a Trace."""
+    if "ids" not in arrays:
+        raise TraceError(f"{source}: no 'ids' array (expected int16 [tokens, moe_layers, top_k]); "
+                         f"found {sorted(arrays.keys())}")
+    ids = np.asarray(arrays["ids"])
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TraceError(f"{source}: array 'ids' must be an integer array (int16), got dtype {ids.dtype}")
+    if ids.ndim != 3:
+        raise TraceError(f"{source}: array 'ids' must have rank 3 [tokens, moe_layers, top_k], got shape {ids.shape}")
+    if 0 in ids.shape:
+        raise TraceError(f"{source}: array 'ids' is empty (shape {ids.shape})")
+    T, L, K = ids.shape
+    routers = hidden = bias = None
+    if "routers" in arrays:
+        routers = np.asarray(arrays["routers"])
+        if routers.ndim != 3 or routers.shape[0] != L or not np.issubdtype(routers.dtype, np.floating):
+            raise TraceError(f"{source}: array 'routers' must be float [{L}, n_experts, hidden], got "
+                             f"{routers.dtype} {routers.shape}")
+        routers = routers.astype(np.float32)
+    n_experts = _scalar_int(arrays, "n_experts", source, None)
+    if routers is not None:
+        if n_experts is not None and n_experts != routers.shape[1]:
+            raise TraceError(f"{source}: 'n_experts' = {n_experts} but 'routers' has {routers.shape[1]} experts")
+        n_experts = routers.shape[1]
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0:
+        raise TraceError(f"{source}: array 'ids' has negative expert ids (min {lo})")
+    if n_experts is None:
+        n_experts = hi + 1
+    elif hi >= n_experts:
+        raise TraceError(f"{source}: array 'ids' has expert id {hi}, out of range for {n_experts} experts")
+    if K > n_experts:
+        raise TraceError(f"{source}: array 'ids' has top_k {K} > {n_experts} experts")
+    weights = None
+    if "weights" in arrays:
+        weights = np.asarray(arrays["weights"])
+        if weights.shape != ids.shape or not np.issubdtype(weights.dtype, np.floating):
+            raise TraceError(f"{source}: array 'weights' must be float with the shape of 'ids' {ids.shape}, got "
+                             f"{weights.dtype} {weights.shape}")
+    if "hidden" in arrays:
+        hidden = np.asarray(arrays["hidden"])
+        if hidden.ndim != 3 or hidden.shape[:2] != (T, L) or not np.issubdtype(hidden.dtype, np.floating):
+            raise TraceError(f"{source}: array 'hidden' must be float [{T}, {L}, hidden], got {hidden.dtype} "
+                             f"{hidden.shape}")
+        hidden = hidden.astype(np.float32)
+        if routers is not None and routers.shape[2] != hidden.shape[2]:
+            raise TraceError(f"{source}: 'hidden' has width {hidden.shape[2]} but 'routers' expects {routers.shape[2]}")
+    if "router_bias" in arrays:
+        if routers is None:
+            raise TraceError(f"{source}: array 'router_bias' given without 'routers'")
+        bias = np.asarray(arrays["router_bias"], dtype=np.float32)
+        if bias.shape != routers.shape[:2]:
+            raise TraceError(f"{source}: array 'router_bias' must be {routers.shape[:2]}, got {bias.shape}")
+    norms = None
+    if "norms" in arrays:
+        if routers is None:
+            raise TraceError(f"{source}: array 'norms' given without 'routers'")
+        norms = np.asarray(arrays["norms"])
+        if norms.shape != (L, routers.shape[2]) or not np.issubdtype(norms.dtype, np.floating):
+            raise TraceError(f"{source}: array 'norms' must be float [{L}, {routers.shape[2]}], got "
+                             f"{norms.dtype} {norms.shape}")
+        norms = norms.astype(np.float32)
+    n_group = _scalar_int(arrays, "n_group", source, 1)
+    topk_group = _scalar_int(arrays, "topk_group", source, 1)
+    if n_group < 1 or n_experts % n_group or not 1 <= topk_group <= n_group:
+        raise TraceError(f"{source}: n_group {n_group} / topk_group {topk_group} do not fit {n_experts} experts")
+    return Trace(ids=ids.astype(np.int64), n_experts=n_experts, weights=weights, hidden=hidden, routers=routers,
+                 router_bias=bias, norms=norms, n_group=n_group, topk_group=topk_group, source=source)
+
+
+def load_trace(path: str | os.PathLike) -> Trace:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise TraceError(f"{path}: no such trace file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError) as e:
+        raise TraceError(f"{path}: not a readable .npz trace ({e})") from None
+    return validate_trace(arrays, source=path)
+
+
+@dataclass
+class SimResult:
+    policy: str
+    slots: int
+    tokens: int                  # measured tokens
+    accesses: int
+    hits: int                    # resident when accessed (including late copies)
+    late: int                    # resident but the copy had not landed: run on the CPU
+    admissions: int
+    evictions: int
+    bytes_copied: int
+    stall_s: float               # time added to layers by waiting on copies
+    time_s: float                # modelled decode time of the measured tokens
+    cpu_only_time_s: float
+    recall: dict = field(default_factory=dict)   # {lookahead: recall@top-k}
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 0.0
+
+    @property
+    def on_time_hit_rate(self) -> float:
+        return (self.hits - self.late) / self.accesses if self.accesses else 0.0
+
+    @property
+    def speedup(self) -> float:
+        return self.cpu_only_time_s / self.time_s if self.time_s else float("inf")
+
+    def render(self) -> str:
+        n = max(self.tokens, 1)
+        per_tok, base = 1e3 * self.time_s / n, 1e3 * self.cpu_only_time_s / n
+        lines = [
+            f"policy {self.policy}, {self.slots} slots, {self.tokens} measured tokens, {self.accesses} expert uses",
+            f"hit rate        {100 * self.hit_rate:.2f}%  "
+            f"(on time {100 * self.on_time_hit_rate:.2f}%, late {self.late})",
+            f"copies          {self.admissions} admitted, {self.evictions} evicted, "
+            f"{self.bytes_copied / 2**30:.2f} GiB copied ({self.bytes_copied / n / 2**20:.1f} MiB/token)",
+            f"stall           {1e3 * self.stall_s:.2f} ms total ({1e3 * self.stall_s / n:.3f} ms/token)",
+            f"decode estimate {per_tok:.3f} ms/token ({1e3 / per_tok if per_tok else float('inf'):.2f} tok/s) vs "
+            f"CPU-only {base:.3f} ms/token ({1e3 / base if base else float('inf'):.2f} tok/s): x{self.speedup:.2f}",
+        ]
+        for d, r in sorted(self.recall.items()):
+            lines.append(f"predictor recall@top-k, lookahead {d}: {100 * r:.1f}%")
+        return "\n".join(lines)
+
+
+def predicted_ids(trace: Trace, predictor: str, lookahead: int) -> dict[int, np.ndarray]:
+    """{d: ids [tokens, layers, K]} predicted d layers ahead (rows for the last d layers are unused)."""
+    T, L, K = trace.shape
+    out = {}
+    if predictor == "oracle":
+        for d in range(1, lookahead + 1):
+            p = np.zeros_like(trace.ids)
+            p[:, :L - d] = trace.ids[:, d:]
+            out[d] = p
+        return out
+    rp = trace.predictor()
+    if rp is None:
+        raise TraceError(f"{trace.source}: predictor 'router' needs the 'hidden' and 'routers' arrays")
+    import torch
+    for d in range(1, lookahead + 1):
+        p = np.zeros_like(trace.ids)
+        for l in range(L - d):
+            p[:, l] = rp.predict(l, torch.from_numpy(trace.hidden[:, l]), d).numpy()
+        out[d] = p
+    return out
+
+
+def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.0, ram_gbps: float = 100.0,
+             expert_bytes: int = 24_772_608, gpu_gbps: float | None = None, gpu_layer_ms: float = 0.0,
+             lookahead: int = 0, predictor: str = "auto", warmup: int | None = None, decay: float = 0.98,
+             cost_model: bool = True, cpu_expert_ms: float | None = None, confidence: float = 1.0) -> SimResult:
+    """Replay `trace` (a Trace, a .npz path or a dict of arrays); see the module docstring for the model.
+
+    predictor: 'auto' (router replay when the trace has hidden + routers, else none), 'router', 'oracle'
+    (the true future ids: an upper bound) or 'none'. Belady never prefetches (demand-only optimum).
+    cost_model False admits every expert the cache policy accepts.
+    """
+    if not isinstance(trace, Trace):
+        trace = load_trace(trace) if isinstance(trace, (str, os.PathLike)) else validate_trace(trace)
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    for name, v in (("pcie_gbps", pcie_gbps), ("ram_gbps", ram_gbps), ("expert_bytes", expert_bytes)):
+        if not v > 0:
+            raise ValueError(f"{name} must be positive, got {v!r}")
+    if predictor not in ("auto", "router", "oracle", "none"):
+        raise ValueError(f"predictor must be auto, router, oracle or none, got {predictor!r}")
+    T, L, K = trace.shape
+    E = trace.n_experts
+    if warmup is None:
+        warmup = T // 10
+    if not 0 <= warmup < T:
+        raise ValueError(f"warmup must be in 0..{T - 1} tokens, got {warmup}")
+    if lookahead < 0:
+        raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+    has_router_data = trace.hidden is not None and trace.routers is not None
+    if predictor == "auto":
+        predictor = "router" if has_router_data else "none"
+    if policy == "belady" or lookahead == 0:
+        predictor = "none"
+    preds = predicted_ids(trace, predictor, lookahead) if predictor != "none" else {}
+
+    cpu_s = (cpu_expert_ms / 1e3) if cpu_expert_ms else expert_bytes / (ram_gbps * 1e9)
+    copy_s = expert_bytes / (pcie_gbps * 1e9)
+    gpu_s = expert_bytes / (gpu_gbps * 1e9) if gpu_gbps else 0.0
+    layer_s = gpu_layer_ms / 1e3
+
+    start = warmup
+    kw = dict(decay=decay, expert_bytes=expert_bytes)
+    if policy == "belady":
+        cache = ExpertCache(slots, L, E, "belady", future=trace.ids[start:], **kw)
+        cache.warm_start()
+        first = start
+    elif policy == "static":
+        counts = np.zeros((L, E))
+        prof = trace.ids[:warmup] if warmup else trace.ids   # no warm-up: profile the whole trace (oracle-ish)
+        np.add.at(counts, (np.broadcast_to(np.arange(L)[None, :, None], prof.shape), prof), 1)
+        cache = ExpertCache(slots, L, E, "static", profile=counts, **kw)
+        first = warmup
+    else:
+        cache = ExpertCache(slots, L, E, policy, **kw)
+        first = 0
+    cm = CostModel(expert_bytes, pcie_gbps, cpu_s * 1e3) if cost_model and policy != "belady" else None
+    pf = Prefetcher(cache, None, cm, lookahead=lookahead, confidence=confidence)
+
+    now = link_free = 0.0
+    ready = np.zeros(L * E)          # when each key's latest copy lands
+    late = 0
+    stall = 0.0
+    measured_time = 0.0
+    for t in range(first, T):
+        if t == start:
+            cache.reset_stats()
+            late, stall, measured_time = 0, 0.0, 0.0
+            pf.declined_by_cost = 0
+        t_token = now
+        for l in range(L):
+            for d, p in preds.items():               # prefetch for l + d, issued at the start of layer l
+                if l + d < L:
+                    for (tl, e) in pf.plan_copies(l, {l + d: p[t, l][None]}):
+                        link_free = max(now, link_free) + copy_s
+                        ready[tl * E + e] = link_free
+            ids = trace.ids[t, l]
+            hit = cache.access(l, ids)
+            keys = l * E + ids
+            wait, n_gpu, n_cpu = 0.0, 0, int((~hit).sum())
+            for k in keys[hit]:
+                if ready[k] <= now:
+                    n_gpu += 1
+                elif ready[k] - now <= cpu_s:
+                    n_gpu += 1
+                    wait = max(wait, ready[k] - now)
+                else:
+                    n_cpu += 1
+                    late += 1
+            cpu_time, gpu_time = n_cpu * cpu_s, n_gpu * gpu_s
+            dt = layer_s + max(cpu_time, wait + gpu_time)
+            stall += dt - (layer_s + max(cpu_time, gpu_time))
+            now += dt
+            for (tl, e) in pf.after_access(l, ids, hit):
+                link_free = max(now, link_free) + copy_s
+                ready[tl * E + e] = link_free
+        cache.next_token()
+        if t >= start:
+            measured_time += now - t_token
+
+    n_meas = T - start
+    cpu_only = n_meas * L * (layer_s + K * cpu_s)
+    recall = {}
+    if has_router_data:
+        rp = trace.predictor()
+        for d in (1, 2):
+            if L > d:
+                recall[d] = rp.recall(trace.hidden, trace.ids, d)
+    s = cache.stats()
+    return SimResult(policy=policy, slots=slots, tokens=n_meas, accesses=s["hits"] + s["misses"], hits=s["hits"],
+                     late=late, admissions=s["admissions"], evictions=s["evictions"],
+                     bytes_copied=s["bytes_copied"], stall_s=stall, time_s=measured_time,
+                     cpu_only_time_s=cpu_only, recall=recall)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hybrid_k2.sim", description="Replay a routing trace through "
+                                "the expert cache and prefetcher; print hit rate, copies, stall and decode time.")
+    p.add_argument("trace", help=".npz with ids int16 [tokens, moe_layers, top_k]")
+    p.add_argument("--slots", type=int, required=True, help="VRAM expert slots")
+    p.add_argument("--pcie-gbps", type=float, required=True)
+    p.add_argument("--ram-gbps", type=float, required=True)
+    p.add_argument("--policy", default="score", choices=POLICIES)
+    p.add_argument("--lookahead", type=int, default=0, help="prefetch this many MoE layers ahead (0 = off)")
+    p.add_argument("--predictor", default="auto", choices=["auto", "router", "oracle", "none"])
+    p.add_argument("--expert-bytes", type=int, default=24_772_608, help="bytes of one expert (default: Kimi K2 q4_0)")
+    p.add_argument("--gpu-gbps", type=float, default=None, help="GPU bandwidth for cached experts (default: free)")
+    p.add_argument("--gpu-layer-ms", type=float, default=0.0, help="non-expert GPU time per MoE layer")
+    p.add_argument("--cpu-expert-ms", type=float, default=None, help="measured CPU time per expert "
+                   "(default: expert bytes / RAM bandwidth)")
+    p.add_argument("--warmup", type=int, default=None, help="unmeasured warm-up tokens (default: 10%%)")
+    p.add_argument("--decay", type=float, default=0.98, help="score policy: frequency decay per token")
+    p.add_argument("--admit-all", action="store_true", help="no cost model: admit whatever the policy accepts")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        r = simulate(args.trace, slots=args.slots, policy=args.policy, pcie_gbps=args.pcie_gbps,
+                     ram_gbps=args.ram_gbps, expert_bytes=args.expert_bytes, gpu_gbps=args.gpu_gbps,
+                     gpu_layer_ms=args.gpu_layer_ms, lookahead=args.lookahead, predictor=args.predictor,
+                     warmup=args.warmup, decay=args.decay, cost_model=not args.admit_all,
+                     cpu_expert_ms=args.cpu_expert_ms)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.trace}: {r.tokens} tokens measured")
+    print(r.render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

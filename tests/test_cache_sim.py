@@ -1,0 +1,357 @@
+"""Expert cache policies, prefetch predictor/cost model, and the trace simulator."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from hybrid_k2.experts.cache import ExpertCache
+from hybrid_k2.experts.prefetch import CostModel, Prefetcher, RoutingPredictor, recall_at_k
+from hybrid_k2.sim import TraceError, load_trace, main as sim_main, simulate, validate_trace
+
+
+def replay_single(cache, seq, layer=0):
+    """One expert per token, admit every miss; returns the hit list."""
+    hits = []
+    for e in seq:
+        hit = bool(cache.access(layer, [e])[0])
+        if not hit:
+            cache.admit(layer, e)
+        hits.append(hit)
+        cache.next_token()
+    return hits
+
+
+def skewed_trace(rng, T, L, E, K, alpha=1.1):
+    """Zipf-like popularity, a different hot order per layer, K distinct experts per (token, layer)."""
+    ids = np.zeros((T, L, K), dtype=np.int16)
+    for l in range(L):
+        p = 1.0 / np.arange(1, E + 1) ** alpha
+        p = p[rng.permutation(E)]
+        p /= p.sum()
+        for t in range(T):
+            ids[t, l] = rng.choice(E, K, replace=False, p=p)
+    return ids
+
+
+# ---- cache policies -------------------------------------------------------------------------------
+def test_lru_known_sequence():
+    c = ExpertCache(2, 1, 5, "lru", expert_bytes=1000)
+    #          a  b  a  c  b  a  b  c
+    seq = [0, 1, 0, 2, 1, 0, 1, 2]
+    # a,b fill; a hits; c evicts b; b evicts a; a evicts c; b hits; c evicts a
+    assert replay_single(c, seq) == [False, False, True, False, False, False, True, False]
+    assert (c.hits, c.misses, c.admissions, c.evictions) == (2, 6, 6, 4)
+    assert c.bytes_copied == 6000
+    assert sorted(c.residents()) == [(0, 1), (0, 2)]
+    assert c.resident(0, 1) is not None and c.resident(0, 0) is None
+    assert list(c.lookup(0, [0, 1, 2])) == [False, True, True]
+    slots = c.slot_of(0, [1, 2, 3])
+    assert slots[2] == -1 and sorted(slots[:2]) == [0, 1]
+
+
+def test_admit_returns_slot_and_existing_slot():
+    c = ExpertCache(1, 2, 4, "lru")
+    s = c.admit(1, 3)
+    assert s == 0 and c.admit(1, 3) == 0 and c.admissions == 1
+    assert c.admit(0, 2) == 0 and c.resident(1, 3) is None and c.evictions == 1
+    assert ExpertCache(0, 1, 4, "lru").admit(0, 1) is None
+
+
+def _optimal_hits(seq, n_slots, n_keys):
+    """Brute force: best hit count of any policy that may start with any content and, after each access,
+    may load the accessed key (evicting anything) or not."""
+    best = {frozenset(s): 0 for s in itertools.combinations(range(n_keys), n_slots)}
+    for e in seq:
+        nxt = {}
+        for state, h in best.items():
+            h2 = h + (e in state)
+            options = [state]
+            if e not in state:
+                options += [state - {v} | {e} for v in state]
+            for s in options:
+                nxt[s] = max(nxt.get(s, -1), h2)
+        best = nxt
+    return max(best.values())
+
+
+def test_belady_matches_brute_force_optimum():
+    rng = np.random.default_rng(1)
+    for trial in range(30):
+        seq = rng.choice(5, size=12, p=[0.4, 0.25, 0.15, 0.1, 0.1]).tolist()
+        c = ExpertCache(2, 1, 5, "belady", future=np.array(seq)[:, None, None])
+        c.warm_start()
+        assert sum(replay_single(c, seq)) == _optimal_hits(seq, 2, 5), seq
+
+
+@pytest.mark.parametrize("seed,shape,slots", [(0, (120, 6, 32, 4), 40), (1, (100, 4, 64, 6), 60),
+                                              (2, (150, 3, 16, 2), 10)])
+def test_belady_beats_every_policy(seed, shape, slots):
+    ids = skewed_trace(np.random.default_rng(seed), *shape)
+    trace = dict(ids=ids, n_experts=np.int64(shape[2]))
+    rates = {p: simulate(trace, slots=slots, policy=p, cost_model=False, warmup=10, expert_bytes=10**6).hit_rate
+             for p in ("score", "lru", "static", "belady")}
+    assert rates["belady"] >= max(rates.values())
+    assert rates["belady"] > rates["lru"]                   # strictly better than LRU on skewed traces
+
+
+def test_static_policy_uses_profile():
+    profile = np.zeros((2, 6))
+    profile[0, [1, 4]] = [10, 7]
+    profile[1, 2] = 9
+    profile[1, 5] = 1
+    c = ExpertCache(3, 2, 6, "static", profile=profile)
+    assert sorted(c.residents()) == [(0, 1), (0, 4), (1, 2)]
+    c.reset_stats()
+    assert list(c.access(0, [1, 2, 4])) == [True, False, True]
+    assert c.admit(0, 2) is None and c.admit(1, 5) is None     # not in the set / never evicts
+    assert sorted(c.residents()) == [(0, 1), (0, 4), (1, 2)] and c.evictions == 0
+    with pytest.raises(ValueError, match="profile must have shape"):
+        ExpertCache(3, 2, 6, "static", profile=np.zeros((6, 2)))
+
+
+def test_score_beats_lru_on_hot_set_plus_scan():
+    """Layer 0 reuses 4 hot experts every token; layer 1 scans 4 never-seen experts per token."""
+    T = 50
+    ids = np.zeros((T, 2, 4), dtype=np.int16)
+    ids[:, 0] = [0, 1, 2, 3]
+    ids[:, 1] = np.arange(4 * T).reshape(T, 4)
+    trace = dict(ids=ids, n_experts=np.int64(4 * T))
+    lru = simulate(trace, slots=4, policy="lru", cost_model=False, warmup=1)
+    score = simulate(trace, slots=4, policy="score", cost_model=False, warmup=1)
+    assert lru.hits == 0                                     # the scan flushes the hot set every token
+    assert score.hits == 4 * (T - 1) and score.hit_rate == 0.5
+    assert score.time_s < lru.time_s
+
+
+def test_score_policy_prediction_and_decay():
+    c = ExpertCache(1, 1, 8, "score", decay=0.5)
+    c.access(0, [1])
+    c.admit(0, 1)
+    c.next_token()
+    assert c.expected_uses(0, 1) == pytest.approx(0.5)
+    assert c.admit(0, 2) is None                       # newcomer (0 uses) loses to resident (0.5)
+    assert c.admit(0, 2, predicted_score=1.0) == 0     # predicted use this token wins
+    assert c.resident(0, 1) is None
+    c.next_token()                                     # the prediction expires with the token
+    assert c.priority(0, 2) == pytest.approx(0.0)
+    # lazy decay survives renormalisation: a steady 1 use/token converges to 1 / (1 - decay)
+    c = ExpertCache(1, 1, 2, "score", decay=0.9)
+    for _ in range(20000):
+        c.access(0, [0])
+        c.next_token()
+    assert c.expected_uses(0, 0) == pytest.approx(0.9 / (1 - 0.9), rel=1e-9)
+
+
+def test_cache_errors():
+    with pytest.raises(ValueError, match="policy"):
+        ExpertCache(2, 1, 4, "fifo")
+    with pytest.raises(ValueError, match="future"):
+        ExpertCache(2, 1, 4, "belady")
+    with pytest.raises(ValueError, match="profile"):
+        ExpertCache(2, 1, 4, "static")
+    c = ExpertCache(2, 2, 4, "lru")
+    with pytest.raises(ValueError, match="layer 2"):
+        c.access(2, [0])
+    with pytest.raises(ValueError, match=r"0\.\.3"):
+        c.admit(0, 4)
+    b = ExpertCache(2, 1, 4, "belady", future=np.array([[[0]], [[1]]]))
+    with pytest.raises(ValueError, match="differs from the future trace"):
+        b.access(0, [3])
+
+
+# ---- prefetch ---------------------------------------------------------------------------------------
+def test_cost_model():
+    cm = CostModel.from_bandwidth(24_772_608, pcie_gbps=25.0, ram_gbps=200.0)
+    assert cm.copy_ms == pytest.approx(24_772_608 / 25e9 * 1e3)
+    assert cm.break_even_uses == pytest.approx(8.0)
+    assert cm.worth_copying(8.5) and not cm.worth_copying(7.5)
+    with pytest.raises(ValueError):
+        CostModel(0, 25.0, 0.1)
+
+
+def test_prefetcher_plans_copies_through_cost_model():
+    cache = ExpertCache(4, 3, 8, "score")
+    pf = Prefetcher(cache, cost_model=CostModel(1000, pcie_gbps=1.0, cpu_expert_ms=0.0005))   # needs >2 uses
+    ids = torch.tensor([[1, 2], [1, 3], [1, 4]])                                                # 3 tokens
+    assert pf.plan_copies(0, {1: ids}) == [(1, 1)]          # expert 1: 3 predicted uses; others: 1
+    assert cache.resident(1, 1) is not None and pf.declined_by_cost == 3
+    free = Prefetcher(ExpertCache(4, 3, 8, "lru"))
+    assert free.plan_copies(0, {2: ids}) == [(2, 1), (2, 2), (2, 3), (2, 4)]
+    hit = free.cache.access(2, [1, 5])
+    assert list(hit) == [True, False]
+    assert free.after_access(2, [1, 5], hit) == [(2, 5)]
+
+
+def np_route(h, W, bias, k, n_group=1, topk_group=1):
+    """Independent numpy re-derivation of the DeepSeek-V3 noaux_tc selection."""
+    choice = 1 / (1 + np.exp(-(h @ W.T))) + bias
+    if n_group > 1:
+        g = choice.reshape(len(h), n_group, -1)
+        gscore = np.sort(g, -1)[..., -2:].sum(-1)
+        drop = np.argsort(-gscore, -1)[:, topk_group:]
+        np.put_along_axis(g, drop[..., None], -np.inf, axis=1)
+        choice = g.reshape(len(h), -1)
+    return np.argsort(-choice, -1)[:, :k]
+
+
+def router_trace(rng, T, L, E, K, H, same_hidden, n_group=1, topk_group=1):
+    W = rng.standard_normal((L, E, H)).astype(np.float32) / np.sqrt(H)
+    bias = (0.1 * rng.standard_normal((L, E))).astype(np.float32)
+    base = rng.standard_normal((T, H)).astype(np.float32)
+    hidden = (np.repeat(base[:, None], L, 1) if same_hidden
+              else rng.standard_normal((T, L, H)).astype(np.float32))
+    ids = np.stack([np_route(hidden[:, l], W[l], bias[l], K, n_group, topk_group) for l in range(L)], 1)
+    return dict(ids=ids.astype(np.int16), hidden=hidden, routers=W, router_bias=bias,
+                n_group=np.int64(n_group), topk_group=np.int64(topk_group))
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
+def test_predictor_recall(n_group, topk_group):
+    rng = np.random.default_rng(3)
+    same = validate_trace(router_trace(rng, 64, 5, 32, 6, 24, True, n_group, topk_group))
+    rp = same.predictor()
+    assert rp.recall(same.hidden, same.ids, 1) == 1.0 and rp.recall(same.hidden, same.ids, 2) == 1.0
+    diff = validate_trace(router_trace(rng, 64, 5, 32, 6, 24, False, n_group, topk_group))
+    assert diff.predictor().recall(diff.hidden, diff.ids, 1) < 0.6
+    ahead = rp.predict_ahead(2, torch.from_numpy(same.hidden[:, 2]), 5)
+    assert list(ahead) == [3, 4] and np.array_equal(ahead[4].numpy(), same.ids[:, 4])
+
+
+def test_predictor_rescales_by_norm_weights():
+    """Router inputs w_l * RMSNorm(h) with a shared h but different norm weights per layer."""
+    rng = np.random.default_rng(7)
+    T, L, E, K, H = 64, 4, 32, 6, 24
+    W = rng.standard_normal((L, E, H)).astype(np.float32) / np.sqrt(H)
+    w = np.exp(rng.standard_normal((L, H))).astype(np.float32)
+    h = rng.standard_normal((T, H)).astype(np.float32)
+    n = h / np.sqrt((h ** 2).mean(-1, keepdims=True) + 1e-6)
+    hidden = w[None] * n[:, None]
+    ids = np.stack([np_route(hidden[:, l], W[l], np.zeros(E), K) for l in range(L)], 1)
+    plain = RoutingPredictor.from_weights(W, np.zeros((L, E)), top_k=K)
+    normed = RoutingPredictor.from_weights(W, np.zeros((L, E)), top_k=K, norm_weights=w)
+    assert plain.recall(hidden, ids, 1) < 0.9
+    assert normed.recall(hidden, ids, 1) == 1.0 and normed.recall(hidden, ids, 2) == 1.0
+
+
+def test_predictor_from_model():
+    from hybrid_k2.config import ModelConfig
+    from hybrid_k2.model import Transformer
+    cfg = ModelConfig.from_dict(dict(
+        model_type="kimi_k2", vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=4, num_attention_heads=2, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+        n_group=4, topk_group=2, first_k_dense_replace=1))
+    model = Transformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    rp = RoutingPredictor.from_model(model)
+    assert rp.layers == [1, 2, 3] and rp.target(1, 2) == 3 and rp.target(2, 2) is None
+    x = torch.randn(10, 32, generator=g)
+    w1, w3 = (model.model.layers[i].post_attention_layernorm.weight.detach().numpy() for i in (1, 3))
+    gate3 = model.model.layers[3].mlp.gate
+    ref = np_route(x.numpy() / w1 * w3, gate3.weight.detach().numpy(), gate3.e_score_correction_bias.detach().numpy(),
+                   4, n_group=4, topk_group=2)
+    assert np.array_equal(rp.predict(1, x, 2).numpy(), ref)
+
+
+def test_fit_correction_learns_linear_drift():
+    rng = np.random.default_rng(4)
+    H, E, K, N = 24, 16, 4, 3000
+    W = rng.standard_normal((2, E, H)).astype(np.float32) / np.sqrt(H)
+    drift = np.eye(H) + 0.6 * rng.standard_normal((H, H)) / np.sqrt(H)
+    h0 = rng.standard_normal((N, H))
+    h1 = h0 @ drift + 0.01 * rng.standard_normal((N, H))
+    true = np_route(h1[N // 2:], W[1], np.zeros(E), K)
+    rp = RoutingPredictor.from_weights(W, np.zeros((2, E)), top_k=K)
+    test_h = torch.tensor(h0[N // 2:], dtype=torch.float32)
+    plain = recall_at_k(rp.predict(0, test_h, 1).numpy(), true)
+    rp.fit_correction(0, 1, h0[:N // 2], h1[:N // 2])
+    fitted = recall_at_k(rp.predict(0, test_h, 1).numpy(), true)
+    assert plain < 0.8 and fitted > 0.95
+    rp.clear_corrections()
+    assert recall_at_k(rp.predict(0, test_h, 1).numpy(), true) == plain
+
+
+# ---- simulator ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(40, 26, 64, 6), (30, 3, 160, 6), (25, 60, 384, 8)])
+def test_sim_accounting_other_shapes(shape):
+    T, L, E, K = shape
+    ids = skewed_trace(np.random.default_rng(5), *shape)
+    trace = dict(ids=ids, n_experts=np.int64(E))
+    eb = 2_000_000
+    r = simulate(trace, slots=L * 4, policy="score", ram_gbps=50.0, pcie_gbps=20.0, expert_bytes=eb, warmup=5)
+    assert r.tokens == T - 5 and r.accesses == (T - 5) * L * K
+    assert r.bytes_copied == r.admissions * eb
+    assert r.cpu_only_time_s == pytest.approx((T - 5) * L * K * eb / 50e9)
+    assert 0 < r.time_s <= r.cpu_only_time_s * (1 + 1e-9)
+    # no slots: nothing cached, exactly the CPU-only time
+    z = simulate(trace, slots=0, policy="lru", ram_gbps=50.0, expert_bytes=eb, warmup=5)
+    assert z.hits == 0 and z.bytes_copied == 0 and z.time_s == pytest.approx(z.cpu_only_time_s)
+    # every expert cached (static from the whole-trace profile): all hits, time = GPU expert time only
+    full = simulate(trace, slots=L * E, policy="static", ram_gbps=50.0, gpu_gbps=1000.0, expert_bytes=eb, warmup=0)
+    assert full.hit_rate == 1.0 and full.time_s == pytest.approx(T * L * K * eb / 1000e9)
+
+
+def test_sim_copy_timing_known_answers():
+    """2 layers, 1 expert each; oracle prefetch of layer 1 issued at layer 0, then a demand copy of
+    layer 0's expert queues behind it. cpu = 0.1 ms per expert."""
+    trace = dict(ids=np.array([[[0], [1]]], dtype=np.int16), n_experts=np.int64(2))
+    kw = dict(slots=2, policy="lru", ram_gbps=10.0, expert_bytes=10**6, lookahead=1, predictor="oracle",
+              warmup=0, cost_model=False)
+    on_time = simulate(trace, pcie_gbps=20.0, **kw)             # copy 0.05 ms lands before layer 1
+    assert on_time.hits == 1 and on_time.late == 0 and on_time.stall_s == 0.0
+    assert on_time.time_s == pytest.approx(1e-4) and on_time.cpu_only_time_s == pytest.approx(2e-4)
+    assert on_time.admissions == 2 and on_time.bytes_copied == 2 * 10**6
+    waits = simulate(trace, pcie_gbps=1e6 / 1.5e-4 / 1e9, **kw)    # copy 0.15 ms: GPU waits 0.05 ms
+    assert waits.late == 0 and waits.stall_s == pytest.approx(0.5e-4) and waits.time_s == pytest.approx(1.5e-4)
+    late = simulate(trace, pcie_gbps=4.0, **kw)                     # copy 0.25 ms: CPU runs it instead
+    assert late.hits == 1 and late.late == 1 and late.time_s == pytest.approx(2e-4)
+    assert late.on_time_hit_rate == 0.0
+
+
+def test_sim_with_router_replay_and_cli(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    arrays = router_trace(rng, 40, 6, 32, 4, 16, same_hidden=True)
+    path = tmp_path / "trace.npz"
+    np.savez(path, **arrays)
+    r = simulate(path, slots=8, policy="score", lookahead=2, cost_model=False, expert_bytes=10**6,
+                 pcie_gbps=1000.0, warmup=4)
+    assert r.recall == {1: 1.0, 2: 1.0}
+    none = simulate(path, slots=8, policy="score", lookahead=0, cost_model=False, expert_bytes=10**6, warmup=4)
+    assert r.hits > none.hits                               # perfect prediction + fast link: more hits
+    assert sim_main([str(path), "--slots", "8", "--pcie-gbps", "25", "--ram-gbps", "100", "--policy", "belady"]) == 0
+    out = capsys.readouterr().out
+    assert "hit rate" in out and "CPU-only" in out and "recall@top-k, lookahead 2: 100.0%" in out
+
+
+def test_bad_traces(tmp_path, capsys):
+    def write(name, **arrays):
+        p = tmp_path / name
+        np.savez(p, **arrays)
+        return p
+    good = np.zeros((4, 3, 2), dtype=np.int16)
+    good[..., 1] = 1
+    cases = [
+        (write("f.npz", ids=good.astype(np.float32)), "'ids' must be an integer"),
+        (write("r.npz", ids=good[0]), "rank 3"),
+        (write("o.npz", ids=good + 7, n_experts=np.int64(8)), "expert id 8, out of range for 8"),
+        (write("n.npz", ids=good - 1), "negative"),
+        (write("m.npz", weights=good.astype(np.float32)), "no 'ids' array"),
+        (write("h.npz", ids=good, hidden=np.zeros((4, 2, 8), np.float32)), "'hidden' must be float"),
+        (write("w.npz", ids=good, weights=np.zeros((4, 3), np.float32)), "'weights' must be float"),
+    ]
+    for path, msg in cases:
+        with pytest.raises(TraceError, match=msg) as ei:
+            load_trace(path)
+        assert str(path) in str(ei.value)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip file")
+    with pytest.raises(TraceError, match="junk.npz"):
+        load_trace(junk)
+    with pytest.raises(TraceError, match="no such trace"):
+        load_trace(tmp_path / "absent.npz")
+    assert sim_main([str(cases[0][0]), "--slots", "2", "--pcie-gbps", "25", "--ram-gbps", "100"]) == 2
+    assert "f.npz" in capsys.readouterr().err
