@@ -1,0 +1,81 @@
+/* hybrid_k2 CPU expert kernels: public C API.
+ *
+ * Weight formats are GGML's block formats, byte for byte (type ids are GGML's).
+ * Every entry point validates its arguments and returns an HK2_E* code (< 0) instead of
+ * crashing; hk2_last_error() then holds a message naming the bad argument.
+ * The text between the CDEF markers is parsed by cffi (hybrid_k2/_kernels_build.py):
+ * keep it free of preprocessor directives other than integer #defines. */
+#ifndef HK2_H
+#define HK2_H
+#include <stddef.h>
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* CDEF BEGIN */
+#define HK2_OK 0
+#define HK2_EINVAL -1   /* null pointer or bad scalar argument */
+#define HK2_ETYPE -2    /* unsupported block type */
+#define HK2_ESHAPE -3   /* ncols not a multiple of the block size, or a bad dimension */
+#define HK2_EID -4      /* expert id out of range */
+#define HK2_ENOMEM -5
+#define HK2_EISA -6     /* unknown ISA name, or the CPU lacks it */
+#define HK2_ETHREAD -7  /* thread creation failed */
+
+/* GGML type ids */
+#define HK2_Q4_0 2
+#define HK2_Q8_0 8
+#define HK2_Q4_K 12
+#define HK2_Q6_K 14
+#define HK2_Q8_K 15     /* activation format for K-quant weights */
+
+int hk2_block_size(int qtype);     /* values per block, or HK2_ETYPE */
+int hk2_block_bytes(int qtype);    /* bytes per block, or HK2_ETYPE */
+int64_t hk2_row_bytes(int qtype, int64_t ncols);  /* or an HK2_E* code */
+
+/* x [nrows, ncols] float32 -> out [nrows, row_bytes] blocks (Q4_0, Q8_0, Q4_K, Q6_K, Q8_K). */
+int hk2_quantize(int qtype, const float *x, int64_t nrows, int64_t ncols, void *out);
+/* blocks [nrows, row_bytes] -> out [nrows, ncols] float32 */
+int hk2_dequantize(int qtype, const void *blocks, int64_t nrows, int64_t ncols, float *out);
+
+/* One MoE layer's routed experts. gate[e], up[e] point at [inter, row_bytes(type, hidden)] bytes,
+ * down[e] at [hidden, row_bytes(down_type, inter)] bytes. The pointer arrays have n_experts entries. */
+typedef struct {
+    int64_t n_experts;
+    int64_t hidden;
+    int64_t inter;
+    int gate_type;
+    int up_type;
+    int down_type;
+    const void *const *gate;
+    const void *const *up;
+    const void *const *down;
+} hk2_moe_layer;
+
+/* y[t,:] = sum_k weights[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)),  e = ids[t,k].
+ * x, y: [n_tokens, hidden] float32; ids: [n_tokens, top_k] int32; weights: [n_tokens, top_k] float32. */
+int hk2_moe_forward(const hk2_moe_layer *layer, int64_t n_tokens, int64_t top_k,
+                    const float *x, const int32_t *ids, const float *weights, float *y);
+
+int hk2_set_threads(int n);        /* persistent pool of n threads (caller included) */
+int hk2_get_threads(void);
+int hk2_set_isa(const char *name); /* "scalar" | "avx2" | "avx512"; HK2_EISA if unknown/unsupported */
+const char *hk2_isa(void);         /* the ISA in use */
+int hk2_isa_supported(const char *name);  /* 1, 0, or HK2_EISA for an unknown name */
+const char *hk2_last_error(void);  /* message for the last failing call on this thread */
+void hk2_shutdown(void);           /* join the pool's threads (also runs at exit) */
+
+/* Streaming read of n bytes split across the pool (bandwidth probe). Returns a checksum. */
+uint64_t hk2_read_probe(const void *buf, size_t n);
+
+/* Test hooks for GIL release: hk2_debug_wait blocks until hk2_debug_signal is called
+ * (returns 0) or timeout_ms passes (returns -1). */
+int hk2_debug_wait(int timeout_ms);
+void hk2_debug_signal(void);
+/* CDEF END */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,175 @@
+/* Internal definitions shared by the kernel sources: GGML block layouts, fp16 helpers,
+ * the activation row layout, the per-ISA kernel table, the thread pool and error reporting. */
+#ifndef HK2_INTERNAL_H
+#define HK2_INTERNAL_H
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include "hk2.h"
+
+#define HK2_QK 32      /* Q4_0 / Q8_0 block */
+#define HK2_QK_K 256   /* K-quant super block */
+#define HK2_MAX_NA 4   /* activation rows one dot call handles (weights unpacked once for all) */
+#define HK2_CACHE_LINE 64
+#define HK2_UNUSED(x) ((void)(x))
+
+/* ---- GGML block layouts (ggml-common.h), byte for byte ---- */
+typedef uint16_t hk2_half;
+
+typedef struct { hk2_half d; uint8_t qs[HK2_QK / 2]; } block_q4_0;  /* low nibble j, high nibble j+16 */
+typedef struct { hk2_half d; int8_t qs[HK2_QK]; } block_q8_0;
+typedef struct {
+    hk2_half d;                 /* super-block scale of the 6-bit scales */
+    hk2_half dmin;              /* super-block scale of the 6-bit mins */
+    uint8_t scales[12];         /* 8 scales + 8 mins, 6 bits each, packed */
+    uint8_t qs[HK2_QK_K / 2];   /* 64-value chunks: low nibbles first 32, high nibbles next 32 */
+} block_q4_K;
+typedef struct {
+    uint8_t ql[HK2_QK_K / 2];   /* low 4 bits */
+    uint8_t qh[HK2_QK_K / 4];   /* high 2 bits */
+    int8_t scales[HK2_QK_K / 16];
+    hk2_half d;
+} block_q6_K;
+typedef struct {
+    float d;
+    int8_t qs[HK2_QK_K];
+    int16_t bsums[HK2_QK_K / 16];
+} block_q8_K;
+
+_Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 layout");
+_Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 layout");
+_Static_assert(sizeof(block_q4_K) == 144, "block_q4_K layout");
+_Static_assert(sizeof(block_q6_K) == 210, "block_q6_K layout");
+_Static_assert(sizeof(block_q8_K) == 292, "block_q8_K layout");
+
+/* ---- fp16 (IEEE half, round to nearest even, as ggml) ---- */
+static inline float hk2_fp16_to_fp32(hk2_half h) {
+    _Float16 v;
+    memcpy(&v, &h, sizeof v);
+    return (float)v;
+}
+static inline hk2_half hk2_fp32_to_fp16(float f) {
+    _Float16 v = (_Float16)f;
+    hk2_half h;
+    memcpy(&h, &v, sizeof h);
+    return h;
+}
+
+/* ---- activation rows ----
+ * Activations are quantized on the fly to int8 in blocks of `qb` values (32: Q8_0-style, the
+ * scale rounded through fp16 exactly as block_q8_0 stores it; 256: Q8_K-style, float scale).
+ * Stored structure-of-arrays so SIMD loads are contiguous across blocks:
+ *   qs int8[n] | qp int8[n] | s8 int16[n/4] | d float[n/qb] | bs int16[n/16], padded to 64 bytes
+ * (qp and s8 only for qb 32). bs[g] = sum of qs[16g .. 16g+15] serves the K-quants' mins/offsets.
+ * qp/s8 are the Q4_0 pair view: a Q4_0 pair of blocks (b, b+1) unpacks with one shift into
+ * [lo nibbles b | lo nibbles b+1] and [hi b | hi b+1], so qp holds per pair the activations in
+ * that order, [y_b[0:16] y_b1[0:16] | y_b[16:32] y_b1[16:32]], and s8 the offset term of q - 8
+ * in maddubs's int16 pairs: s8[16p + i] = 8 * (sum of the 4 activations lane i pairs with).
+ * A trailing odd block keeps its natural order in qp. */
+typedef struct {
+    const int8_t *qs;
+    const int8_t *qp;
+    const int16_t *s8;
+    const float *d;
+    const int16_t *bs;
+} hk2_arow;
+
+static inline size_t hk2_act_qp_bytes(int64_t n, int qb) { return qb == 32 ? (size_t)n : 0; }
+static inline size_t hk2_act_s8_bytes(int64_t n, int qb) { return qb == 32 ? (size_t)n / 2 : 0; }
+static inline size_t hk2_act_row_bytes(int64_t n, int qb) {
+    size_t b = 2 * (size_t)n + (size_t)n / 2 + sizeof(float) * (size_t)(n / qb) + sizeof(int16_t) * (size_t)(n / 16);
+    if (qb != 32) b = (size_t)n + sizeof(float) * (size_t)(n / qb) + sizeof(int16_t) * (size_t)(n / 16);
+    return (b + HK2_CACHE_LINE - 1) & ~(size_t)(HK2_CACHE_LINE - 1);
+}
+static inline hk2_arow hk2_act_row(const uint8_t *base, int64_t n, int qb) {
+    hk2_arow r;
+    r.qs = (const int8_t *)base;
+    r.qp = (const int8_t *)(base + n);
+    r.s8 = (const int16_t *)(base + n + hk2_act_qp_bytes(n, qb));
+    r.d = (const float *)(base + n + hk2_act_qp_bytes(n, qb) + hk2_act_s8_bytes(n, qb));
+    r.bs = (const int16_t *)((const uint8_t *)r.d + sizeof(float) * (size_t)(n / qb));
+    return r;
+}
+/* fill qp and s8 of blocks [b0, b1) (b0 even) from qs */
+static inline void hk2_act_q4_0_view(const int8_t *qs, int8_t *qp, int16_t *s8, int b0, int b1, int nb_total) {
+    for (int b = b0; b < b1; b += 2) {
+        if (b + 1 < nb_total) {
+            const int8_t *y0 = qs + 32 * b, *y1 = y0 + 32;
+            int8_t *o = qp + 32 * b;
+            for (int i = 0; i < 16; i++) {
+                o[i] = y0[i]; o[16 + i] = y1[i]; o[32 + i] = y0[16 + i]; o[48 + i] = y1[16 + i];
+            }
+            for (int i = 0; i < 16; i++) s8[16 * (b / 2) + i] = (int16_t)(8 * (o[2 * i] + o[2 * i + 1] + o[32 + 2 * i] + o[32 + 2 * i + 1]));
+        } else {
+            memcpy(qp + 32 * b, qs + 32 * b, 32);
+        }
+    }
+}
+
+/* ---- per-ISA kernel table ----
+ * dot: s[j] = dot(weight row w of n values, activation row a[j]) for j < na (na <= HK2_MAX_NA).
+ * quantize_act: n values (n % qb == 0) -> qs, d, bs as described above (s8 is filled by the caller,
+ * moe.c); bit-identical across ISAs. */
+typedef void (*hk2_dot_fn)(int n, const void *w, const hk2_arow *a, int na, float *s);
+typedef void (*hk2_quantize_act_fn)(const float *x, int n, int qb, int8_t *qs, float *d, int16_t *bs);
+
+typedef struct {
+    const char *name;
+    hk2_dot_fn dot_q4_0;
+    hk2_dot_fn dot_q8_0;
+    hk2_dot_fn dot_q4_K;
+    hk2_dot_fn dot_q6_K;
+    hk2_quantize_act_fn quantize_act;
+    uint64_t (*read_sum)(const void *p, size_t n);  /* bandwidth probe: touch every byte */
+} hk2_kernels;
+
+extern const hk2_kernels hk2_kernels_scalar;
+#ifndef HK2_NO_X86
+extern const hk2_kernels hk2_kernels_avx2;
+extern const hk2_kernels hk2_kernels_avx512bw;
+extern const hk2_kernels hk2_kernels_avx512vnni;
+#endif
+
+/* scalar helpers reused by the SIMD files for tails and set-up */
+void hk2_quantize_act_scalar(const float *x, int n, int qb, int8_t *qs, float *d, int16_t *bs);
+static inline void hk2_q4_K_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+/* round half away from zero, as C roundf and gguf's np_roundf */
+static inline int hk2_roundf_int(float v) {
+    float t = (float)(int)v;  /* |v| is small here (<= 127.x) */
+    float r = v - t;
+    if (r >= 0.5f) t += 1.0f;
+    else if (r <= -0.5f) t -= 1.0f;
+    return (int)t;
+}
+
+/* ---- thread pool (threadpool.c) ---- */
+typedef void (*hk2_task_fn)(void *ctx, int ith, int nth);
+int hk2_pool_run(hk2_task_fn fn, void *ctx);  /* runs fn on every pool thread, caller is ith 0 */
+void hk2_pool_barrier(void);                   /* only inside a task */
+int hk2_pool_threads(void);
+int hk2_pool_resize(int n);
+void hk2_pool_shutdown(void);
+
+/* ---- errors (hk2_api.c) ---- */
+int hk2_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void hk2_clear_error(void);
+void hk2_api_lock(void);   /* serialises calls that use the pool or shared workspace */
+void hk2_api_unlock(void);
+
+/* ---- block types (quants.c) ---- */
+int hk2_type_known(int qtype);          /* weight or activation type we implement */
+int hk2_type_is_weight(int qtype);      /* usable as MoE weights */
+int hk2_act_qb(int weight_type);        /* activation block size for a weight type: 32 or 256 */
+const char *hk2_type_name(int qtype);
+const hk2_kernels *hk2_active_kernels(void);
+hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int weight_type);
+
+#endif

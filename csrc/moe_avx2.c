@@ -1,0 +1,345 @@
+/* AVX2 + FMA + F16C kernels. Integer dot products with _mm256_maddubs_epi16 (u8 x s8 -> s16
+ * pairs) and _mm256_madd_epi16 (-> s32), one fp32 FMA per block. Weights are unpacked once per
+ * block and reused for up to HK2_MAX_NA activation rows (prefill tiles). */
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#include <immintrin.h>
+#include "hk2_internal.h"
+
+#define INLINE static inline __attribute__((always_inline))
+/* Software prefetch distance in bytes along a weight row (rows of one expert are contiguous, so
+ * running past a row's end fetches the next). The hardware prefetcher alone leaves a single
+ * core well short of its share of DRAM bandwidth. */
+#ifndef HK2_PF_DIST
+#define HK2_PF_DIST 512
+#endif
+#define PREFETCH(p) _mm_prefetch((const char *)(p) + HK2_PF_DIST, _MM_HINT_T0)
+
+INLINE float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+INLINE float hsum_ps128(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+INLINE float f16(hk2_half h) { return _cvtsh_ss(h); }
+
+/* 16 packed bytes -> 32 nibbles: low nibbles (elements 0..15) then high nibbles (16..31) */
+INLINE __m256i nibbles(const uint8_t *p) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+}
+/* sum of 4 adjacent products of unsigned u and signed s bytes, as 8 int32 */
+INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+/* u8 x s8 -> s16 pairs, then weighted by the int16 scales in sc -> 8 int32 */
+INLINE __m256i dot_u8s8_scaled(__m256i u, __m256i s, __m256i sc) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), sc);
+}
+/* shuffle control: lane 0 = int16 word 2c of a broadcast row, lane 1 = word 2c+1 */
+INLINE __m256i pair_ctrl(int c) {
+    const char lo0 = (char)(4 * c), lo1 = (char)(4 * c + 1), hi0 = (char)(4 * c + 2), hi1 = (char)(4 * c + 3);
+    return _mm256_setr_epi8(lo0, lo1, lo0, lo1, lo0, lo1, lo0, lo1, lo0, lo1, lo0, lo1, lo0, lo1, lo0, lo1,
+                            hi0, hi1, hi0, hi1, hi0, hi1, hi0, hi1, hi0, hi1, hi0, hi1, hi0, hi1, hi0, hi1);
+}
+
+/* ---------------- Q4_0 ---------------- */
+/* A pair of blocks per step: one 256-bit load-and-shift yields [lo b | lo b+1] and [hi b | hi b+1],
+ * multiplied against the activations in the same order (qp). The q - 8 offset is subtracted in
+ * int16 (s8), so one madd, one convert and one FMA serve both blocks: int32 lanes 0-3 are block
+ * b, lanes 4-7 block b+1, matched by the scale vector [s_b x4, s_b1 x4]. */
+INLINE __m256 two_block_scales(__m128 dw01, const float *da) {
+    const __m128 s = _mm_mul_ps(dw01, _mm_castpd_ps(_mm_load_sd((const double *)da)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+/* fp16 scales of blocks b and b+1 (stride bytes apart) as floats in lanes 0 and 1 */
+INLINE __m128 two_fp16(const hk2_half *d0, const hk2_half *d1) {
+    return _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)*d0 | ((uint32_t)*d1 << 16))));
+}
+
+INLINE void dot_q4_0_t(int n, const block_q4_0 *x, const hk2_arow *a, const int NA, float *s) {
+    __m256 acc0[HK2_MAX_NA], acc1[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) { acc0[j] = _mm256_setzero_ps(); acc1[j] = _mm256_setzero_ps(); }
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int nb = n / HK2_QK;
+    int b = 0;
+    for (; b + 3 < nb; b += 4) {  /* two pairs, one accumulator each */
+        PREFETCH(x + b);
+        PREFETCH(x + b + 2);
+        __m256i lo[2], hi[2];
+        __m128 dw[2];
+        for (int p = 0; p < 2; p++) {
+            const __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)x[b + 2 * p].qs)),
+                                                        _mm_loadu_si128((const __m128i *)x[b + 2 * p + 1].qs), 1);
+            lo[p] = _mm256_and_si256(raw, m4);
+            hi[p] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            dw[p] = two_fp16(&x[b + 2 * p].d, &x[b + 2 * p + 1].d);
+        }
+        for (int j = 0; j < NA; j++) {
+            for (int p = 0; p < 2; p++) {
+                const int8_t *y = a[j].qp + HK2_QK * (b + 2 * p);
+                __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo[p], _mm256_loadu_si256((const __m256i *)y)),
+                                             _mm256_maddubs_epi16(hi[p], _mm256_loadu_si256((const __m256i *)(y + 32))));
+                t = _mm256_sub_epi16(t, _mm256_loadu_si256((const __m256i *)(a[j].s8 + 8 * (b + 2 * p))));
+                const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(t, ones));
+                const __m256 sc = two_block_scales(dw[p], a[j].d + b + 2 * p);
+                if (p == 0) acc0[j] = _mm256_fmadd_ps(sc, f, acc0[j]);
+                else acc1[j] = _mm256_fmadd_ps(sc, f, acc1[j]);
+            }
+        }
+    }
+    for (; b < nb; b++) {  /* up to three blocks left, natural order */
+        const __m256i q = nibbles(x[b].qs);
+        const float dw = f16(x[b].d);
+        for (int j = 0; j < NA; j++) {
+            const __m256i y = _mm256_loadu_si256((const __m256i *)(a[j].qs + HK2_QK * b));
+            const __m256i t = _mm256_sub_epi16(_mm256_maddubs_epi16(q, y), _mm256_maddubs_epi16(_mm256_set1_epi8(8), y));
+            acc0[j] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[j].d[b]), _mm256_cvtepi32_ps(_mm256_madd_epi16(t, ones)), acc0[j]);
+        }
+    }
+    for (int j = 0; j < NA; j++) s[j] = hsum_ps(_mm256_add_ps(acc0[j], acc1[j]));
+}
+
+/* ---------------- Q8_0 ---------------- */
+INLINE __m256i q8_0_block_dot(__m256i w, __m256i y) {
+    return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));  /* |w| x (y with w's sign) */
+}
+
+INLINE void dot_q8_0_t(int n, const block_q8_0 *x, const hk2_arow *a, const int NA, float *s) {
+    __m256 acc0[HK2_MAX_NA], acc1[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) { acc0[j] = _mm256_setzero_ps(); acc1[j] = _mm256_setzero_ps(); }
+    const __m256i bcast1 = _mm256_set1_epi32(1);
+    const int nb = n / HK2_QK;
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        PREFETCH(x + b);
+        PREFETCH(x + b + 1);
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)x[b + 1].qs);
+        const __m128 dw = two_fp16(&x[b].d, &x[b + 1].d);
+        for (int j = 0; j < NA; j++) {
+            const int8_t *y = a[j].qs + HK2_QK * b;
+            const __m256i p0 = q8_0_block_dot(w0, _mm256_loadu_si256((const __m256i *)y));
+            const __m256i p1 = q8_0_block_dot(w1, _mm256_loadu_si256((const __m256i *)(y + HK2_QK)));
+            const __m256 s01 = _mm256_castps128_ps256(_mm_mul_ps(dw, _mm_castpd_ps(_mm_load_sd((const double *)(a[j].d + b)))));
+            acc0[j] = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm256_castps256_ps128(s01)), _mm256_cvtepi32_ps(p0), acc0[j]);
+            acc1[j] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s01, bcast1), _mm256_cvtepi32_ps(p1), acc1[j]);
+        }
+    }
+    if (b < nb) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        const float d0 = f16(x[b].d);
+        for (int j = 0; j < NA; j++) {
+            const __m256i p0 = q8_0_block_dot(w0, _mm256_loadu_si256((const __m256i *)(a[j].qs + HK2_QK * b)));
+            acc0[j] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a[j].d[b]), _mm256_cvtepi32_ps(p0), acc0[j]);
+        }
+    }
+    for (int j = 0; j < NA; j++) s[j] = hsum_ps(_mm256_add_ps(acc0[j], acc1[j]));
+}
+
+/* ---------------- Q4_K ---------------- */
+/* the 12 packed bytes -> scales (bytes 0..7) and mins (bytes 8..15) */
+INLINE void q4_K_unpack_scales(const uint8_t *scales, uint32_t u[4]) {
+    memcpy(u, scales, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3f;
+    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3f;
+}
+
+INLINE void dot_q4_K_t(int n, const block_q4_K *x, const hk2_arow *a, const int NA, float *s) {
+    __m256 acc[HK2_MAX_NA];
+    __m128 accm[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) { acc[j] = _mm256_setzero_ps(); accm[j] = _mm_setzero_ps(); }
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const int nb = n / HK2_QK_K;
+    for (int b = 0; b < nb; b++) {
+        for (size_t o = 0; o < sizeof x[b]; o += 64) PREFETCH((const uint8_t *)(x + b) + o);
+        uint32_t u[4];
+        q4_K_unpack_scales(x[b].scales, u);
+        const __m128i sm = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)u[1], (int)u[0]));
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)u[3], (int)u[2]));
+        const __m256i sc = _mm256_broadcastsi128_si256(sm);
+        const float dw = f16(x[b].d), dmin = f16(x[b].dmin);
+        __m256i sumi[HK2_MAX_NA];
+        for (int j = 0; j < NA; j++) {
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(a[j].bs + 16 * b));
+            const __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+            const __m128i pm = _mm_madd_epi16(mins, bs32);
+            accm[j] = _mm_fmadd_ps(_mm_set1_ps(dmin * a[j].d[b]), _mm_cvtepi32_ps(pm), accm[j]);
+            sumi[j] = _mm256_setzero_si256();
+        }
+        for (int c = 0; c < HK2_QK_K / 64; c++) {
+            const __m256i q4 = _mm256_loadu_si256((const __m256i *)(x[b].qs + 32 * c));
+            const __m256i lo = _mm256_and_si256(q4, m4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            const __m256i scp = _mm256_shuffle_epi8(sc, pair_ctrl(c));  /* lane0 sc[2c], lane1 sc[2c+1] */
+            const __m256i sc_lo = _mm256_permute2x128_si256(scp, scp, 0x00);
+            const __m256i sc_hi = _mm256_permute2x128_si256(scp, scp, 0x11);
+            for (int j = 0; j < NA; j++) {
+                const int8_t *y = a[j].qs + HK2_QK_K * b + 64 * c;
+                const __m256i plo = dot_u8s8_scaled(lo, _mm256_loadu_si256((const __m256i *)y), sc_lo);
+                const __m256i phi = dot_u8s8_scaled(hi, _mm256_loadu_si256((const __m256i *)(y + 32)), sc_hi);
+                sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(plo, phi));
+            }
+        }
+        for (int j = 0; j < NA; j++)
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[j].d[b]), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
+    }
+    for (int j = 0; j < NA; j++) s[j] = hsum_ps(acc[j]) - hsum_ps128(accm[j]);
+}
+
+/* ---------------- Q6_K ---------------- */
+/* 6-bit q = ql nibble | qh 2 bits << 4 (0..63); sum (q-32)*y*sc = sum q*y*sc - 32 * sum sc*bsum */
+INLINE void dot_q6_K_t(int n, const block_q6_K *x, const hk2_arow *a, const int NA, float *s) {
+    __m256 acc[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) acc[j] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(0x03);
+    const int nb = n / HK2_QK_K;
+    for (int b = 0; b < nb; b++) {
+        for (size_t o = 0; o < sizeof x[b]; o += 64) PREFETCH((const uint8_t *)(x + b) + o);
+        const uint8_t *ql = x[b].ql, *qh = x[b].qh;
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x[b].scales));
+        const float dw = f16(x[b].d);
+        __m256i sumi[HK2_MAX_NA];
+        for (int j = 0; j < NA; j++) {
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(a[j].bs + 16 * b));
+            sumi[j] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));
+        }
+        for (int h = 0; h < 2; h++, ql += 64, qh += 32) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)qh);
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4));
+            /* both lanes = scales of this half (8 int16); q[i] spans sub-blocks 8h+2i, 8h+2i+1 */
+            const __m256i sch = h ? _mm256_permute4x64_epi64(sc16, 0xEE) : _mm256_permute4x64_epi64(sc16, 0x44);
+            for (int i = 0; i < 4; i++) {
+                const __m256i sci = _mm256_shuffle_epi8(sch, pair_ctrl(i));
+                for (int j = 0; j < NA; j++) {
+                    const int8_t *y = a[j].qs + HK2_QK_K * b + 128 * h + 32 * i;
+                    sumi[j] = _mm256_add_epi32(sumi[j], dot_u8s8_scaled(q[i], _mm256_loadu_si256((const __m256i *)y), sci));
+                }
+            }
+        }
+        for (int j = 0; j < NA; j++)
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[j].d[b]), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
+    }
+    for (int j = 0; j < NA; j++) s[j] = hsum_ps(acc[j]);
+}
+
+/* one entry point per type; the switch instantiates the kernel for each constant NA */
+#define DOT_ENTRY(name, btype)                                                      \
+    static void name(int n, const void *w, const hk2_arow *a, int na, float *s) {  \
+        switch (na) {                                                               \
+        case 1: name##_t(n, (const btype *)w, a, 1, s); break;                      \
+        case 2: name##_t(n, (const btype *)w, a, 2, s); break;                      \
+        case 3: name##_t(n, (const btype *)w, a, 3, s); break;                      \
+        default: name##_t(n, (const btype *)w, a, 4, s); break;                     \
+        }                                                                           \
+    }
+DOT_ENTRY(dot_q4_0, block_q4_0)
+DOT_ENTRY(dot_q8_0, block_q8_0)
+DOT_ENTRY(dot_q4_K, block_q4_K)
+DOT_ENTRY(dot_q6_K, block_q6_K)
+
+/* ---------------- activations ---------------- */
+/* round half away from zero (C roundf), exactly: t = trunc(v); t += sign(v) if |v - t| >= 0.5 */
+INLINE __m256i round_away(__m256 v) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256 frac = _mm256_andnot_ps(sign, _mm256_sub_ps(v, t));
+    const __m256 step = _mm256_or_ps(_mm256_and_ps(v, sign), _mm256_set1_ps(1.0f));
+    const __m256 adj = _mm256_and_ps(_mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ), step);
+    return _mm256_cvttps_epi32(_mm256_add_ps(t, adj));
+}
+
+static void quantize_act(const float *x, int n, int qb, int8_t *qs, float *d, int16_t *bs) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int b = 0; b < n / qb; b++) {
+        const float *xb = x + (size_t)b * qb;
+        __m256 mx = _mm256_setzero_ps();
+        for (int i = 0; i < qb; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        const float amax = _mm_cvtss_f32(m);
+        const float dd = amax / 127.0f;
+        const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+        d[b] = qb == HK2_QK ? _cvtsh_ss(_cvtss_sh(dd, 0)) : dd;
+        const __m256 vid = _mm256_set1_ps(id);
+        for (int i = 0; i < qb; i += 32) {
+            const __m256i i0 = round_away(_mm256_mul_ps(_mm256_loadu_ps(xb + i), vid));
+            const __m256i i1 = round_away(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8), vid));
+            const __m256i i2 = round_away(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 16), vid));
+            const __m256i i3 = round_away(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 24), vid));
+            const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+            _mm256_storeu_si256((__m256i *)(qs + (size_t)b * qb + i), _mm256_permutevar8x32_epi32(p, perm));
+        }
+    }
+    const __m256i ones = _mm256_set1_epi8(1);
+    for (int g = 0; g < n / 32; g++) {  /* 16-sums: pairs of bytes, then pairs of pairs, ... */
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * g));
+        const __m256i s16 = _mm256_maddubs_epi16(ones, q);              /* 16 x (2 values) */
+        const __m256i s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16(1)); /* 8 x (4 values) */
+        const __m256i s64 = _mm256_hadd_epi32(s32, s32);                 /* per lane: 8-sums x2 (dup) */
+        const __m256i s128 = _mm256_hadd_epi32(s64, s64);                /* per lane: 16-sum */
+        bs[2 * g] = (int16_t)_mm256_extract_epi32(s128, 0);
+        bs[2 * g + 1] = (int16_t)_mm256_extract_epi32(s128, 4);
+    }
+    if (n % 32) {
+        for (int g = (n / 32) * 2; g < n / 16; g++) {
+            int sum = 0;
+            for (int l = 0; l < 16; l++) sum += qs[16 * g + l];
+            bs[g] = (int16_t)sum;
+        }
+    }
+}
+
+static uint64_t read_sum(const void *p, size_t n) {
+    const __m256i *v = p;
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    size_t i = 0, nv = n / 32;
+    for (; i + 4 <= nv; i += 4) {
+        _mm_prefetch((const char *)(v + i) + HK2_PF_DIST, _MM_HINT_T0);
+        _mm_prefetch((const char *)(v + i) + HK2_PF_DIST + 64, _MM_HINT_T0);
+        s0 = _mm256_add_epi64(s0, _mm256_loadu_si256(v + i));
+        s1 = _mm256_add_epi64(s1, _mm256_loadu_si256(v + i + 1));
+        s2 = _mm256_add_epi64(s2, _mm256_loadu_si256(v + i + 2));
+        s3 = _mm256_add_epi64(s3, _mm256_loadu_si256(v + i + 3));
+    }
+    for (; i < nv; i++) s0 = _mm256_add_epi64(s0, _mm256_loadu_si256(v + i));
+    s0 = _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3));
+    uint64_t out[4];
+    _mm256_storeu_si256((__m256i *)out, s0);
+    return out[0] + out[1] + out[2] + out[3];
+}
+
+const hk2_kernels hk2_kernels_avx2 = {
+    .name = "avx2",
+    .dot_q4_0 = dot_q4_0,
+    .dot_q8_0 = dot_q8_0,
+    .dot_q4_K = dot_q4_K,
+    .dot_q6_K = dot_q6_K,
+    .quantize_act = quantize_act,
+    .read_sum = read_sum,
+};
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif

@@ -1,0 +1,294 @@
+/* AVX-512 (F/BW/VL) kernels, two 32-value blocks or one 64-value chunk per 512-bit vector.
+ * Compiled twice: here without VNNI (u8 x s8 sums via maddubs + madd) and, through
+ * moe_avx512_vnni.c, with HK2_AVX512_VNNI=1 (one vpdpbusd). With HK2_USE_SIMDE the same code
+ * builds against SIMDe's portable AVX-512 so it can be tested on CPUs without AVX-512. */
+#ifndef HK2_AVX512_VNNI
+#define HK2_AVX512_VNNI 0
+#endif
+
+#ifdef HK2_USE_SIMDE
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#include "hk2_simde_shim.h"
+#include "hk2_internal.h"
+#define f16(h) hk2_fp16_to_fp32(h)
+#else
+/* (#pragma GCC target does not expand macros, hence the four spelled-out lines) */
+#if defined(__clang__) && HK2_AVX512_VNNI
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), apply_to = function)
+#elif defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))), apply_to = function)
+#elif HK2_AVX512_VNNI
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#endif
+#include <immintrin.h>
+#include "hk2_internal.h"
+#define f16(h) _cvtsh_ss(h)
+#endif
+
+#if HK2_AVX512_VNNI
+#define K(name) name##_avx512vnni
+#define KERNELS hk2_kernels_avx512vnni
+#define KERNELS_NAME "avx512vnni"
+#else
+#define K(name) name##_avx512bw
+#define KERNELS hk2_kernels_avx512bw
+#define KERNELS_NAME "avx512bw"
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* sum of 4 adjacent products of unsigned u and signed s bytes, as int32 lanes */
+INLINE __m512i dp_u8s8(__m512i u, __m512i s) {
+#if HK2_AVX512_VNNI
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+#else
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+#endif
+}
+INLINE __m256i dp_u8s8_256(__m256i u, __m256i s) {
+#if HK2_AVX512_VNNI
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+INLINE __m256i nibbles(const uint8_t *p) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+}
+INLINE __m512i cat256(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+/* [a x8, b x8] */
+INLINE __m512 two_scales(float a, float b) { return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b)); }
+INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ---------------- Q4_0: sum (q-8)*y = sum q*y - sum 8*y ---------------- */
+INLINE void dot_q4_0_t(int n, const block_q4_0 *x, const hk2_arow *a, const int NA, float *s) {
+    __m512 acc[HK2_MAX_NA];
+    __m256 acc2[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) { acc[j] = _mm512_setzero_ps(); acc2[j] = _mm256_setzero_ps(); }
+    const __m512i m8 = _mm512_set1_epi8(8);
+    const int nb = n / HK2_QK;
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const __m512i q = cat256(nibbles(x[b].qs), nibbles(x[b + 1].qs));
+        const float d0 = f16(x[b].d), d1 = f16(x[b + 1].d);
+        for (int j = 0; j < NA; j++) {
+            const __m512i y = _mm512_loadu_si512((const void *)(a[j].qs + HK2_QK * b));
+            const __m512i p = _mm512_sub_epi32(dp_u8s8(q, y), dp_u8s8(m8, y));
+            acc[j] = _mm512_fmadd_ps(two_scales(d0 * a[j].d[b], d1 * a[j].d[b + 1]), _mm512_cvtepi32_ps(p), acc[j]);
+        }
+    }
+    if (b < nb) {
+        const __m256i q = nibbles(x[b].qs);
+        const float d0 = f16(x[b].d);
+        for (int j = 0; j < NA; j++) {
+            const __m256i y = _mm256_loadu_si256((const __m256i *)(a[j].qs + HK2_QK * b));
+            const __m256i p = _mm256_sub_epi32(dp_u8s8_256(q, y), dp_u8s8_256(_mm256_set1_epi8(8), y));
+            acc2[j] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a[j].d[b]), _mm256_cvtepi32_ps(p), acc2[j]);
+        }
+    }
+    for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]) + hsum256(acc2[j]);
+}
+
+/* ---------------- Q8_0: |w| x (y with w's sign) ---------------- */
+INLINE void dot_q8_0_t(int n, const block_q8_0 *x, const hk2_arow *a, const int NA, float *s) {
+    __m512 acc[HK2_MAX_NA];
+    __m256 acc2[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) { acc[j] = _mm512_setzero_ps(); acc2[j] = _mm256_setzero_ps(); }
+    const int nb = n / HK2_QK;
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const __m512i w = cat256(_mm256_loadu_si256((const __m256i *)x[b].qs), _mm256_loadu_si256((const __m256i *)x[b + 1].qs));
+        const __m512i aw = _mm512_abs_epi8(w);
+        const __mmask64 neg = _mm512_movepi8_mask(w);
+        const float d0 = f16(x[b].d), d1 = f16(x[b + 1].d);
+        for (int j = 0; j < NA; j++) {
+            const __m512i y = _mm512_loadu_si512((const void *)(a[j].qs + HK2_QK * b));
+            const __m512i sy = _mm512_mask_sub_epi8(y, neg, _mm512_setzero_si512(), y);
+            acc[j] = _mm512_fmadd_ps(two_scales(d0 * a[j].d[b], d1 * a[j].d[b + 1]), _mm512_cvtepi32_ps(dp_u8s8(aw, sy)), acc[j]);
+        }
+    }
+    if (b < nb) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        const __m256i aw = _mm256_abs_epi8(w);
+        const float d0 = f16(x[b].d);
+        for (int j = 0; j < NA; j++) {
+            const __m256i y = _mm256_loadu_si256((const __m256i *)(a[j].qs + HK2_QK * b));
+            const __m256i p = dp_u8s8_256(aw, _mm256_sign_epi8(y, w));
+            acc2[j] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a[j].d[b]), _mm256_cvtepi32_ps(p), acc2[j]);
+        }
+    }
+    for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]) + hsum256(acc2[j]);
+}
+
+/* ---------------- Q4_K: one 64-value chunk (two 32-value sub-blocks) per vector ---------------- */
+INLINE void q4_K_unpack_scales(const uint8_t *scales, uint32_t u[4]) {
+    memcpy(u, scales, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3f;
+    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3f;
+}
+
+INLINE void dot_q4_K_t(int n, const block_q4_K *x, const hk2_arow *a, const int NA, float *s) {
+    __m512 acc[HK2_MAX_NA];
+    float accm[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) { acc[j] = _mm512_setzero_ps(); accm[j] = 0.0f; }
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const int nb = n / HK2_QK_K;
+    for (int b = 0; b < nb; b++) {
+        uint32_t u[4];
+        q4_K_unpack_scales(x[b].scales, u);
+        const uint8_t *sc = (const uint8_t *)u;
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)u[3], (int)u[2]));
+        const float dw = f16(x[b].d), dmin = f16(x[b].dmin);
+        __m512i sumi[HK2_MAX_NA];
+        for (int j = 0; j < NA; j++) {
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(a[j].bs + 16 * b));
+            const __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+            const __m128i pm = _mm_madd_epi16(mins, bs32);
+            const __m128i pm2 = _mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0x4E));
+            accm[j] += dmin * a[j].d[b] * (float)_mm_cvtsi128_si32(_mm_add_epi32(pm2, _mm_shuffle_epi32(pm2, 0xB1)));
+            sumi[j] = _mm512_setzero_si512();
+        }
+        for (int c = 0; c < HK2_QK_K / 64; c++) {
+            const __m256i q4 = _mm256_loadu_si256((const __m256i *)(x[b].qs + 32 * c));
+            const __m512i q = cat256(_mm256_and_si256(q4, m4), _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4));
+            const __m512i scv = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(sc[2 * c]), _mm512_set1_epi32(sc[2 * c + 1]));
+            for (int j = 0; j < NA; j++) {
+                const __m512i y = _mm512_loadu_si512((const void *)(a[j].qs + HK2_QK_K * b + 64 * c));
+                sumi[j] = _mm512_add_epi32(sumi[j], _mm512_mullo_epi32(dp_u8s8(q, y), scv));
+            }
+        }
+        for (int j = 0; j < NA; j++)
+            acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(dw * a[j].d[b]), _mm512_cvtepi32_ps(sumi[j]), acc[j]);
+    }
+    for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]) - accm[j];
+}
+
+/* ---------------- Q6_K: 64 values (four 16-value sub-blocks) per vector ---------------- */
+INLINE void dot_q6_K_t(int n, const block_q6_K *x, const hk2_arow *a, const int NA, float *s) {
+    __m512 acc[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) acc[j] = _mm512_setzero_ps();
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m256i m3 = _mm256_set1_epi8(0x03);
+    /* byte i of ctrl[k] = 4k + i/4: each int32 lane of a quarter gets its sub-block's scale */
+    const __m128i ctrl0 = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const int nb = n / HK2_QK_K;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *ql = x[b].ql, *qh = x[b].qh;
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)x[b].scales);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        const float dw = f16(x[b].d);
+        __m512i sumi[HK2_MAX_NA];
+        for (int j = 0; j < NA; j++) {
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(a[j].bs + 16 * b));
+            const __m512i off = _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));
+            sumi[j] = _mm512_sub_epi32(_mm512_setzero_si512(), off);
+        }
+        for (int h = 0; h < 2; h++, ql += 64, qh += 32) {
+            const __m512i l = _mm512_loadu_si512((const void *)ql);
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)qh);
+            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4);
+            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4);
+            const __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4);
+            const __m256i h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4);
+            /* values 0..63 of this half, then 64..127 */
+            const __m512i qlo = _mm512_or_si512(_mm512_and_si512(l, m4), cat256(h0, h1));
+            const __m512i qhi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), cat256(h2, h3));
+            const __m512i sclo = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc8, _mm_add_epi8(ctrl0, _mm_set1_epi8((char)(8 * h)))));
+            const __m512i schi = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc8, _mm_add_epi8(ctrl0, _mm_set1_epi8((char)(8 * h + 4)))));
+            for (int j = 0; j < NA; j++) {
+                const int8_t *y = a[j].qs + HK2_QK_K * b + 128 * h;
+                const __m512i plo = _mm512_mullo_epi32(dp_u8s8(qlo, _mm512_loadu_si512((const void *)y)), sclo);
+                const __m512i phi = _mm512_mullo_epi32(dp_u8s8(qhi, _mm512_loadu_si512((const void *)(y + 64))), schi);
+                sumi[j] = _mm512_add_epi32(sumi[j], _mm512_add_epi32(plo, phi));
+            }
+        }
+        for (int j = 0; j < NA; j++)
+            acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(dw * a[j].d[b]), _mm512_cvtepi32_ps(sumi[j]), acc[j]);
+    }
+    for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+#define DOT_ENTRY(name, btype)                                                        \
+    static void K(name)(int n, const void *w, const hk2_arow *a, int na, float *s) { \
+        switch (na) {                                                                 \
+        case 1: name##_t(n, (const btype *)w, a, 1, s); break;                        \
+        case 2: name##_t(n, (const btype *)w, a, 2, s); break;                        \
+        case 3: name##_t(n, (const btype *)w, a, 3, s); break;                        \
+        default: name##_t(n, (const btype *)w, a, 4, s); break;                       \
+        }                                                                             \
+    }
+DOT_ENTRY(dot_q4_0, block_q4_0)
+DOT_ENTRY(dot_q8_0, block_q8_0)
+DOT_ENTRY(dot_q4_K, block_q4_K)
+DOT_ENTRY(dot_q6_K, block_q6_K)
+
+/* ---------------- activations (bit-identical to the scalar quantizer) ---------------- */
+static void K(quantize_act)(const float *x, int n, int qb, int8_t *qs, float *d, int16_t *bs) {
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    const __m512 half = _mm512_set1_ps(0.5f);
+    for (int bi = 0; bi < n / qb; bi++) {
+        const float *xb = x + (size_t)bi * qb;
+        __m512 mx = _mm512_setzero_ps();
+        for (int i = 0; i < qb; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+        const float amax = _mm512_reduce_max_ps(mx);
+        const float dd = amax / 127.0f;
+        const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+        d[bi] = qb == HK2_QK ? hk2_fp16_to_fp32(hk2_fp32_to_fp16(dd)) : dd;
+        const __m512 vid = _mm512_set1_ps(id);
+        for (int i = 0; i < qb; i += 16) {
+            /* round half away from zero: t = trunc(v); t += sign(v) where |v - t| >= 0.5 */
+            const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xb + i), vid);
+            const __m512 t = _mm512_cvtepi32_ps(_mm512_cvttps_epi32(v));  /* trunc; |v| <= 127.x */
+            const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), half, _CMP_GE_OQ);
+            const __m512 step = _mm512_castsi512_ps(
+                _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(v), sign), _mm512_castps_si512(_mm512_set1_ps(1.0f))));
+            const __m512i q = _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, step));
+            _mm_storeu_si128((__m128i *)(qs + (size_t)bi * qb + i), _mm512_cvtepi32_epi8(q));
+        }
+    }
+    for (int g = 0; g < n / 16; g++) {
+        const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16 * g)));
+        bs[g] = (int16_t)_mm512_reduce_add_epi32(q);
+    }
+}
+
+static uint64_t K(read_sum)(const void *p, size_t n) {
+    const uint8_t *c = p;
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    size_t i = 0;
+    for (; i + 256 <= n; i += 256) {
+        s0 = _mm512_add_epi64(s0, _mm512_loadu_si512((const void *)(c + i)));
+        s1 = _mm512_add_epi64(s1, _mm512_loadu_si512((const void *)(c + i + 64)));
+        s2 = _mm512_add_epi64(s2, _mm512_loadu_si512((const void *)(c + i + 128)));
+        s3 = _mm512_add_epi64(s3, _mm512_loadu_si512((const void *)(c + i + 192)));
+    }
+    uint64_t tail = 0;
+    for (; i + 8 <= n; i += 8) { uint64_t v; memcpy(&v, c + i, 8); tail += v; }
+    return (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3))) + tail;
+}
+
+const hk2_kernels KERNELS = {
+    .name = KERNELS_NAME,
+    .dot_q4_0 = K(dot_q4_0),
+    .dot_q8_0 = K(dot_q8_0),
+    .dot_q4_K = K(dot_q4_K),
+    .dot_q6_K = K(dot_q6_K),
+    .quantize_act = K(quantize_act),
+    .read_sum = K(read_sum),
+};
+
+#if !defined(HK2_USE_SIMDE) && defined(__clang__)
+#pragma clang attribute pop
+#endif

@@ -1,0 +1,84 @@
+"""cffi (API mode) build of the C expert kernels as `hybrid_k2._kernels`.
+
+Used by setup.py (`cffi_modules`). The per-ISA sources carry their own
+`#pragma GCC target(...)`, so one set of flags builds every file and the
+extension runs on any x86-64 CPU; the ISA is chosen at run time from cpuid.
+"""
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Sequence
+
+from cffi import FFI
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+# Sources shared by every build of the kernels (this module, CMake, the SIMDe test library).
+COMMON_SOURCES = ["hk2_api.c", "quants.c", "moe.c", "threadpool.c", "moe_scalar.c"]
+X86_SOURCES = ["moe_avx2.c", "moe_avx512.c", "moe_avx512_vnni.c"]
+# -ffp-contract=off: quantizers must round exactly like ggml's reference (no fused x*id+c)
+COMPILE_ARGS = ["-O3", "-std=gnu11", "-pthread", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden",
+                "-Wall", "-Wextra", "-Wno-unused-parameter"]
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+
+
+def sources() -> list[str]:
+    names = COMMON_SOURCES + (X86_SOURCES if is_x86() else [])
+    return [os.path.join("csrc", n) for n in names]
+
+
+def cdef_text() -> str:
+    """The declarations between the CDEF markers of csrc/hk2.h."""
+    with open(os.path.join(CSRC, "hk2.h")) as f:
+        text = f.read()
+    m = re.search(r"/\* CDEF BEGIN \*/(.*)/\* CDEF END \*/", text, re.S)
+    if m is None:
+        raise RuntimeError("csrc/hk2.h lacks the CDEF BEGIN/END markers")
+    return m.group(1)
+
+
+def build_shared(out_path: str, defines: Sequence[str] = (), opt: str = "-O2", cc: str | None = None) -> str:
+    """Compile the kernel sources into a plain shared library (opened with cffi's ABI mode).
+
+    The tests build the AVX-512 code against SIMDe this way (defines=["HK2_USE_SIMDE"]).
+    Objects compile in parallel; returns out_path."""
+    cc = cc or os.environ.get("CC", "cc")
+    tmp = tempfile.mkdtemp(prefix="hk2_build_")
+    flags = [opt, "-fPIC", "-std=gnu11", "-pthread", "-fno-math-errno", "-ffp-contract=off", "-I" + CSRC]
+    flags += ["-D" + d for d in defines] + ([] if is_x86() else ["-DHK2_NO_X86"])
+    procs, objs = [], []
+    for src in sources():
+        obj = os.path.join(tmp, os.path.basename(src) + ".o")
+        objs.append(obj)
+        procs.append((src, subprocess.Popen([cc, *flags, "-c", os.path.join(ROOT, src), "-o", obj],
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    for src, p in procs:
+        out, _ = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"compiling {src} failed:\n{out}")
+    subprocess.run([cc, "-shared", "-pthread", "-o", out_path, *objs, "-lm"], check=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out_path
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(cdef_text())
+ffibuilder.set_source(
+    "hybrid_k2._kernels",
+    '#include "hk2.h"',
+    sources=sources(),
+    include_dirs=["csrc"],
+    define_macros=[] if is_x86() else [("HK2_NO_X86", "1")],
+    extra_compile_args=COMPILE_ARGS,
+    extra_link_args=["-pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,369 @@
+"""Python API of the C expert kernels (csrc/, built by cffi as `hybrid_k2._kernels`).
+
+Weights are GGML blocks (Q4_0, Q8_0, Q4_K, Q6_K), byte for byte as in GGUF files, so a
+numpy memmap of a GGUF tensor is used in place. Every argument is checked here, before any C
+runs; the C side checks again and returns an error code instead of crashing.
+
+    layer = ExpertWeights(gate, up, down, "Q4_K", down_type="Q6_K")
+    y = moe_forward(layer, x, ids, weights)          # x [T,H] f32, ids [T,K], weights [T,K] f32
+
+The C calls release the GIL (cffi API mode does so for every out-of-line call), so the
+experts can run on the CPU while Python keeps feeding the accelerator.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+try:
+    import torch
+except ImportError:  # torch is a dependency of the engine, not of the kernels
+    torch = None
+
+__all__ = [
+    "QType", "QTYPES", "WEIGHT_QTYPES", "qtype", "ExpertWeights", "KernelLib", "KernelError",
+    "quantize", "dequantize", "moe_forward", "set_threads", "get_threads", "isa", "set_isa",
+    "isa_supported", "read_probe",
+]
+
+
+@dataclass(frozen=True)
+class QType:
+    name: str
+    id: int              # GGML type id (gguf.GGMLQuantizationType value)
+    block_size: int      # values per block
+    block_bytes: int     # bytes per block
+
+    def row_bytes(self, ncols: int) -> int:
+        if ncols <= 0 or ncols % self.block_size:
+            raise ValueError(f"{ncols} columns is not a positive multiple of the {self.name} block size {self.block_size}")
+        return ncols // self.block_size * self.block_bytes
+
+
+QTYPES: dict[str, QType] = {
+    q.name: q for q in (
+        QType("Q4_0", int(GGMLQuantizationType.Q4_0), 32, 18),
+        QType("Q8_0", int(GGMLQuantizationType.Q8_0), 32, 34),
+        QType("Q4_K", int(GGMLQuantizationType.Q4_K), 256, 144),
+        QType("Q6_K", int(GGMLQuantizationType.Q6_K), 256, 210),
+        QType("Q8_K", int(GGMLQuantizationType.Q8_K), 256, 292),  # activations of K-quant dots
+    )
+}
+WEIGHT_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")
+_BY_ID = {q.id: q for q in QTYPES.values()}
+
+
+def qtype(q: str | int | GGMLQuantizationType | QType, arg: str = "qtype") -> QType:
+    """Resolve a type given by name ('q4_0'), GGML id or gguf enum."""
+    if isinstance(q, QType):
+        return q
+    if isinstance(q, str):
+        t = QTYPES.get(q.upper())
+    elif isinstance(q, (int, np.integer)):  # GGMLQuantizationType is an IntEnum
+        t = _BY_ID.get(int(q))
+    else:
+        raise TypeError(f"{arg}: expected a type name or GGML type id, got {type(q).__name__}")
+    if t is None:
+        raise ValueError(f"{arg}: unsupported block type {q!r} (supported: {', '.join(QTYPES)})")
+    return t
+
+
+class KernelError(RuntimeError):
+    """The C side refused a call (it names the argument)."""
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _as_numpy(a: Any, arg: str) -> np.ndarray:
+    """A numpy view of a numpy array or CPU torch tensor (never a copy)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if torch is not None and isinstance(a, torch.Tensor):
+        if a.device.type != "cpu":
+            raise ValueError(f"{arg}: tensor is on {a.device}, expected a CPU tensor")
+        if a.dtype == torch.bfloat16 or a.dtype == torch.float16:
+            raise TypeError(f"{arg}: dtype {a.dtype} is not supported, expected float32")
+        return a.detach().numpy()
+    raise TypeError(f"{arg}: expected a numpy array or CPU torch tensor, got {type(a).__name__}")
+
+
+def _check_array(a: np.ndarray, arg: str, dtype: np.dtype | tuple, ndim: int | None = None,
+                 shape: Sequence[int | None] | None = None, writable: bool = False) -> None:
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if a.dtype not in [np.dtype(d) for d in dtypes]:
+        raise TypeError(f"{arg}: dtype {a.dtype}, expected {' or '.join(str(np.dtype(d)) for d in dtypes)}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{arg}: expected {ndim} dimensions, got shape {a.shape}")
+    if shape is not None:
+        for i, (got, want) in enumerate(zip(a.shape, shape)):
+            if want is not None and got != want:
+                raise ValueError(f"{arg}: shape {a.shape}, expected {tuple('?' if s is None else s for s in shape)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{arg}: array is not C-contiguous (use np.ascontiguousarray)")
+    if a.ctypes.data % a.dtype.itemsize:
+        raise ValueError(f"{arg}: data is not aligned to its {a.dtype.itemsize}-byte elements")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{arg}: array is read-only")
+
+
+def _expert_ptrs(a: Any, arg: str, n_rows: int | None, row_bytes: int | None) -> tuple[list[int], np.ndarray | list, int, int]:
+    """Base address of each expert of a [E, rows, row_bytes] uint8 array (or a list of [rows, row_bytes]).
+
+    Rows must be contiguous within an expert; experts may sit anywhere (a strided view, a list)."""
+    if isinstance(a, (list, tuple)):
+        if not a:
+            raise ValueError(f"{arg}: empty list of experts")
+        parts = [_as_numpy(p, f"{arg}[{i}]") for i, p in enumerate(a)]
+        ptrs, keep = [], parts
+        shape = None
+        for i, p in enumerate(parts):
+            _check_array(p, f"{arg}[{i}]", np.uint8, ndim=2)
+            if shape is not None and p.shape != shape:
+                raise ValueError(f"{arg}[{i}]: shape {p.shape} differs from {arg}[0]'s {shape}")
+            shape = p.shape
+            ptrs.append(p.ctypes.data)
+        rows, rb = shape
+    else:
+        arr = _as_numpy(a, arg)
+        if arr.dtype != np.uint8:
+            raise TypeError(f"{arg}: dtype {arr.dtype}, expected uint8 block bytes")
+        if arr.ndim != 3:
+            raise ValueError(f"{arg}: expected [experts, rows, row_bytes] block bytes, got shape {arr.shape}")
+        E, rows, rb = arr.shape
+        if arr.strides[2] != 1 or arr.strides[1] != rb:
+            raise ValueError(f"{arg}: the rows of each expert must be contiguous (strides {arr.strides})")
+        ptrs = [arr.ctypes.data + e * arr.strides[0] for e in range(E)]
+        keep = arr
+    if n_rows is not None and rows != n_rows:
+        raise ValueError(f"{arg}: {rows} rows per expert, expected {n_rows}")
+    if row_bytes is not None and rb != row_bytes:
+        raise ValueError(f"{arg}: {rb} bytes per row, expected {row_bytes}")
+    return ptrs, keep, rows, rb
+
+
+def _cols_from_row_bytes(t: QType, rb: int, arg: str) -> int:
+    if rb <= 0 or rb % t.block_bytes:
+        raise ValueError(f"{arg}: {rb} bytes per row is not a multiple of the {t.name} block of {t.block_bytes} bytes")
+    return rb // t.block_bytes * t.block_size
+
+
+# ---------------------------------------------------------------- weights
+
+class ExpertWeights:
+    """One layer's routed experts as GGML blocks.
+
+    gate, up: [E, I, row_bytes(gate_type, H)] uint8 (or lists of E [I, row_bytes] arrays);
+    down:     [E, H, row_bytes(down_type, I)] uint8. Numpy memmaps and CPU torch tensors are
+    referenced, never copied. up_type / down_type default to gate_type.
+    """
+
+    def __init__(self, gate: Any, up: Any, down: Any, gate_type: Any, up_type: Any = None,
+                 down_type: Any = None, *, hidden: int | None = None, inter: int | None = None):
+        self.gate_type = qtype(gate_type, "gate_type")
+        self.up_type = qtype(gate_type if up_type is None else up_type, "up_type")
+        self.down_type = qtype(gate_type if down_type is None else down_type, "down_type")
+        for name in ("gate_type", "up_type", "down_type"):
+            if getattr(self, name).name not in WEIGHT_QTYPES:
+                raise ValueError(f"{name}: {getattr(self, name).name} is not a weight type ({', '.join(WEIGHT_QTYPES)})")
+        if hidden is not None:
+            self.gate_type.row_bytes(hidden)  # raises if not a multiple of the block
+        g_ptrs, self._gate, I, g_rb = _expert_ptrs(
+            gate, "gate", inter, None if hidden is None else self.gate_type.row_bytes(hidden))
+        H = _cols_from_row_bytes(self.gate_type, g_rb, "gate")
+        try:
+            d_rb = self.down_type.row_bytes(I)
+        except ValueError as e:
+            raise ValueError(f"down: inter={I} (rows of gate) is not a multiple of the {self.down_type.name} block "
+                             f"size {self.down_type.block_size}") from e
+        u_ptrs, self._up, _, _ = _expert_ptrs(up, "up", I, self.up_type.row_bytes(H))
+        d_ptrs, self._down, _, _ = _expert_ptrs(down, "down", H, d_rb)
+        if not (len(g_ptrs) == len(u_ptrs) == len(d_ptrs)):
+            raise ValueError(f"gate/up/down hold {len(g_ptrs)}/{len(u_ptrs)}/{len(d_ptrs)} experts; they must agree")
+        self.n_experts, self.hidden, self.inter = len(g_ptrs), H, I
+        self._ptrs = (g_ptrs, u_ptrs, d_ptrs)
+        self._c = {}  # cdata per KernelLib (the struct and the pointer arrays it points to)
+
+    @property
+    def nbytes(self) -> int:
+        """Weight bytes of all experts."""
+        per = self.inter * (self.gate_type.row_bytes(self.hidden) + self.up_type.row_bytes(self.hidden)) \
+            + self.hidden * self.down_type.row_bytes(self.inter)
+        return per * self.n_experts
+
+    def expert_nbytes(self) -> int:
+        return self.nbytes // self.n_experts
+
+    def _cstruct(self, lib: "KernelLib"):
+        c = self._c.get(id(lib))
+        if c is None:
+            ffi = lib.ffi
+            arrays = [ffi.new("const void *[]", [ffi.cast("const void *", p) for p in ptrs]) for ptrs in self._ptrs]
+            s = ffi.new("hk2_moe_layer *")
+            s.n_experts, s.hidden, s.inter = self.n_experts, self.hidden, self.inter
+            s.gate_type, s.up_type, s.down_type = self.gate_type.id, self.up_type.id, self.down_type.id
+            s.gate, s.up, s.down = arrays
+            c = self._c[id(lib)] = (s, arrays)
+        return c[0]
+
+    def __repr__(self) -> str:
+        return (f"ExpertWeights(E={self.n_experts}, H={self.hidden}, I={self.inter}, "
+                f"{self.gate_type.name}/{self.up_type.name}/{self.down_type.name})")
+
+
+# ---------------------------------------------------------------- the library
+
+class KernelLib:
+    """The kernels of one compiled library: the cffi extension, or (tests) a shared library
+    opened in ABI mode, e.g. the AVX-512 code built against SIMDe."""
+
+    def __init__(self, ffi, lib, name: str = "hybrid_k2._kernels"):
+        self.ffi, self.lib, self.name = ffi, lib, name
+
+    @classmethod
+    def open_shared(cls, path: str) -> "KernelLib":
+        from cffi import FFI
+
+        from hybrid_k2._kernels_build import cdef_text
+        ffi = FFI()
+        ffi.cdef(cdef_text())
+        return cls(ffi, ffi.dlopen(path), name=path)
+
+    def _check(self, rc: int, what: str) -> int:
+        if rc < 0:
+            msg = self.ffi.string(self.lib.hk2_last_error()).decode(errors="replace")
+            raise KernelError(f"{what}: {msg or f'error {rc}'}")
+        return rc
+
+    def _ptr(self, a: np.ndarray, ctype: str):
+        return self.ffi.cast(ctype, a.ctypes.data)
+
+    # ---- block formats
+    def quantize(self, x: Any, qtype_: Any) -> np.ndarray:
+        """float32 [..., cols] -> uint8 [..., row_bytes] GGML blocks."""
+        t = qtype(qtype_)
+        a = _as_numpy(x, "x")
+        _check_array(a, "x", np.float32)
+        if a.ndim < 1:
+            raise ValueError("x: expected at least one dimension")
+        cols = a.shape[-1]
+        rb = t.row_bytes(cols) if cols % t.block_size == 0 and cols > 0 else None
+        if rb is None:
+            raise ValueError(f"x: {cols} columns is not a positive multiple of the {t.name} block size {t.block_size}")
+        rows = int(np.prod(a.shape[:-1], dtype=np.int64))
+        out = np.empty((*a.shape[:-1], rb), dtype=np.uint8)
+        self._check(self.lib.hk2_quantize(t.id, self._ptr(a, "const float *"), rows, cols, self._ptr(out, "void *")), "quantize")
+        return out
+
+    def dequantize(self, blocks: Any, qtype_: Any, shape: Sequence[int] | None = None) -> np.ndarray:
+        """uint8 GGML blocks -> float32 of `shape` (default: blocks' shape with the last axis in values)."""
+        t = qtype(qtype_)
+        b = _as_numpy(blocks, "blocks")
+        _check_array(b, "blocks", np.uint8)
+        if shape is None:
+            if b.ndim < 1:
+                raise ValueError("blocks: expected at least one dimension")
+            shape = (*b.shape[:-1], _cols_from_row_bytes(t, b.shape[-1], "blocks"))
+        shape = tuple(int(s) for s in shape)
+        if not shape or any(s < 0 for s in shape):
+            raise ValueError(f"shape: {shape} is not a valid shape")
+        cols = shape[-1]
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        need = rows * t.row_bytes(cols)
+        if b.nbytes != need:
+            raise ValueError(f"blocks: {b.nbytes} bytes, but {t.name} of shape {shape} needs {need}")
+        out = np.empty(shape, dtype=np.float32)
+        self._check(self.lib.hk2_dequantize(t.id, self._ptr(b, "const void *"), rows, cols, self._ptr(out, "float *")), "dequantize")
+        return out
+
+    # ---- MoE
+    def moe_forward(self, layer: ExpertWeights, x: Any, ids: Any, weights: Any, out: Any = None):
+        """y[t] = sum_k weights[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t,k].
+
+        x float32 [T,H]; ids int32/int64 [T,K]; weights float32 [T,K]; returns float32 [T,H]
+        (a torch tensor when x is one). `out` (float32 [T,H]) is written in place if given."""
+        if not isinstance(layer, ExpertWeights):
+            raise TypeError(f"layer: expected ExpertWeights, got {type(layer).__name__}")
+        x_is_torch = torch is not None and isinstance(x, torch.Tensor)
+        xa = _as_numpy(x, "x")
+        _check_array(xa, "x", np.float32, ndim=2, shape=(None, layer.hidden))
+        T = xa.shape[0]
+        ia = _as_numpy(ids, "ids")
+        if ia.dtype == np.int64 or (ia.dtype != np.int32 and np.issubdtype(ia.dtype, np.integer)):
+            if ia.ndim == 2 and ia.size and (ia.min() < np.iinfo(np.int32).min or ia.max() > np.iinfo(np.int32).max):
+                raise ValueError("ids: values do not fit int32")
+            ia = np.ascontiguousarray(ia, dtype=np.int32)  # small [T,K]; the only copy we make
+        _check_array(ia, "ids", np.int32, ndim=2, shape=(T, None))
+        K = ia.shape[1]
+        if K < 1:
+            raise ValueError("ids: top_k must be at least 1")
+        wa = _as_numpy(weights, "weights")
+        _check_array(wa, "weights", np.float32, ndim=2, shape=(T, K))
+        if ia.size:
+            lo, hi = int(ia.min()), int(ia.max())
+            if lo < 0 or hi >= layer.n_experts:
+                bad = np.argwhere((ia < 0) | (ia >= layer.n_experts))[0]
+                raise ValueError(f"ids[{bad[0]}, {bad[1]}] = {ia[tuple(bad)]} is not an expert id in [0, {layer.n_experts})")
+        if out is None:
+            oa = np.empty((T, layer.hidden), dtype=np.float32)
+            result = torch.from_numpy(oa) if x_is_torch else oa
+        else:
+            oa = _as_numpy(out, "out")
+            _check_array(oa, "out", np.float32, ndim=2, shape=(T, layer.hidden), writable=True)
+            result = out
+        rc = self.lib.hk2_moe_forward(layer._cstruct(self), T, K, self._ptr(xa, "const float *"),
+                                      self._ptr(ia, "const int32_t *"), self._ptr(wa, "const float *"),
+                                      self._ptr(oa, "float *"))
+        self._check(rc, "moe_forward")
+        return result
+
+    # ---- threads, ISA, probe
+    def set_threads(self, n: int) -> None:
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
+            raise TypeError(f"n: expected an int, got {type(n).__name__}")
+        self._check(self.lib.hk2_set_threads(int(n)), "set_threads")
+
+    def get_threads(self) -> int:
+        return int(self.lib.hk2_get_threads())
+
+    def isa(self) -> str:
+        return self.ffi.string(self.lib.hk2_isa()).decode()
+
+    def isa_supported(self, name: str) -> bool:
+        return bool(self._check(self.lib.hk2_isa_supported(name.encode()), "isa_supported"))
+
+    def set_isa(self, name: str) -> None:
+        """'scalar', 'avx2', 'avx512' (best AVX-512 variant), 'avx512bw' or 'avx512vnni'."""
+        self._check(self.lib.hk2_set_isa(name.encode()), "set_isa")
+
+    def read_probe(self, buf: np.ndarray) -> int:
+        """Stream-read every byte of buf with the pool (for bandwidth measurement); returns a checksum."""
+        _check_array(buf, "buf", np.uint8)
+        return int(self.lib.hk2_read_probe(self._ptr(buf, "const void *"), buf.nbytes))
+
+
+def _load_default() -> KernelLib:
+    from hybrid_k2 import _kernels
+    lib = KernelLib(_kernels.ffi, _kernels.lib)
+    env = os.environ.get("HYBRID_K2_ISA")
+    if env and lib.isa() != env:
+        # the C side selected at load; verify the request was honoured (avx512 -> a concrete variant)
+        if not lib.isa_supported(env):
+            raise RuntimeError(f"HYBRID_K2_ISA={env!r}: this CPU (or build) does not support it")
+    return lib
+
+
+_default = _load_default()
+
+quantize = _default.quantize
+dequantize = _default.dequantize
+moe_forward = _default.moe_forward
+set_threads = _default.set_threads
+get_threads = _default.get_threads
+isa = _default.isa
+isa_supported = _default.isa_supported
+set_isa = _default.set_isa
+read_probe = _default.read_probe
