@@ -95,6 +95,17 @@ class Generation:
         return self.text
 
 
+def _inference(gen: Iterator) -> Iterator:
+    """Run a generator's steps under inference_mode (a `with` around a yield would leak the mode to the caller)."""
+    while True:
+        with torch.inference_mode():
+            try:
+                item = next(gen)
+            except StopIteration:
+                return
+        yield item
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer, *, ctx: int | None = None, experts=None, checkpoint=None,
                  recorder=None):
@@ -164,7 +175,9 @@ class Engine:
         ids = self.encode_prompt(list(token_ids))
         self._check_len(len(ids), 0)
         cache = self._cache_for(len(ids))
-        return self.model(torch.tensor(ids, device=self.device), 0, cache).cpu().clone()   # a normal tensor, not an inference one
+        with torch.inference_mode():
+            out = self.model(torch.tensor(ids, device=self.device), 0, cache)
+        return out.cpu().clone()   # a normal tensor, not an inference one
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompt, *, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 1.0,
@@ -178,7 +191,7 @@ class Engine:
         ids = self.encode_prompt(prompt)
         self._check_len(len(ids), max_new_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        it = self._run(ids, max_new_tokens, params, stops, seed)
+        it = _inference(self._run(ids, max_new_tokens, params, stops, seed))
         if stream:
             return (piece for piece in it if isinstance(piece, str))
         for item in it:

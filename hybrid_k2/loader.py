@@ -81,7 +81,7 @@ def build_model(cfg: ModelConfig, ckpt, device, dtype, progress: bool = False) -
         if name == "lm_head.weight" and name not in ckpt and cfg.tie_word_embeddings:
             src = "model.embed_tokens.weight"
         p.data.copy_(fetch(ckpt, src, tuple(p.shape)))
-    net.eval()
+    net.eval().requires_grad_(False)   # inference; a training script turns grads back on
     return net
 
 

@@ -244,7 +244,6 @@ class Transformer(nn.Module):
             self._rope = rope_tables(self.cfg, max_len, p.device)
         return KVCache(self.cfg, max_len, p.device, p.dtype)
 
-    @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start_pos: int, cache: KVCache, *, last_only: bool = False,
                 absorb: bool | None = None) -> torch.Tensor:
         """ids [T] -> fp32 logits [T, vocab] (or [1, vocab] when last_only). absorb defaults to T == 1."""
