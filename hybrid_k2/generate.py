@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .model import Transformer
+from .tokenizer import parse_tool_calls
 
 
 class ContextOverflowError(ValueError):
@@ -64,7 +65,8 @@ def sample(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], gen:
 
 @dataclass
 class Stats:
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0             # prefilled this turn
+    reused_tokens: int = 0             # prompt prefix whose cached latents were reused
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -86,10 +88,12 @@ class Stats:
 
 @dataclass
 class Generation:
-    text: str
+    text: str                          # everything generated, tool-call markup included
     token_ids: list[int]
     finish_reason: str                 # "stop" (EOS / <|im_end|> / stop string) or "length"
     stats: Stats = field(default_factory=Stats)
+    content: str = ""                  # text without the tool-call section
+    tool_calls: list[dict] = field(default_factory=list)   # OpenAI-style, parsed from Kimi K2's markup
 
     def __str__(self) -> str:
         return self.text
@@ -118,6 +122,7 @@ class Engine:
         self.recorder = recorder     # routing trace, saved after each generate() and on close()
         self.stats = Stats()
         self._cache = None
+        self._cached_ids: list[int] = []   # tokens whose latents sit in self._cache (reused as a prompt prefix)
         # reserved special ids carry no meaning: a trained model never emits them, an untrained one must not
         reserved = [i for n, i in (tokenizer.special_tokens.items() if tokenizer else ())
                     if n.startswith("<|reserved_token_") and i < self.cfg.vocab_size]
@@ -164,16 +169,26 @@ class Engine:
                 f"prompt has {n_prompt} tokens but the context window is {self.ctx}; shorten the prompt "
                 f"or load with a larger ctx (the model allows up to {self.cfg.max_position_embeddings})")
 
-    def _cache_for(self, n: int):
-        if self._cache is None or self._cache.max_len < n:
+    def _cache_for(self, n: int, keep: int = 0):
+        """A cache of at least n positions; the first `keep` positions survive a resize."""
+        old = self._cache
+        if old is None or old.max_len < n:
             self._cache = self.model.new_cache(n)
+            if keep:
+                self._cache.kv[:, :keep] = old.kv[:, :keep]
+                self._cache.pe[:, :keep] = old.pe[:, :keep]
         return self._cache
+
+    def reset(self) -> None:
+        """Forget the cached prefix (the next prompt is prefilled from scratch)."""
+        self._cached_ids = []
 
     # ---- evaluation ------------------------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """fp32 logits [T, vocab] for a whole sequence, computed with a fresh cache."""
         ids = self.encode_prompt(list(token_ids))
         self._check_len(len(ids), 0)
+        self._cached_ids = []
         cache = self._cache_for(len(ids))
         with torch.inference_mode():
             out = self.model(torch.tensor(ids, device=self.device), 0, cache)
@@ -204,9 +219,16 @@ class Engine:
         tok = self.tokenizer
         max_new = min(max_new, self.ctx - len(ids))
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        cache = self._cache_for(min(self.ctx, len(ids) + max_new))
+        # multi-turn chat resends the conversation: reuse the latents of the longest common prefix
+        reuse = 0
+        for a, b in zip(self._cached_ids, ids[:-1]):
+            if a != b:
+                break
+            reuse += 1
+        self._cached_ids = []        # invalid until this run has written its tokens
+        cache = self._cache_for(min(self.ctx, len(ids) + max_new), keep=reuse)
         stop_ids = set(tok.stop_ids)
-        stats = Stats(prompt_tokens=len(ids))
+        stats = Stats()
         self.stats = stats
         decoder = tok.stream_decoder()
         out: list[int] = []
@@ -216,9 +238,11 @@ class Engine:
         finish, cut = "length", -1
 
         t0 = time.perf_counter()
-        logits = self.model(torch.tensor(ids, device=self.device), 0, cache, last_only=True)[-1].cpu()
+        logits = self.model(torch.tensor(ids[reuse:], device=self.device), reuse, cache, last_only=True)[-1].cpu()
         stats.prefill_s = time.perf_counter() - t0
+        stats.prompt_tokens, stats.reused_tokens = len(ids) - reuse, reuse
         pos = len(ids)
+        self._cached_ids = list(ids)
         t1 = time.perf_counter()
         while True:
             nxt = sample(logits, params, ids + out, gen, self.suppressed_ids)
@@ -238,6 +262,7 @@ class Engine:
             if len(out) >= max_new:
                 break
             logits = self.model(torch.tensor([nxt], device=self.device), pos, cache, last_only=True)[-1].cpu()
+            self._cached_ids.append(nxt)
             pos += 1
         if cut < 0:
             text += decoder.flush()
@@ -246,4 +271,6 @@ class Engine:
             yield text[emitted:]
         if self.recorder is not None:
             self.recorder.save()
-        yield Generation(text=text, token_ids=out, finish_reason=finish, stats=stats)
+        content, calls = parse_tool_calls(text)
+        yield Generation(text=text, token_ids=out, finish_reason=finish, stats=stats, content=content,
+                         tool_calls=calls)

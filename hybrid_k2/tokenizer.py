@@ -17,6 +17,7 @@ import codecs
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -280,27 +281,56 @@ def render_chat_parts(messages: Sequence[Mapping[str, Any]], add_generation_prom
     return parts
 
 
-_TOOL_SECTION_RE = re.compile(r"<\|tool_calls_section_begin\|>(.*?)(?:<\|tool_calls_section_end\|>|$)", re.S)
+_SECTION_BEGIN, _SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 _TOOL_CALL_RE = re.compile(
-    r"<\|tool_call_begin\|>\s*(?P<id>[^<]*?)\s*<\|tool_call_argument_begin\|>(?P<args>.*?)<\|tool_call_end\|>", re.S)
+    r"\s*<\|tool_call_begin\|>\s*(?P<id>[^<]+?)\s*<\|tool_call_argument_begin\|>(?P<args>.*?)<\|tool_call_end\|>\s*",
+    re.S)
+_CALL_ID_RE = re.compile(r"(?:functions\.)?(?P<name>[A-Za-z0-9_.\-]+?)(?::(?P<idx>\d+))?")
+
+
+class ToolCallWarning(UserWarning):
+    """Tool-call markup in generated text was truncated or malformed; the text is kept as plain content."""
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     """Split generated assistant text into (content, tool_calls) in OpenAI form.
 
-    Ids look like "functions.get_weather:0"; the function name is the part between "functions." and ":idx".
+    Kimi K2 writes <|tool_calls_section_begin|> (<|tool_call_begin|>functions.NAME:IDX
+    <|tool_call_argument_begin|>{json}<|tool_call_end|>)+ <|tool_calls_section_end|>. Truncated or malformed
+    markup never raises: the whole text comes back as content, with a ToolCallWarning saying what was wrong.
     """
-    m = _TOOL_SECTION_RE.search(text)
-    if m is None:
+    start = text.find(_SECTION_BEGIN)
+    if start < 0:
         return text, []
-    calls = []
-    for c in _TOOL_CALL_RE.finditer(m.group(1)):
-        call_id = c.group("id")
-        name = call_id.split(".", 1)[1] if call_id.startswith("functions.") else call_id
-        name = name.rsplit(":", 1)[0] if ":" in name else name
+
+    def reject(why: str) -> tuple[str, list]:
+        warnings.warn(f"tool-call markup {why}; returned as text", ToolCallWarning, stacklevel=3)
+        return text, []
+
+    end = text.find(_SECTION_END, start)
+    if end < 0:
+        return reject("is truncated (no <|tool_calls_section_end|>)")
+    body = text[start + len(_SECTION_BEGIN):end]
+    calls, pos = [], 0
+    for m in _TOOL_CALL_RE.finditer(body):
+        if m.start() != pos:
+            return reject(f"has unexpected text {body[pos:m.start()][:40]!r} between calls")
+        pos = m.end()
+        call_id, args = m.group("id"), m.group("args").strip()
+        idm = _CALL_ID_RE.fullmatch(call_id)
+        if idm is None:
+            return reject(f"has a bad call id {call_id[:40]!r}")
+        try:
+            parsed = json.loads(args)
+        except json.JSONDecodeError as e:
+            return reject(f"has arguments that are not JSON in call {call_id!r} ({e.msg})")
+        if not isinstance(parsed, dict):
+            return reject(f"has arguments that are not a JSON object in call {call_id!r}")
         calls.append({"id": call_id, "type": "function",
-                      "function": {"name": name, "arguments": c.group("args")}})
-    return text[:m.start()], calls
+                      "function": {"name": idm.group("name"), "arguments": args}})
+    if pos != len(body) or not calls:
+        return reject("has an incomplete or empty tool call")
+    return text[:start] + text[end + len(_SECTION_END):], calls
 
 
 # ---------------------------------------------------------------------------------------------------

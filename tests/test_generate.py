@@ -106,3 +106,14 @@ def test_record_routing_trace(tmp_path):
     assert z["ids"].min() >= 0 and z["ids"].max() < cfg.n_routed_experts
     assert np.allclose(z["weights"].sum(-1), cfg.routed_scaling_factor, atol=1e-4)
     eng.close()
+
+
+def test_multi_turn_reuses_prefix_and_matches_fresh(engine):
+    msgs = [{"role": "user", "content": "Name a color."}]
+    first = engine.generate(msgs, max_new_tokens=6, temperature=0)
+    msgs += [{"role": "assistant", "content": first.content}, {"role": "user", "content": "Another?"}]
+    second = engine.generate(msgs, max_new_tokens=6, temperature=0)
+    assert second.stats.reused_tokens > 0
+    engine.reset()
+    fresh = engine.generate(msgs, max_new_tokens=6, temperature=0)
+    assert fresh.stats.reused_tokens == 0 and fresh.token_ids == second.token_ids

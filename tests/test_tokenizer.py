@@ -453,3 +453,34 @@ def test_parse_tool_calls_round_trip(tok):
     assert calls == [{"id": c["id"], "type": "function", "function": {
         "name": c["function"]["name"], "arguments": c["function"]["arguments"]}} for c in assistant["tool_calls"]]
     assert parse_tool_calls("plain answer") == ("plain answer", [])
+
+
+WELL_FORMED = ("Let me look.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+               "<|tool_call_argument_begin|>{\"city\": \"北京\"}<|tool_call_end|>"
+               "<|tool_call_begin|>functions.search:1<|tool_call_argument_begin|>{}<|tool_call_end|>"
+               "<|tool_calls_section_end|>")
+
+
+def test_parse_tool_calls_well_formed():
+    import json as _json
+    content, calls = parse_tool_calls(WELL_FORMED)
+    assert content == "Let me look."
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "search"]
+    assert [c["id"] for c in calls] == ["functions.get_weather:0", "functions.search:1"]
+    assert _json.loads(calls[0]["function"]["arguments"]) == {"city": "北京"}
+
+
+@pytest.mark.parametrize("text,why", [
+    (WELL_FORMED[:-len("<|tool_calls_section_end|>")], "truncated"),                     # stopped mid-section
+    (WELL_FORMED[:WELL_FORMED.index("{\"city\"") + 5] + "<|tool_calls_section_end|>", "incomplete"),
+    (WELL_FORMED.replace("{\"city\": \"北京\"}", "{city: 北京"), "not JSON"),
+    (WELL_FORMED.replace("{}", "[1, 2]"), "not a JSON object"),
+    (WELL_FORMED.replace("<|tool_call_end|><|tool_call_begin|>", "<|tool_call_end|>junk<|tool_call_begin|>"),
+     "unexpected text"),
+    ("<|tool_calls_section_begin|><|tool_calls_section_end|>", "empty"),
+])
+def test_parse_tool_calls_bad_markup_is_text_with_warning(text, why):
+    from hybrid_k2.tokenizer import ToolCallWarning
+    with pytest.warns(ToolCallWarning, match=why):
+        content, calls = parse_tool_calls(text)
+    assert content == text and calls == []
