@@ -56,28 +56,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from .chat import ChatSession
     engine = _load(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("hybrid-k2 chat — Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        reply = []
-        try:
-            for piece in engine.generate(messages, stream=True, **_sampling(args)):
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            print("\n[interrupted]", file=sys.stderr)
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
+    if engine.tokenizer is None:
+        raise SystemExit(f"error: {args.model} has no tokenizer (tiktoken.model); cannot chat")
+    sampling = _sampling(args)
+    sampling.pop("stop")
+    return ChatSession(engine, system=args.system, **sampling).loop()
 
 
 def cmd_convert(args) -> int:

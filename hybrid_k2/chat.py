@@ -1,0 +1,225 @@
+"""`hybrid-k2 chat`: a multi-turn REPL over Engine.generate.
+
+Line editing and history come from readline; `\"\"\"` opens and closes a multi-line message, as does a trailing
+backslash. Ctrl-C stops the answer being streamed (the session stays); Ctrl-D quits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+from .generate import Engine
+
+HELP = """commands:
+  /reset               forget the conversation (keeps the system prompt)
+  /system TEXT         set the system prompt and reset
+  /set NAME VALUE      sampling: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed
+  /stats               tok/s of the last answer, expert-cache hit rate, memory
+  /save PATH           write the transcript (.json, or markdown otherwise)
+  /help                this text
+  \"\"\" ... \"\"\"          multi-line message (or end a line with \\\\ to continue it)
+  Ctrl-C stops an answer, Ctrl-D quits"""
+
+SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
+            "max_new_tokens": int, "seed": int}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class ChatSession:
+    def __init__(self, engine: Engine, system: str | None = None, out=sys.stdout, **sampling):
+        self.engine = engine
+        self.system = system
+        self.out = out
+        self.sampling = {"temperature": 0.6, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                         "max_new_tokens": 512, "seed": None}
+        self.sampling.update({k: v for k, v in sampling.items() if v is not None})
+        self.messages: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.engine.reset()
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    # ---- commands ------------------------------------------------------------------------------
+    def command(self, line: str) -> None:
+        name, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        if name == "reset":
+            self.reset()
+            self.say("[conversation reset]")
+        elif name == "system":
+            self.system = arg or None
+            self.reset()
+            self.say(f"[system prompt {'set' if arg else 'cleared'}; conversation reset]")
+        elif name == "set":
+            key, _, value = arg.partition(" ")
+            if key not in SETTINGS:
+                self.say(f"[unknown setting {key!r}; one of {', '.join(SETTINGS)}]")
+                return
+            try:
+                self.sampling[key] = None if value.strip() == "none" and key == "seed" else SETTINGS[key](value)
+            except ValueError:
+                self.say(f"[{key} needs a {SETTINGS[key].__name__}, got {value!r}]")
+                return
+            self.say(f"[{key} = {self.sampling[key]}]")
+        elif name == "stats":
+            self.say(self.stats_text())
+        elif name == "save":
+            if not arg:
+                self.say("[usage: /save PATH]")
+                return
+            self.save(arg)
+            self.say(f"[saved {len(self.messages)} messages to {arg}]")
+        elif name in ("help", "?"):
+            self.say(HELP)
+        else:
+            self.say(f"[unknown command /{name}; /help lists them]")
+
+    def stats_text(self) -> str:
+        s = self.engine.stats
+        lines = [f"[last answer: {s}" + (f", {s.reused_tokens} prompt tokens reused" if s.reused_tokens else "") + "]"]
+        backend = self.engine.experts
+        if backend is not None and hasattr(backend, "stats"):
+            st = backend.stats()
+            if "hit_rate" in st:
+                lines.append(f"[expert cache: hit rate {st['hit_rate']:.1%}, {st.get('bytes_copied', 0) / 2**20:.1f} "
+                             "MiB copied]")
+        else:
+            lines.append(f"[experts: {backend.name if backend else 'none'} backend, no VRAM cache]")
+        mem = f"[memory: RSS {_rss_bytes() / 2**30:.2f} GiB"
+        try:
+            import torch
+            if self.engine.device.type == "cuda":
+                mem += f", VRAM {torch.cuda.memory_allocated(self.engine.device) / 2**30:.2f} GiB"
+        except Exception:   # noqa: BLE001  (stats must never break the session)
+            pass
+        lines.append(mem + "]")
+        return "\n".join(lines)
+
+    def save(self, path: str) -> None:
+        if path.endswith(".json"):
+            with open(path, "w") as f:
+                json.dump(self.messages, f, ensure_ascii=False, indent=2)
+            return
+        with open(path, "w") as f:
+            for m in self.messages:
+                f.write(f"### {m['role']}\n\n{m['content']}\n\n")
+
+    # ---- a turn --------------------------------------------------------------------------------
+    def answer(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        opts = dict(self.sampling)
+        max_new = opts.pop("max_new_tokens")
+        pieces: list[str] = []
+        interrupted = False
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stream = self.engine.generate(self.messages, max_new_tokens=max_new, stream=True, **opts)
+            try:
+                for piece in stream:
+                    pieces.append(piece)
+                    self.out.write(piece)
+                    self.out.flush()
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                stream.close()
+        reply = "".join(pieces)
+        self.out.write("\n")
+        if interrupted:
+            self.say("[stopped]")
+        from .tokenizer import parse_tool_calls
+        with warnings.catch_warnings(record=True) as tool_warnings:
+            warnings.simplefilter("always")
+            content, calls = parse_tool_calls(reply)
+        for w in list(caught) + list(tool_warnings):
+            self.say(f"[warning: {w.message}]")
+        for c in calls:
+            self.say(f"[tool call {c['id']}] {c['function']['name']}({c['function']['arguments']})")
+        msg = {"role": "assistant", "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        self.messages.append(msg)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def read_message(self) -> str | None:
+        """One user message (None at EOF). Ctrl-C at the prompt discards the line being typed."""
+        lines: list[str] = []
+        multi = False
+        while True:
+            try:
+                line = input("... " if (multi or lines) else ">>> ")
+            except KeyboardInterrupt:
+                self.out.write("\n")
+                lines, multi = [], False
+                continue
+            except EOFError:
+                return None
+            if multi:
+                if line.rstrip().endswith('"""'):
+                    lines.append(line.rstrip()[:-3])
+                    return "\n".join(lines)
+                lines.append(line)
+            elif not lines and line.strip().startswith('"""'):
+                rest = line.strip()[3:]
+                if rest.endswith('"""') and len(rest) >= 3:
+                    return rest[:-3]
+                multi, lines = True, [rest] if rest else []
+            elif line.endswith("\\"):
+                lines.append(line[:-1])
+            else:
+                lines.append(line)
+                return "\n".join(lines)
+
+    def loop(self) -> int:
+        _enable_history()
+        self.say("hybrid-k2 chat — /help for commands, Ctrl-C stops an answer, Ctrl-D quits")
+        while True:
+            text = self.read_message()
+            if text is None:
+                self.out.write("\n")
+                return 0
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                self.command(text.strip())
+                continue
+            self.answer(text)
+
+
+def _enable_history() -> None:
+    try:
+        import atexit
+        import readline
+    except ImportError:       # no line editing on this platform; input() still works
+        return
+    from .demo import cache_dir
+    path = cache_dir() / "chat_history"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            readline.read_history_file(path)
+    except OSError:
+        return
+    readline.set_history_length(1000)
+    atexit.register(lambda: _save_history(readline, path))
+
+
+def _save_history(readline, path) -> None:
+    try:
+        readline.write_history_file(path)
+    except OSError:
+        pass

@@ -1,0 +1,77 @@
+"""`hybrid-k2 chat` driven through a pseudo-terminal: what a person sees on the screen."""
+import sys
+
+import pexpect
+import pytest
+
+from hybrid_k2.demo import ensure_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return ensure_demo(tmp_path_factory.mktemp("cache"))
+
+
+def spawn(demo, tmp_path, *extra):
+    env = {"HYBRID_K2_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
+    child = pexpect.spawn(sys.executable, ["-m", "hybrid_k2", "chat", str(demo), "--device", "cpu", *extra],
+                          env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
+    child.expect(">>> ")
+    return child
+
+
+def test_multi_turn_reset_stats_save_and_ctrl_d(demo, tmp_path):
+    child = spawn(demo, tmp_path, "-n", "8", "--temperature", "0")
+    child.sendline("Hello there")
+    child.expect(">>> ")
+    child.sendline("/stats")
+    child.expect(r"last answer: prefill \d+ tok @ [\d.]+ tok/s, decode \d+ tok")
+    child.expect(r"memory: RSS [\d.]+ GiB")
+    child.expect(">>> ")
+    child.sendline("And again")             # second turn: the first turn's tokens are reused from the cache
+    child.expect(">>> ")
+    child.sendline("/stats")
+    child.expect("prompt tokens reused")
+    child.expect(">>> ")
+    child.sendline("/set temperature 0.9")
+    child.expect(r"temperature = 0\.9")
+    child.expect(">>> ")
+    child.sendline('"""line one')
+    child.expect(r"\.\.\. ")
+    child.sendline('line two"""')
+    child.expect(">>> ")
+    transcript = tmp_path / "t.json"
+    child.sendline(f"/save {transcript}")
+    child.expect("saved 6 messages")
+    child.expect(">>> ")
+    child.sendline("/reset")
+    child.expect(r"\[conversation reset\]")
+    child.expect(">>> ")
+    child.sendline(f"/save {transcript}")
+    child.expect("saved 0 messages")
+    child.expect(">>> ")
+    child.sendeof()                         # Ctrl-D quits cleanly
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_answer_and_keeps_session(demo, tmp_path):
+    child = spawn(demo, tmp_path, "-n", "100000", "--ctx", "4096")
+    child.sendline("Tell me everything")
+    child.expect(r"\S", timeout=60)          # tokens are streaming
+    child.sendintr()                         # Ctrl-C mid-answer
+    child.expect(r"\[stopped\]")
+    child.expect(">>> ")
+    child.sendline("/stats")
+    child.expect("last answer")
+    child.expect(">>> ")
+    child.sendline("still here?")            # the session goes on
+    child.sendintr()
+    child.expect(">>> ")
+    child.sendintr()                         # Ctrl-C at the prompt just clears the line
+    child.expect(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
