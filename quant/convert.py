@@ -339,40 +339,47 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, experts: str
     cfg = ModelConfig.from_json(hf_dir)
     if cfg.moe_layer_freq != 1:
         raise ValueError(f"{cfg.source}: moe_layer_freq {cfg.moe_layer_freq} cannot be expressed in a deepseek2 GGUF")
+    with HFCheckpoint(hf_dir) as ck:
+        return write_gguf(ck, cfg, out_path, tokenizer_dir=hf_dir, name=_model_name(hf_dir), experts=experts,
+                          other=other, progress=progress)
+
+
+def write_gguf(ck, cfg, out_path: str, *, tokenizer_dir: str, name: str, experts: str = "q4_0",
+               other: str = "q8_0", progress: bool = True) -> str:
+    """Write any Checkpoint (logical HF names) as a deepseek2 GGUF, tensor by tensor."""
     stats = {"int4_repacked": 0, "int4_inexact_scales": 0}
     tmp = out_path + ".part"
-    with HFCheckpoint(hf_dir) as ck:
-        plan = _plan(ck, cfg, EXPERT_FORMATS[experts], OTHER_FORMATS[other], experts == "q4_0", stats)
-        w = gguf.GGUFWriter(tmp, ARCH)
-        try:
-            _write_metadata(w, cfg, _model_name(hf_dir), experts)
-            _write_tokenizer(w, hf_dir, cfg.vocab_size)
-            for t in plan:
-                # a non-uint8 placeholder dtype makes the writer take `shape` as the logical shape
-                w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            bar = None
-            if progress:
-                from tqdm import tqdm
+    plan = _plan(ck, cfg, EXPERT_FORMATS[experts], OTHER_FORMATS[other], experts == "q4_0", stats)
+    w = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        _write_metadata(w, cfg, name, experts)
+        _write_tokenizer(w, tokenizer_dir, cfg.vocab_size)
+        for t in plan:
+            # a non-uint8 placeholder dtype makes the writer take `shape` as the logical shape
+            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-                bar = tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, desc="convert")
-            try:
-                for t in plan:
-                    if bar is not None:
-                        bar.set_postfix_str(t.name, refresh=False)
-                    w.write_tensor_data(_Stream(t, bar))
-            finally:
+            bar = tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, desc="convert")
+        try:
+            for t in plan:
                 if bar is not None:
-                    bar.close()
-            w.close()
-            os.replace(tmp, out_path)
-        except BaseException:
-            w.close()
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+                    bar.set_postfix_str(t.name, refresh=False)
+                w.write_tensor_data(_Stream(t, bar))
+        finally:
+            if bar is not None:
+                bar.close()
+        w.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     if stats["int4_inexact_scales"]:
         log.warning("%d INT4 group scales are not exactly representable in fp16 (Q4_0's d); those groups "
                     "were rounded", stats["int4_inexact_scales"])
