@@ -12,17 +12,31 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device for attention/shared experts (default: cuda if present, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="accelerator compute dtype (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--experts", default="auto", help="routed-expert backend: auto, torch, cpu")
+    p.add_argument("--experts", default="auto",
+                   help="routed-expert backend: cpu (C kernels), hybrid (VRAM expert cache + CPU kernels), "
+                        "torch (reference, dequantized on the device), auto (= cpu)")
     p.add_argument("--expert-format", default=None,
                    help="quantisation of routed experts at load: q4_0, q8_0, q4_k, q6_k, or native")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the expert kernels")
     p.add_argument("--ctx", type=int, default=None, help="context window in tokens (default: the model's)")
+    p.add_argument("--vram", default=None, help="VRAM budget for the hybrid expert cache, e.g. 24GiB")
+    p.add_argument("--cache-slots", type=int, default=None, help="hybrid: expert-cache slots (default: from --vram)")
+    p.add_argument("--cache-policy", default="score", choices=["score", "lru", "static"],
+                   help="hybrid: admission/eviction policy (default score = decayed frequency + predicted use)")
+    p.add_argument("--no-prefetch", action="store_true", help="hybrid: do not prefetch predicted experts")
+    p.add_argument("--lookahead", type=int, default=1, help="hybrid: layers ahead the router predictor looks")
 
 
 def _load(args):
     import hybrid_k2
+    vram = None
+    if args.vram is not None:
+        from .placement import parse_size
+        vram = parse_size(args.vram, "--vram")
     return hybrid_k2.load(args.model, device=args.device, dtype=args.dtype, experts=args.experts,
-                          expert_format=args.expert_format, threads=args.threads, ctx=args.ctx, progress=True)
+                          expert_format=args.expert_format, threads=args.threads, ctx=args.ctx, progress=True,
+                          vram_budget=vram, cache_slots=args.cache_slots, cache_policy=args.cache_policy,
+                          prefetch=not args.no_prefetch, lookahead=args.lookahead)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new: int) -> None:

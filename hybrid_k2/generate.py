@@ -70,6 +70,7 @@ class Stats:
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    experts: dict | None = None        # the expert backend's counters (hybrid: cache hits, bytes copied, ...)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -267,6 +268,7 @@ class Engine:
         if cut < 0:
             text += decoder.flush()
         stats.decode_s = time.perf_counter() - t1
+        stats.experts = self.experts.stats() if hasattr(self.experts, "stats") else None
         if len(text) > emitted:
             yield text[emitted:]
         if self.recorder is not None:

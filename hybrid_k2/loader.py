@@ -12,7 +12,7 @@ from .config import PRESETS, ModelConfig
 from .generate import Engine
 from .model import Transformer
 
-EXPERT_BACKENDS = ("auto", "torch", "cpu")
+EXPERT_BACKENDS = ("auto", "torch", "cpu", "hybrid")
 
 
 def default_device() -> torch.device:
@@ -36,7 +36,8 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 
 def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "auto", expert_format: str | None = None,
          vram_budget=None, ram_budget=None, threads: int | None = None, mode: str = "auto",
-         record_routing=None, ctx: int | None = None, progress: bool | None = None) -> Engine:
+         record_routing=None, ctx: int | None = None, progress: bool | None = None, cache_slots: int | None = None,
+         cache_policy: str = "score", prefetch: bool = True, lookahead: int = 1) -> Engine:
     """Load a model and return an `Engine`. See DESIGN.md for the meaning of each argument."""
     if experts not in EXPERT_BACKENDS:
         raise ValueError(f"experts={experts!r}: expected one of {', '.join(EXPERT_BACKENDS)}")
@@ -57,8 +58,12 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
             raise ValueError(f"ctx must be positive, got {ctx}")
         tokenizer = _load_tokenizer(ckpt, path)
         net = build_model(cfg, ckpt, device, dtype, progress)
-        backend = _load_experts(experts, ckpt, cfg, device, dtype, progress, expert_format, threads)
+        backend = _load_experts(experts, ckpt, cfg, device, dtype, progress, expert_format, threads,
+                                vram_budget=vram_budget, ctx=ctx, cache_slots=cache_slots,
+                                cache_policy=cache_policy, prefetch=prefetch, lookahead=lookahead)
         net.set_experts(backend)
+        if hasattr(backend, "attach"):   # the prefetcher reads the next layers' routers
+            backend.attach(net)
         recorder = None
         if record_routing is not None:
             from .routing import RoutingRecorder
@@ -95,7 +100,8 @@ def _load_tokenizer(ckpt, path: Path):
     return None   # weights-only checkpoints still serve Engine.logits
 
 
-def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bool, expert_format, threads):
+def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bool, expert_format, threads, *,
+                  vram_budget=None, ctx=None, cache_slots=None, cache_policy="score", prefetch=True, lookahead=1):
     if not cfg.moe_layers:
         return None
     if kind == "auto":
@@ -108,6 +114,12 @@ def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bo
                 raise ValueError("expert_format applies to the cpu backend; the torch backend keeps exact weights")
             from .experts.torch_backend import TorchExperts
             return TorchExperts.from_checkpoint(ckpt, cfg, device, dtype, bar)
+        if kind == "hybrid":
+            from .experts.hybrid import HybridExperts
+            return HybridExperts.from_checkpoint(ckpt, cfg, expert_format, device=device, dtype=dtype,
+                                                 n_slots=cache_slots, vram_budget=vram_budget, ctx=ctx,
+                                                 threads=threads, progress=bar, policy=cache_policy,
+                                                 prefetch=prefetch, lookahead=lookahead)
         from .experts.cpu import CPUExperts
         return CPUExperts.from_checkpoint(ckpt, cfg, expert_format, threads=threads, progress=bar)
     finally:

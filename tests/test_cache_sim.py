@@ -355,3 +355,36 @@ def test_bad_traces(tmp_path, capsys):
         load_trace(tmp_path / "absent.npz")
     assert sim_main([str(cases[0][0]), "--slots", "2", "--pcie-gbps", "25", "--ram-gbps", "100"]) == 2
     assert "f.npz" in capsys.readouterr().err
+
+
+def test_lru_prefetched_newcomer_is_not_next_victim():
+    """An expert admitted ahead of use (prefetch) counts as just used, so the next admission evicts an older one."""
+    c = ExpertCache(2, 1, 8, "lru")
+    for e in (0, 1):
+        c.access(0, [e])
+        c.admit(0, e)
+    c.admit(0, 5)                      # prefetched: evicts 0 (least recently used)
+    c.admit(0, 6)                      # evicts 1, not the just-prefetched 5
+    assert sorted(c.residents()) == [(0, 5), (0, 6)]
+
+
+def test_next_token_by_many_tokens_matches_single_steps():
+    a, b = ExpertCache(2, 1, 4, "score", decay=0.9), ExpertCache(2, 1, 4, "score", decay=0.9)
+    for c in (a, b):
+        c.access(0, [1, 1, 2])
+    a.next_token(7)
+    for _ in range(7):
+        b.next_token()
+    assert a.token == b.token == 7 and a.expected_uses(0, 1) == pytest.approx(b.expected_uses(0, 1)) \
+        == pytest.approx(2 * 0.9 ** 7)
+    a.next_token(100_000)              # a long prefill: decays to nothing without overflow
+    assert a.expected_uses(0, 1) == 0.0 and np.isfinite(a._freq).all()
+    with pytest.raises(ValueError, match="positive integer"):
+        a.next_token(0)
+
+
+def test_predictor_routers_stay_on_the_weights_device():
+    """Routers built for prediction live where their weights do (the accelerator), not on the CPU."""
+    from hybrid_k2.experts.prefetch import _router_from_weights
+    r = _router_from_weights(torch.zeros(8, 4, device="meta"), np.zeros(8, np.float32), top_k=2)
+    assert r.weight.device.type == "meta" and r.e_score_correction_bias.device.type == "meta"

@@ -169,13 +169,22 @@ class ExpertCache:
         self._pred_token[keys] = self.token
         np.add.at(self._pred, keys, np.broadcast_to(np.asarray(score, dtype=np.float64), keys.shape))
 
-    def next_token(self) -> None:
-        """Advance the per-token clock: decays frequencies, drops stale predictions."""
-        self.token += 1
-        self._inc /= self.decay
-        if self._inc > _RENORM_AT:
-            self._freq /= self._inc
-            self._inc = 1.0
+    def next_token(self, n: int = 1) -> None:
+        """Advance the per-token clock by `n` tokens (a prefill step counts its prompt length): decays
+        frequencies by decay**n, drops stale predictions."""
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"ExpertCache.next_token: n must be a positive integer, got {n!r}")
+        self.token += int(n)
+        g = self.decay ** int(n)          # may underflow to 0 for a long prefill: history forgotten
+        if g > 0 and self._inc / g <= _RENORM_AT:
+            self._inc /= g
+            return
+        self._freq /= self._inc           # renormalise, then apply the remaining decay to the counts
+        self._inc = 1.0
+        if g > 0 and 1.0 / g <= _RENORM_AT:
+            self._inc = 1.0 / g
+        else:
+            self._freq *= g
 
     def admit(self, layer: int, expert: int, predicted_score: float = 0.0) -> int | None:
         """Give (layer, expert) a slot if the policy wants it; returns the slot (the caller copies the
@@ -220,6 +229,8 @@ class ExpertCache:
     def _place(self, key: int, slot: int) -> int:
         self.slot_key[slot] = key
         self.where[key] = slot
+        self._tick += 1                  # LRU: a newcomer (a prefetch, too) counts as just used, not as the next victim
+        self._last_use[key] = self._tick
         self.admissions += 1
         return slot
 

@@ -36,7 +36,8 @@ def _router_from_weights(weight, bias, *, top_k: int, n_group: int = 1, topk_gro
     spec = SimpleNamespace(num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group, scoring_func=scoring,
                            norm_topk_prob=norm, routed_scaling_factor=scaling, n_routed_experts=E, hidden_size=H,
                            topk_method="noaux_tc" if bias is not None else "greedy")
-    r = Router(spec)
+    with torch.device(weight.device):     # predict where the model's routers live (the accelerator)
+        r = Router(spec)
     with torch.no_grad():
         r.weight.copy_(weight)
         if bias is not None:
