@@ -37,7 +37,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "auto", expert_format: str | None = None,
          vram_budget=None, ram_budget=None, threads: int | None = None, mode: str = "auto",
          record_routing=None, ctx: int | None = None, progress: bool | None = None, cache_slots: int | None = None,
-         cache_policy: str = "score", prefetch: bool = True, lookahead: int = 1) -> Engine:
+         cache_policy: str = "score", prefetch: bool = True, lookahead: int = 1, record_hidden: bool = False) -> Engine:
     """Load a model and return an `Engine`. See DESIGN.md for the meaning of each argument."""
     if experts not in EXPERT_BACKENDS:
         raise ValueError(f"experts={experts!r}: expected one of {', '.join(EXPERT_BACKENDS)}")
@@ -67,7 +67,7 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
         recorder = None
         if record_routing is not None:
             from .routing import RoutingRecorder
-            recorder = RoutingRecorder(record_routing, cfg.moe_layers, cfg.num_experts_per_tok)
+            recorder = RoutingRecorder(record_routing, net, hidden=record_hidden)
             net.set_recorder(recorder)
     except BaseException:
         ckpt.close()

@@ -195,7 +195,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)
         if self.recorder is not None:
-            self.recorder.record(self.layer, ids, weights)
+            self.recorder.record(self.layer, ids, weights, x)
         return self.experts.run(self.layer, x, ids, weights, self.shared_experts)
 
 
