@@ -36,6 +36,9 @@ int64_t hk2_row_bytes(int qtype, int64_t ncols);  /* or an HK2_E* code */
 
 /* x [nrows, ncols] float32 -> out [nrows, row_bytes] blocks (Q4_0, Q8_0, Q4_K, Q6_K, Q8_K). */
 int hk2_quantize(int qtype, const float *x, int64_t nrows, int64_t ncols, void *out);
+/* Activation quantization as the MoE kernels do it, with the active ISA's code, written out as
+ * standard blocks: Q8_0 (for Q4_0/Q8_0 weights) or Q8_K (for K-quant weights). */
+int hk2_quantize_act(int qtype, const float *x, int64_t nrows, int64_t ncols, void *out);
 /* blocks [nrows, row_bytes] -> out [nrows, ncols] float32 */
 int hk2_dequantize(int qtype, const void *blocks, int64_t nrows, int64_t ncols, float *out);
 
@@ -69,10 +72,11 @@ void hk2_shutdown(void);           /* join the pool's threads (also runs at exit
 /* Streaming read of n bytes split across the pool (bandwidth probe). Returns a checksum. */
 uint64_t hk2_read_probe(const void *buf, size_t n);
 
-/* Test hooks for GIL release: hk2_debug_wait blocks until hk2_debug_signal is called
- * (returns 0) or timeout_ms passes (returns -1). */
+/* Test hook for GIL release: hk2_debug_wait blocks until another thread's hk2_debug_signal
+ * finds it waiting (returns 0) or timeout_ms passes (returns -1). hk2_debug_signal returns 1 when
+ * it released a waiter, 0 when none was waiting. */
 int hk2_debug_wait(int timeout_ms);
-void hk2_debug_signal(void);
+int hk2_debug_signal(void);
 /* CDEF END */
 
 #ifdef __cplusplus

@@ -23,7 +23,18 @@ const char *hk2_last_error(void) { return t_err; }
 
 /* ---- API lock: one pool and one workspace, so calls run one at a time ---- */
 static pthread_mutex_t g_api_mu = PTHREAD_MUTEX_INITIALIZER;
-void hk2_api_lock(void) { pthread_mutex_lock(&g_api_mu); }
+static pthread_once_t g_fork_once = PTHREAD_ONCE_INIT;
+
+/* fork() while another thread is inside a call: the child must not inherit a held lock */
+static void fork_prepare(void) { pthread_mutex_lock(&g_api_mu); }
+static void fork_parent(void) { pthread_mutex_unlock(&g_api_mu); }
+static void fork_child(void) { pthread_mutex_unlock(&g_api_mu); }
+static void register_fork_handlers(void) { pthread_atfork(fork_prepare, fork_parent, fork_child); }
+
+void hk2_api_lock(void) {
+    pthread_once(&g_fork_once, register_fork_handlers);
+    pthread_mutex_lock(&g_api_mu);
+}
 void hk2_api_unlock(void) { pthread_mutex_unlock(&g_api_mu); }
 
 /* ---- ISA ---- */
@@ -178,18 +189,26 @@ uint64_t hk2_read_probe(const void *buf, size_t n) {
 }
 
 /* ---- test hooks: a C wait that only a second Python thread can end ---- */
-static atomic_int g_debug_flag;
+static atomic_int g_debug_state;  /* 0 idle, 1 a thread waits, 2 released */
 
 int hk2_debug_wait(int timeout_ms) {
     struct timespec t0, t;
     clock_gettime(CLOCK_MONOTONIC, &t0);
+    atomic_store(&g_debug_state, 1);
     for (;;) {
-        if (atomic_exchange(&g_debug_flag, 0)) return 0;
+        int released = 2;
+        if (atomic_compare_exchange_strong(&g_debug_state, &released, 0)) return 0;
         clock_gettime(CLOCK_MONOTONIC, &t);
-        if ((t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000 > timeout_ms) return -1;
-        struct timespec nap = {0, 1000000};
+        if ((t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000 > timeout_ms) {
+            atomic_store(&g_debug_state, 0);
+            return -1;
+        }
+        struct timespec nap = {0, 200000};
         nanosleep(&nap, NULL);
     }
 }
 
-void hk2_debug_signal(void) { atomic_store(&g_debug_flag, 1); }
+int hk2_debug_signal(void) {
+    int waiting = 1;
+    return atomic_compare_exchange_strong(&g_debug_state, &waiting, 2);
+}

@@ -77,8 +77,8 @@ typedef struct {
 static inline size_t hk2_act_qp_bytes(int64_t n, int qb) { return qb == 32 ? (size_t)n : 0; }
 static inline size_t hk2_act_s8_bytes(int64_t n, int qb) { return qb == 32 ? (size_t)n / 2 : 0; }
 static inline size_t hk2_act_row_bytes(int64_t n, int qb) {
-    size_t b = 2 * (size_t)n + (size_t)n / 2 + sizeof(float) * (size_t)(n / qb) + sizeof(int16_t) * (size_t)(n / 16);
-    if (qb != 32) b = (size_t)n + sizeof(float) * (size_t)(n / qb) + sizeof(int16_t) * (size_t)(n / 16);
+    const size_t b = (size_t)n + hk2_act_qp_bytes(n, qb) + hk2_act_s8_bytes(n, qb) + sizeof(float) * (size_t)(n / qb) +
+                     sizeof(int16_t) * (size_t)(n / 16);
     return (b + HK2_CACHE_LINE - 1) & ~(size_t)(HK2_CACHE_LINE - 1);
 }
 static inline hk2_arow hk2_act_row(const uint8_t *base, int64_t n, int qb) {
@@ -143,11 +143,9 @@ static inline void hk2_q4_K_scale_min(int j, const uint8_t *q, uint8_t *sc, uint
 }
 /* round half away from zero, as C roundf and gguf's np_roundf */
 static inline int hk2_roundf_int(float v) {
-    float t = (float)(int)v;  /* |v| is small here (<= 127.x) */
-    float r = v - t;
-    if (r >= 0.5f) t += 1.0f;
-    else if (r <= -0.5f) t -= 1.0f;
-    return (int)t;
+    const int t = (int)v;  /* truncation; |v| is small here (<= 127.x) */
+    const float r = v - (float)t;
+    return t + (r >= 0.5f) - (r <= -0.5f);  /* branch-free: the comparisons are data-random */
 }
 
 /* ---- thread pool (threadpool.c) ---- */

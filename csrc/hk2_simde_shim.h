@@ -50,11 +50,10 @@ static inline int hk2s_reduce_add_epi32(simde__m512i a) {
     return s;
 }
 static inline long long hk2s_reduce_add_epi64(simde__m512i a) {
-    int64_t v[8];
+    uint64_t v[8], s = 0;  /* wraps like the native instruction */
     simde_mm512_storeu_si512(v, a);
-    long long s = 0;
     for (int i = 0; i < 8; i++) s += v[i];
-    return s;
+    return (long long)s;
 }
 static inline float hk2s_reduce_add_ps(simde__m512 a) {
     float v[16];

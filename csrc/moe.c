@@ -16,7 +16,6 @@
 #include <stdlib.h>
 #include "hk2_internal.h"
 
-#define CHUNK_A_MAX 512   /* inter rows per phase-A item (bounds the per-item h buffer) */
 #define MAX_DIM (1 << 28)
 
 hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int t) {
@@ -41,6 +40,8 @@ typedef struct {
     const float *slot_weight;
     /* activations */
     uint8_t *act_gate, *act_up, *act_h;
+    float *hbuf;  /* per thread: h of one phase-A item, [tokens of the expert][chunk rows] */
+    size_t hbuf_stride;
     size_t act_x_stride, act_h_stride;
     int qb_gate, qb_up, qb_down;
     size_t gate_rb, up_rb, down_rb;
@@ -63,27 +64,37 @@ static void act_quantize_into(const moe_job *j, const float *v, int n, int qb, u
         hk2_act_q4_0_view(r.qs, (int8_t *)r.qp, (int16_t *)r.s8, (int)(off / HK2_QK), (int)((off + n) / HK2_QK), (int)(row_len / HK2_QK));
 }
 
-static void gate_up_item(const moe_job *j, int g, int64_t r0, int64_t r1) {
+/* Rows are visited in tiles of ROW_TILE so that a tile of gate+up rows stays in L2 while every
+ * token of the expert passes over it, HK2_MAX_NA tokens at a time (weights unpacked once per
+ * block for all of them). h for the whole chunk is kept per thread, then quantized for down. */
+#define ROW_TILE 16
+
+static void gate_up_item(const moe_job *j, int ith, int g, int64_t r0, int64_t r1) {
     const int e = j->grp_expert[g];
     const uint8_t *gate = j->L->gate[e], *up = j->L->up[e];
-    float h[HK2_MAX_NA][CHUNK_A_MAX];
-    for (int s0 = j->grp_start[g]; s0 < j->grp_start[g + 1]; s0 += HK2_MAX_NA) {
-        const int na = j->grp_start[g + 1] - s0 < HK2_MAX_NA ? j->grp_start[g + 1] - s0 : HK2_MAX_NA;
-        hk2_arow ag[HK2_MAX_NA], au[HK2_MAX_NA];
-        for (int t = 0; t < na; t++) {
-            const size_t off = (size_t)j->slot_token[s0 + t] * j->act_x_stride;
-            ag[t] = hk2_act_row(j->act_gate + off, j->H, j->qb_gate);
-            au[t] = hk2_act_row(j->act_up + off, j->H, j->qb_up);
+    const int first = j->grp_start[g], ns = j->grp_start[g + 1] - first;
+    const int64_t cw = r1 - r0;
+    float *h = j->hbuf + (size_t)ith * j->hbuf_stride;  /* [ns][cw] */
+    for (int64_t rs = r0; rs < r1; rs += ROW_TILE) {
+        const int64_t re = rs + ROW_TILE < r1 ? rs + ROW_TILE : r1;
+        for (int s0 = 0; s0 < ns; s0 += HK2_MAX_NA) {
+            const int na = ns - s0 < HK2_MAX_NA ? ns - s0 : HK2_MAX_NA;
+            hk2_arow ag[HK2_MAX_NA], au[HK2_MAX_NA];
+            for (int t = 0; t < na; t++) {
+                const size_t off = (size_t)j->slot_token[first + s0 + t] * j->act_x_stride;
+                ag[t] = hk2_act_row(j->act_gate + off, j->H, j->qb_gate);
+                au[t] = hk2_act_row(j->act_up + off, j->H, j->qb_up);
+            }
+            for (int64_t r = rs; r < re; r++) {
+                float gv[HK2_MAX_NA], uv[HK2_MAX_NA];
+                j->dot_gate((int)j->H, gate + r * j->gate_rb, ag, na, gv);
+                j->dot_up((int)j->H, up + r * j->up_rb, au, na, uv);
+                for (int t = 0; t < na; t++) h[(s0 + t) * cw + (r - r0)] = silu(gv[t]) * uv[t];
+            }
         }
-        for (int64_t r = r0; r < r1; r++) {
-            float gv[HK2_MAX_NA], uv[HK2_MAX_NA];
-            j->dot_gate((int)j->H, gate + r * j->gate_rb, ag, na, gv);
-            j->dot_up((int)j->H, up + r * j->up_rb, au, na, uv);
-            for (int t = 0; t < na; t++) h[t][r - r0] = silu(gv[t]) * uv[t];
-        }
-        for (int t = 0; t < na; t++)
-            act_quantize_into(j, h[t], (int)(r1 - r0), j->qb_down, j->act_h + (size_t)(s0 + t) * j->act_h_stride, j->I, r0);
     }
+    for (int s = 0; s < ns; s++)
+        act_quantize_into(j, h + s * cw, (int)cw, j->qb_down, j->act_h + (size_t)(first + s) * j->act_h_stride, j->I, r0);
 }
 
 static void down_item(const moe_job *j, int64_t r0, int64_t r1) {
@@ -105,7 +116,7 @@ static void down_item(const moe_job *j, int64_t r0, int64_t r1) {
 
 static void moe_task(void *ctx, int ith, int nth) {
     moe_job *j = ctx;
-    HK2_UNUSED(ith); HK2_UNUSED(nth);
+    HK2_UNUSED(nth);
     for (int t; (t = atomic_fetch_add(&j->next_x, 1)) < j->T;) {
         const float *xt = j->x + (int64_t)t * j->H;
         act_quantize_into(j, xt, (int)j->H, j->qb_gate, j->act_gate + (size_t)t * j->act_x_stride, j->H, 0);
@@ -116,7 +127,7 @@ static void moe_task(void *ctx, int ith, int nth) {
     for (int i; (i = atomic_fetch_add(&j->next_a, 1)) < j->items_a;) {
         const int g = i / j->chunks_per_expert;
         const int64_t r0 = (int64_t)(i % j->chunks_per_expert) * j->chunk_a;
-        gate_up_item(j, g, r0, r0 + j->chunk_a < j->I ? r0 + j->chunk_a : j->I);
+        gate_up_item(j, ith, g, r0, r0 + j->chunk_a < j->I ? r0 + j->chunk_a : j->I);
     }
     hk2_pool_barrier();
     for (int i; (i = atomic_fetch_add(&j->next_b, 1)) < j->items_b;) {
@@ -156,8 +167,11 @@ static int check_layer(const hk2_moe_layer *L) {
             return hk2_fail(HK2_ESHAPE, "%s: row length %lld is not a multiple of the %s block size %d", m[i].name,
                             (long long)m[i].ncols, hk2_type_name(m[i].type), hk2_block_size(m[i].type));
         if (!m[i].ptrs) return hk2_fail(HK2_EINVAL, "%s: expert pointer array is NULL", m[i].name);
-        for (int64_t e = 0; e < L->n_experts; e++)
+        for (int64_t e = 0; e < L->n_experts; e++) {
             if (!m[i].ptrs[e]) return hk2_fail(HK2_EINVAL, "%s: expert %lld has a NULL pointer", m[i].name, (long long)e);
+            if ((uintptr_t)m[i].ptrs[e] % 2)  /* blocks hold fp16 scales */
+                return hk2_fail(HK2_EINVAL, "%s: expert %lld is not 2-byte aligned", m[i].name, (long long)e);
+        }
     }
     return HK2_OK;
 }
@@ -185,9 +199,23 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
     const int separate_up = qb_up != qb_gate;
 
     hk2_api_lock();
+    /* chunk sizes: phase-A chunks are whole activation blocks of down (h is quantized per item)
+     * and whole Q4_0 block pairs; shrink them until every thread has several items */
+    const int nth = hk2_pool_threads();
+    const int64_t G_max = N < E ? N : E;
+    const int ca_min = qb_down > 64 ? qb_down : 64;
+    int ca = ca_min * 2;
+    while (ca > ca_min && G_max * ((I + ca - 1) / ca) < 4 * nth) ca /= 2;
+    if (ca > I) ca = (int)I;
+    /* phase-B chunks: long runs of each expert's down rows at decode (fewer stream starts);
+     * short ones in prefill, so one expert's chunk stays in L2 while its tokens pass over it */
+    int cb = T <= 4 ? 128 : 32;
+    while (cb > 16 && (H + cb - 1) / cb < 4 * nth) cb /= 2;
+
     /* workspace layout: counts[E] | grp_expert[N] | grp_start[N+1] | slot_token[N] | slot_weight[N] |
-     *                   slot_of[N] | act_gate[T] | act_up[T] | act_h[N] */
-    size_t off = 0, o_cnt, o_ge, o_gs, o_st, o_sw, o_so, o_ag, o_au, o_ah;
+     *                   slot_of[N] | act_gate[T] | act_up[T] | act_h[N] | hbuf[nth][T * ca] */
+    const size_t hbuf_stride = align_up(sizeof(float) * (size_t)T * (size_t)ca) / sizeof(float);
+    size_t off = 0, o_cnt, o_ge, o_gs, o_st, o_sw, o_so, o_ag, o_au, o_ah, o_hb;
     o_cnt = off; off = align_up(off + sizeof(int32_t) * (size_t)(E + 1));
     o_ge = off; off = align_up(off + sizeof(int32_t) * (size_t)N);
     o_gs = off; off = align_up(off + sizeof(int32_t) * (size_t)(N + 1));
@@ -197,6 +225,7 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
     o_ag = off; off += act_x_stride * (size_t)T;
     o_au = off; off += separate_up ? act_x_stride * (size_t)T : 0;
     o_ah = off; off += act_h_stride * (size_t)N;
+    o_hb = off; off += sizeof(float) * hbuf_stride * (size_t)nth;
     uint8_t *ws = workspace(off);
     if (!ws) {
         hk2_api_unlock();
@@ -251,17 +280,11 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
         .down_rb = (size_t)hk2_row_bytes(L->down_type, I),
         .dot_gate = hk2_dot_for(k, L->gate_type), .dot_up = hk2_dot_for(k, L->up_type), .dot_down = hk2_dot_for(k, L->down_type),
     };
-    /* chunk sizes: phase-A chunks are whole activation blocks of down (h is quantized per item);
-     * shrink them until every thread has several items */
-    const int nth = hk2_pool_threads();
-    const int ca_min = qb_down > 64 ? qb_down : 64;  /* Q4_0 pair view: chunks hold whole block pairs */
-    int ca = ca_min * 2;
-    while (ca > ca_min && (int64_t)G * ((I + ca - 1) / ca) < 4 * nth) ca /= 2;
+    job->hbuf = (float *)(ws + o_hb);
+    job->hbuf_stride = hbuf_stride;
     job->chunk_a = ca;
     job->chunks_per_expert = (int)((I + ca - 1) / ca);
     job->items_a = G * job->chunks_per_expert;
-    int cb = 32;
-    while (cb > 16 && (H + cb - 1) / cb < 4 * nth) cb /= 2;
     job->chunk_b = cb;
     job->items_b = (int)((H + cb - 1) / cb);
     atomic_init(&job->next_x, 0);

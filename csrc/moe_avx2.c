@@ -1,6 +1,7 @@
 /* AVX2 + FMA + F16C kernels. Integer dot products with _mm256_maddubs_epi16 (u8 x s8 -> s16
- * pairs) and _mm256_madd_epi16 (-> s32), one fp32 FMA per block. Weights are unpacked once per
- * block and reused for up to HK2_MAX_NA activation rows (prefill tiles). */
+ * pairs) and _mm256_madd_epi16 (-> s32); one fp32 FMA per Q8_0 block, per Q4_0 block pair and
+ * per K-quant super-block. Weights are unpacked once per block and reused for up to HK2_MAX_NA
+ * activation rows (prefill tiles). As llama.cpp's ggml-cpu x86 code, in our own arrangement. */
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #else
@@ -14,7 +15,7 @@
  * running past a row's end fetches the next). The hardware prefetcher alone leaves a single
  * core well short of its share of DRAM bandwidth. */
 #ifndef HK2_PF_DIST
-#define HK2_PF_DIST 512
+#define HK2_PF_DIST 1024
 #endif
 #define PREFETCH(p) _mm_prefetch((const char *)(p) + HK2_PF_DIST, _MM_HINT_T0)
 
@@ -44,6 +45,8 @@ INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
 INLINE __m256i dot_u8s8_scaled(__m256i u, __m256i s, __m256i sc) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), sc);
 }
+/* shuffle control: int16 word k of a broadcast 128-bit row in every lane */
+INLINE __m256i word_ctrl(int k) { return _mm256_set1_epi16((short)(2 * k | (2 * k + 1) << 8)); }
 /* shuffle control: lane 0 = int16 word 2c of a broadcast row, lane 1 = word 2c+1 */
 INLINE __m256i pair_ctrl(int c) {
     const char lo0 = (char)(4 * c), lo1 = (char)(4 * c + 1), hi0 = (char)(4 * c + 2), hi1 = (char)(4 * c + 3);
@@ -182,9 +185,8 @@ INLINE void dot_q4_K_t(int n, const block_q4_K *x, const hk2_arow *a, const int 
             const __m256i q4 = _mm256_loadu_si256((const __m256i *)(x[b].qs + 32 * c));
             const __m256i lo = _mm256_and_si256(q4, m4);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-            const __m256i scp = _mm256_shuffle_epi8(sc, pair_ctrl(c));  /* lane0 sc[2c], lane1 sc[2c+1] */
-            const __m256i sc_lo = _mm256_permute2x128_si256(scp, scp, 0x00);
-            const __m256i sc_hi = _mm256_permute2x128_si256(scp, scp, 0x11);
+            const __m256i sc_lo = _mm256_shuffle_epi8(sc, word_ctrl(2 * c));  /* sc[2c] in every lane */
+            const __m256i sc_hi = _mm256_shuffle_epi8(sc, word_ctrl(2 * c + 1));
             for (int j = 0; j < NA; j++) {
                 const int8_t *y = a[j].qs + HK2_QK_K * b + 64 * c;
                 const __m256i plo = dot_u8s8_scaled(lo, _mm256_loadu_si256((const __m256i *)y), sc_lo);
@@ -325,9 +327,14 @@ static uint64_t read_sum(const void *p, size_t n) {
     }
     for (; i < nv; i++) s0 = _mm256_add_epi64(s0, _mm256_loadu_si256(v + i));
     s0 = _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3));
-    uint64_t out[4];
+    uint64_t out[4], tail = 0;
     _mm256_storeu_si256((__m256i *)out, s0);
-    return out[0] + out[1] + out[2] + out[3];
+    for (size_t o = nv * 32; o + 8 <= n; o += 8) {
+        uint64_t w;
+        memcpy(&w, (const uint8_t *)p + o, 8);
+        tail += w;
+    }
+    return out[0] + out[1] + out[2] + out[3] + tail;
 }
 
 const hk2_kernels hk2_kernels_avx2 = {

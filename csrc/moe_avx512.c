@@ -39,6 +39,11 @@
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
+/* software prefetch along the weight rows, as in moe_avx2.c */
+#ifndef HK2_PF_DIST
+#define HK2_PF_DIST 1024
+#endif
+#define PREFETCH(p) _mm_prefetch((const char *)(p) + HK2_PF_DIST, _MM_HINT_T0)
 
 /* sum of 4 adjacent products of unsigned u and signed s bytes, as int32 lanes */
 INLINE __m512i dp_u8s8(__m512i u, __m512i s) {
@@ -78,6 +83,8 @@ INLINE void dot_q4_0_t(int n, const block_q4_0 *x, const hk2_arow *a, const int 
     const int nb = n / HK2_QK;
     int b = 0;
     for (; b + 1 < nb; b += 2) {
+        PREFETCH(x + b);
+        PREFETCH(x + b + 1);
         const __m512i q = cat256(nibbles(x[b].qs), nibbles(x[b + 1].qs));
         const float d0 = f16(x[b].d), d1 = f16(x[b + 1].d);
         for (int j = 0; j < NA; j++) {
@@ -106,6 +113,8 @@ INLINE void dot_q8_0_t(int n, const block_q8_0 *x, const hk2_arow *a, const int 
     const int nb = n / HK2_QK;
     int b = 0;
     for (; b + 1 < nb; b += 2) {
+        PREFETCH(x + b);
+        PREFETCH(x + b + 1);
         const __m512i w = cat256(_mm256_loadu_si256((const __m256i *)x[b].qs), _mm256_loadu_si256((const __m256i *)x[b + 1].qs));
         const __m512i aw = _mm512_abs_epi8(w);
         const __mmask64 neg = _mm512_movepi8_mask(w);
@@ -146,6 +155,7 @@ INLINE void dot_q4_K_t(int n, const block_q4_K *x, const hk2_arow *a, const int 
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const int nb = n / HK2_QK_K;
     for (int b = 0; b < nb; b++) {
+        for (size_t o = 0; o < sizeof x[b]; o += 64) PREFETCH((const uint8_t *)(x + b) + o);
         uint32_t u[4];
         q4_K_unpack_scales(x[b].scales, u);
         const uint8_t *sc = (const uint8_t *)u;
@@ -185,6 +195,7 @@ INLINE void dot_q6_K_t(int n, const block_q6_K *x, const hk2_arow *a, const int 
     const __m128i ctrl0 = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const int nb = n / HK2_QK_K;
     for (int b = 0; b < nb; b++) {
+        for (size_t o = 0; o < sizeof x[b]; o += 64) PREFETCH((const uint8_t *)(x + b) + o);
         const uint8_t *ql = x[b].ql, *qh = x[b].qh;
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)x[b].scales);
         const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
@@ -269,6 +280,10 @@ static uint64_t K(read_sum)(const void *p, size_t n) {
     __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
     size_t i = 0;
     for (; i + 256 <= n; i += 256) {
+        _mm_prefetch((const char *)(c + i) + HK2_PF_DIST, _MM_HINT_T0);
+        _mm_prefetch((const char *)(c + i) + HK2_PF_DIST + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)(c + i) + HK2_PF_DIST + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)(c + i) + HK2_PF_DIST + 192, _MM_HINT_T0);
         s0 = _mm512_add_epi64(s0, _mm512_loadu_si512((const void *)(c + i)));
         s1 = _mm512_add_epi64(s1, _mm512_loadu_si512((const void *)(c + i + 64)));
         s2 = _mm512_add_epi64(s2, _mm512_loadu_si512((const void *)(c + i + 128)));

@@ -319,3 +319,41 @@ int hk2_quantize(int qtype, const float *x, int64_t nrows, int64_t ncols, void *
 int hk2_dequantize(int qtype, const void *blocks, int64_t nrows, int64_t ncols, float *out) {
     return convert(qtype, blocks, nrows, ncols, out, 0);
 }
+
+int hk2_quantize_act(int qtype, const float *x, int64_t nrows, int64_t ncols, void *out) {
+    hk2_clear_error();
+    if (qtype != HK2_Q8_0 && qtype != HK2_Q8_K)
+        return hk2_fail(HK2_ETYPE, "quantize_act: type %d (%s) is not an activation type (Q8_0, Q8_K)", qtype, hk2_type_name(qtype));
+    if (!x || !out) return hk2_fail(HK2_EINVAL, "quantize_act: null %s pointer", !x ? "input" : "output");
+    if (nrows < 0) return hk2_fail(HK2_ESHAPE, "nrows=%lld is negative", (long long)nrows);
+    const int64_t rb = hk2_row_bytes(qtype, ncols);
+    if (rb < 0) return (int)rb;
+    if (ncols > (1 << 28)) return hk2_fail(HK2_ESHAPE, "ncols=%lld too large", (long long)ncols);
+    const int qb = qtype == HK2_Q8_0 ? HK2_QK : HK2_QK_K;
+    const hk2_kernels *k = hk2_active_kernels();
+    int8_t *qs = malloc((size_t)ncols);
+    float *d = malloc(sizeof(float) * (size_t)(ncols / qb));
+    int16_t *bs = malloc(sizeof(int16_t) * (size_t)(ncols / 16));
+    if (!qs || !d || !bs) {
+        free(qs); free(d); free(bs);
+        return hk2_fail(HK2_ENOMEM, "quantize_act: out of memory");
+    }
+    for (int64_t r = 0; r < nrows; r++) {
+        k->quantize_act(x + r * ncols, (int)ncols, qb, qs, d, bs);
+        uint8_t *row = (uint8_t *)out + r * rb;
+        for (int64_t b = 0; b < ncols / qb; b++) {
+            if (qtype == HK2_Q8_0) {
+                block_q8_0 *y = (block_q8_0 *)row + b;
+                y->d = hk2_fp32_to_fp16(d[b]);  /* d[b] is already fp16-exact */
+                memcpy(y->qs, qs + b * qb, qb);
+            } else {
+                block_q8_K *y = (block_q8_K *)row + b;
+                y->d = d[b];
+                memcpy(y->qs, qs + b * qb, qb);
+                memcpy(y->bsums, bs + b * (qb / 16), sizeof y->bsums);
+            }
+        }
+    }
+    free(qs); free(d); free(bs);
+    return HK2_OK;
+}

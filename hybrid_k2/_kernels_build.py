@@ -4,6 +4,7 @@ Used by setup.py (`cffi_modules`). The per-ISA sources carry their own
 `#pragma GCC target(...)`, so one set of flags builds every file and the
 extension runs on any x86-64 CPU; the ISA is chosen at run time from cpuid.
 """
+import hashlib
 import os
 import platform
 import re
@@ -44,15 +45,24 @@ def cdef_text() -> str:
     return m.group(1)
 
 
-def build_shared(out_path: str, defines: Sequence[str] = (), opt: str = "-O2", cc: str | None = None) -> str:
+def build_shared(out_path: str | None = None, defines: Sequence[str] = (), opt: str = "-O2", cc: str | None = None) -> str:
     """Compile the kernel sources into a plain shared library (opened with cffi's ABI mode).
 
     The tests build the AVX-512 code against SIMDe this way (defines=["HK2_USE_SIMDE"]).
-    Objects compile in parallel; returns out_path."""
+    Objects compile in parallel. Without out_path the library is cached in the temp directory
+    under a hash of the sources and flags, so repeated test runs skip the compile. Returns the path."""
     cc = cc or os.environ.get("CC", "cc")
-    tmp = tempfile.mkdtemp(prefix="hk2_build_")
     flags = [opt, "-fPIC", "-std=gnu11", "-pthread", "-fno-math-errno", "-ffp-contract=off", "-I" + CSRC]
     flags += ["-D" + d for d in defines] + ([] if is_x86() else ["-DHK2_NO_X86"])
+    if out_path is None:
+        h = hashlib.sha256(" ".join([cc, *flags]).encode())
+        for name in sorted(os.listdir(CSRC)):
+            with open(os.path.join(CSRC, name), "rb") as f:
+                h.update(name.encode() + f.read())
+        out_path = os.path.join(tempfile.gettempdir(), f"hk2_kernels_{h.hexdigest()[:16]}.so")
+        if os.path.exists(out_path):
+            return out_path
+    tmp = tempfile.mkdtemp(prefix="hk2_build_")
     procs, objs = [], []
     for src in sources():
         obj = os.path.join(tmp, os.path.basename(src) + ".o")
@@ -63,7 +73,9 @@ def build_shared(out_path: str, defines: Sequence[str] = (), opt: str = "-O2", c
         out, _ = p.communicate()
         if p.returncode:
             raise RuntimeError(f"compiling {src} failed:\n{out}")
-    subprocess.run([cc, "-shared", "-pthread", "-o", out_path, *objs, "-lm"], check=True)
+    part = f"{out_path}.{os.getpid()}.tmp"
+    subprocess.run([cc, "-shared", "-pthread", "-o", part, *objs, "-lm"], check=True)
+    os.replace(part, out_path)  # atomic: a concurrent run never sees a half-written library
     shutil.rmtree(tmp, ignore_errors=True)
     return out_path
 

@@ -26,7 +26,7 @@ except ImportError:  # torch is a dependency of the engine, not of the kernels
 
 __all__ = [
     "QType", "QTYPES", "WEIGHT_QTYPES", "qtype", "ExpertWeights", "KernelLib", "KernelError",
-    "quantize", "dequantize", "moe_forward", "set_threads", "get_threads", "isa", "set_isa",
+    "quantize", "quantize_activations", "dequantize", "moe_forward", "set_threads", "get_threads", "isa", "set_isa",
     "isa_supported", "read_probe",
 ]
 
@@ -99,7 +99,7 @@ def _check_array(a: np.ndarray, arg: str, dtype: np.dtype | tuple, ndim: int | N
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{arg}: expected {ndim} dimensions, got shape {a.shape}")
     if shape is not None:
-        for i, (got, want) in enumerate(zip(a.shape, shape)):
+        for got, want in zip(a.shape, shape):
             if want is not None and got != want:
                 raise ValueError(f"{arg}: shape {a.shape}, expected {tuple('?' if s is None else s for s in shape)}")
     if not a.flags.c_contiguous:
@@ -134,10 +134,13 @@ def _expert_ptrs(a: Any, arg: str, n_rows: int | None, row_bytes: int | None) ->
         if arr.ndim != 3:
             raise ValueError(f"{arg}: expected [experts, rows, row_bytes] block bytes, got shape {arr.shape}")
         E, rows, rb = arr.shape
-        if arr.strides[2] != 1 or arr.strides[1] != rb:
+        if (rb > 1 and arr.strides[2] != 1) or (rows > 1 and arr.strides[1] != rb):
             raise ValueError(f"{arg}: the rows of each expert must be contiguous (strides {arr.strides})")
         ptrs = [arr.ctypes.data + e * arr.strides[0] for e in range(E)]
         keep = arr
+    for i, p in enumerate(ptrs):
+        if p % 2:
+            raise ValueError(f"{arg}: expert {i} data is not 2-byte aligned (blocks hold fp16 scales)")
     if n_rows is not None and rows != n_rows:
         raise ValueError(f"{arg}: {rows} rows per expert, expected {n_rows}")
     if row_bytes is not None and rb != row_bytes:
@@ -258,6 +261,22 @@ class KernelLib:
         self._check(self.lib.hk2_quantize(t.id, self._ptr(a, "const float *"), rows, cols, self._ptr(out, "void *")), "quantize")
         return out
 
+    def quantize_activations(self, x: Any, qtype_: Any = "Q8_0") -> np.ndarray:
+        """Activations quantized exactly as the MoE kernels do it with the active ISA, as Q8_0
+        (for Q4_0/Q8_0 weights) or Q8_K (for K-quant weights) blocks [rows, row_bytes]."""
+        t = qtype(qtype_)
+        if t.name not in ("Q8_0", "Q8_K"):
+            raise ValueError(f"qtype: {t.name} is not an activation type (Q8_0, Q8_K)")
+        a = _as_numpy(x, "x")
+        _check_array(a, "x", np.float32, ndim=2)
+        rows, cols = a.shape
+        if cols == 0 or cols % t.block_size:
+            raise ValueError(f"x: {cols} columns is not a positive multiple of the {t.name} block size {t.block_size}")
+        out = np.empty((rows, t.row_bytes(cols)), dtype=np.uint8)
+        self._check(self.lib.hk2_quantize_act(t.id, self._ptr(a, "const float *"), rows, cols, self._ptr(out, "void *")),
+                    "quantize_activations")
+        return out
+
     def dequantize(self, blocks: Any, qtype_: Any, shape: Sequence[int] | None = None) -> np.ndarray:
         """uint8 GGML blocks -> float32 of `shape` (default: blocks' shape with the last axis in values)."""
         t = qtype(qtype_)
@@ -349,16 +368,20 @@ def _load_default() -> KernelLib:
     from hybrid_k2 import _kernels
     lib = KernelLib(_kernels.ffi, _kernels.lib)
     env = os.environ.get("HYBRID_K2_ISA")
-    if env and lib.isa() != env:
-        # the C side selected at load; verify the request was honoured (avx512 -> a concrete variant)
-        if not lib.isa_supported(env):
-            raise RuntimeError(f"HYBRID_K2_ISA={env!r}: this CPU (or build) does not support it")
+    if env:  # the C side already chose it at load; refuse a name it could not honour
+        try:
+            ok = lib.isa_supported(env)
+        except KernelError as e:
+            raise RuntimeError(f"HYBRID_K2_ISA={env!r}: {e}") from None
+        if not ok:
+            raise RuntimeError(f"HYBRID_K2_ISA={env!r}: this CPU (or build) lacks that ISA")
     return lib
 
 
 _default = _load_default()
 
 quantize = _default.quantize
+quantize_activations = _default.quantize_activations
 dequantize = _default.dequantize
 moe_forward = _default.moe_forward
 set_threads = _default.set_threads

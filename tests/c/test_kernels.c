@@ -1,0 +1,271 @@
+/* C-level tests of the kernels (run by ctest, also under ASan/UBSan):
+ * block formats round-trip, every ISA this build can run matches a double-precision reference on
+ * dequantized weights, results do not depend on the thread count, bad arguments give error codes,
+ * the pool survives resizing and shutdown. Built twice by CMake: natively, and (HK2_USE_SIMDE)
+ * with the AVX-512 kernels on SIMDe's emulation so their logic runs on any x86-64. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "hk2.h"
+
+static int g_failures;
+#define CHECK(cond, ...)                                              \
+    do {                                                              \
+        if (!(cond)) {                                                \
+            g_failures++;                                             \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);      \
+            fprintf(stderr, __VA_ARGS__);                             \
+            fprintf(stderr, " [%s]\n", hk2_last_error());            \
+        }                                                             \
+    } while (0)
+
+static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
+static double urand(void) {  /* xorshift64*, uniform in [0, 1) */
+    g_rng ^= g_rng >> 12; g_rng ^= g_rng << 25; g_rng ^= g_rng >> 27;
+    return (double)((g_rng * 0x2545F4914F6CDD1Dull) >> 11) / 9007199254740992.0;
+}
+static float nrand(void) { return (float)(sqrt(-2.0 * log(urand() + 1e-12)) * cos(6.283185307179586 * urand())); }
+
+static const int WEIGHT_TYPES[] = {HK2_Q4_0, HK2_Q8_0, HK2_Q4_K, HK2_Q6_K};
+static const char *ISAS[] = {"scalar", "avx2", "avx512bw", "avx512vnni"};
+
+static int is_k(int t) { return t == HK2_Q4_K || t == HK2_Q6_K; }
+
+/* ---------------------------------------------------------------- formats */
+static void test_formats(void) {
+    const int rows = 4, cols = 512;
+    float *x = malloc(sizeof(float) * rows * cols), *y = malloc(sizeof(float) * rows * cols);
+    for (int i = 0; i < rows * cols; i++) x[i] = nrand();
+    const double bound[] = {0.1, 0.007, 0.1, 0.03};  /* rms error for unit-variance data */
+    for (int ti = 0; ti < 4; ti++) {
+        const int t = WEIGHT_TYPES[ti];
+        const int64_t rb = hk2_row_bytes(t, cols);
+        CHECK(rb == cols / hk2_block_size(t) * hk2_block_bytes(t), "row bytes of type %d", t);
+        uint8_t *q = malloc((size_t)(rb * rows));
+        CHECK(hk2_quantize(t, x, rows, cols, q) == HK2_OK, "quantize type %d", t);
+        CHECK(hk2_dequantize(t, q, rows, cols, y) == HK2_OK, "dequantize type %d", t);
+        double se = 0;
+        for (int i = 0; i < rows * cols; i++) se += (double)(y[i] - x[i]) * (y[i] - x[i]);
+        CHECK(sqrt(se / (rows * cols)) < bound[ti], "round trip of type %d: rms %g", t, sqrt(se / (rows * cols)));
+        CHECK(hk2_quantize(t, x, rows, cols - 16, q) == HK2_ESHAPE, "ncols not a block multiple, type %d", t);
+        free(q);
+    }
+    CHECK(hk2_row_bytes(7, 64) == HK2_ETYPE, "unknown type");
+    CHECK(hk2_quantize(HK2_Q8_0, NULL, 1, 32, y) == HK2_EINVAL, "null input");
+    CHECK(hk2_quantize(HK2_Q8_0, x, -1, 32, y) == HK2_ESHAPE, "negative rows");
+    free(x);
+    free(y);
+}
+
+/* ---------------------------------------------------------------- MoE */
+typedef struct {
+    int gate_type, down_type;
+    int E, H, I;
+    uint8_t *gate, *up, *down;           /* [E, rows, row_bytes] */
+    float *gate_f, *up_f, *down_f;       /* dequantized */
+    const void **gp, **upp, **dp;
+    hk2_moe_layer layer;
+} experts;
+
+static void make_experts(experts *ex, int gt, int dt, int E, int H, int I) {
+    ex->gate_type = gt; ex->down_type = dt; ex->E = E; ex->H = H; ex->I = I;
+    const int64_t grb = hk2_row_bytes(gt, H), drb = hk2_row_bytes(dt, I);
+    float *tmp = malloc(sizeof(float) * (size_t)E * H * I);
+    uint8_t **dst[3] = {&ex->gate, &ex->up, &ex->down};
+    float **dstf[3] = {&ex->gate_f, &ex->up_f, &ex->down_f};
+    for (int m = 0; m < 3; m++) {
+        const int type = m == 2 ? dt : gt, rows = m == 2 ? H : I, cols = m == 2 ? I : H;
+        const int64_t rb = m == 2 ? drb : grb;
+        for (int64_t i = 0; i < (int64_t)E * H * I; i++) tmp[i] = 0.05f * nrand();
+        *dst[m] = malloc((size_t)(E * rows * rb));
+        *dstf[m] = malloc(sizeof(float) * (size_t)E * rows * cols);
+        CHECK(hk2_quantize(type, tmp, (int64_t)E * rows, cols, *dst[m]) == HK2_OK, "quantize experts");
+        CHECK(hk2_dequantize(type, *dst[m], (int64_t)E * rows, cols, *dstf[m]) == HK2_OK, "dequantize experts");
+    }
+    free(tmp);
+    ex->gp = malloc(sizeof(void *) * E); ex->upp = malloc(sizeof(void *) * E); ex->dp = malloc(sizeof(void *) * E);
+    for (int e = 0; e < E; e++) {
+        ex->gp[e] = ex->gate + e * I * grb;
+        ex->upp[e] = ex->up + e * I * grb;
+        ex->dp[e] = ex->down + e * H * drb;
+    }
+    ex->layer = (hk2_moe_layer){E, H, I, gt, gt, dt, ex->gp, ex->upp, ex->dp};
+}
+
+static void free_experts(experts *ex) {
+    free(ex->gate); free(ex->up); free(ex->down);
+    free(ex->gate_f); free(ex->up_f); free(ex->down_f);
+    free(ex->gp); free(ex->upp); free(ex->dp);
+}
+
+/* activations as the kernels see them: quantized (scalar code) and dequantized */
+static void act_roundtrip(const float *v, int n, int weight_type, float *out) {
+    const int at = is_k(weight_type) ? HK2_Q8_K : HK2_Q8_0;
+    uint8_t *q = malloc((size_t)hk2_row_bytes(at, n));
+    CHECK(hk2_quantize_act(at, v, 1, n, q) == HK2_OK, "quantize_act");
+    CHECK(hk2_dequantize(at, q, 1, n, out) == HK2_OK, "dequantize act");
+    free(q);
+}
+
+static void reference(const experts *ex, int T, int K, const float *x, const int32_t *ids, const float *w, double *y) {
+    const int H = ex->H, I = ex->I;
+    float *xq = malloc(sizeof(float) * H), *h = malloc(sizeof(float) * I), *hq = malloc(sizeof(float) * I);
+    hk2_set_isa("scalar");
+    memset(y, 0, sizeof(double) * (size_t)T * H);
+    for (int t = 0; t < T; t++) {
+        act_roundtrip(x + (size_t)t * H, H, ex->gate_type, xq);
+        for (int k = 0; k < K; k++) {
+            const int e = ids[t * K + k];
+            for (int i = 0; i < I; i++) {
+                double g = 0, u = 0;
+                const float *gr = ex->gate_f + ((size_t)e * I + i) * H, *ur = ex->up_f + ((size_t)e * I + i) * H;
+                for (int c = 0; c < H; c++) { g += (double)gr[c] * xq[c]; u += (double)ur[c] * xq[c]; }
+                h[i] = (float)(g / (1.0 + exp(-g)) * u);
+            }
+            act_roundtrip(h, I, ex->down_type, hq);
+            for (int r = 0; r < H; r++) {
+                double s = 0;
+                const float *dr = ex->down_f + ((size_t)e * H + r) * I;
+                for (int c = 0; c < I; c++) s += (double)dr[c] * hq[c];
+                y[(size_t)t * H + r] += w[t * K + k] * s;
+            }
+        }
+    }
+    free(xq); free(h); free(hq);
+}
+
+/* see tests/test_kernels.py: every token within 5e-3 of the scale, all but a few within 1e-5 */
+static int close_to_reference(const float *y, const double *ref, int T, int H) {
+    double scale = 0;
+    for (int i = 0; i < T * H; i++) scale = fmax(scale, fabs(ref[i]));
+    int off = 0, ok = 1;
+    for (int t = 0; t < T; t++) {
+        double m = 0;
+        for (int r = 0; r < H; r++) m = fmax(m, fabs(y[t * H + r] - ref[t * H + r]));
+        if (m > 5e-3 * scale) ok = 0;
+        if (m > 1e-5 * scale) off++;
+    }
+    return ok && off <= (T / 8 > 1 ? T / 8 : 1);
+}
+
+static void test_moe(void) {
+    static const int cases[][5] = {  /* gate/up type, down type, E, H, I */
+        {HK2_Q4_0, HK2_Q4_0, 6, 96, 64}, {HK2_Q8_0, HK2_Q8_0, 6, 160, 96}, {HK2_Q4_0, HK2_Q6_K, 4, 256, 256},
+        {HK2_Q4_K, HK2_Q6_K, 4, 256, 512}, {HK2_Q6_K, HK2_Q4_K, 4, 512, 256},
+    };
+    static const int Ts[] = {1, 3, 17};
+    const int K = 4;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        experts ex;
+        make_experts(&ex, cases[c][0], cases[c][1], cases[c][2], cases[c][3], cases[c][4]);
+        const int H = ex.H;
+        for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++) {
+            const int T = Ts[ti];
+            float *x = malloc(sizeof(float) * T * H), *w = malloc(sizeof(float) * T * K);
+            float *y = malloc(sizeof(float) * T * H), *y1 = malloc(sizeof(float) * T * H);
+            int32_t *ids = malloc(sizeof(int32_t) * T * K);
+            double *ref = malloc(sizeof(double) * T * H);
+            for (int i = 0; i < T * H; i++) x[i] = nrand();
+            for (int i = 0; i < T * K; i++) { ids[i] = (int32_t)(urand() * ex.E); w[i] = (float)urand(); }
+            ids[0 * K + 1] = ids[0 * K + 0];  /* an expert twice in one token */
+            reference(&ex, T, K, x, ids, w, ref);
+            for (size_t ii = 0; ii < sizeof ISAS / sizeof ISAS[0]; ii++) {
+                if (hk2_isa_supported(ISAS[ii]) != 1) continue;
+                CHECK(hk2_set_isa(ISAS[ii]) == HK2_OK, "set_isa %s", ISAS[ii]);
+                for (int nt = 1; nt <= 3; nt++) {
+                    CHECK(hk2_set_threads(nt) == HK2_OK, "set_threads");
+                    float *out = nt == 1 ? y1 : y;
+                    CHECK(hk2_moe_forward(&ex.layer, T, K, x, ids, w, out) == HK2_OK, "moe_forward");
+                    if (nt == 1)
+                        CHECK(close_to_reference(out, ref, T, H), "case %zu T=%d isa=%s differs from the reference", c, T, ISAS[ii]);
+                    else
+                        CHECK(memcmp(y, y1, sizeof(float) * T * H) == 0, "case %zu T=%d isa=%s: %d threads differ from 1", c, T,
+                              ISAS[ii], nt);
+                }
+            }
+            free(x); free(w); free(y); free(y1); free(ids); free(ref);
+        }
+        free_experts(&ex);
+    }
+}
+
+/* ---------------------------------------------------------------- bad arguments, pool */
+static void test_bad_arguments(void) {
+    experts ex;
+    make_experts(&ex, HK2_Q4_0, HK2_Q4_0, 4, 64, 64);
+    float x[2 * 64], w[4] = {1, 1, 1, 1}, y[2 * 64];
+    for (int i = 0; i < 128; i++) x[i] = nrand();
+    int32_t ids[4] = {0, 1, 2, 3}, bad_ids[4] = {0, 1, 4, 3}, neg_ids[4] = {0, -1, 2, 3};
+    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, ids, w, y) == HK2_OK, "good call");
+    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, bad_ids, w, y) == HK2_EID, "id 4 of 4");
+    CHECK(strstr(hk2_last_error(), "ids[1, 0] = 4") != NULL, "message names the id: %s", hk2_last_error());
+    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, neg_ids, w, y) == HK2_EID, "negative id");
+    CHECK(hk2_moe_forward(NULL, 2, 2, x, ids, w, y) == HK2_EINVAL, "null layer");
+    CHECK(hk2_moe_forward(&ex.layer, 2, 2, NULL, ids, w, y) == HK2_EINVAL, "null x");
+    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, ids, w, NULL) == HK2_EINVAL, "null y");
+    CHECK(hk2_moe_forward(&ex.layer, 2, 0, x, ids, w, y) == HK2_ESHAPE, "top_k 0");
+    CHECK(hk2_moe_forward(&ex.layer, -1, 2, x, ids, w, y) == HK2_ESHAPE, "negative tokens");
+    CHECK(hk2_moe_forward(&ex.layer, 0, 2, x, ids, w, y) == HK2_OK, "no tokens");
+    hk2_moe_layer bad = ex.layer;
+    bad.gate_type = HK2_Q8_K;
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y) == HK2_ETYPE, "activation type as weights");
+    bad = ex.layer;
+    bad.hidden = 48;
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y) == HK2_ESHAPE, "hidden not a block multiple");
+    bad = ex.layer;
+    bad.down_type = HK2_Q4_K;  /* inter 64 is no multiple of 256 */
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y) == HK2_ESHAPE, "inter not a K block multiple");
+    const void *null_ptrs[4] = {ex.gp[0], NULL, ex.gp[2], ex.gp[3]};
+    bad = ex.layer;
+    bad.gate = null_ptrs;
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y) == HK2_EINVAL, "null expert pointer");
+    const void *odd_ptrs[4] = {ex.gp[0], (const uint8_t *)ex.gp[1] + 1, ex.gp[2], ex.gp[3]};
+    bad.gate = odd_ptrs;
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y) == HK2_EINVAL, "odd expert pointer");
+    CHECK(hk2_set_threads(0) == HK2_EINVAL, "0 threads");
+    CHECK(hk2_set_isa("sse9") == HK2_EISA, "unknown isa");
+    CHECK(hk2_isa_supported("sse9") == HK2_EISA, "unknown isa name");
+    free_experts(&ex);
+}
+
+static void test_pool_lifecycle(void) {
+    experts ex;
+    make_experts(&ex, HK2_Q8_0, HK2_Q8_0, 4, 64, 64);
+    float x[3 * 64], w[6] = {1, 1, 1, 1, 1, 1}, y[3 * 64], y0[3 * 64];
+    int32_t ids[6] = {0, 1, 2, 3, 3, 0};
+    for (int i = 0; i < 192; i++) x[i] = nrand();
+    CHECK(hk2_set_threads(1) == HK2_OK && hk2_get_threads() == 1, "1 thread");
+    CHECK(hk2_moe_forward(&ex.layer, 3, 2, x, ids, w, y0) == HK2_OK, "1-thread call");
+    for (int round = 0; round < 20; round++) {
+        const int n = 1 + round % 5;
+        CHECK(hk2_set_threads(n) == HK2_OK && hk2_get_threads() == n, "resize to %d", n);
+        CHECK(hk2_moe_forward(&ex.layer, 3, 2, x, ids, w, y) == HK2_OK, "call after resize");
+        CHECK(memcmp(y, y0, sizeof y) == 0, "result after resize to %d", n);
+        if (round % 7 == 3) hk2_shutdown();  /* the next call rebuilds the pool */
+    }
+    uint8_t buf[100000];
+    uint64_t want = 0;
+    for (size_t i = 0; i < sizeof buf; i++) buf[i] = (uint8_t)(i * 31 + 7);
+    for (size_t i = 0; i + 8 <= sizeof buf; i += 8) { uint64_t v; memcpy(&v, buf + i, 8); want += v; }
+    CHECK(hk2_read_probe(buf, sizeof buf) == want, "probe checksum");
+    free_experts(&ex);
+}
+
+int main(void) {
+    printf("hk2 kernel tests, ISAs here:");
+    for (size_t i = 0; i < sizeof ISAS / sizeof ISAS[0]; i++)
+        if (hk2_isa_supported(ISAS[i]) == 1) printf(" %s", ISAS[i]);
+    printf("\n");
+    test_formats();
+    test_moe();
+    test_bad_arguments();
+    test_pool_lifecycle();
+    hk2_shutdown();
+    if (g_failures) {
+        fprintf(stderr, "%d check(s) failed\n", g_failures);
+        return 1;
+    }
+    printf("all checks passed\n");
+    return 0;
+}

@@ -1,0 +1,471 @@
+"""C expert kernels against independent references.
+
+Weights: the `gguf` package's own quantizers/dequantizers. MoE forward: float64 numpy math on
+gguf-dequantized weights, with activations quantized the way the kernels define it (Q8_0 via
+gguf, Q8_K re-derived here), so the only differences left are float summation order and, rarely,
+an 8-bit rounding of the intermediate flipping by one step (bounded below).
+Every ISA variant runs: scalar, AVX2 (when the CPU has it), native AVX-512 (when present) and the
+AVX-512 code compiled against SIMDe (always, from a shared library built by this test).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GQT
+
+from hybrid_k2 import kernels as K
+from hybrid_k2._kernels_build import build_shared
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACT_QB = {"Q4_0": 32, "Q8_0": 32, "Q4_K": 256, "Q6_K": 256}
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(autouse=True)
+def _restore_defaults():
+    isa, threads = K.isa(), K.get_threads()
+    yield
+    K.set_isa(isa)
+    K.set_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def simde_path() -> str:
+    if not os.path.isdir("/usr/include/simde") and not os.environ.get("CPATH"):
+        pytest.fail("SIMDe headers are needed to test the AVX-512 code here (apt-get install libsimde-dev)")
+    return build_shared(defines=["HK2_USE_SIMDE"], opt="-O1")  # cached by source hash
+
+
+@pytest.fixture(scope="session")
+def simde_lib(simde_path) -> K.KernelLib:
+    return K.KernelLib.open_shared(simde_path)
+
+
+@pytest.fixture(scope="session")
+def variants(simde_lib) -> list[tuple[str, K.KernelLib, str]]:
+    """(label, library, isa) for every kernel variant this machine can run."""
+    out = [("scalar", K._default, "scalar")]
+    for isa in ("avx2", "avx512bw", "avx512vnni"):
+        if K.isa_supported(isa):
+            out.append((isa, K._default, isa))
+    out += [("simde-avx512bw", simde_lib, "avx512bw"), ("simde-avx512vnni", simde_lib, "avx512vnni")]
+    return out
+
+
+# ---------------------------------------------------------------- references
+
+def act_roundtrip(v: np.ndarray, qb: int) -> np.ndarray:
+    """Activations as the kernels see them: quantized to int8 blocks of qb, then dequantized."""
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    if qb == 32:
+        return gguf.quants.dequantize(gguf.quants.quantize(v, GQT.Q8_0), GQT.Q8_0).astype(np.float64)
+    d, q = q8_k_reference(v)
+    return (q.astype(np.float32) * d[..., None]).reshape(v.shape).astype(np.float64)
+
+
+def q8_k_reference(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_K as defined here: d = amax/127 (float32), q = round-half-away(x / d)."""
+    b = v.reshape(*v.shape[:-1], -1, 256)
+    d = (np.abs(b).max(axis=-1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    q = gguf.quants.np_roundf(b * inv[..., None]).astype(np.int8)
+    return d, q
+
+
+def moe_reference(w: dict, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    T, H = x.shape
+    y = np.zeros((T, H))
+    xq = act_roundtrip(x, ACT_QB[w["gate_type"]])
+    for e in np.unique(ids):
+        t, k = np.nonzero(ids == e)
+        g = xq[t] @ w["gate"][e].T
+        u = xq[t] @ w["up"][e].T
+        h = (g / (1.0 + np.exp(-g)) * u).astype(np.float32)
+        out = act_roundtrip(h, ACT_QB[w["down_type"]]) @ w["down"][e].T
+        np.add.at(y, t, weights[t, k][:, None] * out)
+    return y
+
+
+def assert_close_to_reference(y: np.ndarray, ref: np.ndarray, label: str) -> None:
+    """Float summation order costs ~1e-7 of the output scale. Beyond that, an intermediate value
+    (silu(g)*u) lying within float error of an 8-bit rounding boundary may round one step the
+    other way, which moves that token's outputs by up to ~1e-3 of the scale; this happens for a
+    few percent of tokens. So: every token within 5e-3, and all but a few within 1e-5."""
+    scale = np.abs(ref).max()
+    err = np.abs(np.asarray(y, dtype=np.float64) - ref).max(axis=1) / scale
+    assert err.max() <= 5e-3, f"{label}: max error {err.max():.2e} of scale"
+    n_off = int((err > 1e-5).sum())
+    assert n_off <= max(1, len(err) // 8), f"{label}: {n_off}/{len(err)} tokens off by more than 1e-5 of scale"
+
+
+def make_experts(rng, gate_type: str, down_type: str, E: int, H: int, I: int) -> dict:
+    gate = (rng.standard_normal((E, I, H)) * 0.05).astype(np.float32)
+    up = (rng.standard_normal((E, I, H)) * 0.05).astype(np.float32)
+    down = (rng.standard_normal((E, H, I)) * 0.05).astype(np.float32)
+    qg, qu, qd = K.quantize(gate, gate_type), K.quantize(up, gate_type), K.quantize(down, down_type)
+    deq = lambda q, t: gguf.quants.dequantize(q, GQT[t]).astype(np.float64)
+    return {"layer": K.ExpertWeights(qg, qu, qd, gate_type, down_type=down_type),
+            "gate": deq(qg, gate_type), "up": deq(qu, gate_type), "down": deq(qd, down_type),
+            "gate_type": gate_type, "down_type": down_type, "raw": (qg, qu, qd)}
+
+
+def routing(rng, T: int, E: int, K_: int, repeats: bool) -> tuple[np.ndarray, np.ndarray]:
+    ids = rng.integers(0, E, size=(T, K_)).astype(np.int32)  # repeats within and across tokens
+    if repeats and K_ >= 3:
+        ids[:, 1] = ids[:, 0]  # the same expert twice in one token
+    weights = rng.random((T, K_)).astype(np.float32)
+    return ids, weights
+
+
+# ---------------------------------------------------------------- block formats
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0"])
+def test_quantize_bytes_equal_gguf(name):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((37, 256)).astype(np.float32) * rng.uniform(0.01, 10, size=(37, 1)).astype(np.float32)
+    x[0, :32] = 0.0                                     # all-zero block
+    x[1, :32] = np.arange(32, dtype=np.float32) - 16.5  # ties and a negative extreme
+    x[2, 32:64] = 127 * np.linspace(-1, 1, 32, dtype=np.float32)
+    ours = K.quantize(x, name)
+    assert ours.dtype == np.uint8 and ours.shape == (37, 256 // 32 * K.QTYPES[name].block_bytes)
+    np.testing.assert_array_equal(ours, gguf.quants.quantize(x, GQT[name]))
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])
+def test_dequantize_equals_gguf(name):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((9, 512)).astype(np.float32)
+    blocks = K.quantize(x, name)
+    np.testing.assert_array_equal(K.dequantize(blocks, name), gguf.quants.dequantize(blocks, GQT[name]))
+    # arbitrary block bytes too (every bit of the packed 6-bit scales / high quant bits), finite fp16 scales
+    t = K.QTYPES[name]
+    raw = rng.integers(0, 256, size=(5, t.row_bytes(512)), dtype=np.uint8)
+    b = raw.reshape(-1, t.block_bytes)
+    scale_offsets = {"Q8_0": [0], "Q4_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[name]
+    for off in scale_offsets:
+        b[:, off:off + 2] = rng.uniform(-2, 2, size=(len(b), 1)).astype(np.float16).view(np.uint8)
+    np.testing.assert_array_equal(K.dequantize(raw, name, (5, 512)), gguf.quants.dequantize(raw, GQT[name]))
+
+
+@pytest.mark.parametrize("name,rms_bound", [("Q8_0", 0.007), ("Q4_0", 0.1), ("Q4_K", 0.1), ("Q6_K", 0.03)])
+def test_quantizers_roundtrip(name, rms_bound):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((16, 1024)).astype(np.float32)
+    err = gguf.quants.dequantize(K.quantize(x, name), GQT[name]) - x
+    assert np.sqrt(np.mean(err ** 2)) < rms_bound
+    zeros = np.zeros((2, 256), dtype=np.float32)
+    np.testing.assert_array_equal(gguf.quants.dequantize(K.quantize(zeros, name), GQT[name]), zeros)
+
+
+def test_activation_quantization_identical_on_every_isa(variants):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 512)).astype(np.float32) * 3
+    x[0, :32] = np.arange(-16, 16, dtype=np.float32) + 0.5  # amax 127/127: halves are exact ties
+    x[0, 31] = 127.0
+    x[1, :256] = 0.0
+    want_q8_0 = gguf.quants.quantize(x, GQT.Q8_0)
+    d, q = q8_k_reference(x)
+    bsums = q.reshape(6, 2, 16, 16).astype(np.int16).sum(-1).astype(np.int16)
+    want_q8_k = np.concatenate([d[..., None].view(np.uint8), q.view(np.uint8), bsums.view(np.uint8)], axis=-1).reshape(6, -1)
+    for label, lib, isa in variants:
+        lib.set_isa(isa)
+        np.testing.assert_array_equal(lib.quantize_activations(x, "Q8_0"), want_q8_0, err_msg=label)
+        np.testing.assert_array_equal(lib.quantize_activations(x, "Q8_K"), want_q8_k, err_msg=label)
+
+
+# ---------------------------------------------------------------- fused MoE
+
+MOE_CASES = [  # gate/up type, down type, E, H, I
+    ("Q4_0", "Q4_0", 8, 96, 64),
+    ("Q8_0", "Q8_0", 8, 96, 64),
+    ("Q4_0", "Q8_0", 6, 320, 192),
+    ("Q4_K", "Q6_K", 6, 256, 512),
+    ("Q6_K", "Q4_K", 4, 512, 256),
+    ("Q4_K", "Q4_K", 4, 256, 256),
+    ("Q8_0", "Q6_K", 4, 256, 256),
+]
+
+
+@pytest.mark.parametrize("gate_type,down_type,E,H,I", MOE_CASES)
+@pytest.mark.parametrize("T", [1, 2, 7, 64])
+def test_moe_forward_matches_reference(variants, gate_type, down_type, E, H, I, T):
+    rng = np.random.default_rng(zlib.crc32(f"{gate_type}{down_type}{T}".encode()))
+    w = make_experts(rng, gate_type, down_type, E, H, I)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids, weights = routing(rng, T, E, 4, repeats=True)
+    ref = moe_reference(w, x, ids, weights)
+    for label, lib, isa in variants:
+        lib.set_isa(isa)
+        assert_close_to_reference(lib.moe_forward(w["layer"], x, ids, weights), ref, f"{label} T={T}")
+
+
+@pytest.mark.parametrize("gate_type", ["Q4_0", "Q8_0"])
+def test_moe_forward_prefill_512_tokens(variants, gate_type):
+    rng = np.random.default_rng(5)
+    w = make_experts(rng, gate_type, gate_type, 8, 96, 64)
+    x = rng.standard_normal((512, 96)).astype(np.float32)
+    ids, weights = routing(rng, 512, 8, 4, repeats=False)
+    ref = moe_reference(w, x, ids, weights)
+    for label, lib, isa in variants:
+        if label.startswith("simde") and gate_type == "Q8_0":
+            continue  # the emulated AVX-512 runs the 512-token case once (Q4_0), to stay fast
+        lib.set_isa(isa)
+        assert_close_to_reference(lib.moe_forward(w["layer"], x, ids, weights), ref, f"{label} T=512")
+
+
+@pytest.mark.parametrize("gate_type,down_type", [("Q4_0", "Q4_0"), ("Q4_K", "Q6_K")])
+def test_results_do_not_depend_on_thread_count(gate_type, down_type):
+    rng = np.random.default_rng(6)
+    w = make_experts(rng, gate_type, down_type, 8, 512, 512)
+    for T in (1, 7, 33):
+        x = rng.standard_normal((T, 512)).astype(np.float32)
+        ids, weights = routing(rng, T, 8, 4, repeats=True)
+        outs = []
+        for n in (1, 2, 3, 4):
+            K.set_threads(n)
+            assert K.get_threads() == n
+            outs.append(K.moe_forward(w["layer"], x, ids, weights))
+        for o in outs[1:]:
+            np.testing.assert_array_equal(o, outs[0])
+
+
+def test_repeated_expert_in_a_token_equals_summed_weight():
+    rng = np.random.default_rng(7)
+    w = make_experts(rng, "Q4_0", "Q4_0", 4, 96, 64)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    twice = K.moe_forward(w["layer"], x, np.array([[1, 1], [2, 2]], np.int32), np.array([[0.25, 0.5], [1, 1]], np.float32))
+    once = K.moe_forward(w["layer"], x, np.array([[1], [2]], np.int32), np.array([[0.75], [2]], np.float32))
+    np.testing.assert_allclose(twice, once, rtol=1e-6, atol=1e-7)
+
+
+def test_torch_inputs_and_out_buffer():
+    rng = np.random.default_rng(8)
+    w = make_experts(rng, "Q8_0", "Q8_0", 4, 96, 64)
+    x = torch.randn(3, 96)
+    ids = torch.tensor([[0, 1], [2, 3], [3, 3]])  # int64 is converted
+    weights = torch.rand(3, 2)
+    y = K.moe_forward(w["layer"], x, ids, weights)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32 and y.shape == (3, 96)
+    ref = moe_reference(w, x.numpy(), ids.numpy(), weights.numpy())
+    assert_close_to_reference(y.numpy(), ref, "torch")
+    out = torch.empty(3, 96)
+    assert K.moe_forward(w["layer"], x, ids, weights, out=out) is out
+    np.testing.assert_array_equal(out.numpy(), y.numpy())
+    # experts given as torch tensors / per-expert lists, read in place
+    qg, qu, qd = w["raw"]
+    layer2 = K.ExpertWeights([torch.from_numpy(qg[e]) for e in range(4)], torch.from_numpy(qu), list(qd), "Q8_0")
+    np.testing.assert_array_equal(K.moe_forward(layer2, x, ids, weights).numpy(), y.numpy())
+
+
+def test_gguf_memmap_weights_are_used_in_place(tmp_path):
+    rng = np.random.default_rng(9)
+    w = make_experts(rng, "Q4_K", "Q6_K", 4, 256, 256)
+    path = tmp_path / "experts.bin"
+    qg, qu, qd = w["raw"]
+    with open(path, "wb") as f:
+        for a in (qg, qu, qd):
+            f.write(a.tobytes())
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    ng, nu = qg.nbytes, qu.nbytes
+    layer = K.ExpertWeights(mm[:ng].reshape(qg.shape), mm[ng:ng + nu].reshape(qu.shape),
+                            mm[ng + nu:].reshape(qd.shape), "Q4_K", down_type="Q6_K")
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    ids, weights = routing(rng, 2, 4, 2, repeats=False)
+    np.testing.assert_array_equal(K.moe_forward(layer, x, ids, weights), K.moe_forward(w["layer"], x, ids, weights))
+
+
+# ---------------------------------------------------------------- bad arguments
+
+@pytest.fixture(scope="module")
+def small():
+    rng = np.random.default_rng(10)
+    w = make_experts(rng, "Q4_0", "Q4_0", 4, 96, 64)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    ids = np.array([[0, 1], [2, 3]], np.int32)
+    weights = np.ones((2, 2), np.float32)
+    return w, x, ids, weights
+
+
+def test_bad_arguments_raise_before_c(small):
+    w, x, ids, weights = small
+    layer = w["layer"]
+    f = K.moe_forward
+    with pytest.raises(TypeError, match="x: dtype float64"):
+        f(layer, x.astype(np.float64), ids, weights)
+    with pytest.raises(ValueError, match=r"x: shape \(2, 95\)"):
+        f(layer, x[:, :95].copy(), ids, weights)
+    with pytest.raises(ValueError, match="x: expected 2 dimensions"):
+        f(layer, x[0], ids, weights)
+    with pytest.raises(ValueError, match="x: array is not C-contiguous"):
+        f(layer, np.asfortranarray(x), ids, weights)
+    buf = np.zeros(x.nbytes + 1, np.uint8)
+    misaligned = buf[1:].view(np.float32).reshape(x.shape)
+    with pytest.raises(ValueError, match="x: data is not aligned"):
+        f(layer, misaligned, ids, weights)
+    with pytest.raises(ValueError, match=r"ids\[1, 0\] = 4 is not an expert id in \[0, 4\)"):
+        f(layer, x, np.array([[0, 1], [4, 3]], np.int32), weights)
+    with pytest.raises(ValueError, match=r"ids\[0, 1\] = -1"):
+        f(layer, x, np.array([[0, -1], [2, 3]], np.int64), weights)
+    with pytest.raises(TypeError, match="ids: dtype float32"):
+        f(layer, x, ids.astype(np.float32), weights)
+    with pytest.raises(ValueError, match=r"ids: shape \(1, 2\)"):
+        f(layer, x, ids[:1], weights)
+    with pytest.raises(ValueError, match=r"weights: shape \(2, 1\)"):
+        f(layer, x, ids, weights[:, :1].copy())
+    with pytest.raises(TypeError, match="weights: dtype float16"):
+        f(layer, x, ids, weights.astype(np.float16))
+    with pytest.raises(ValueError, match="out: shape"):
+        f(layer, x, ids, weights, out=np.empty((2, 95), np.float32))
+    ro = np.empty((2, 96), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out: array is read-only"):
+        f(layer, x, ids, weights, out=ro)
+    with pytest.raises(TypeError, match="x: dtype torch.bfloat16"):
+        f(layer, torch.from_numpy(x).bfloat16(), ids, weights)
+    with pytest.raises(TypeError, match="layer: expected ExpertWeights"):
+        f(w["raw"], x, ids, weights)
+
+
+def test_bad_weights_and_shapes(small):
+    w, *_ = small
+    qg, qu, qd = w["raw"]
+    with pytest.raises(ValueError, match="x: 33 columns is not a positive multiple of the Q8_0 block size 32"):
+        K.quantize(np.ones((2, 33), np.float32), "Q8_0")
+    with pytest.raises(ValueError, match="Q4_K block size 256"):
+        K.quantize(np.ones((2, 96), np.float32), "Q4_K")
+    with pytest.raises(ValueError, match="unsupported block type"):
+        K.quantize(np.ones((2, 64), np.float32), "Q5_K")
+    with pytest.raises(ValueError, match="blocks: 10 bytes"):
+        K.dequantize(np.zeros(10, np.uint8), "Q8_0", (1, 32))
+    with pytest.raises(ValueError, match="up: 63 rows per expert, expected 64"):
+        K.ExpertWeights(qg, qu[:, :63], qd, "Q4_0")
+    with pytest.raises(ValueError, match="gate: 17 bytes per row is not a multiple of the Q4_0 block"):
+        K.ExpertWeights(np.zeros((4, 64, 17), np.uint8), qu, qd, "Q4_0")
+    with pytest.raises(ValueError, match="down: inter=64 .* not a multiple of the Q6_K block size 256"):
+        K.ExpertWeights(qg, qu, qd, "Q4_0", down_type="Q6_K")
+    with pytest.raises(ValueError, match="gate/up/down hold 4/3/4 experts"):
+        K.ExpertWeights(qg, qu[:3], qd, "Q4_0")
+    with pytest.raises(TypeError, match="gate: dtype float32"):
+        K.ExpertWeights(qg.astype(np.float32), qu, qd, "Q4_0")
+    with pytest.raises(ValueError, match="the rows of each expert must be contiguous"):
+        K.ExpertWeights(qg[:, ::2], qu[:, ::2], qd, "Q4_0")
+    with pytest.raises(ValueError, match="Q8_K is not a weight type"):
+        K.ExpertWeights(qg, qu, qd, "Q8_K")
+    odd = np.zeros(qg.nbytes + 1, np.uint8)[1:].reshape(qg.shape)
+    with pytest.raises(ValueError, match="gate: expert 0 data is not 2-byte aligned"):
+        K.ExpertWeights(odd, qu, qd, "Q4_0")
+
+
+def test_c_side_rejects_bad_arguments(small):
+    """The C entry points return an error code and a message instead of crashing."""
+    w, x, ids, weights = small
+    ffi, lib = K._default.ffi, K._default.lib
+    layer = w["layer"]._cstruct(K._default)
+    xp, wp = ffi.cast("float *", x.ctypes.data), ffi.cast("float *", weights.ctypes.data)
+    y = np.empty_like(x)
+    yp = ffi.cast("float *", y.ctypes.data)
+    bad_ids = np.array([[0, 9], [1, 2]], np.int32)
+    assert lib.hk2_moe_forward(layer, 2, 2, xp, ffi.cast("int32_t *", bad_ids.ctypes.data), wp, yp) == lib.HK2_EID
+    assert b"ids[0, 1] = 9" in ffi.string(lib.hk2_last_error())
+    assert lib.hk2_moe_forward(layer, 2, 2, ffi.NULL, ffi.cast("int32_t *", ids.ctypes.data), wp, yp) == lib.HK2_EINVAL
+    assert lib.hk2_moe_forward(ffi.NULL, 2, 2, xp, ffi.cast("int32_t *", ids.ctypes.data), wp, yp) == lib.HK2_EINVAL
+    bad = ffi.new("hk2_moe_layer *", layer[0])
+    bad.down_type = lib.HK2_Q8_K
+    assert lib.hk2_moe_forward(bad, 2, 2, xp, ffi.cast("int32_t *", ids.ctypes.data), wp, yp) == lib.HK2_ETYPE
+    bad.down_type, bad.inter = lib.HK2_Q4_0, 48
+    assert lib.hk2_moe_forward(bad, 2, 2, xp, ffi.cast("int32_t *", ids.ctypes.data), wp, yp) == lib.HK2_ESHAPE
+    assert b"down: row length 48" in ffi.string(lib.hk2_last_error())
+    assert lib.hk2_quantize(lib.HK2_Q8_0, xp, 2, 95, ffi.cast("void *", y.ctypes.data)) == lib.HK2_ESHAPE
+    assert lib.hk2_quantize(99, xp, 2, 96, ffi.cast("void *", y.ctypes.data)) == lib.HK2_ETYPE
+    assert lib.hk2_set_threads(0) == lib.HK2_EINVAL
+    assert lib.hk2_set_isa(b"sse9") == lib.HK2_EISA
+
+
+# ---------------------------------------------------------------- threads, ISA, GIL
+
+def test_thread_pool_resizes_and_counts():
+    for n in (3, 1, 2, 4, 2):
+        K.set_threads(n)
+        assert K.get_threads() == n
+    with pytest.raises(K.KernelError, match="threads=0"):
+        K.set_threads(0)
+    with pytest.raises(TypeError):
+        K.set_threads(2.5)
+
+
+def test_c_calls_release_the_gil():
+    """A C call that waits until another Python thread calls C: only possible if the GIL is released."""
+    lib = K._default.lib
+    rc = []
+    waiter = threading.Thread(target=lambda: rc.append(lib.hk2_debug_wait(5000)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not lib.hk2_debug_signal() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    waiter.join()
+    assert rc == [0]
+
+
+def test_pool_works_in_a_forked_child(small):
+    """The workers do not survive fork(); the child builds its own pool on first use."""
+    w, x, ids, weights = small
+    K.set_threads(2)
+    want = K.moe_forward(w["layer"], x, ids, weights)
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        ok = False
+        try:
+            ok = np.array_equal(K.moe_forward(w["layer"], x, ids, weights), want) and K.get_threads() == 2
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_isa_selection():
+    assert K.isa() in ("scalar", "avx2", "avx512bw", "avx512vnni")
+    assert K.isa_supported("scalar")
+    K.set_isa("scalar")
+    assert K.isa() == "scalar"
+    with pytest.raises(K.KernelError, match="unknown ISA 'sse9'"):
+        K.set_isa("sse9")
+    for name in ("avx2", "avx512"):
+        if not K.isa_supported(name):
+            with pytest.raises(K.KernelError, match="lacks ISA"):
+                K.set_isa(name)
+
+
+def test_isa_env_var(simde_path, monkeypatch):
+    """HYBRID_K2_ISA picks the kernels when the library loads (a fresh process, C side) and an
+    unusable value is refused with an error naming the variable (Python side)."""
+    code = ("import cffi, sys; ffi = cffi.FFI(); ffi.cdef('const char *hk2_isa(void);'); "
+            "print(ffi.string(ffi.dlopen(sys.argv[1]).hk2_isa()).decode())")
+    for want in ("scalar", "avx512bw"):
+        env = dict(os.environ, HYBRID_K2_ISA=want)
+        out = subprocess.run([sys.executable, "-c", code, simde_path], env=env, capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == want, out.stderr
+    monkeypatch.setenv("HYBRID_K2_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="HYBRID_K2_ISA='sse9': .*unknown ISA"):
+        K._load_default()
+    if not K.isa_supported("avx512"):
+        monkeypatch.setenv("HYBRID_K2_ISA", "avx512")
+        with pytest.raises(RuntimeError, match="HYBRID_K2_ISA='avx512': this CPU"):
+            K._load_default()
+
+
+def test_read_probe_reads_every_byte():
+    buf = np.random.default_rng(11).integers(0, 256, size=(1 << 20) + 4096 * 3 + 8, dtype=np.uint8)
+    K.set_threads(3)
+    want = int(buf[: buf.size // 8 * 8].view(np.uint64).sum(dtype=np.uint64))
+    assert K.read_probe(buf) == want
