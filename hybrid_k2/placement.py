@@ -481,21 +481,23 @@ def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense
             f"{format_size(RAM_RESERVE)} reserve; budget is {format_size(ram)}, {format_size(ram_need - ram)} over: "
             + ", or ".join(fixes))
 
-    slots = min((vram - gpu_need) // one_expert, n_moe * E) if one_expert else 0
+    # hybrid slots hold experts dequantized to the compute dtype (bf16); copies move the quantized bytes
+    slot = expert_bytes(cfg, "bf16") if n_moe else 0
+    slots = min((vram - gpu_need) // slot, n_moe * E) if slot else 0
     if hit_rate is None:
         h, src = (slots / (n_moe * E) if n_moe else 0.0), "uniform routing"
     else:
         h, src = float(hit_rate), "given"
     comps = gpu + [
-        Component("expert_cache", "gpu", slots * one_expert,
-                  f"{slots} slots x {format_size(one_expert)} {expert_format}"),
+        Component("expert_cache", "gpu", slots * slot,
+                  f"{slots} slots x {format_size(slot)} bf16 (copied as {expert_format})"),
         Component("routed_experts", "ram", all_experts,
                   f"{n_moe} layers x {E} x {format_size(one_expert)} {expert_format}"),
         Component("ram_reserve", "ram", RAM_RESERVE, "Python, torch, threads, page-cache slack"),
     ]
     per_layer_reads = K * one_expert
     t_cpu = n_moe * (1 - h) * per_layer_reads / (ram_gbps * 1e9)
-    t_par = (weight_read["shared"] + n_moe * h * per_layer_reads) / (gpu_gbps * 1e9)
+    t_par = (weight_read["shared"] + n_moe * h * K * slot) / (gpu_gbps * 1e9)
     t_serial = weight_read["serial"] / (gpu_gbps * 1e9)
     t = t_serial + max(t_cpu, t_par)     # identical MoE layers: sum of per-layer maxes = max of the sums
     return Plan(mode="hybrid", components=comps, cache_slots=int(slots), hit_rate=h, hit_rate_source=src,

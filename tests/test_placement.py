@@ -14,6 +14,7 @@ CTX = 32768
 # ---- Kimi K2 by hand (bf16 dense, q4_0 experts, bf16 KV) -------------------------------------------
 EXPERT_WEIGHTS = 3 * 7168 * 2048                       # gate + up + down
 EXPERT_Q4_0 = EXPERT_WEIGHTS * 18 // 32                 # 18 bytes per 32-weight block
+SLOT = EXPERT_WEIGHTS * 2                               # a VRAM cache slot holds the expert dequantized to bf16
 N_EXPERTS = 60 * 384                                    # 60 MoE layers x 384 routed experts
 EMBED_BF16 = 163840 * 7168 * 2
 ATTN_WEIGHTS = (1536 * 7168                             # q_a_proj
@@ -81,10 +82,10 @@ def test_kimi_hybrid_plan(vram, dense):
     p = plan(K2, vram_budget=vram, ram_budget="768GiB", ctx=CTX, dense_format=dense, ram_gbps=200.0,
              pcie_gbps=25.0, gpu_gbps=1000.0)
     gpu = gpu_total(bpw)
-    slots = (vram - gpu) // EXPERT_Q4_0
+    slots = (vram - gpu) // SLOT
     assert p.mode == "hybrid"
     assert p.cache_slots == slots
-    assert p.vram_used == gpu + slots * EXPERT_Q4_0 <= vram
+    assert p.vram_used == gpu + slots * SLOT <= vram
     assert p.ram_used == N_EXPERTS * EXPERT_Q4_0 + 4 * GiB
     assert p.component("routed_experts").where == "ram"
     for name in ("embed_tokens", "attention", "routers", "shared_experts", "dense_ffn", "lm_head", "kv_cache"):
@@ -95,7 +96,7 @@ def test_kimi_hybrid_plan(vram, dense):
     assert p.hit_rate == pytest.approx(h)
     active = 60 * 8 * EXPERT_Q4_0
     t_cpu = (1 - h) * active / 200e9
-    t_par = (SHARED_WEIGHTS * bpw + h * active) / 1000e9
+    t_par = (SHARED_WEIGHTS * bpw + h * 60 * 8 * SLOT) / 1000e9     # cached experts are read as bf16
     serial_bytes = gpu - EMBED_BF16 * bpw // 2 - WORKSPACE - SHARED_WEIGHTS * bpw + 7168 * bpw
     t = serial_bytes / 1000e9 + max(t_cpu, t_par)
     assert p.t_token_s == pytest.approx(t, rel=1e-12)
@@ -108,7 +109,7 @@ def test_kimi_hybrid_plan(vram, dense):
 def test_more_vram_more_slots_and_speed():
     kw = dict(ram_budget="768GiB", ctx=CTX, ram_gbps=200.0, pcie_gbps=25.0, gpu_gbps=1000.0)
     p48, p80 = plan(K2, vram_budget="48GiB", **kw), plan(K2, vram_budget="80GiB", **kw)
-    assert p80.cache_slots - p48.cache_slots == 32 * GiB // EXPERT_Q4_0
+    assert p80.cache_slots - p48.cache_slots == 32 * GiB // SLOT
     assert p80.decode_tok_s > p48.decode_tok_s
     given = plan(K2, vram_budget="48GiB", hit_rate=0.5, **kw)
     assert given.hit_rate == 0.5 and given.decode_tok_s > p48.decode_tok_s
@@ -158,7 +159,7 @@ def test_tp_mode():
     with pytest.raises(PlacementError, match="--mode hybrid"):
         plan(K2, n_gpus=16, gpu_vram_each="24GiB", ram_budget="768GiB", ctx=CTX, ram_gbps=50.0)
     h = plan(K2, n_gpus=16, gpu_vram_each="24GiB", ram_budget="768GiB", ctx=CTX, ram_gbps=50.0, mode="hybrid")
-    assert h.mode == "hybrid" and h.cache_slots == (16 * 24 * GiB - gpu_total(2)) // EXPERT_Q4_0
+    assert h.mode == "hybrid" and h.cache_slots == (16 * 24 * GiB - gpu_total(2)) // SLOT
 
 
 def test_parse_size():
@@ -202,7 +203,7 @@ def test_cli(tmp_path, capsys):
     assert placement.main(["kimi-k2", "--vram", "48GiB", "--ram", "768GiB", "--ctx", "32768",
                            "--ram-gbps", "200", "--pcie-gbps", "25", "--gpu-gbps", "1000"]) == 0
     out = capsys.readouterr().out
-    assert "mode  hybrid" in out and f"{(48 * GiB - gpu_total(2)) // EXPERT_Q4_0} slots" in out
+    assert "mode  hybrid" in out and f"{(48 * GiB - gpu_total(2)) // SLOT} slots" in out
     (tmp_path / "config.json").write_text(json.dumps({**KIMI_K2, "hidden_act": "silu"}))
     assert placement.main([str(tmp_path), "--vram", "24GiB", "--ram", "768GiB", "--ram-gbps", "200"]) == 2
     err = capsys.readouterr().err
