@@ -302,7 +302,9 @@ class Plan:
                      f"GPU {self.gpu_gbps:.0f} GB/s ({src.get('gpu', 'given')})")
         if self.mode == "hybrid" and self.n_moe_layers:
             total = self.n_moe_layers * self.n_experts
-            lines.append(f"expert cache  {self.cache_slots} slots of {format_size(self.expert_bytes)} "
+            slot = self.component("expert_cache").nbytes // self.cache_slots if self.cache_slots else 0
+            lines.append(f"expert cache  {self.cache_slots} slots of {format_size(slot)} (bf16; copied as "
+                         f"{format_size(self.expert_bytes)} {self.expert_format}) "
                          f"= {100 * self.cache_slots / total:.2f}% of {total} experts; "
                          f"hit rate {100 * self.hit_rate:.1f}% ({self.hit_rate_source})")
             reuse = self.copy_ms / self.cpu_expert_ms if self.cpu_expert_ms else float("inf")
