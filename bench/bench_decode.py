@@ -5,7 +5,11 @@ Models:
              layers, fewer experts and heads and a small vocab so it fits this machine; written by this script
              (random weights, Q4_0 experts, Q8_0 elsewhere) through quant.convert.write_gguf.
   demo       the demo checkpoint converted to GGUF (also run through HF transformers from its HF dir).
-Prints prefill/decode tok/s for each engine and the ratios, plus the machine's read bandwidth.
+Prints prefill/decode tok/s for each engine and the ratios, plus the machine's read bandwidth. hybrid_k2 runs
+with dense_format="native" (attention, dense FFN, shared experts and lm_head from the GGUF's own Q8_0 blocks in
+the C kernels, as llama.cpp runs them; torch then gets 1 thread for what is left), and when llama-cpp-python is present the bench also prints how often our
+top-1 token on the prompt agrees with llama.cpp's (both engines quantize activations to 8 bits, in different
+places, so a flat random-weight model agrees less than a trained one would).
 
     pip install llama-cpp-python      # bench extra: builds llama.cpp from source (~8 min on 2 cores)
     python bench/bench_decode.py --threads 2
@@ -105,9 +109,14 @@ def prompt_ids(vocab_base: int, n: int) -> list[int]:
 
 
 # ---- engines -------------------------------------------------------------------------------------
-def run_hybrid(path: Path, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float]:
-    eng = hybrid_k2.load(path, device="cpu", experts="cpu", threads=threads, progress=False)
-    torch.set_num_threads(threads)
+def run_hybrid(path: Path, prompt: list[int], n_decode: int, threads: int,
+               dense_format: str | None = "native") -> tuple[float, float, torch.Tensor]:
+    """(prefill tok/s, decode tok/s, logits [len(prompt), vocab] of an untimed full-prompt pass)."""
+    eng = hybrid_k2.load(path, device="cpu", experts="cpu", threads=threads, progress=False, dense_format=dense_format)
+    # With the dense matrices in the kernels' pool, torch is left with small ops (norms, RoPE, attention over
+    # the cache); its own spinning OpenMP team would fight the pool for the same cores, so it gets one thread
+    # (the caller, which is also the pool's thread 0): `threads` threads in all, as llama.cpp gets.
+    torch.set_num_threads(threads if dense_format is None else 1)
     model = eng.model
     with torch.inference_mode():
         cache = model.new_cache(len(prompt) + n_decode + 1)
@@ -121,8 +130,25 @@ def run_hybrid(path: Path, prompt: list[int], n_decode: int, threads: int) -> tu
             logits = model(torch.tensor([tok]), pos, cache, last_only=True)[-1]
             tok, pos = int(logits.argmax()), pos + 1
         decode = n_decode / (time.perf_counter() - t0)
+        prompt_logits = model(torch.tensor(prompt), 0, model.new_cache(len(prompt))).float().clone()
     eng.close()
-    return prefill, decode
+    return prefill, decode, prompt_logits
+
+
+def llama_cpp_prompt_logits(path: Path, prompt: list[int], threads: int) -> torch.Tensor | None:
+    """llama.cpp's logits [len(prompt), vocab] for the prompt (a separate instance: logits_all slows the timed runs)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    import numpy as np
+    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + 16,
+                n_batch=len(prompt), n_gpu_layers=0, logits_all=True, verbose=False, seed=0)
+    llm.eval(prompt)
+    out = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
+    del llm
+    gc.collect()
+    return out
 
 
 def run_llama_cpp(path: Path, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float] | None:
@@ -130,18 +156,25 @@ def run_llama_cpp(path: Path, prompt: list[int], n_decode: int, threads: int) ->
         from llama_cpp import Llama
     except ImportError:
         return None
+    import llama_cpp
+    import numpy as np
     llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + n_decode + 16,
                 n_batch=max(len(prompt), 8), n_gpu_layers=0, verbose=False, seed=0)
+    n_vocab = llm.n_vocab()
+
+    def last_argmax() -> int:  # llama-cpp-python >= 0.3 keeps no scores without logits_all: read the context's
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax())
+
     llm.eval(prompt[:8])                                                   # warm-up
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
     prefill = len(prompt) / (time.perf_counter() - t0)
-    tok = int(llm.scores[llm.n_tokens - 1].argmax())
+    tok = last_argmax()
     t0 = time.perf_counter()
     for _ in range(n_decode):
         llm.eval([tok])
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        tok = last_argmax()
     decode = n_decode / (time.perf_counter() - t0)
     del llm
     gc.collect()
@@ -196,7 +229,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
     ap.add_argument("--decode", type=int, default=32, help="decoded tokens")
     ap.add_argument("--models", default="k2-shaped,demo")
+    ap.add_argument("--dense-format", default="native", choices=["native", "q8_0", "none"],
+                    help="hybrid_k2's non-expert matrices: native = the GGUF's blocks (default), none = float32 torch")
     args = ap.parse_args(argv)
+    dense = None if args.dense_format == "none" else args.dense_format
     kernels.set_threads(args.threads)
 
     import numpy as np
@@ -227,19 +263,27 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown model {name!r}")
         base = sum(1 for line in open(ensure_demo() / "tiktoken.model") if line.strip())
         prompt = prompt_ids(base, args.prompt)
-        ours = run_hybrid(path, prompt, args.decode, args.threads)
+        *ours, our_logits = run_hybrid(path, prompt, args.decode, args.threads, dense)
         ref = run_llama_cpp(path, prompt, args.decode, args.threads)
+        ref_logits = llama_cpp_prompt_logits(path, prompt, args.threads)
+        agree = None
+        if ref_logits is not None:
+            n_vocab = min(our_logits.shape[-1], ref_logits.shape[-1])
+            agree = float((our_logits[:, :n_vocab].argmax(-1) == ref_logits[:, :n_vocab].argmax(-1)).float().mean())
         hf = run_transformers(hf_dir, prompt, args.decode, args.threads) if hf_dir is not None else None
-        rows.append((label, ours, ref, hf))
+        rows.append((label, ours, ref, hf, agree))
 
-    print(f"\n{'model':<72} {'engine':<14} {'prefill tok/s':>13} {'decode tok/s':>12}")
-    for label, ours, ref, hf in rows:
+    print(f"\nhybrid_k2 dense matrices: {args.dense_format}")
+    print(f"{'model':<72} {'engine':<14} {'prefill tok/s':>13} {'decode tok/s':>12}")
+    for label, ours, ref, hf, agree in rows:
         print(f"{label:<72} {'hybrid_k2':<14} {fmt(ours[0]):>13} {fmt(ours[1]):>12}")
         print(f"{'':<72} {'llama.cpp':<14} {fmt(ref and ref[0]):>13} {fmt(ref and ref[1]):>12}")
         if hf is not None:
             print(f"{'':<72} {'transformers':<14} {fmt(hf[0]):>13} {fmt(hf[1]):>12}")
         if ref is not None:
             print(f"{'':<72} {'ratio ours/llama.cpp':<22} prefill {ours[0] / ref[0]:.2f}  decode {ours[1] / ref[1]:.2f}")
+        if agree is not None:
+            print(f"{'':<72} top-1 agreement with llama.cpp on the {args.prompt}-token prompt: {agree:.3f}")
     return 0
 
 

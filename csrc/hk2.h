@@ -61,6 +61,11 @@ typedef struct {
 int hk2_moe_forward(const hk2_moe_layer *layer, int64_t n_tokens, int64_t top_k,
                     const float *x, const int32_t *ids, const float *weights, float *y);
 
+/* Dense layer: y[t, n] = sum_k W[n, k] * x[t, k] for W [n_rows, row_bytes(qtype, n_cols)] blocks (Q4_0, Q8_0,
+ * Q4_K, Q6_K), x [n_tokens, n_cols] and y [n_tokens, n_rows] float32 (not overlapping). x is quantized
+ * on the fly as for the MoE (Q8_0 or Q8_K blocks); the output rows are split across the pool. */
+int hk2_linear(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, float *y);
+
 int hk2_set_threads(int n);        /* persistent pool of n threads (caller included) */
 int hk2_get_threads(void);
 int hk2_set_isa(const char *name); /* "scalar" | "avx2" | "avx512"; HK2_EISA if unknown/unsupported */

@@ -149,9 +149,19 @@ static inline int hk2_roundf_int(float v) {
 }
 
 /* ---- thread pool (threadpool.c) ---- */
+static inline void hk2_cpu_relax(void) {  /* one step of a spin-wait */
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 typedef void (*hk2_task_fn)(void *ctx, int ith, int nth);
 int hk2_pool_run(hk2_task_fn fn, void *ctx);  /* runs fn on every pool thread, caller is ith 0 */
-void hk2_pool_barrier(void);                   /* only inside a task */
+/* runs fn on the caller (ith 0) and on the workers that start before the caller's fn returns; for
+ * tasks that share out work through atomic counters and never wait for a thread (no barrier) */
+int hk2_pool_run_dynamic(hk2_task_fn fn, void *ctx);
+void hk2_pool_barrier(void);                   /* only inside a task run by hk2_pool_run */
 int hk2_pool_threads(void);
 int hk2_pool_resize(int n);
 void hk2_pool_shutdown(void);

@@ -1,6 +1,14 @@
 /* Persistent thread pool: n-1 workers plus the calling thread, created once (hk2_pool_resize)
- * and reused by every call. Workers spin briefly for the next job, then sleep on a condvar;
- * waits spin, then yield, so an oversubscribed machine still makes progress.
+ * and reused by every call. Idle workers spin briefly, then yield the core (torch's own threads
+ * share these cores between our calls), then sleep on a condvar; waits spin, then yield, so an
+ * oversubscribed machine still makes progress.
+ *
+ * A worker takes part in a job by joining it: one atomic word holds the job's generation, a
+ * closed bit and the number of workers that joined. hk2_pool_run waits until every worker has
+ * joined (tasks may use hk2_pool_barrier). hk2_pool_run_dynamic is for tasks that hand out their
+ * work through atomic counters and never wait on a thread that has not started: once the caller
+ * has finished, it closes the job and waits only for the workers that joined, so a worker the OS
+ * has not scheduled yet costs nothing (the caller did its share of the work instead).
  * Joined at exit; after fork() the child starts with no pool and builds one on first use. */
 #include <pthread.h>
 #include <sched.h>
@@ -9,17 +17,12 @@
 #include <unistd.h>
 #include "hk2_internal.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define CPU_RELAX() _mm_pause()
-#elif defined(__aarch64__)
-#define CPU_RELAX() __asm__ __volatile__("yield")
-#else
-#define CPU_RELAX() ((void)0)
-#endif
+#define CPU_RELAX() hk2_cpu_relax()
 
-#define SPIN_BEFORE_SLEEP 20000  /* pauses a worker spends looking for the next job */
+#define IDLE_PAUSES 2000         /* an idle worker first polls for the next job with pauses, */
+#define IDLE_YIELDS 400          /* then yields the core between polls, then sleeps */
 #define SPIN_BEFORE_YIELD 2000   /* pauses in a wait before yielding the core */
+#define JOIN_CLOSED (1ull << 31) /* join word: generation << 32 | closed | workers joined */
 
 typedef struct {
     int n;  /* threads including the caller */
@@ -29,6 +32,7 @@ typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     _Alignas(HK2_CACHE_LINE) atomic_uint gen;       /* bumped once per job */
+    _Alignas(HK2_CACHE_LINE) atomic_ullong join;    /* this job's generation << 32 | closed | joined */
     _Alignas(HK2_CACHE_LINE) atomic_int done;       /* workers finished with the job */
     _Alignas(HK2_CACHE_LINE) atomic_int bar_count;
     _Alignas(HK2_CACHE_LINE) atomic_uint bar_gen;
@@ -46,6 +50,15 @@ static void wait_relax(unsigned *spins) {
     else sched_yield();
 }
 
+/* join the job of generation g if it is still open; false when it closed or a newer one started */
+static int try_join(pool_t *pool, unsigned g) {
+    unsigned long long v = atomic_load_explicit(&pool->join, memory_order_acquire);
+    while ((unsigned)(v >> 32) == g && !(v & JOIN_CLOSED))
+        if (atomic_compare_exchange_weak_explicit(&pool->join, &v, v + 1, memory_order_acq_rel, memory_order_acquire))
+            return 1;
+    return 0;
+}
+
 static void *worker_main(void *p) {
     worker_arg *arg = p;
     pool_t *pool = arg->pool;
@@ -54,18 +67,22 @@ static void *worker_main(void *p) {
     unsigned seen = 0;
     for (;;) {
         unsigned g = atomic_load_explicit(&pool->gen, memory_order_acquire);
-        for (int i = 0; g == seen && i < SPIN_BEFORE_SLEEP && !atomic_load_explicit(&pool->stop, memory_order_relaxed); i++) {
-            CPU_RELAX();
+        for (int i = 0; g == seen && !atomic_load_explicit(&pool->stop, memory_order_relaxed); i++) {
+            if (i < IDLE_PAUSES) {
+                CPU_RELAX();
+            } else if (i < IDLE_PAUSES + IDLE_YIELDS) {
+                sched_yield();
+            } else {
+                pthread_mutex_lock(&pool->mu);
+                while ((g = atomic_load_explicit(&pool->gen, memory_order_acquire)) == seen && !atomic_load(&pool->stop))
+                    pthread_cond_wait(&pool->cv, &pool->mu);
+                pthread_mutex_unlock(&pool->mu);
+            }
             g = atomic_load_explicit(&pool->gen, memory_order_acquire);
-        }
-        if (g == seen) {
-            pthread_mutex_lock(&pool->mu);
-            while ((g = atomic_load_explicit(&pool->gen, memory_order_acquire)) == seen && !atomic_load(&pool->stop))
-                pthread_cond_wait(&pool->cv, &pool->mu);
-            pthread_mutex_unlock(&pool->mu);
         }
         if (atomic_load(&pool->stop)) break;
         seen = g;
+        if (!try_join(pool, g)) continue;  /* a dynamic job that finished without us */
         pool->fn(pool->ctx, ith, pool->n);
         atomic_fetch_add_explicit(&pool->done, 1, memory_order_acq_rel);
     }
@@ -95,6 +112,7 @@ static int pool_create(int n, pool_t **out) {
     pthread_mutex_init(&pool->mu, NULL);
     pthread_cond_init(&pool->cv, NULL);
     atomic_init(&pool->gen, 0);
+    atomic_init(&pool->join, JOIN_CLOSED);
     atomic_init(&pool->done, 0);
     atomic_init(&pool->bar_count, 0);
     atomic_init(&pool->bar_gen, 0);
@@ -149,23 +167,32 @@ void hk2_pool_shutdown(void) {
     g_pool = NULL;
 }
 
-int hk2_pool_run(hk2_task_fn fn, void *ctx) {
+static int pool_run(hk2_task_fn fn, void *ctx, int dynamic) {
     int err = ensure_pool();
     if (err) return err;
     pool_t *pool = g_pool;
     if (pool->n == 1) { fn(ctx, 0, 1); return HK2_OK; }
     pool->fn = fn;
     pool->ctx = ctx;
+    const unsigned g = atomic_load_explicit(&pool->gen, memory_order_relaxed) + 1;
     atomic_store_explicit(&pool->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool->join, (unsigned long long)g << 32, memory_order_release);  /* open */
     pthread_mutex_lock(&pool->mu);  /* under the lock: a worker about to sleep sees the new gen */
-    atomic_fetch_add_explicit(&pool->gen, 1, memory_order_release);
+    atomic_store_explicit(&pool->gen, g, memory_order_release);
     pthread_cond_broadcast(&pool->cv);
     pthread_mutex_unlock(&pool->mu);
     fn(ctx, 0, pool->n);
     unsigned spins = 0;
-    while (atomic_load_explicit(&pool->done, memory_order_acquire) != pool->n - 1) wait_relax(&spins);
+    if (!dynamic)  /* every worker takes part (the task may hold barriers) */
+        while ((atomic_load_explicit(&pool->join, memory_order_acquire) & (JOIN_CLOSED - 1)) != (unsigned)(pool->n - 1))
+            wait_relax(&spins);
+    const int joined = (int)(atomic_fetch_or_explicit(&pool->join, JOIN_CLOSED, memory_order_acq_rel) & (JOIN_CLOSED - 1));
+    while (atomic_load_explicit(&pool->done, memory_order_acquire) != joined) wait_relax(&spins);
     return HK2_OK;
 }
+
+int hk2_pool_run(hk2_task_fn fn, void *ctx) { return pool_run(fn, ctx, 0); }
+int hk2_pool_run_dynamic(hk2_task_fn fn, void *ctx) { return pool_run(fn, ctx, 1); }
 
 void hk2_pool_barrier(void) {
     pool_t *pool = g_pool;

@@ -17,6 +17,9 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
                         "torch (reference, dequantized on the device), auto (= cpu)")
     p.add_argument("--expert-format", default=None,
                    help="quantisation of routed experts at load: q4_0, q8_0, q4_k, q6_k, or native")
+    p.add_argument("--dense-format", default=None, choices=["native", "q8_0", "q4_0"],
+                   help="device cpu only: keep attention / dense FFN / shared-expert / lm_head matrices quantized "
+                        "and run them in the CPU kernels (native = a GGUF's stored blocks in place; default: float)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the expert kernels")
     p.add_argument("--ctx", type=int, default=None, help="context window in tokens (default: the model's)")
     p.add_argument("--vram", default=None, help="VRAM budget for the hybrid expert cache, e.g. 24GiB")
@@ -33,10 +36,15 @@ def _load(args):
     if args.vram is not None:
         from .placement import parse_size
         vram = parse_size(args.vram, "--vram")
-    return hybrid_k2.load(args.model, device=args.device, dtype=args.dtype, experts=args.experts,
-                          expert_format=args.expert_format, threads=args.threads, ctx=args.ctx, progress=True,
-                          vram_budget=vram, cache_slots=args.cache_slots, cache_policy=args.cache_policy,
-                          prefetch=not args.no_prefetch, lookahead=args.lookahead)
+    engine = hybrid_k2.load(args.model, device=args.device, dtype=args.dtype, experts=args.experts,
+                            expert_format=args.expert_format, dense_format=args.dense_format, threads=args.threads,
+                            ctx=args.ctx, progress=True,
+                            vram_budget=vram, cache_slots=args.cache_slots, cache_policy=args.cache_policy,
+                            prefetch=not args.no_prefetch, lookahead=args.lookahead)
+    if args.dense_format is not None and engine.device.type == "cpu":
+        import torch
+        torch.set_num_threads(1)   # the C kernels own the cores; torch's own pool would fight them for them
+    return engine
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new: int) -> None:

@@ -131,7 +131,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.model.embed_tokens.weight.device
 
     def close(self) -> None:
         if self.recorder is not None and self.recorder.tokens:

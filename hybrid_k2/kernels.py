@@ -6,6 +6,7 @@ runs; the C side checks again and returns an error code instead of crashing.
 
     layer = ExpertWeights(gate, up, down, "Q4_K", down_type="Q6_K")
     y = moe_forward(layer, x, ids, weights)          # x [T,H] f32, ids [T,K], weights [T,K] f32
+    y = linear(blocks, "Q8_0", x)                    # dense: blocks [N, row_bytes], x [T,K] -> [T,N]
 
 The C calls release the GIL (cffi API mode does so for every out-of-line call), so the
 experts can run on the CPU while Python keeps feeding the accelerator.
@@ -26,7 +27,7 @@ except ImportError:  # torch is a dependency of the engine, not of the kernels
 
 __all__ = [
     "QType", "QTYPES", "WEIGHT_QTYPES", "qtype", "ExpertWeights", "KernelLib", "KernelError",
-    "quantize", "quantize_activations", "dequantize", "moe_forward", "set_threads", "get_threads", "isa", "set_isa",
+    "quantize", "quantize_activations", "dequantize", "moe_forward", "linear", "set_threads", "get_threads", "isa", "set_isa",
     "isa_supported", "read_probe",
 ]
 
@@ -190,6 +191,13 @@ class ExpertWeights:
         self._ptrs = (g_ptrs, u_ptrs, d_ptrs)
         self._c = {}  # cdata per KernelLib (the struct and the pointer arrays it points to)
 
+    def blocks(self, kind: str):
+        """The block arrays of one matrix kind ('gate', 'up' or 'down'), as given: a [E, rows, row_bytes]
+        uint8 array (numpy view or CPU tensor) or a list of E [rows, row_bytes] arrays. Index [e] for expert e."""
+        if kind not in ("gate", "up", "down"):
+            raise ValueError(f"kind: expected 'gate', 'up' or 'down', got {kind!r}")
+        return getattr(self, "_" + kind)
+
     @property
     def nbytes(self) -> int:
         """Weight bytes of all experts."""
@@ -339,6 +347,44 @@ class KernelLib:
         self._check(rc, "moe_forward")
         return result
 
+    # ---- dense
+    def linear(self, weight_blocks: Any, qtype_: Any, x: Any, out: Any = None):
+        """y[t, n] = sum_k W[n, k] * x[t, k], W given as GGML blocks.
+
+        weight_blocks uint8 [N, row_bytes(qtype, K)] (numpy, memmap or CPU tensor, read in place);
+        x float32 [T, K]; returns float32 [T, N] (a torch tensor when x is one). x is quantized to
+        8 bits on the fly, as for the experts. `out` (float32 [T, N]) is written in place if given."""
+        t = qtype(qtype_)
+        if t.name not in WEIGHT_QTYPES:
+            raise ValueError(f"qtype: {t.name} is not a weight type ({', '.join(WEIGHT_QTYPES)})")
+        wa = _as_numpy(weight_blocks, "weight_blocks")
+        _check_array(wa, "weight_blocks", np.uint8, ndim=2)
+        N, rb = wa.shape
+        if N == 0:
+            raise ValueError("weight_blocks: no rows")
+        K = _cols_from_row_bytes(t, rb, "weight_blocks")
+        if wa.ctypes.data % 2:
+            raise ValueError("weight_blocks: data is not 2-byte aligned (blocks hold fp16 scales)")
+        x_is_torch = torch is not None and isinstance(x, torch.Tensor)
+        xa = _as_numpy(x, "x")
+        if xa.ndim == 2 and xa.shape[1] != K:
+            raise ValueError(f"x: shape {xa.shape}, but the {t.name} weight rows hold {K} values")
+        _check_array(xa, "x", np.float32, ndim=2, shape=(None, K))
+        T = xa.shape[0]
+        if out is None:
+            oa = np.empty((T, N), dtype=np.float32)
+            result = torch.from_numpy(oa) if x_is_torch else oa
+        else:
+            oa = _as_numpy(out, "out")
+            _check_array(oa, "out", np.float32, ndim=2, shape=(T, N), writable=True)
+            if np.may_share_memory(oa, xa):
+                raise ValueError("out: overlaps x")
+            result = out
+        rc = self.lib.hk2_linear(t.id, self._ptr(wa, "const void *"), N, K, T, self._ptr(xa, "const float *"),
+                                 self._ptr(oa, "float *"))
+        self._check(rc, "linear")
+        return result
+
     # ---- threads, ISA, probe
     def set_threads(self, n: int) -> None:
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
@@ -384,6 +430,7 @@ quantize = _default.quantize
 quantize_activations = _default.quantize_activations
 dequantize = _default.dequantize
 moe_forward = _default.moe_forward
+linear = _default.linear
 set_threads = _default.set_threads
 get_threads = _default.get_threads
 isa = _default.isa

@@ -1,18 +1,31 @@
 """`hybrid_k2.load`: checkpoint (HF dir, .gguf, or preset) -> Engine, one tensor at a time."""
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import fetch, open_checkpoint
+from .checkpoint import CheckpointError, fetch, open_checkpoint
 from .config import PRESETS, ModelConfig
 from .generate import Engine
 from .model import Transformer
 
+log = logging.getLogger(__name__)
+
 EXPERT_BACKENDS = ("auto", "torch", "cpu", "hybrid")
+# dense_format: how the non-expert matrices are held. None: float tensors in `dtype` (torch matmuls);
+# 'q8_0' / 'q4_0': quantized at load; 'native': a GGUF's stored blocks in place (others as q8_0).
+# The quantized forms run in the CPU kernels (hybrid_k2.qlinear), so they need device='cpu'.
+DENSE_FORMATS = (None, "native", "q8_0", "q4_0")
+# The matrices dense_format covers. Not kv_b_proj (the absorbed attention reads its weight as a tensor),
+# not the routers, norms or embeddings.
+DENSE_MATRICES = re.compile(r"lm_head|model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|o_proj)"
+                            r"|mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj))")
 
 
 def default_device() -> torch.device:
@@ -37,11 +50,14 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "auto", expert_format: str | None = None,
          vram_budget=None, ram_budget=None, threads: int | None = None, mode: str = "auto",
          record_routing=None, ctx: int | None = None, progress: bool | None = None, cache_slots: int | None = None,
-         cache_policy: str = "score", prefetch: bool = True, lookahead: int = 1, record_hidden: bool = False) -> Engine:
-    """Load a model and return an `Engine`. See DESIGN.md for the meaning of each argument."""
+         cache_policy: str = "score", prefetch: bool = True, lookahead: int = 1, record_hidden: bool = False,
+         dense_format: str | None = None) -> Engine:
+    """Load a model and return an `Engine`. See DESIGN.md for the meaning of each argument; `dense_format`
+    (None, 'native', 'q8_0', 'q4_0', device='cpu' only) keeps the non-expert matrices quantized (DENSE_FORMATS)."""
     if experts not in EXPERT_BACKENDS:
         raise ValueError(f"experts={experts!r}: expected one of {', '.join(EXPERT_BACKENDS)}")
     device = torch.device(device) if device is not None else default_device()
+    check_dense_format(dense_format, device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
@@ -57,7 +73,7 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
         if ctx is not None and not 0 < ctx:
             raise ValueError(f"ctx must be positive, got {ctx}")
         tokenizer = _load_tokenizer(ckpt, path)
-        net = build_model(cfg, ckpt, device, dtype, progress)
+        net = build_model(cfg, ckpt, device, dtype, progress, dense_format=dense_format)
         backend = _load_experts(experts, ckpt, cfg, device, dtype, progress, expert_format, threads,
                                 vram_budget=vram_budget, ctx=ctx, cache_slots=cache_slots,
                                 cache_policy=cache_policy, prefetch=prefetch, lookahead=lookahead)
@@ -75,19 +91,85 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
     return Engine(net, tokenizer, ctx=ctx, experts=backend, checkpoint=ckpt, recorder=recorder)
 
 
-def build_model(cfg: ModelConfig, ckpt, device, dtype, progress: bool = False) -> Transformer:
-    """Instantiate on the meta device, then fill each parameter straight from the checkpoint."""
+def check_dense_format(dense_format, device) -> None:
+    if dense_format not in DENSE_FORMATS:
+        raise ValueError(f"dense_format={dense_format!r}: expected None, 'native', 'q8_0' or 'q4_0'")
+    if dense_format is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"dense_format={dense_format!r} runs the attention, dense FFN, shared-expert and lm_head "
+                         f"matrices in the CPU kernels, so it needs device='cpu' (got device={str(device)!r}); "
+                         f"leave dense_format=None on an accelerator")
+
+
+def build_model(cfg: ModelConfig, ckpt, device, dtype, progress: bool = False, *,
+                dense_format: str | None = None) -> Transformer:
+    """Instantiate on the meta device, then fill each parameter straight from the checkpoint.
+
+    With a dense_format, the covered nn.Linear modules (DENSE_MATRICES) are swapped for QuantLinear while
+    still on meta, so no float copy of those matrices is ever allocated; their blocks come from the GGUF in
+    place ('native') or are quantized one tensor at a time."""
+    device = torch.device(device)
+    check_dense_format(dense_format, device)
     with torch.device("meta"):
         net = Transformer(cfg)
+    quant = _swap_dense(net, cfg, ckpt, dense_format, dtype) if dense_format is not None else {}
     net = net.to(dtype).to_empty(device=device)   # cast on meta: no fp32 copy is ever allocated
     params = list(net.named_parameters())
-    for name, p in tqdm(params, desc="weights", unit="tensor", disable=not progress):
-        src = name
-        if name == "lm_head.weight" and name not in ckpt and cfg.tie_word_embeddings:
-            src = "model.embed_tokens.weight"
-        p.data.copy_(fetch(ckpt, src, tuple(p.shape)))
+    bar = tqdm(total=len(params) + len(quant), desc="weights", unit="tensor", disable=not progress)
+    with bar:
+        for name, p in params:
+            p.data.copy_(fetch(ckpt, _source(cfg, ckpt, name), tuple(p.shape)))
+            bar.update(1)
+        for name, (module, native) in quant.items():
+            src = _source(cfg, ckpt, name + ".weight")
+            try:
+                if native:
+                    module.set_blocks(ckpt.raw_blocks(src)[0])    # a view of the file mapping
+                else:
+                    from . import kernels
+                    w = fetch(ckpt, src, (module.out_features, module.in_features))
+                    module.set_blocks(kernels.quantize(w.numpy(), module.qtype))
+                    del w
+            except ValueError as e:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"{ckpt.path}: tensor {src!r}: {e}") from None
+            bar.update(1)
     net.eval().requires_grad_(False)   # inference; a training script turns grads back on
     return net
+
+
+def _source(cfg: ModelConfig, ckpt, name: str) -> str:
+    if name == "lm_head.weight" and name not in ckpt and cfg.tie_word_embeddings:
+        return "model.embed_tokens.weight"
+    return name
+
+
+def _swap_dense(net: Transformer, cfg: ModelConfig, ckpt, dense_format: str, dtype) -> dict:
+    """Replace the covered nn.Linear modules of a meta-device model by empty QuantLinear modules; returns
+    {module name: (QuantLinear, read the checkpoint's blocks in place)}."""
+    from . import kernels
+    from .qlinear import QuantLinear
+    out = {}
+    for name, m in list(net.named_modules()):
+        if not (isinstance(m, nn.Linear) and DENSE_MATRICES.fullmatch(name)):
+            continue
+        src = _source(cfg, ckpt, name + ".weight")
+        qt, native = None, False
+        if dense_format == "native" and hasattr(ckpt, "raw_blocks"):
+            stored = kernels.QTYPES.get(ckpt.format(src).upper()) if src in ckpt else None
+            if stored is not None and stored.name in kernels.WEIGHT_QTYPES and m.in_features % stored.block_size == 0:
+                qt, native = stored, True
+        if qt is None:
+            qt = kernels.qtype("Q4_0" if dense_format == "q4_0" else "Q8_0")
+            if m.in_features % qt.block_size:
+                log.warning("%s: %d columns do not fill %s blocks; kept as a %s tensor", name, m.in_features,
+                            qt.name, dtype)
+                continue
+        q = QuantLinear(m.in_features, m.out_features, qt, dtype=dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, child, q)
+        out[name] = (q, native)
+    return out
 
 
 def _load_tokenizer(ckpt, path: Path):

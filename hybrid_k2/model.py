@@ -239,7 +239,7 @@ class Transformer(nn.Module):
                 layer.mlp.recorder = recorder
 
     def new_cache(self, max_len: int) -> KVCache:
-        p = self.lm_head.weight
+        p = self.model.embed_tokens.weight   # lm_head may be a QuantLinear; the embeddings stay float
         if self._rope is None or self._rope[0].shape[0] < max_len or self._rope[0].device != p.device:
             self._rope = rope_tables(self.cfg, max_len, p.device)
         return KVCache(self.cfg, max_len, p.device, p.dtype)

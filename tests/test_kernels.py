@@ -469,3 +469,190 @@ def test_read_probe_reads_every_byte():
     K.set_threads(3)
     want = int(buf[: buf.size // 8 * 8].view(np.uint64).sum(dtype=np.uint64))
     assert K.read_probe(buf) == want
+
+
+# ---------------------------------------------------------------- dense linear
+
+def linear_reference(blocks: np.ndarray, qt: str, x: np.ndarray) -> np.ndarray:
+    """float64: activations as the kernels quantize them, times the gguf-dequantized weight."""
+    w = gguf.quants.dequantize(blocks, GQT[qt]).astype(np.float64)
+    return act_roundtrip(x, ACT_QB[qt]) @ w.T
+
+
+def assert_linear_close(y: np.ndarray, ref: np.ndarray, label: str) -> None:
+    """Same quantized inputs on both sides: only float summation order differs (~1e-7 of the scale)."""
+    err = np.abs(np.asarray(y, dtype=np.float64) - ref).max() / np.abs(ref).max()
+    assert err <= 1e-5, f"{label}: max error {err:.2e} of scale"
+
+
+LINEAR_CASES = [  # type, K (row length), N (output rows, odd)
+    ("Q8_0", 96, 67),     # three blocks: a pair and a lone trailing block
+    ("Q4_0", 160, 67),    # five blocks: Q4_0's pair loop and its odd tail
+    ("Q8_0", 512, 33),
+    ("Q4_0", 512, 33),
+    ("Q4_K", 512, 45),
+    ("Q6_K", 256, 45),
+]
+
+
+@pytest.mark.parametrize("qt,Kd,N", LINEAR_CASES)
+def test_linear_matches_reference(variants, qt, Kd, N):
+    rng = np.random.default_rng(zlib.crc32(f"linear{qt}{Kd}".encode()))
+    blocks = K.quantize((rng.standard_normal((N, Kd)) * 0.05).astype(np.float32), qt)
+    x = rng.standard_normal((64, Kd)).astype(np.float32)
+    for T in (1, 2, 3, 4, 5, 7, 31, 33, 64):
+        ref = linear_reference(blocks, qt, x[:T])
+        for label, lib, isa in variants:
+            if label.startswith("simde") and T not in (1, 5, 64):
+                continue  # the emulated AVX-512 is slow: one decode, one odd tile, one multi-tile case
+            lib.set_isa(isa)
+            y = lib.linear(blocks, qt, x[:T])
+            assert y.shape == (T, N) and y.dtype == np.float32
+            assert_linear_close(y, ref, f"{label} {qt} T={T}")
+
+
+def test_linear_float_error_bound():
+    """Against the float product itself: the only error left is the 8-bit activations' (~0.5% for Q8_0)."""
+    rng = np.random.default_rng(20)
+    w = rng.standard_normal((200, 1024)).astype(np.float32)
+    x = rng.standard_normal((9, 1024)).astype(np.float32)
+    blocks = K.quantize(w, "Q8_0")
+    exact = x.astype(np.float64) @ gguf.quants.dequantize(blocks, GQT.Q8_0).astype(np.float64).T
+    rel = np.linalg.norm(K.linear(blocks, "Q8_0", x) - exact) / np.linalg.norm(exact)
+    assert 1e-4 < rel < 1e-2, rel   # quantized (not a float path), and no worse than 8-bit rounding
+
+
+def test_linear_is_independent_of_threads_and_batch():
+    rng = np.random.default_rng(21)
+    for qt in ("Q4_0", "Q6_K"):
+        blocks = K.quantize(rng.standard_normal((1001, 256)).astype(np.float32), qt)
+        x = rng.standard_normal((70, 256)).astype(np.float32)
+        outs = []
+        for n in (1, 2, 3, 4):
+            K.set_threads(n)
+            outs.append(K.linear(blocks, qt, x))
+        for o in outs[1:]:
+            np.testing.assert_array_equal(o, outs[0])
+        for t in (0, 33, 69):  # a token alone gives the same bits as inside a batch
+            np.testing.assert_array_equal(K.linear(blocks, qt, x[t:t + 1]), outs[0][t:t + 1])
+
+
+def test_linear_torch_inputs_memmap_weights_and_out(tmp_path):
+    rng = np.random.default_rng(22)
+    blocks = K.quantize(rng.standard_normal((40, 128)).astype(np.float32), "Q8_0")
+    path = tmp_path / "w.bin"
+    blocks.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r", shape=blocks.shape)
+    x = torch.randn(3, 128)
+    y = K.linear(mm, "Q8_0", x)
+    assert isinstance(y, torch.Tensor) and y.shape == (3, 40)
+    assert_linear_close(y.numpy(), linear_reference(blocks, "Q8_0", x.numpy()), "memmap")
+    np.testing.assert_array_equal(K.linear(torch.from_numpy(blocks), GQT.Q8_0, x).numpy(), y.numpy())
+    out = np.empty((3, 40), np.float32)
+    assert K.linear(blocks, "q8_0", x.numpy(), out=out) is out
+    np.testing.assert_array_equal(out, y.numpy())
+    assert K.linear(blocks, "Q8_0", np.empty((0, 128), np.float32)).shape == (0, 40)
+
+
+def test_linear_bad_arguments():
+    rng = np.random.default_rng(23)
+    blocks = K.quantize(rng.standard_normal((8, 64)).astype(np.float32), "Q8_0")
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    f = K.linear
+    with pytest.raises(ValueError, match="Q8_K is not a weight type"):
+        f(blocks, "Q8_K", x)
+    with pytest.raises(ValueError, match="unsupported block type"):
+        f(blocks, "Q5_K", x)
+    with pytest.raises(TypeError, match="weight_blocks: dtype float32"):
+        f(blocks.astype(np.float32), "Q8_0", x)
+    with pytest.raises(ValueError, match="weight_blocks: expected 2 dimensions"):
+        f(blocks[None], "Q8_0", x)
+    with pytest.raises(ValueError, match="weight_blocks: 67 bytes per row is not a multiple of the Q8_0 block"):
+        f(np.zeros((8, 67), np.uint8), "Q8_0", x)
+    with pytest.raises(ValueError, match="weight_blocks: array is not C-contiguous"):
+        f(np.zeros((8, 136), np.uint8)[:, :68], "Q8_0", x)
+    odd = np.zeros(blocks.nbytes + 1, np.uint8)[1:].reshape(blocks.shape)
+    with pytest.raises(ValueError, match="weight_blocks: data is not 2-byte aligned"):
+        f(odd, "Q8_0", x)
+    with pytest.raises(ValueError, match="weight_blocks: no rows"):
+        f(blocks[:0], "Q8_0", x)
+    with pytest.raises(ValueError, match=r"x: shape \(2, 96\), but the Q8_0 weight rows hold 64 values"):
+        f(blocks, "Q8_0", np.zeros((2, 96), np.float32))
+    with pytest.raises(ValueError, match="68 bytes per row is not a multiple of the Q4_0 block of 18 bytes"):
+        f(blocks, "Q4_0", x)   # Q8_0 rows passed as Q4_0
+    with pytest.raises(TypeError, match="x: dtype float64"):
+        f(blocks, "Q8_0", x.astype(np.float64))
+    with pytest.raises(ValueError, match="x: expected 2 dimensions"):
+        f(blocks, "Q8_0", x[0])
+    with pytest.raises(ValueError, match="x: array is not C-contiguous"):
+        f(blocks, "Q8_0", np.zeros((64, 2), np.float32).T)
+    with pytest.raises(TypeError, match="x: dtype torch.bfloat16"):
+        f(blocks, "Q8_0", torch.from_numpy(x).bfloat16())
+    with pytest.raises(ValueError, match=r"out: shape \(2, 7\)"):
+        f(blocks, "Q8_0", x, out=np.empty((2, 7), np.float32))
+    ro = np.empty((2, 8), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out: array is read-only"):
+        f(blocks, "Q8_0", x, out=ro)
+    square = K.quantize(np.ones((64, 64), np.float32), "Q8_0")
+    buf = np.zeros((2, 64), np.float32)
+    with pytest.raises(ValueError, match="out: overlaps x"):
+        f(square, "Q8_0", buf, out=buf)
+
+
+def test_linear_c_side_rejects_bad_arguments():
+    ffi, lib = K._default.ffi, K._default.lib
+    blocks = K.quantize(np.ones((8, 64), np.float32), "Q8_0")
+    x = np.ones((2, 64), np.float32)
+    y = np.empty((2, 8), np.float32)
+    wp, xp, yp = (ffi.cast("void *", a.ctypes.data) for a in (blocks, x, y))
+    assert lib.hk2_linear(lib.HK2_Q8_0, wp, 8, 64, 2, xp, yp) == lib.HK2_OK
+    d = np.float64(np.float16(np.float32(1) / np.float32(127)))   # both scales as stored: fp16
+    np.testing.assert_allclose(y, 64 * (127 * d) ** 2, rtol=1e-6)
+    assert lib.hk2_linear(lib.HK2_Q8_K, wp, 8, 64, 2, xp, yp) == lib.HK2_ETYPE
+    assert lib.hk2_linear(lib.HK2_Q8_0, wp, 8, 48, 2, xp, yp) == lib.HK2_ESHAPE
+    assert b"n_cols=48" in ffi.string(lib.hk2_last_error())
+    assert lib.hk2_linear(lib.HK2_Q4_K, wp, 8, 64, 2, xp, yp) == lib.HK2_ESHAPE
+    assert lib.hk2_linear(lib.HK2_Q8_0, wp, 0, 64, 2, xp, yp) == lib.HK2_ESHAPE
+    assert lib.hk2_linear(lib.HK2_Q8_0, wp, 8, 64, -1, xp, yp) == lib.HK2_ESHAPE
+    assert lib.hk2_linear(lib.HK2_Q8_0, ffi.NULL, 8, 64, 2, xp, yp) == lib.HK2_EINVAL
+    assert lib.hk2_linear(lib.HK2_Q8_0, wp, 8, 64, 2, xp, ffi.NULL) == lib.HK2_EINVAL
+    assert lib.hk2_linear(lib.HK2_Q8_0, ffi.cast("char *", wp) + 1, 8, 64, 2, xp, yp) == lib.HK2_EINVAL
+    assert b"2-byte aligned" in ffi.string(lib.hk2_last_error())
+    assert lib.hk2_linear(lib.HK2_Q8_0, wp, 8, 64, 0, ffi.NULL, ffi.NULL) == lib.HK2_OK   # no tokens, nothing read
+
+
+def test_expert_weights_blocks_accessor():
+    rng = np.random.default_rng(24)
+    w = make_experts(rng, "Q4_0", "Q8_0", 3, 96, 64)
+    layer, (qg, qu, qd) = w["layer"], w["raw"]
+    for kind, raw in (("gate", qg), ("up", qu), ("down", qd)):
+        assert layer.blocks(kind) is raw and layer.blocks(kind) is getattr(layer, "_" + kind)
+    assert np.shares_memory(layer.blocks("down")[2], qd)
+    with pytest.raises(ValueError, match="kind: expected 'gate', 'up' or 'down'"):
+        layer.blocks("shared")
+
+
+def test_linear_and_moe_from_two_python_threads():
+    """The shared expert (linear) runs while the routed experts (moe_forward) run on another Python thread:
+    calls serialize on the C side and each gives the same bits as alone."""
+    rng = np.random.default_rng(25)
+    w = make_experts(rng, "Q4_0", "Q4_0", 8, 256, 128)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    ids, weights = routing(rng, 3, 8, 4, repeats=False)
+    blocks = K.quantize(rng.standard_normal((300, 256)).astype(np.float32), "Q8_0")
+    K.set_threads(2)
+    want_moe, want_lin = K.moe_forward(w["layer"], x, ids, weights), K.linear(blocks, "Q8_0", x)
+    bad = []
+
+    def loop(f, want):
+        for _ in range(200):
+            if not np.array_equal(f(), want):
+                bad.append(f)
+    threads = [threading.Thread(target=loop, args=(lambda: K.moe_forward(w["layer"], x, ids, weights), want_moe)),
+               threading.Thread(target=loop, args=(lambda: K.linear(blocks, "Q8_0", x), want_lin))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad

@@ -457,7 +457,25 @@ class GGUFCheckpoint(Checkpoint):
                                   f"dequantized here") from None
         return np.asarray(out, dtype=np.float32)
 
-    # ---- raw expert access for the CPU kernels ---------------------------------------------------
+    # ---- raw block access for the CPU kernels ----------------------------------------------------
+    def raw_blocks(self, name: str) -> tuple[np.ndarray, int]:
+        """(blocks, qtype) of a matrix as stored: a read-only uint8 view [rows, row_bytes] straight into the
+        file mapping (no copy) and its GGML type id. For 2-D tensors stored as one GGUF tensor (not experts,
+        not a recombined kv_b_proj); F32/F16 matrices come back as their raw bytes too."""
+        ent = self._entry(name)
+        if ent[0] != "plain":
+            raise CheckpointError(f"{self.path}: tensor {name!r} ({self.gguf_name(name)}) is not stored as one "
+                                  f"GGUF tensor, so it has no raw blocks")
+        t = ent[1]
+        shape = _np_shape(t)
+        if len(shape) != 2:
+            raise CheckpointError(f"{self.path}: tensor {t.name!r} ({name}) has shape {list(shape)}; raw blocks "
+                                  f"are for 2-D matrices")
+        data = t.data
+        if data.dtype != np.uint8:   # F32/F16/BF16: same bytes, viewed as bytes
+            data = data.view(np.uint8)
+        return data.reshape(shape[0], -1), int(t.tensor_type)
+
     def moe_layers(self) -> list[int]:
         return sorted(self._stacks)
 
