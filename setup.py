@@ -19,6 +19,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "transformers>=4.57", "safetensors>=0.4", "pexpect>=4.9", "jinja2>=3.1"],
+        "bench": ["llama-cpp-python>=0.3.10", "transformers>=4.57"],   # llama.cpp built from source
     },
     entry_points={"console_scripts": ["hybrid-k2=hybrid_k2.cli:main"]},
     zip_safe=False,

@@ -1,4 +1,4 @@
-"""`hybrid-k2` command line: generate | chat | plan | convert."""
+"""`hybrid-k2` command line: generate | chat | plan | bench | convert."""
 from __future__ import annotations
 
 import argparse
@@ -93,11 +93,6 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
-    from .placement import main as plan_main
-    return plan_main(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hybrid-k2", description="Kimi K2 inference with routed experts on CPU kernels.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -119,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", add_help=False, help="placement under VRAM/RAM budgets and predicted tok/s",
                         description="See `hybrid-k2 plan --help`.")
     pl.add_argument("rest", nargs=argparse.REMAINDER)
-    pl.set_defaults(func=cmd_plan)
+
+    b = sub.add_parser("bench", add_help=False, help="decode/prefill tok/s vs llama.cpp on the same GGUF",
+                       description="See `hybrid-k2 bench --help`.")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
 
     v = sub.add_parser("convert", help="HF checkpoint -> GGUF with quantised experts")
     v.add_argument("hf_dir")
@@ -130,7 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+PASSTHROUGH = {"plan": "hybrid_k2.placement", "bench": "hybrid_k2.bench"}   # commands with their own parsers
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:   # argparse.REMAINDER would not pass `--help` through
+        import importlib
+        return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,290 @@
+"""Decode and prefill tok/s: hybrid_k2 vs llama.cpp (llama-cpp-python, CPU, same threads) on the same GGUF.
+
+Models:
+  k2-shaped  Kimi K2's real expert matrices (hidden 7168, expert 2048, top-8, 1 shared) and MLA dims, a few MoE
+             layers, fewer experts and heads and a small vocab so it fits this machine; written by this script
+             (random weights, Q4_0 experts, Q8_0 elsewhere) through quant.convert.write_gguf.
+  demo       the demo checkpoint converted to GGUF (also run through HF transformers from its HF dir).
+Prints prefill/decode tok/s for each engine and the ratios, plus the machine's read bandwidth. hybrid_k2 runs
+with dense_format="native" (attention, dense FFN, shared experts and lm_head from the GGUF's own Q8_0 blocks in
+the C kernels, as llama.cpp runs them; torch then gets 1 thread for what is left), and when llama-cpp-python is present the bench also prints how often our
+top-1 token on the prompt agrees with llama.cpp's (both engines quantize activations to 8 bits, in different
+places, so a flat random-weight model agrees less than a trained one would).
+
+    pip install -e ".[bench]"         # llama-cpp-python: builds llama.cpp from source (~8 min on 2 cores)
+    hybrid-k2 bench --threads 2       # or: python bench/bench_decode.py --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+import hybrid_k2
+from hybrid_k2 import kernels
+from hybrid_k2.checkpoint import Checkpoint
+from hybrid_k2.config import ModelConfig, preset
+from hybrid_k2.demo import cache_dir, ensure_demo
+
+
+class SyntheticCheckpoint(Checkpoint):
+    """Random weights under the canonical names, generated per tensor on request (deterministic per name)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        from hybrid_k2.model import Transformer
+        self.path, self.cfg, self.seed = "<synthetic k2-shaped>", cfg, seed
+        with torch.device("meta"):
+            net = Transformer(cfg)
+        self._shapes = {n: tuple(p.shape) for n, p in net.named_parameters()}
+        for layer in cfg.moe_layers:
+            for e in range(cfg.n_routed_experts):
+                p = f"model.layers.{layer}.mlp.experts.{e}."
+                I, H = cfg.moe_intermediate_size, cfg.hidden_size
+                self._shapes.update({p + "gate_proj.weight": (I, H), p + "up_proj.weight": (I, H),
+                                     p + "down_proj.weight": (H, I)})
+
+    def names(self):
+        return list(self._shapes)
+
+    def __contains__(self, name):
+        return name in self._shapes
+
+    def shape(self, name):
+        return self._shapes[name]
+
+    def format(self, name):
+        return "f32"
+
+    def get(self, name, dtype=torch.float32, device="cpu"):
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
+        shape = self._shapes[name]
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=dtype)
+        if name.endswith("e_score_correction_bias"):
+            return torch.zeros(shape, dtype=dtype)
+        return (torch.randn(shape, generator=g) * shape[-1] ** -0.5).to(dtype)
+
+
+def k2_shaped_config(n_layers: int, n_experts: int, vocab: int) -> ModelConfig:
+    k2 = preset("kimi-k2")
+    return k2.replace(num_hidden_layers=n_layers + 1, n_routed_experts=n_experts, num_attention_heads=8,
+                      vocab_size=vocab, first_k_dense_replace=1, intermediate_size=2048,
+                      bos_token_id=vocab - 256, eos_token_id=vocab - 255, source="<k2-shaped bench>")
+
+
+def build_k2_gguf(n_layers: int, n_experts: int) -> Path:
+    from quant.convert import write_gguf
+    demo = ensure_demo()
+    ranks = sum(1 for line in open(demo / "tiktoken.model") if line.strip())
+    cfg = k2_shaped_config(n_layers, n_experts, ranks + 256)
+    out = cache_dir() / "bench" / f"k2shaped-L{n_layers}-E{n_experts}-q4_0.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing {out} ...", file=sys.stderr)
+        write_gguf(SyntheticCheckpoint(cfg), cfg, str(out), tokenizer_dir=str(demo), name="k2-shaped-bench",
+                   experts="q4_0", other="q8_0", progress=True)
+    return out
+
+
+def build_demo_gguf() -> Path:
+    from quant.convert import convert
+    out = cache_dir() / "bench" / "demo-q8_0.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert(ensure_demo(), out, experts="q8_0", other="q8_0", progress=False)
+    return out
+
+
+def prompt_ids(vocab_base: int, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1, vocab_base, (n,), generator=g).tolist()
+
+
+# ---- engines -------------------------------------------------------------------------------------
+def run_hybrid(path: Path, prompt: list[int], n_decode: int, threads: int,
+               dense_format: str | None = "native") -> tuple[float, float, torch.Tensor]:
+    """(prefill tok/s, decode tok/s, logits [len(prompt), vocab] of an untimed full-prompt pass)."""
+    eng = hybrid_k2.load(path, device="cpu", experts="cpu", threads=threads, progress=False, dense_format=dense_format)
+    # With the dense matrices in the kernels' pool, torch is left with small ops (norms, RoPE, attention over
+    # the cache); its own spinning OpenMP team would fight the pool for the same cores, so it gets one thread
+    # (the caller, which is also the pool's thread 0): `threads` threads in all, as llama.cpp gets.
+    torch.set_num_threads(threads if dense_format is None else 1)
+    model = eng.model
+    with torch.inference_mode():
+        cache = model.new_cache(len(prompt) + n_decode + 1)
+        model(torch.tensor(prompt[:8]), 0, cache, last_only=True)          # warm-up
+        t0 = time.perf_counter()
+        logits = model(torch.tensor(prompt), 0, cache, last_only=True)[-1]
+        prefill = len(prompt) / (time.perf_counter() - t0)
+        pos, tok = len(prompt), int(logits.argmax())
+        t0 = time.perf_counter()
+        for _ in range(n_decode):                                         # greedy, no stop tokens
+            logits = model(torch.tensor([tok]), pos, cache, last_only=True)[-1]
+            tok, pos = int(logits.argmax()), pos + 1
+        decode = n_decode / (time.perf_counter() - t0)
+        prompt_logits = model(torch.tensor(prompt), 0, model.new_cache(len(prompt))).float().clone()
+    eng.close()
+    return prefill, decode, prompt_logits
+
+
+def llama_cpp_prompt_logits(path: Path, prompt: list[int], threads: int) -> torch.Tensor | None:
+    """llama.cpp's logits [len(prompt), vocab] for the prompt (a separate instance: logits_all slows the timed runs)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    import numpy as np
+    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + 16,
+                n_batch=len(prompt), n_gpu_layers=0, logits_all=True, verbose=False, seed=0)
+    llm.eval(prompt)
+    out = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
+    del llm
+    gc.collect()
+    return out
+
+
+def run_llama_cpp(path: Path, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float] | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    import llama_cpp
+    import numpy as np
+    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + n_decode + 16,
+                n_batch=max(len(prompt), 8), n_gpu_layers=0, verbose=False, seed=0)
+    n_vocab = llm.n_vocab()
+
+    def last_argmax() -> int:  # llama-cpp-python >= 0.3 keeps no scores without logits_all: read the context's
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax())
+
+    llm.eval(prompt[:8])                                                   # warm-up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    prefill = len(prompt) / (time.perf_counter() - t0)
+    tok = last_argmax()
+    t0 = time.perf_counter()
+    for _ in range(n_decode):
+        llm.eval([tok])
+        tok = last_argmax()
+    decode = n_decode / (time.perf_counter() - t0)
+    del llm
+    gc.collect()
+    return prefill, decode
+
+
+def run_transformers(hf_dir: Path, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float] | None:
+    try:
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    except ImportError:
+        return None
+    import json
+    from hybrid_k2.checkpoint import open_checkpoint
+    torch.set_num_threads(threads)
+    d = json.loads((hf_dir / "config.json").read_text())
+    d.pop("quantization_config", None)          # weights are dequantized here; HF's FP8 path wants a GPU
+    d["model_type"] = "deepseek_v3"
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**d))
+    want = model.state_dict()
+    with open_checkpoint(hf_dir) as ck:       # the same FP8 weights, dequantized
+        sd = {n: ck.get(n) for n in ck.names() if n in want}
+        for n in want:                        # transformers 5 fuses each layer's experts into 3-D tensors
+            if n.endswith("mlp.experts.gate_up_proj") or n.endswith("mlp.experts.down_proj"):
+                p, E = n.rsplit("experts.", 1)[0] + "experts.", d["n_routed_experts"]
+                parts = (["gate_proj", "up_proj"] if n.endswith("gate_up_proj") else ["down_proj"])
+                sd[n] = torch.stack([torch.cat([ck.get(f"{p}{e}.{q}.weight") for q in parts]) for e in range(E)])
+    model.load_state_dict(sd, strict=True)
+    model.eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        prefill = len(prompt) / (time.perf_counter() - t0)
+        past, tok = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+        t0 = time.perf_counter()
+        for _ in range(n_decode):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+        decode = n_decode / (time.perf_counter() - t0)
+    return prefill, decode
+
+
+def fmt(r):
+    return "   n/a" if r is None else f"{r:6.1f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="hybrid-k2 bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=3, help="MoE layers of the K2-shaped model")
+    ap.add_argument("--experts", type=int, default=32, help="routed experts per layer of the K2-shaped model")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
+    ap.add_argument("--decode", type=int, default=32, help="decoded tokens")
+    ap.add_argument("--models", default="k2-shaped,demo")
+    ap.add_argument("--dense-format", default="native", choices=["native", "q8_0", "none"],
+                    help="hybrid_k2's non-expert matrices: native = the GGUF's blocks (default), none = float32 torch")
+    args = ap.parse_args(argv)
+    dense = None if args.dense_format == "none" else args.dense_format
+    kernels.set_threads(args.threads)
+
+    import numpy as np
+    buf = np.ones(1 << 30, dtype=np.uint8)
+    kernels.read_probe(buf)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        kernels.read_probe(buf)
+    bw = 3 * buf.nbytes / (time.perf_counter() - t0) / 1e9
+    del buf
+    print(f"machine: {os.cpu_count()} cores, kernels ISA {kernels.isa()}, {args.threads} threads, "
+          f"read bandwidth {bw:.1f} GB/s (probe)")
+    try:
+        import llama_cpp
+        print(f"llama.cpp: llama-cpp-python {llama_cpp.__version__}")
+    except ImportError:
+        print("llama.cpp: llama-cpp-python not installed (pip install llama-cpp-python); its columns read n/a")
+
+    rows = []
+    for name in args.models.split(","):
+        if name == "k2-shaped":
+            path, hf_dir = build_k2_gguf(args.layers, args.experts), None
+            label = f"k2-shaped ({args.layers} MoE layers x {args.experts} experts, 7168x2048, top-8, Q4_0)"
+        elif name == "demo":
+            path, hf_dir = build_demo_gguf(), ensure_demo()
+            label = "demo (Q8_0 GGUF)"
+        else:
+            raise SystemExit(f"unknown model {name!r}")
+        base = sum(1 for line in open(ensure_demo() / "tiktoken.model") if line.strip())
+        prompt = prompt_ids(base, args.prompt)
+        *ours, our_logits = run_hybrid(path, prompt, args.decode, args.threads, dense)
+        ref = run_llama_cpp(path, prompt, args.decode, args.threads)
+        ref_logits = llama_cpp_prompt_logits(path, prompt, args.threads)
+        agree = None
+        if ref_logits is not None:
+            n_vocab = min(our_logits.shape[-1], ref_logits.shape[-1])
+            agree = float((our_logits[:, :n_vocab].argmax(-1) == ref_logits[:, :n_vocab].argmax(-1)).float().mean())
+        hf = run_transformers(hf_dir, prompt, args.decode, args.threads) if hf_dir is not None else None
+        rows.append((label, ours, ref, hf, agree))
+
+    print(f"\nhybrid_k2 dense matrices: {args.dense_format}")
+    print(f"{'model':<72} {'engine':<14} {'prefill tok/s':>13} {'decode tok/s':>12}")
+    for label, ours, ref, hf, agree in rows:
+        print(f"{label:<72} {'hybrid_k2':<14} {fmt(ours[0]):>13} {fmt(ours[1]):>12}")
+        print(f"{'':<72} {'llama.cpp':<14} {fmt(ref and ref[0]):>13} {fmt(ref and ref[1]):>12}")
+        if hf is not None:
+            print(f"{'':<72} {'transformers':<14} {fmt(hf[0]):>13} {fmt(hf[1]):>12}")
+        if ref is not None:
+            print(f"{'':<72} {'ratio ours/llama.cpp':<22} prefill {ours[0] / ref[0]:.2f}  decode {ours[1] / ref[1]:.2f}")
+        if agree is not None:
+            print(f"{'':<72} top-1 agreement with llama.cpp on the {args.prompt}-token prompt: {agree:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
