@@ -1,7 +1,13 @@
-"""The `demo` preset: a small Kimi-K2-architecture checkpoint written once, deterministically, to a cache dir.
+"""The `demo` preset: small Kimi-K2-architecture checkpoints in the real formats.
 
-It is written in the real formats (config.json, FP8 e4m3 weights with 128x128 `weight_scale_inv`, BF16 norms,
-router and embeddings, a tiktoken.model) and then loaded through the same path as a real checkpoint.
+Two of them, both config.json + FP8 e4m3 weights with 128x128 `weight_scale_inv` + BF16 norms, router and
+embeddings + fp32 correction bias + tiktoken.model, loaded through the same path as a real checkpoint:
+
+- the trained demo, shipped as package data in hybrid_k2/demo_model (made by bench/train_demo.py on the Python
+  standard library's source): what `hybrid_k2.load("demo")` runs. It speaks Python-ish code and its routing
+  is learned.
+- a random-weight checkpoint (DEMO_CONFIG), written deterministically by `write_demo_checkpoint`: tiny and
+  fast to write, used by the tests through `ensure_demo(root)`, and the fallback when the package data is absent.
 """
 from __future__ import annotations
 
@@ -31,6 +37,24 @@ DEMO_CONFIG = dict(
 DEMO_MERGES = 256          # 256 byte tokens + 256 merges = 512 base tokens, then Kimi's 256 special ids
 
 
+TRAINED_DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+
+
+def trained_demo() -> Path | None:
+    """The packaged trained checkpoint dir (read in place), or None when this install lacks it."""
+    d = TRAINED_DEMO_DIR
+    ok = all((d / f).is_file() for f in ("config.json", "model.safetensors", "tiktoken.model"))
+    return d if ok else None
+
+
+def demo_config() -> dict:
+    """The config of the checkpoint `hybrid_k2.load("demo")` runs, without writing or loading anything."""
+    trained = trained_demo()
+    if trained is not None:
+        return json.loads((trained / "config.json").read_text())
+    return dict(DEMO_CONFIG, vocab_size=256 + DEMO_MERGES + 256)   # bytes + merges, then Kimi's special ids
+
+
 def cache_dir() -> Path:
     root = os.environ.get("HYBRID_K2_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hybrid_k2")
@@ -38,7 +62,16 @@ def cache_dir() -> Path:
 
 
 def ensure_demo(root: Path | None = None) -> Path:
-    """Return the demo checkpoint dir, writing it first if absent (atomic: temp dir, then rename)."""
+    """The demo checkpoint dir.
+
+    Without `root`: the packaged trained model (hybrid_k2/demo_model) when present, else the random-weight
+    checkpoint under cache_dir(). With `root`: always the random-weight checkpoint under root, written first if
+    absent (atomic: temp dir, then rename), byte-identical on every machine.
+    """
+    if root is None:
+        trained = trained_demo()
+        if trained is not None:
+            return trained
     target = (root or cache_dir()) / f"demo-v{DEMO_VERSION}"
     if (target / "config.json").is_file():
         return target
