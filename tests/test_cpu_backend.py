@@ -19,12 +19,13 @@ def demo_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gguf_path(demo_dir, tmp_path_factory):
+def gguf_path(tmp_path_factory):
+    """The trained demo (learned, peaked predictions), converted to GGUF."""
     cache = {}
 
     def get(experts):
         if experts not in cache:
-            cache[experts] = convert(demo_dir, tmp_path_factory.mktemp("gguf") / f"demo-{experts}.gguf",
+            cache[experts] = convert(ensure_demo(), tmp_path_factory.mktemp("gguf") / f"demo-{experts}.gguf",
                                      experts=experts, other="f32", progress=False)
         return cache[experts]
     return get
@@ -41,18 +42,18 @@ def greedy_decode(model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-# The demo's weights are random, so its next-token distribution is flat: the median top-1/top-2 logit gap is
-# ~0.2 (logit std 1) and 17% of positions have gaps under 0.05, below the ~1% error that 8-bit activation
-# quantization (what llama.cpp does too) adds per MoE layer. Measured: q8_0 0.934, q4_0 0.957. The >= 0.99 target
-# is for a model with learned, peaked predictions; the per-layer error bound below is the kernel check proper.
-@pytest.mark.parametrize("fmt,min_agree,layer_err", [("q8_0", 0.90, 0.02), ("q4_0", 0.70, 0.03)])
+# Only the kernels' 8-bit activation quantization (as llama.cpp does it) separates the two engines, ~1% per
+# MoE layer. On the trained demo (held-out loss 4.92 nats: still a flat next-token distribution at many
+# positions) the measured agreement is q8_0 0.973-0.984, q4_0 0.988 (the random-weight demo: 0.934 / 0.957).
+# The per-layer error bound below is the kernel check proper.
+@pytest.mark.parametrize("fmt,min_agree,layer_err", [("q8_0", 0.96, 0.02), ("q4_0", 0.96, 0.03)])
 def test_cpu_backend_matches_torch_on_same_gguf_weights(gguf_path, fmt, min_agree, layer_err):
     """Both engines read the same GGUF; torch dequantizes with the gguf package, cpu runs the blocks."""
     path = gguf_path(fmt)
     cpu = hybrid_k2.load(path, device="cpu", experts="cpu", threads=2)
     ref = hybrid_k2.load(path, device="cpu", experts="torch")
     assert isinstance(cpu.experts, CPUExperts)
-    prompt = cpu.tokenizer.encode("Beautiful is better than ugly. Explicit")
+    prompt = cpu.tokenizer.encode("import os\nimport sys\n\n\ndef ")
     gen = greedy_decode(cpu.model, prompt, 256)
     ref_top1 = ref.logits(prompt + gen)[len(prompt) - 1:-1].argmax(-1).tolist()
     agree = float(np.mean([a == b for a, b in zip(gen, ref_top1)]))
