@@ -83,7 +83,7 @@ def build_k2_gguf(n_layers: int, n_experts: int) -> Path:
     demo = ensure_demo()
     ranks = sum(1 for line in open(demo / "tiktoken.model") if line.strip())
     cfg = k2_shaped_config(n_layers, n_experts, ranks + 256)
-    out = cache_dir() / "bench" / f"k2shaped-L{n_layers}-E{n_experts}-q4_0.gguf"
+    out = cache_dir() / "bench" / f"k2shaped-L{n_layers}-E{n_experts}-V{cfg.vocab_size}-q4_0.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"writing {out} ...", file=sys.stderr)
@@ -94,7 +94,8 @@ def build_k2_gguf(n_layers: int, n_experts: int) -> Path:
 
 def build_demo_gguf() -> Path:
     from quant.convert import convert
-    out = cache_dir() / "bench" / "demo-q8_0.gguf"
+    src = ensure_demo()
+    out = cache_dir() / "bench" / f"demo-{src.name}-{os.stat(src / 'model.safetensors').st_size}-q8_0.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         convert(ensure_demo(), out, experts="q8_0", other="q8_0", progress=False)
