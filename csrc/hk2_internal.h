@@ -180,4 +180,14 @@ const char *hk2_type_name(int qtype);
 const hk2_kernels *hk2_active_kernels(void);
 hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int weight_type);
 
+/* Shared by the per-ISA kernel files. */
+#define INLINE static inline __attribute__((always_inline))
+/* Software prefetch distance in bytes along a weight row (rows of one expert are contiguous, so
+ * running past a row's end fetches the next). The hardware prefetcher alone leaves a single
+ * core well short of its share of DRAM bandwidth. (rw=0, locality=3) is _MM_HINT_T0. */
+#ifndef HK2_PF_DIST
+#define HK2_PF_DIST 1024
+#endif
+#define PREFETCH(p) __builtin_prefetch((const char *)(p) + HK2_PF_DIST, 0, 3)
+
 #endif

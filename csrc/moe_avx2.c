@@ -10,14 +10,6 @@
 #include <immintrin.h>
 #include "hk2_internal.h"
 
-#define INLINE static inline __attribute__((always_inline))
-/* Software prefetch distance in bytes along a weight row (rows of one expert are contiguous, so
- * running past a row's end fetches the next). The hardware prefetcher alone leaves a single
- * core well short of its share of DRAM bandwidth. */
-#ifndef HK2_PF_DIST
-#define HK2_PF_DIST 1024
-#endif
-#define PREFETCH(p) _mm_prefetch((const char *)(p) + HK2_PF_DIST, _MM_HINT_T0)
 
 INLINE float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

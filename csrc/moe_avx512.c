@@ -38,12 +38,6 @@
 #define KERNELS_NAME "avx512bw"
 #endif
 
-#define INLINE static inline __attribute__((always_inline))
-/* software prefetch along the weight rows, as in moe_avx2.c */
-#ifndef HK2_PF_DIST
-#define HK2_PF_DIST 1024
-#endif
-#define PREFETCH(p) _mm_prefetch((const char *)(p) + HK2_PF_DIST, _MM_HINT_T0)
 
 /* sum of 4 adjacent products of unsigned u and signed s bytes, as int32 lanes */
 INLINE __m512i dp_u8s8(__m512i u, __m512i s) {
