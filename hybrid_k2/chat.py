@@ -127,16 +127,18 @@ class ChatSession:
         interrupted = False
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            stream = self.engine.generate(self.messages, max_new_tokens=max_new, stream=True, **opts)
+            stream = None
             try:
+                stream = self.engine.generate(self.messages, max_new_tokens=max_new, stream=True, **opts)
                 for piece in stream:
                     pieces.append(piece)
                     self.out.write(piece)
                     self.out.flush()
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:   # Ctrl-C before or during the stream: the answer so far stands
                 interrupted = True
             finally:
-                stream.close()
+                if stream is not None:
+                    stream.close()
         reply = "".join(pieces)
         self.out.write("\n")
         if interrupted:
@@ -194,10 +196,16 @@ class ChatSession:
                 return 0
             if not text.strip():
                 continue
-            if text.startswith("/"):
-                self.command(text.strip())
-                continue
-            self.answer(text)
+            try:
+                if text.startswith("/"):
+                    self.command(text.strip())
+                else:
+                    self.answer(text)
+            except KeyboardInterrupt:   # a Ctrl-C that lands outside the stream still keeps the session
+                self.out.write("\n")
+                self.say("[stopped]")
+                if self.messages and self.messages[-1]["role"] == "user":
+                    self.messages.append({"role": "assistant", "content": ""})
 
 
 def _enable_history() -> None:

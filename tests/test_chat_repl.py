@@ -59,7 +59,8 @@ def test_multi_turn_reset_stats_save_and_ctrl_d(demo, tmp_path):
 def test_ctrl_c_stops_answer_and_keeps_session(demo, tmp_path):
     child = spawn(demo, tmp_path, "-n", "100000", "--ctx", "4096")
     child.sendline("Tell me everything")
-    child.expect(r"\S", timeout=60)          # tokens are streaming
+    child.expect("Tell me everything\r\n")   # the terminal's echo of the line
+    child.expect(r"\S", timeout=60)          # then the answer's first characters: tokens are streaming
     child.sendintr()                         # Ctrl-C mid-answer
     child.expect(r"\[stopped\]")
     child.expect(">>> ")
