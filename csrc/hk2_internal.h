@@ -190,4 +190,14 @@ hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int weight_type);
 #endif
 #define PREFETCH(p) __builtin_prefetch((const char *)(p) + HK2_PF_DIST, 0, 3)
 
+/* Q4_K's 12 packed bytes of 6-bit scales and mins -> u[0..1] scales, u[2..3] mins, one byte each. */
+INLINE void q4_K_unpack_scales(const uint8_t *scales, uint32_t u[4]) {
+    memcpy(u, scales, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3f;
+    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3f;
+}
+
 #endif

@@ -142,15 +142,6 @@ INLINE void dot_q8_0_t(int n, const block_q8_0 *x, const hk2_arow *a, const int 
 
 /* ---------------- Q4_K ---------------- */
 /* the 12 packed bytes -> scales (bytes 0..7) and mins (bytes 8..15) */
-INLINE void q4_K_unpack_scales(const uint8_t *scales, uint32_t u[4]) {
-    memcpy(u, scales, 12);
-    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
-    const uint32_t mins_lo = u[1] & 0x3f3f3f3f;
-    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
-    u[2] = mins_lo;
-    u[0] &= 0x3f3f3f3f;
-}
-
 INLINE void dot_q4_K_t(int n, const block_q4_K *x, const hk2_arow *a, const int NA, float *s) {
     __m256 acc[HK2_MAX_NA];
     __m128 accm[HK2_MAX_NA];

@@ -133,15 +133,6 @@ INLINE void dot_q8_0_t(int n, const block_q8_0 *x, const hk2_arow *a, const int 
 }
 
 /* ---------------- Q4_K: one 64-value chunk (two 32-value sub-blocks) per vector ---------------- */
-INLINE void q4_K_unpack_scales(const uint8_t *scales, uint32_t u[4]) {
-    memcpy(u, scales, 12);
-    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
-    const uint32_t mins_lo = u[1] & 0x3f3f3f3f;
-    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
-    u[2] = mins_lo;
-    u[0] &= 0x3f3f3f3f;
-}
-
 INLINE void dot_q4_K_t(int n, const block_q4_K *x, const hk2_arow *a, const int NA, float *s) {
     __m512 acc[HK2_MAX_NA];
     float accm[HK2_MAX_NA];
