@@ -29,21 +29,31 @@ extern "C" {
 #define HK2_Q4_K 12
 #define HK2_Q6_K 14
 #define HK2_Q8_K 15     /* activation format for K-quant weights */
+/* Our own layout, not a GGUF type: Q4_0 with every 8 consecutive rows interleaved per block
+ * (8 fp16 scales, then the 8 rows' 16 quant bytes in 4-byte runs: run c of row r at byte
+ * 32c + 4r), so one kernel pass computes 8 rows with the activations broadcast. Same bytes per
+ * row as Q4_0; the row count must be a multiple of 8. Made from Q4_0 by hk2_repack. */
+#define HK2_Q4_0_R8 1002
 
 int hk2_block_size(int qtype);     /* values per block, or HK2_ETYPE */
 int hk2_block_bytes(int qtype);    /* bytes per block, or HK2_ETYPE */
 int64_t hk2_row_bytes(int qtype, int64_t ncols);  /* or an HK2_E* code */
+int hk2_row_group(int qtype);      /* rows interleaved together (8 for Q4_0_R8, else 1), or HK2_ETYPE */
 
 /* x [nrows, ncols] float32 -> out [nrows, row_bytes] blocks (Q4_0, Q8_0, Q4_K, Q6_K, Q8_K). */
 int hk2_quantize(int qtype, const float *x, int64_t nrows, int64_t ncols, void *out);
 /* Activation quantization as the MoE kernels do it, with the active ISA's code, written out as
  * standard blocks: Q8_0 (for Q4_0/Q8_0 weights) or Q8_K (for K-quant weights). */
 int hk2_quantize_act(int qtype, const float *x, int64_t nrows, int64_t ncols, void *out);
-/* blocks [nrows, row_bytes] -> out [nrows, ncols] float32 */
+/* blocks [nrows, row_bytes] -> out [nrows, ncols] float32 (Q4_0_R8 too: nrows a multiple of 8) */
 int hk2_dequantize(int qtype, const void *blocks, int64_t nrows, int64_t ncols, float *out);
+/* Q4_0 blocks [nrows, row_bytes] -> the same bytes in the Q4_0_R8 layout (nrows a multiple of 8;
+ * src and dst must not overlap). */
+int hk2_repack_q4_0_r8(const void *src, int64_t nrows, int64_t ncols, void *dst);
 
 /* One MoE layer's routed experts. gate[e], up[e] point at [inter, row_bytes(type, hidden)] bytes,
- * down[e] at [hidden, row_bytes(down_type, inter)] bytes. The pointer arrays have n_experts entries. */
+ * down[e] at [hidden, row_bytes(down_type, inter)] bytes. The pointer arrays have n_experts entries.
+ * gate and up share a row group; row counts are multiples of their type's row group. */
 typedef struct {
     int64_t n_experts;
     int64_t hidden;
@@ -62,7 +72,7 @@ int hk2_moe_forward(const hk2_moe_layer *layer, int64_t n_tokens, int64_t top_k,
                     const float *x, const int32_t *ids, const float *weights, float *y);
 
 /* Dense layer: y[t, n] = sum_k W[n, k] * x[t, k] for W [n_rows, row_bytes(qtype, n_cols)] blocks (Q4_0, Q8_0,
- * Q4_K, Q6_K), x [n_tokens, n_cols] and y [n_tokens, n_rows] float32 (not overlapping). x is quantized
+ * Q4_K, Q6_K, Q4_0_R8), x [n_tokens, n_cols] and y [n_tokens, n_rows] float32 (not overlapping). x is quantized
  * on the fly as for the MoE (Q8_0 or Q8_K blocks); the output rows are split across the pool. */
 int hk2_linear(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, float *y);
 

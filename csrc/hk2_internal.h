@@ -36,6 +36,11 @@ typedef struct {
     int16_t bsums[HK2_QK_K / 16];
 } block_q8_K;
 
+/* HK2_Q4_0_R8: block b of 8 interleaved rows; qs[32c + 4r + i] = row r's Q4_0 qs[4c + i] */
+#define HK2_R8 8
+typedef struct { hk2_half d[HK2_R8]; uint8_t qs[HK2_R8 * HK2_QK / 2]; } block_q4_0x8;
+
+_Static_assert(sizeof(block_q4_0x8) == 8 * sizeof(block_q4_0), "block_q4_0x8 layout");
 _Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 layout");
 _Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 layout");
 _Static_assert(sizeof(block_q4_K) == 144, "block_q4_K layout");
@@ -59,8 +64,9 @@ static inline hk2_half hk2_fp32_to_fp16(float f) {
  * Activations are quantized on the fly to int8 in blocks of `qb` values (32: Q8_0-style, the
  * scale rounded through fp16 exactly as block_q8_0 stores it; 256: Q8_K-style, float scale).
  * Stored structure-of-arrays so SIMD loads are contiguous across blocks:
- *   qs int8[n] | qp int8[n] | s8 int16[n/4] | d float[n/qb] | bs int16[n/16], padded to 64 bytes
- * (qp and s8 only for qb 32). bs[g] = sum of qs[16g .. 16g+15] serves the K-quants' mins/offsets.
+ *   qs int8[n] | qp int8[n] | s8 int16[n/4] | m8 float[n/32] | d float[n/qb] | bs int16[n/16],
+ * padded to 64 bytes (qp, s8 and m8 only for qb 32). bs[g] = sum of qs[16g .. 16g+15] serves the
+ * K-quants' mins/offsets; m8[b] = 8 * d[b] * (sum of block b's qs) is Q4_0_R8's q - 8 offset term.
  * qp/s8 are the Q4_0 pair view: a Q4_0 pair of blocks (b, b+1) unpacks with one shift into
  * [lo nibbles b | lo nibbles b+1] and [hi b | hi b+1], so qp holds per pair the activations in
  * that order, [y_b[0:16] y_b1[0:16] | y_b[16:32] y_b1[16:32]], and s8 the offset term of q - 8
@@ -70,15 +76,17 @@ typedef struct {
     const int8_t *qs;
     const int8_t *qp;
     const int16_t *s8;
+    const float *m8;
     const float *d;
     const int16_t *bs;
 } hk2_arow;
 
 static inline size_t hk2_act_qp_bytes(int64_t n, int qb) { return qb == 32 ? (size_t)n : 0; }
 static inline size_t hk2_act_s8_bytes(int64_t n, int qb) { return qb == 32 ? (size_t)n / 2 : 0; }
+static inline size_t hk2_act_m8_bytes(int64_t n, int qb) { return qb == 32 ? sizeof(float) * (size_t)(n / 32) : 0; }
 static inline size_t hk2_act_row_bytes(int64_t n, int qb) {
-    const size_t b = (size_t)n + hk2_act_qp_bytes(n, qb) + hk2_act_s8_bytes(n, qb) + sizeof(float) * (size_t)(n / qb) +
-                     sizeof(int16_t) * (size_t)(n / 16);
+    const size_t b = (size_t)n + hk2_act_qp_bytes(n, qb) + hk2_act_s8_bytes(n, qb) + hk2_act_m8_bytes(n, qb) +
+                     sizeof(float) * (size_t)(n / qb) + sizeof(int16_t) * (size_t)(n / 16);
     return (b + HK2_CACHE_LINE - 1) & ~(size_t)(HK2_CACHE_LINE - 1);
 }
 static inline hk2_arow hk2_act_row(const uint8_t *base, int64_t n, int qb) {
@@ -86,12 +94,19 @@ static inline hk2_arow hk2_act_row(const uint8_t *base, int64_t n, int qb) {
     r.qs = (const int8_t *)base;
     r.qp = (const int8_t *)(base + n);
     r.s8 = (const int16_t *)(base + n + hk2_act_qp_bytes(n, qb));
-    r.d = (const float *)(base + n + hk2_act_qp_bytes(n, qb) + hk2_act_s8_bytes(n, qb));
+    r.m8 = (const float *)(base + n + hk2_act_qp_bytes(n, qb) + hk2_act_s8_bytes(n, qb));
+    r.d = (const float *)((const uint8_t *)r.m8 + hk2_act_m8_bytes(n, qb));
     r.bs = (const int16_t *)((const uint8_t *)r.d + sizeof(float) * (size_t)(n / qb));
     return r;
 }
-/* fill qp and s8 of blocks [b0, b1) (b0 even) from qs */
-static inline void hk2_act_q4_0_view(const int8_t *qs, int8_t *qp, int16_t *s8, int b0, int b1, int nb_total) {
+/* fill qp, s8 and m8 of blocks [b0, b1) (b0 even) from qs and d */
+static inline void hk2_act_q4_0_view(const int8_t *qs, const float *d, int8_t *qp, int16_t *s8, float *m8, int b0, int b1,
+                                     int nb_total) {
+    for (int b = b0; b < b1; b++) {
+        int sum = 0;
+        for (int i = 0; i < 32; i++) sum += qs[32 * b + i];
+        m8[b] = 8.0f * d[b] * (float)sum;
+    }
     for (int b = b0; b < b1; b += 2) {
         if (b + 1 < nb_total) {
             const int8_t *y0 = qs + 32 * b, *y1 = y0 + 32;
@@ -119,6 +134,7 @@ typedef struct {
     hk2_dot_fn dot_q8_0;
     hk2_dot_fn dot_q4_K;
     hk2_dot_fn dot_q6_K;
+    hk2_dot_fn dot_q4_0_r8;  /* w = 8 interleaved rows; s[8 * j + r] for activation j, row r */
     hk2_quantize_act_fn quantize_act;
     uint64_t (*read_sum)(const void *p, size_t n);  /* bandwidth probe: touch every byte */
 } hk2_kernels;
@@ -126,6 +142,7 @@ typedef struct {
 extern const hk2_kernels hk2_kernels_scalar;
 #ifndef HK2_NO_X86
 extern const hk2_kernels hk2_kernels_avx2;
+void hk2_dot_q4_0_r8_avx2(int n, const void *w, const hk2_arow *a, int na, float *s);  /* also AVX-512 BW's */
 extern const hk2_kernels hk2_kernels_avx512bw;
 extern const hk2_kernels hk2_kernels_avx512vnni;
 #endif
@@ -176,6 +193,7 @@ void hk2_api_unlock(void);
 int hk2_type_known(int qtype);          /* weight or activation type we implement */
 int hk2_type_is_weight(int qtype);      /* usable as MoE weights */
 int hk2_act_qb(int weight_type);        /* activation block size for a weight type: 32 or 256 */
+int hk2_type_row_group(int qtype);      /* rows one dot call computes: 8 for Q4_0_R8, else 1 */
 const char *hk2_type_name(int qtype);
 const hk2_kernels *hk2_active_kernels(void);
 hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int weight_type);

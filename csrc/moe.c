@@ -26,6 +26,7 @@ hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int t) {
     case HK2_Q8_0: return k->dot_q8_0;
     case HK2_Q4_K: return k->dot_q4_K;
     case HK2_Q6_K: return k->dot_q6_K;
+    case HK2_Q4_0_R8: return k->dot_q4_0_r8;
     default: return NULL;
     }
 }
@@ -48,6 +49,7 @@ typedef struct {
     int qb_gate, qb_up, qb_down;
     size_t gate_rb, up_rb, down_rb;
     hk2_dot_fn dot_gate, dot_up, dot_down;
+    int rg_gate, rg_down;  /* rows per dot call (gate and up share it) */
     /* scheduling */
     int chunk_a, chunks_per_expert, items_a, chunk_b, items_b;
     _Alignas(HK2_CACHE_LINE) atomic_int next_x;
@@ -63,7 +65,8 @@ static void act_quantize_into(const hk2_kernels *k, const float *v, int n, int q
     int8_t *qs = (int8_t *)r.qs + off;
     k->quantize_act(v, n, qb, qs, (float *)r.d + off / qb, (int16_t *)r.bs + off / 16);
     if (qb == HK2_QK)
-        hk2_act_q4_0_view(r.qs, (int8_t *)r.qp, (int16_t *)r.s8, (int)(off / HK2_QK), (int)((off + n) / HK2_QK), (int)(row_len / HK2_QK));
+        hk2_act_q4_0_view(r.qs, r.d, (int8_t *)r.qp, (int16_t *)r.s8, (float *)r.m8, (int)(off / HK2_QK), (int)((off + n) / HK2_QK),
+                          (int)(row_len / HK2_QK));
 }
 
 /* Rows are visited in tiles of ROW_TILE so that a tile of gate+up rows stays in L2 while every
@@ -87,11 +90,13 @@ static void gate_up_item(const moe_job *j, int ith, int g, int64_t r0, int64_t r
                 ag[t] = hk2_act_row(j->act_gate + off, j->H, j->qb_gate);
                 au[t] = hk2_act_row(j->act_up + off, j->H, j->qb_up);
             }
-            for (int64_t r = rs; r < re; r++) {
-                float gv[HK2_MAX_NA], uv[HK2_MAX_NA];
+            const int R = j->rg_gate;
+            for (int64_t r = rs; r < re; r += R) {
+                float gv[HK2_MAX_NA * HK2_R8], uv[HK2_MAX_NA * HK2_R8];
                 j->dot_gate((int)j->H, gate + r * j->gate_rb, ag, na, gv);
                 j->dot_up((int)j->H, up + r * j->up_rb, au, na, uv);
-                for (int t = 0; t < na; t++) h[(s0 + t) * cw + (r - r0)] = silu(gv[t]) * uv[t];
+                for (int t = 0; t < na; t++)
+                    for (int i = 0; i < R; i++) h[(s0 + t) * cw + (r - r0) + i] = silu(gv[t * R + i]) * uv[t * R + i];
             }
         }
     }
@@ -107,10 +112,14 @@ static void down_item(const moe_job *j, int64_t r0, int64_t r1) {
             const int na = j->grp_start[g + 1] - s0 < HK2_MAX_NA ? j->grp_start[g + 1] - s0 : HK2_MAX_NA;
             hk2_arow ah[HK2_MAX_NA];
             for (int t = 0; t < na; t++) ah[t] = hk2_act_row(j->act_h + (size_t)(s0 + t) * j->act_h_stride, j->I, j->qb_down);
-            for (int64_t r = r0; r < r1; r++) {
-                float out[HK2_MAX_NA];
+            const int R = j->rg_down;
+            for (int64_t r = r0; r < r1; r += R) {
+                float out[HK2_MAX_NA * HK2_R8];
                 j->dot_down((int)j->I, down + r * j->down_rb, ah, na, out);
-                for (int t = 0; t < na; t++) j->y[(int64_t)j->slot_token[s0 + t] * j->H + r] += j->slot_weight[s0 + t] * out[t];
+                for (int t = 0; t < na; t++) {
+                    float *yt = j->y + (int64_t)j->slot_token[s0 + t] * j->H + r;
+                    for (int i = 0; i < R; i++) yt[i] += j->slot_weight[s0 + t] * out[t * R + i];
+                }
             }
         }
     }
@@ -168,6 +177,10 @@ static int check_layer(const hk2_moe_layer *L) {
         if (m[i].ncols % hk2_block_size(m[i].type))
             return hk2_fail(HK2_ESHAPE, "%s: row length %lld is not a multiple of the %s block size %d", m[i].name,
                             (long long)m[i].ncols, hk2_type_name(m[i].type), hk2_block_size(m[i].type));
+        const int64_t rows = i < 2 ? L->inter : L->hidden;
+        if (rows % hk2_type_row_group(m[i].type))
+            return hk2_fail(HK2_ESHAPE, "%s: %lld rows is not a multiple of the %s row group %d", m[i].name, (long long)rows,
+                            hk2_type_name(m[i].type), hk2_type_row_group(m[i].type));
         if (!m[i].ptrs) return hk2_fail(HK2_EINVAL, "%s: expert pointer array is NULL", m[i].name);
         for (int64_t e = 0; e < L->n_experts; e++) {
             if (!m[i].ptrs[e]) return hk2_fail(HK2_EINVAL, "%s: expert %lld has a NULL pointer", m[i].name, (long long)e);
@@ -175,6 +188,9 @@ static int check_layer(const hk2_moe_layer *L) {
                 return hk2_fail(HK2_EINVAL, "%s: expert %lld is not 2-byte aligned", m[i].name, (long long)e);
         }
     }
+    if (hk2_type_row_group(L->gate_type) != hk2_type_row_group(L->up_type))
+        return hk2_fail(HK2_ETYPE, "gate (%s) and up (%s) must share a row layout", hk2_type_name(L->gate_type),
+                        hk2_type_name(L->up_type));
     return HK2_OK;
 }
 
@@ -281,6 +297,7 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
         .gate_rb = (size_t)hk2_row_bytes(L->gate_type, H), .up_rb = (size_t)hk2_row_bytes(L->up_type, H),
         .down_rb = (size_t)hk2_row_bytes(L->down_type, I),
         .dot_gate = hk2_dot_for(k, L->gate_type), .dot_up = hk2_dot_for(k, L->up_type), .dot_down = hk2_dot_for(k, L->down_type),
+        .rg_gate = hk2_type_row_group(L->gate_type), .rg_down = hk2_type_row_group(L->down_type),
     };
     job->hbuf = (float *)(ws + o_hb);
     job->hbuf_stride = hbuf_stride;
@@ -319,7 +336,7 @@ typedef struct {
     float *y;
     int64_t N, K, T;
     size_t rb, act_stride;
-    int qb;
+    int qb, rg;
     uint8_t *act;
     int64_t chunk, n_tiles, items;
     _Alignas(HK2_CACHE_LINE) atomic_long next_x;
@@ -334,10 +351,11 @@ static void linear_item(const linear_job *j, int64_t r0, int64_t r1, int64_t t0,
             const int na = t1 - s0 < HK2_MAX_NA ? (int)(t1 - s0) : HK2_MAX_NA;
             hk2_arow a[HK2_MAX_NA];
             for (int t = 0; t < na; t++) a[t] = hk2_act_row(j->act + (size_t)(s0 + t) * j->act_stride, j->K, j->qb);
-            for (int64_t r = rs; r < re; r++) {
-                float out[HK2_MAX_NA];
+            for (int64_t r = rs; r < re; r += j->rg) {
+                float out[HK2_MAX_NA * HK2_R8];
                 j->dot((int)j->K, j->w + (size_t)r * j->rb, a, na, out);
-                for (int t = 0; t < na; t++) j->y[(s0 + t) * j->N + r] = out[t];
+                for (int t = 0; t < na; t++)
+                    for (int i = 0; i < j->rg; i++) j->y[(s0 + t) * j->N + r + i] = out[t * j->rg + i];
             }
         }
     }
@@ -367,6 +385,9 @@ int hk2_linear(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t
     const int64_t N = n_rows, K = n_cols, T = n_tokens;
     if (!hk2_type_is_weight(qtype)) return hk2_fail(HK2_ETYPE, "linear: unsupported weight type %d (%s)", qtype, hk2_type_name(qtype));
     if (N < 1 || N > MAX_DIM) return hk2_fail(HK2_ESHAPE, "linear: n_rows=%lld out of range", (long long)N);
+    if (N % hk2_type_row_group(qtype))
+        return hk2_fail(HK2_ESHAPE, "linear: n_rows=%lld is not a multiple of the %s row group %d", (long long)N,
+                        hk2_type_name(qtype), hk2_type_row_group(qtype));
     if (K < 1 || K > MAX_DIM || K % hk2_block_size(qtype))
         return hk2_fail(HK2_ESHAPE, "linear: n_cols=%lld is not a positive multiple of the %s block size %d", (long long)K,
                         hk2_type_name(qtype), hk2_block_size(qtype));
@@ -406,6 +427,7 @@ int hk2_linear(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t
     job->rb = (size_t)hk2_row_bytes(qtype, K);
     job->act_stride = act_stride;
     job->qb = qb;
+    job->rg = hk2_type_row_group(qtype);
     job->act = act;
     job->chunk = chunk;
     job->n_tiles = n_tiles;

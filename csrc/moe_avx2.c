@@ -103,6 +103,45 @@ INLINE void dot_q4_0_t(int n, const block_q4_0 *x, const hk2_arow *a, const int 
     for (int j = 0; j < NA; j++) s[j] = hsum_ps(_mm256_add_ps(acc0[j], acc1[j]));
 }
 
+/* ---------------- Q4_0_R8: 8 rows per pass, lane r = row r ----------------
+ * Run c of the block holds 4 bytes of each row: its low nibbles meet activations 4c..4c+3 and
+ * its high nibbles 16+4c..16+4c+3, broadcast to every lane, so no horizontal sums are needed.
+ * The 8 u8 x s8 products per lane stay below 8 * 2 * 15 * 128 = 30720 in int16; the q - 8 offset
+ * comes in as the activation's m8 term: per block acc += dw * (da * sum q*y - m8). */
+INLINE void dot_q4_0_r8_t(int n, const block_q4_0x8 *x, const hk2_arow *a, const int NA, float *s) {
+    __m256 acc[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) acc[j] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int nb = n / HK2_QK;
+    for (int b = 0; b < nb; b++) {
+        PREFETCH(x + b);
+        PREFETCH((const uint8_t *)(x + b) + 64);
+        PREFETCH((const uint8_t *)(x + b) + 128);
+        __m256i lo[4], hi[4];
+        for (int c = 0; c < 4; c++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(x[b].qs + 32 * c));
+            lo[c] = _mm256_and_si256(raw, m4);
+            hi[c] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)x[b].d));
+        for (int j = 0; j < NA; j++) {
+            const int8_t *y = a[j].qs + HK2_QK * b;
+            __m256i sum = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                int32_t ylo, yhi;
+                memcpy(&ylo, y + 4 * c, 4);
+                memcpy(&yhi, y + 16 + 4 * c, 4);
+                sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(ylo)));
+                sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(yhi)));
+            }
+            const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
+            const __m256 g = _mm256_fmsub_ps(_mm256_set1_ps(a[j].d[b]), f, _mm256_set1_ps(a[j].m8[b]));
+            acc[j] = _mm256_fmadd_ps(dw, g, acc[j]);
+        }
+    }
+    for (int j = 0; j < NA; j++) _mm256_storeu_ps(s + HK2_R8 * j, acc[j]);
+}
+
 /* ---------------- Q8_0 ---------------- */
 INLINE __m256i q8_0_block_dot(__m256i w, __m256i y) {
     return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));  /* |w| x (y with w's sign) */
@@ -241,6 +280,8 @@ DOT_ENTRY(dot_q4_0, block_q4_0)
 DOT_ENTRY(dot_q8_0, block_q8_0)
 DOT_ENTRY(dot_q4_K, block_q4_K)
 DOT_ENTRY(dot_q6_K, block_q6_K)
+DOT_ENTRY(dot_q4_0_r8, block_q4_0x8)
+void hk2_dot_q4_0_r8_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { dot_q4_0_r8(n, w, a, na, s); }
 
 /* ---------------- activations ---------------- */
 /* round half away from zero (C roundf), exactly: t = trunc(v); t += sign(v) if |v - t| >= 0.5 */
@@ -326,6 +367,7 @@ const hk2_kernels hk2_kernels_avx2 = {
     .dot_q8_0 = dot_q8_0,
     .dot_q4_K = dot_q4_K,
     .dot_q6_K = dot_q6_K,
+    .dot_q4_0_r8 = dot_q4_0_r8,
     .quantize_act = quantize_act,
     .read_sum = read_sum,
 };

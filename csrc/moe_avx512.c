@@ -216,6 +216,51 @@ INLINE void dot_q6_K_t(int n, const block_q6_K *x, const hk2_arow *a, const int 
     for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]);
 }
 
+/* ---------------- Q4_0_R8 (8 rows per pass, lane r = row r; see moe_avx2.c) ----------------
+ * With VNNI one vpdpbusd per run replaces maddubs + add (and the int16 bound); without it the
+ * AVX2 kernel is already the best fit, as the 8 rows fill exactly one 256-bit vector. */
+#if HK2_AVX512_VNNI
+INLINE __m256 fp16x8(const hk2_half *d) {
+#ifdef HK2_USE_SIMDE  /* SIMDe has no F16C */
+    return _mm256_setr_ps(f16(d[0]), f16(d[1]), f16(d[2]), f16(d[3]), f16(d[4]), f16(d[5]), f16(d[6]), f16(d[7]));
+#else
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d));
+#endif
+}
+INLINE void dot_q4_0_r8_t(int n, const block_q4_0x8 *x, const hk2_arow *a, const int NA, float *s) {
+    __m256 acc[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) acc[j] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const int nb = n / HK2_QK;
+    for (int b = 0; b < nb; b++) {
+        PREFETCH(x + b);
+        PREFETCH((const uint8_t *)(x + b) + 64);
+        PREFETCH((const uint8_t *)(x + b) + 128);
+        __m256i lo[4], hi[4];
+        for (int c = 0; c < 4; c++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(x[b].qs + 32 * c));
+            lo[c] = _mm256_and_si256(raw, m4);
+            hi[c] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+        }
+        const __m256 dw = fp16x8(x[b].d);
+        for (int j = 0; j < NA; j++) {
+            const int8_t *y = a[j].qs + HK2_QK * b;
+            __m256i sum = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                int32_t ylo, yhi;
+                memcpy(&ylo, y + 4 * c, 4);
+                memcpy(&yhi, y + 16 + 4 * c, 4);
+                sum = _mm256_dpbusd_epi32(sum, lo[c], _mm256_set1_epi32(ylo));
+                sum = _mm256_dpbusd_epi32(sum, hi[c], _mm256_set1_epi32(yhi));
+            }
+            const __m256 g = _mm256_fmsub_ps(_mm256_set1_ps(a[j].d[b]), _mm256_cvtepi32_ps(sum), _mm256_set1_ps(a[j].m8[b]));
+            acc[j] = _mm256_fmadd_ps(dw, g, acc[j]);
+        }
+    }
+    for (int j = 0; j < NA; j++) _mm256_storeu_ps(s + HK2_R8 * j, acc[j]);
+}
+#endif
+
 #define DOT_ENTRY(name, btype)                                                        \
     static void K(name)(int n, const void *w, const hk2_arow *a, int na, float *s) { \
         switch (na) {                                                                 \
@@ -229,6 +274,11 @@ DOT_ENTRY(dot_q4_0, block_q4_0)
 DOT_ENTRY(dot_q8_0, block_q8_0)
 DOT_ENTRY(dot_q4_K, block_q4_K)
 DOT_ENTRY(dot_q6_K, block_q6_K)
+#if HK2_AVX512_VNNI
+DOT_ENTRY(dot_q4_0_r8, block_q4_0x8)
+#else
+#define dot_q4_0_r8_avx512bw hk2_dot_q4_0_r8_avx2
+#endif
 
 /* ---------------- activations (bit-identical to the scalar quantizer) ---------------- */
 static void K(quantize_act)(const float *x, int n, int qb, int8_t *qs, float *d, int16_t *bs) {
@@ -285,6 +335,7 @@ const hk2_kernels KERNELS = {
     .dot_q8_0 = K(dot_q8_0),
     .dot_q4_K = K(dot_q4_K),
     .dot_q6_K = K(dot_q6_K),
+    .dot_q4_0_r8 = K(dot_q4_0_r8),
     .quantize_act = K(quantize_act),
     .read_sum = K(read_sum),
 };

@@ -17,6 +17,25 @@ static void dot_q4_0(int n, const void *w, const hk2_arow *a, int na, float *s) 
     }
 }
 
+/* 8 interleaved rows; the same integer sums per block as dot_q4_0 */
+static void dot_q4_0_r8(int n, const void *w, const hk2_arow *a, int na, float *s) {
+    const block_q4_0x8 *x = w;
+    for (int j = 0; j < na; j++)
+        for (int r = 0; r < HK2_R8; r++) {
+            float sum = 0.0f;
+            for (int b = 0; b < n / HK2_QK; b++) {
+                const int8_t *y = a[j].qs + b * HK2_QK;
+                int sumi = 0;
+                for (int l = 0; l < HK2_QK / 2; l++) {
+                    const uint8_t q = x[b].qs[32 * (l / 4) + 4 * r + l % 4];
+                    sumi += ((q & 0xF) - 8) * y[l] + ((q >> 4) - 8) * y[l + HK2_QK / 2];
+                }
+                sum += hk2_fp16_to_fp32(x[b].d[r]) * a[j].d[b] * (float)sumi;
+            }
+            s[HK2_R8 * j + r] = sum;
+        }
+}
+
 static void dot_q8_0(int n, const void *w, const hk2_arow *a, int na, float *s) {
     const block_q8_0 *x = w;
     for (int j = 0; j < na; j++) {
@@ -98,6 +117,7 @@ const hk2_kernels hk2_kernels_scalar = {
     .dot_q8_0 = dot_q8_0,
     .dot_q4_K = dot_q4_K,
     .dot_q6_K = dot_q6_K,
+    .dot_q4_0_r8 = dot_q4_0_r8,
     .quantize_act = hk2_quantize_act_scalar,
     .read_sum = read_sum,
 };

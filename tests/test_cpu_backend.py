@@ -6,6 +6,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 import hybrid_k2
+from hybrid_k2 import kernels
 from hybrid_k2.checkpoint import open_checkpoint
 from hybrid_k2.checkpoint.quantize import fp8_block_quantize, int4_group_quantize, save_safetensors
 from hybrid_k2.demo import ensure_demo
@@ -118,10 +119,10 @@ def test_int4_experts_become_q4_0_losslessly(tmp_path, demo_dir):
     eng = hybrid_k2.load(tmp_path, device="cpu", experts="cpu")   # INT4 -> q4_0 by default
     with open_checkpoint(tmp_path) as ck:
         for layer, w in eng.experts.layers.items():
-            assert w.gate_type.name == "Q4_0"
+            assert w.gate_type.name == "Q4_0_R8"   # Q4_0 in the kernels' 8-row layout
             for e in (0, 7, 15):
                 name = f"model.layers.{layer}.mlp.experts.{e}.down_proj.weight"
-                deq = quants.dequantize(w._down[e], QT.Q4_0)
+                deq = kernels.dequantize(w._down[e], "Q4_0_R8")
                 assert np.array_equal(deq, ck.get(name).numpy()), name   # bit-exact: no requantization
     eng.close()
 

@@ -26,7 +26,29 @@ from hybrid_k2 import kernels as K
 from hybrid_k2._kernels_build import build_shared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ACT_QB = {"Q4_0": 32, "Q8_0": 32, "Q4_K": 256, "Q6_K": 256}
+ACT_QB = {"Q4_0": 32, "Q8_0": 32, "Q4_K": 256, "Q6_K": 256, "Q4_0_R8": 32}
+
+
+def unpack_r8(r8: np.ndarray) -> np.ndarray:
+    """Q4_0_R8 bytes [..., rows, row_bytes] back to GGUF Q4_0, from the layout's definition in csrc/hk2.h:
+    per block of 8 rows, 8 fp16 scales then byte 32c + 4r + i = row r's qs[4c + i]."""
+    *lead, rows, rb = r8.shape
+    g = r8.reshape(-1, rows // 8, rb // 18, 144)                      # [.., group, block, 144]
+    d = g[..., :16].reshape(*g.shape[:3], 8, 2)                        # [.., group, block, row, 2]
+    qs = g[..., 16:].reshape(*g.shape[:3], 4, 8, 4).swapaxes(-3, -2)   # [.., group, block, row, c, 4]
+    q4 = np.concatenate([d, qs.reshape(*qs.shape[:4], 16)], axis=-1)   # [.., group, block, row, 18]
+    return np.ascontiguousarray(q4.transpose(0, 1, 3, 2, 4)).reshape(*lead, rows, rb)
+
+
+def gguf_dequantize(blocks: np.ndarray, qt: str) -> np.ndarray:
+    """The gguf package's dequantizer (Q4_0_R8 unpacked to Q4_0 first)."""
+    if qt == "Q4_0_R8":
+        blocks, qt = unpack_r8(blocks), "Q4_0"
+    return gguf.quants.dequantize(blocks, GQT[qt])
+
+
+def quantize_as(x: np.ndarray, qt: str) -> np.ndarray:
+    return K.repack(K.quantize(x, "Q4_0"), "Q4_0") if qt == "Q4_0_R8" else K.quantize(x, qt)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -113,8 +135,8 @@ def make_experts(rng, gate_type: str, down_type: str, E: int, H: int, I: int) ->
     gate = (rng.standard_normal((E, I, H)) * 0.05).astype(np.float32)
     up = (rng.standard_normal((E, I, H)) * 0.05).astype(np.float32)
     down = (rng.standard_normal((E, H, I)) * 0.05).astype(np.float32)
-    qg, qu, qd = K.quantize(gate, gate_type), K.quantize(up, gate_type), K.quantize(down, down_type)
-    deq = lambda q, t: gguf.quants.dequantize(q, GQT[t]).astype(np.float64)
+    qg, qu, qd = quantize_as(gate, gate_type), quantize_as(up, gate_type), quantize_as(down, down_type)
+    deq = lambda q, t: gguf_dequantize(q, t).astype(np.float64)
     return {"layer": K.ExpertWeights(qg, qu, qd, gate_type, down_type=down_type),
             "gate": deq(qg, gate_type), "up": deq(qu, gate_type), "down": deq(qd, down_type),
             "gate_type": gate_type, "down_type": down_type, "raw": (qg, qu, qd)}
@@ -194,6 +216,9 @@ MOE_CASES = [  # gate/up type, down type, E, H, I
     ("Q6_K", "Q4_K", 4, 512, 256),
     ("Q4_K", "Q4_K", 4, 256, 256),
     ("Q8_0", "Q6_K", 4, 256, 256),
+    ("Q4_0_R8", "Q4_0_R8", 8, 96, 64),
+    ("Q4_0_R8", "Q6_K", 4, 256, 256),
+    ("Q8_0", "Q4_0_R8", 6, 320, 192),
 ]
 
 
@@ -210,7 +235,7 @@ def test_moe_forward_matches_reference(variants, gate_type, down_type, E, H, I, 
         assert_close_to_reference(lib.moe_forward(w["layer"], x, ids, weights), ref, f"{label} T={T}")
 
 
-@pytest.mark.parametrize("gate_type", ["Q4_0", "Q8_0"])
+@pytest.mark.parametrize("gate_type", ["Q4_0", "Q8_0", "Q4_0_R8"])
 def test_moe_forward_prefill_512_tokens(variants, gate_type):
     rng = np.random.default_rng(5)
     w = make_experts(rng, gate_type, gate_type, 8, 96, 64)
@@ -218,13 +243,13 @@ def test_moe_forward_prefill_512_tokens(variants, gate_type):
     ids, weights = routing(rng, 512, 8, 4, repeats=False)
     ref = moe_reference(w, x, ids, weights)
     for label, lib, isa in variants:
-        if label.startswith("simde") and gate_type == "Q8_0":
+        if label.startswith("simde") and gate_type != "Q4_0":
             continue  # the emulated AVX-512 runs the 512-token case once (Q4_0), to stay fast
         lib.set_isa(isa)
         assert_close_to_reference(lib.moe_forward(w["layer"], x, ids, weights), ref, f"{label} T=512")
 
 
-@pytest.mark.parametrize("gate_type,down_type", [("Q4_0", "Q4_0"), ("Q4_K", "Q6_K")])
+@pytest.mark.parametrize("gate_type,down_type", [("Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("Q4_0_R8", "Q4_0_R8")])
 def test_results_do_not_depend_on_thread_count(gate_type, down_type):
     rng = np.random.default_rng(6)
     w = make_experts(rng, gate_type, down_type, 8, 512, 512)
@@ -475,7 +500,7 @@ def test_read_probe_reads_every_byte():
 
 def linear_reference(blocks: np.ndarray, qt: str, x: np.ndarray) -> np.ndarray:
     """float64: activations as the kernels quantize them, times the gguf-dequantized weight."""
-    w = gguf.quants.dequantize(blocks, GQT[qt]).astype(np.float64)
+    w = gguf_dequantize(blocks, qt).astype(np.float64)
     return act_roundtrip(x, ACT_QB[qt]) @ w.T
 
 
@@ -492,13 +517,15 @@ LINEAR_CASES = [  # type, K (row length), N (output rows, odd)
     ("Q4_0", 512, 33),
     ("Q4_K", 512, 45),
     ("Q6_K", 256, 45),
+    ("Q4_0_R8", 160, 64),
+    ("Q4_0_R8", 512, 24),
 ]
 
 
 @pytest.mark.parametrize("qt,Kd,N", LINEAR_CASES)
 def test_linear_matches_reference(variants, qt, Kd, N):
     rng = np.random.default_rng(zlib.crc32(f"linear{qt}{Kd}".encode()))
-    blocks = K.quantize((rng.standard_normal((N, Kd)) * 0.05).astype(np.float32), qt)
+    blocks = quantize_as((rng.standard_normal((N, Kd)) * 0.05).astype(np.float32), qt)
     x = rng.standard_normal((64, Kd)).astype(np.float32)
     for T in (1, 2, 3, 4, 5, 7, 31, 33, 64):
         ref = linear_reference(blocks, qt, x[:T])
@@ -656,3 +683,59 @@ def test_linear_and_moe_from_two_python_threads():
     for t in threads:
         t.join()
     assert not bad
+
+
+# ---------------------------------------------------------------- Q4_0_R8 (repacked Q4_0)
+
+def test_repack_layout_and_dequantize():
+    rng = np.random.default_rng(11)
+    q = K.quantize((rng.standard_normal((3, 16, 160)) * 0.05).astype(np.float32), "Q4_0")
+    r8 = K.repack(q, "Q4_0")
+    assert r8.shape == q.shape and not np.array_equal(r8, q)
+    np.testing.assert_array_equal(unpack_r8(r8), q)                        # the documented layout
+    np.testing.assert_array_equal(K.dequantize(r8, "Q4_0_R8"), gguf.quants.dequantize(q, GQT.Q4_0))
+    out = np.zeros_like(q)
+    view = out[1]
+    assert K.repack(q[1], "Q4_0", out=view) is view
+    np.testing.assert_array_equal(out[1], r8[1])
+
+
+def test_repack_bad_arguments():
+    q = K.quantize(np.ones((16, 64), np.float32), "Q4_0")
+    with pytest.raises(ValueError, match="12 rows is not a multiple of 8"):
+        K.repack(q[:12], "Q4_0")
+    with pytest.raises(ValueError, match="Q8_0 has no repacked layout"):
+        K.repack(K.quantize(np.ones((8, 64), np.float32), "Q8_0"), "Q8_0")
+    with pytest.raises(ValueError, match="overlaps"):
+        K.repack(q, "Q4_0", out=q)
+    with pytest.raises(ValueError, match="out: shape"):
+        K.repack(q, "Q4_0", out=np.empty((8, 36), np.uint8))
+    with pytest.raises(ValueError, match="quantize to Q4_0 and repack"):
+        K.quantize(np.ones((8, 64), np.float32), "Q4_0_R8")
+    r8 = K.repack(q, "Q4_0")
+    with pytest.raises(ValueError, match="12 rows is not a multiple of the Q4_0_R8 row group 8"):
+        K.dequantize(r8[:12], "Q4_0_R8")
+    with pytest.raises(ValueError, match="12 rows is not a multiple of the Q4_0_R8 row group"):
+        K.linear(r8[:12], "Q4_0_R8", np.ones((1, 64), np.float32))
+    lib = K._default   # the C side refuses too
+    with pytest.raises(K.KernelError, match="not a multiple of 8"):
+        lib._check(lib.lib.hk2_repack_q4_0_r8(lib._ptr(q, "const void *"), 12, 64, lib._ptr(r8, "void *")), "repack")
+    with pytest.raises(K.KernelError, match="row group 8"):
+        lib._check(lib.lib.hk2_linear(1002, lib._ptr(r8, "const void *"), 12, 64, 1,
+                                      lib._ptr(np.ones(64, np.float32), "const float *"),
+                                      lib._ptr(np.empty(12, np.float32), "float *")), "linear")
+
+
+def test_expert_weights_repacked_runs_the_same_experts():
+    rng = np.random.default_rng(12)
+    w = make_experts(rng, "Q4_0", "Q8_0", 4, 96, 64)
+    layer = w["layer"]
+    r = layer.repacked()
+    assert (r.gate_type.name, r.up_type.name, r.down_type.name) == ("Q4_0_R8", "Q4_0_R8", "Q8_0")
+    assert r.blocks("down") is layer.blocks("down")                         # nothing to repack: not copied
+    np.testing.assert_array_equal(unpack_r8(r.blocks("gate")), w["raw"][0])
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    ids, weights = routing(rng, 5, 4, 2, repeats=False)
+    assert_close_to_reference(K.moe_forward(r, x, ids, weights), moe_reference(w, x, ids, weights), "repacked")
+    with pytest.raises(ValueError, match="must share a row layout"):
+        K.ExpertWeights(r.blocks("gate"), w["raw"][1], w["raw"][2], "Q4_0_R8", "Q4_0", "Q8_0")

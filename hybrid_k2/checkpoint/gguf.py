@@ -13,6 +13,7 @@ The layout and metadata follow llama.cpp (src/models/deepseek2.cpp `load_arch_hp
 """
 from __future__ import annotations
 
+import mmap
 import os
 import re
 
@@ -495,6 +496,19 @@ class GGUFCheckpoint(Checkpoint):
                 data = data.view(np.uint8)
             out[kind] = (data[:, r0:r1], int(t.tensor_type))
         return out
+
+    def release_experts(self, layer: int) -> None:
+        """Drop a layer's expert pages from this process's RSS once they have been copied out (they stay in
+        the page cache); views stay valid and fault the pages back in if read."""
+        r, st = self._reader, self._stacks.get(layer)
+        mm = getattr(getattr(r, "data", None), "_mmap", None)
+        if st is None or mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        base = r.data.ctypes.data
+        for t, _, _ in {id(v[0]): v for v in st.values()}.values():
+            begin = t.data.ctypes.data - base
+            start = begin // mmap.PAGESIZE * mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, start, begin + t.data.nbytes - start)
 
     def close(self) -> None:
         r = getattr(self, "_reader", None)
