@@ -213,12 +213,12 @@ def forward_batch(net: Transformer, ids: torch.Tensor) -> torch.Tensor:
     check_forward_batch() asserts this equals Transformer.forward sequence by sequence.
     """
     B, T = ids.shape
-    cos, sin = net._rope[0][:T], net._rope[1][:T]
+    rope = net._rope[:T]
     caches = [TrainCache(T) for _ in range(B)]
     h = net.model.embed_tokens(ids)
     for layer in net.model.layers:
         a = layer.input_layernorm(h)
-        h = h + torch.stack([layer.self_attn(a[b], 0, cos, sin, caches[b], False) for b in range(B)])
+        h = h + torch.stack([layer.self_attn(a[b], 0, rope, caches[b], False) for b in range(B)])
         h = h + layer.mlp(layer.post_attention_layernorm(h).reshape(B * T, -1)).view_as(h)
     return net.lm_head(net.model.norm(h)).float()
 

@@ -67,9 +67,13 @@ typedef struct {
 } hk2_moe_layer;
 
 /* y[t,:] = sum_k weights[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)),  e = ids[t,k].
- * x, y: [n_tokens, hidden] float32; ids: [n_tokens, top_k] int32; weights: [n_tokens, top_k] float32. */
+ * x, y: [n_tokens, hidden] float32; ids: [n_tokens, top_k] int32; weights: [n_tokens, top_k] float32.
+ * x and h = silu(g) * u are quantized to 8 bits on the fly; with HK2_MOE_H_RESIDUAL in flags h also
+ * carries its rounding residual as a second 8-bit row (~15 bits: the float model's top-1 tokens, for
+ * ~1-15% more decode time, ~60% more in prefill). */
+#define HK2_MOE_H_RESIDUAL 1
 int hk2_moe_forward(const hk2_moe_layer *layer, int64_t n_tokens, int64_t top_k,
-                    const float *x, const int32_t *ids, const float *weights, float *y);
+                    const float *x, const int32_t *ids, const float *weights, float *y, int flags);
 
 /* Dense layer: y[t, n] = sum_k W[n, k] * x[t, k] for W [n_rows, row_bytes(qtype, n_cols)] blocks (Q4_0, Q8_0,
  * Q4_K, Q6_K, Q4_0_R8), x [n_tokens, n_cols] and y [n_tokens, n_rows] float32 (not overlapping). x is quantized

@@ -6,7 +6,9 @@
  *   phase 0  (pool):   quantize each token's x once to the activation format of gate/up
  *   phase A  (pool):   work items = (expert, chunk of its inter rows); each item computes gate and
  *                      up rows for all tokens of the expert (weights unpacked once for up to
- *                      HK2_MAX_NA tokens), h = silu(g) * u, and quantizes h for down
+ *                      HK2_MAX_NA tokens), h = silu(g) * u, and quantizes h for down (with
+ *                      HK2_MOE_H_RESIDUAL in two 8-bit rows: h ~ q1 * d1 + q2 * d2, q2 the
+ *                      rounding residual of q1; see gate_up_item)
  *   phase B  (pool):   work items = chunks of the hidden rows; each item reads those down rows of
  *                      every selected expert once and accumulates w * (down_e . h) into y
  * At decode (one token) phase A is one list over the gate/up rows of all K experts, phase B one
@@ -42,7 +44,8 @@ typedef struct {
     const int32_t *grp_expert, *grp_start, *slot_token;
     const float *slot_weight;
     /* activations */
-    uint8_t *act_gate, *act_up, *act_h;
+    uint8_t *act_gate, *act_up, *act_h;  /* act_h: rows hr*s .. hr*s+hr-1 are slot s's h (and its residual) */
+    int hr;                              /* act_h rows per slot: 1, or 2 with HK2_MOE_H_RESIDUAL */
     float *hbuf;  /* per thread: h of one phase-A item, [tokens of the expert][chunk rows] */
     size_t hbuf_stride;
     size_t act_x_stride, act_h_stride;
@@ -100,25 +103,41 @@ static void gate_up_item(const moe_job *j, int ith, int g, int64_t r0, int64_t r
             }
         }
     }
-    for (int s = 0; s < ns; s++)
-        act_quantize_into(j->k, h + s * cw, (int)cw, j->qb_down, j->act_h + (size_t)(first + s) * j->act_h_stride, j->I, r0);
+    /* h = silu(g) * u is heavy-tailed (a few large values set each block's scale), so one 8-bit row
+     * loses most of the small values; it is the largest error between these kernels and the float
+     * model. The rounding residual quantized again carries h at ~15 bits, for one more activation
+     * row in down's dot calls, where the weights are already unpacked. */
+    for (int s = 0; s < ns; s++) {
+        uint8_t *row = j->act_h + (size_t)(j->hr * (first + s)) * j->act_h_stride;
+        float *hs = h + s * cw;
+        act_quantize_into(j->k, hs, (int)cw, j->qb_down, row, j->I, r0);
+        if (j->hr == 1) continue;
+        const hk2_arow q = hk2_act_row(row, j->I, j->qb_down);
+        for (int64_t i = 0; i < cw; i++) hs[i] -= q.d[(r0 + i) / j->qb_down] * (float)q.qs[r0 + i];
+        act_quantize_into(j->k, hs, (int)cw, j->qb_down, row + j->act_h_stride, j->I, r0);
+    }
 }
 
 static void down_item(const moe_job *j, int64_t r0, int64_t r1) {
     for (int64_t t = 0; t < j->T; t++) memset(j->y + t * j->H + r0, 0, sizeof(float) * (size_t)(r1 - r0));
     for (int g = 0; g < j->G; g++) {
         const uint8_t *down = j->L->down[j->grp_expert[g]];
-        for (int s0 = j->grp_start[g]; s0 < j->grp_start[g + 1]; s0 += HK2_MAX_NA) {
-            const int na = j->grp_start[g + 1] - s0 < HK2_MAX_NA ? j->grp_start[g + 1] - s0 : HK2_MAX_NA;
-            hk2_arow ah[HK2_MAX_NA];
-            for (int t = 0; t < na; t++) ah[t] = hk2_act_row(j->act_h + (size_t)(s0 + t) * j->act_h_stride, j->I, j->qb_down);
+        const int hr = j->hr, per_call = HK2_MAX_NA / hr;
+        for (int s0 = j->grp_start[g]; s0 < j->grp_start[g + 1]; s0 += per_call) {
+            const int ns = j->grp_start[g + 1] - s0 < per_call ? j->grp_start[g + 1] - s0 : per_call;
+            hk2_arow ah[HK2_MAX_NA];  /* per slot: h's 8-bit row (then its residual's) */
+            for (int i = 0; i < hr * ns; i++) ah[i] = hk2_act_row(j->act_h + (size_t)(hr * s0 + i) * j->act_h_stride, j->I, j->qb_down);
             const int R = j->rg_down;
             for (int64_t r = r0; r < r1; r += R) {
                 float out[HK2_MAX_NA * HK2_R8];
-                j->dot_down((int)j->I, down + r * j->down_rb, ah, na, out);
-                for (int t = 0; t < na; t++) {
+                j->dot_down((int)j->I, down + r * j->down_rb, ah, hr * ns, out);
+                for (int t = 0; t < ns; t++) {
                     float *yt = j->y + (int64_t)j->slot_token[s0 + t] * j->H + r;
-                    for (int i = 0; i < R; i++) yt[i] += j->slot_weight[s0 + t] * out[t * R + i];
+                    const float *o = out + hr * t * R;
+                    if (hr == 1)
+                        for (int i = 0; i < R; i++) yt[i] += j->slot_weight[s0 + t] * o[i];
+                    else
+                        for (int i = 0; i < R; i++) yt[i] += j->slot_weight[s0 + t] * (o[i] + o[R + i]);
                 }
             }
         }
@@ -195,8 +214,10 @@ static int check_layer(const hk2_moe_layer *L) {
 }
 
 int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x, const int32_t *ids,
-                    const float *weights, float *y) {
+                    const float *weights, float *y, int flags) {
     hk2_clear_error();
+    if (flags & ~HK2_MOE_H_RESIDUAL) return hk2_fail(HK2_EINVAL, "flags=%d has unknown bits", flags);
+    const int hr = flags & HK2_MOE_H_RESIDUAL ? 2 : 1;
     int err = check_layer(L);
     if (err) return err;
     if (T < 0 || T > MAX_DIM) return hk2_fail(HK2_ESHAPE, "n_tokens=%lld out of range", (long long)T);
@@ -231,7 +252,7 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
     while (cb > 16 && (H + cb - 1) / cb < 4 * nth) cb /= 2;
 
     /* workspace layout: counts[E] | grp_expert[N] | grp_start[N+1] | slot_token[N] | slot_weight[N] |
-     *                   slot_of[N] | act_gate[T] | act_up[T] | act_h[N] | hbuf[nth][T * ca] */
+     *                   slot_of[N] | act_gate[T] | act_up[T] | act_h[hr * N] | hbuf[nth][T * ca] */
     const size_t hbuf_stride = align_up(sizeof(float) * (size_t)T * (size_t)ca) / sizeof(float);
     size_t off = 0, o_cnt, o_ge, o_gs, o_st, o_sw, o_so, o_ag, o_au, o_ah, o_hb;
     o_cnt = off; off = align_up(off + sizeof(int32_t) * (size_t)(E + 1));
@@ -242,7 +263,7 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
     o_so = off; off = align_up(off + sizeof(int32_t) * (size_t)N);
     o_ag = off; off += act_x_stride * (size_t)T;
     o_au = off; off += separate_up ? act_x_stride * (size_t)T : 0;
-    o_ah = off; off += act_h_stride * (size_t)N;
+    o_ah = off; off += act_h_stride * (size_t)(hr * N);
     o_hb = off; off += sizeof(float) * hbuf_stride * (size_t)nth;
     uint8_t *ws = workspace(off);
     if (!ws) {
@@ -291,7 +312,7 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
     *job = (moe_job){
         .L = L, .k = k, .x = x, .y = y, .T = T, .H = H, .I = I, .G = G,
         .grp_expert = grp_expert, .grp_start = grp_start, .slot_token = slot_token, .slot_weight = slot_weight,
-        .act_gate = ws + o_ag, .act_up = separate_up ? ws + o_au : ws + o_ag, .act_h = ws + o_ah,
+        .act_gate = ws + o_ag, .act_up = separate_up ? ws + o_au : ws + o_ag, .act_h = ws + o_ah, .hr = hr,
         .act_x_stride = act_x_stride, .act_h_stride = act_h_stride,
         .qb_gate = qb_gate, .qb_up = qb_up, .qb_down = qb_down,
         .gate_rb = (size_t)hk2_row_bytes(L->gate_type, H), .up_rb = (size_t)hk2_row_bytes(L->up_type, H),

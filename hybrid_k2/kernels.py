@@ -28,7 +28,7 @@ except ImportError:  # torch is a dependency of the engine, not of the kernels
 
 __all__ = [
     "QType", "QTYPES", "WEIGHT_QTYPES", "qtype", "ExpertWeights", "KernelLib", "KernelError",
-    "quantize", "quantize_activations", "dequantize", "repack", "moe_forward", "linear", "set_threads", "get_threads", "isa", "set_isa",
+    "quantize", "quantize_activations", "dequantize", "repack", "moe_forward", "linear", "bind_linear", "BoundLinear", "set_threads", "get_threads", "isa", "set_isa",
     "isa_supported", "read_probe",
 ]
 
@@ -59,6 +59,9 @@ QTYPES: dict[str, QType] = {
 }
 WEIGHT_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_0_R8")
 REPACKED = {"Q4_0": "Q4_0_R8"}  # GGUF type -> the kernel layout it repacks to
+# moe_forward carries h at ~15 bits for calls of up to this many tokens: decode's top-1 tokens then match the
+# float model's (8-bit h flips ~2% of a weakly trained model's); in prefill it would cost ~60% more time.
+H_RESIDUAL_MAX_TOKENS = 16
 _BY_ID = {q.id: q for q in QTYPES.values()}
 
 
@@ -157,6 +160,22 @@ def _cols_from_row_bytes(t: QType, rb: int, arg: str) -> int:
     if rb <= 0 or rb % t.block_bytes:
         raise ValueError(f"{arg}: {rb} bytes per row is not a multiple of the {t.name} block of {t.block_bytes} bytes")
     return rb // t.block_bytes * t.block_size
+
+
+def _check_linear_weights(wa: np.ndarray, t: QType) -> tuple[int, int]:
+    """(rows, columns) of a dense weight matrix in blocks, after checking it."""
+    if t.name not in WEIGHT_QTYPES:
+        raise ValueError(f"qtype: {t.name} is not a weight type ({', '.join(WEIGHT_QTYPES)})")
+    _check_array(wa, "weight_blocks", np.uint8, ndim=2)
+    N, rb = wa.shape
+    if N == 0:
+        raise ValueError("weight_blocks: no rows")
+    K = _cols_from_row_bytes(t, rb, "weight_blocks")
+    if N % t.row_group:
+        raise ValueError(f"weight_blocks: {N} rows is not a multiple of the {t.name} row group {t.row_group}")
+    if wa.ctypes.data % 2:
+        raise ValueError("weight_blocks: data is not 2-byte aligned (blocks hold fp16 scales)")
+    return N, K
 
 
 # ---------------------------------------------------------------- weights
@@ -365,11 +384,14 @@ class KernelLib:
         return out
 
     # ---- MoE
-    def moe_forward(self, layer: ExpertWeights, x: Any, ids: Any, weights: Any, out: Any = None):
+    def moe_forward(self, layer: ExpertWeights, x: Any, ids: Any, weights: Any, out: Any = None, *,
+                    h_residual: bool | None = None):
         """y[t] = sum_k weights[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t,k].
 
         x float32 [T,H]; ids int32/int64 [T,K]; weights float32 [T,K]; returns float32 [T,H]
-        (a torch tensor when x is one). `out` (float32 [T,H]) is written in place if given."""
+        (a torch tensor when x is one). `out` (float32 [T,H]) is written in place if given.
+        h_residual: carry h = silu(g) * u at ~15 bits (an 8-bit row plus its residual's) instead of 8; the
+        default does so for calls of up to H_RESIDUAL_MAX_TOKENS tokens (decode), where it costs little."""
         if not isinstance(layer, ExpertWeights):
             raise TypeError(f"layer: expected ExpertWeights, got {type(layer).__name__}")
         x_is_torch = torch is not None and isinstance(x, torch.Tensor)
@@ -399,9 +421,11 @@ class KernelLib:
             oa = _as_numpy(out, "out")
             _check_array(oa, "out", np.float32, ndim=2, shape=(T, layer.hidden), writable=True)
             result = out
+        if h_residual is None:
+            h_residual = T <= H_RESIDUAL_MAX_TOKENS
         rc = self.lib.hk2_moe_forward(layer._cstruct(self), T, K, self._ptr(xa, "const float *"),
                                       self._ptr(ia, "const int32_t *"), self._ptr(wa, "const float *"),
-                                      self._ptr(oa, "float *"))
+                                      self._ptr(oa, "float *"), self.lib.HK2_MOE_H_RESIDUAL if h_residual else 0)
         self._check(rc, "moe_forward")
         return result
 
@@ -413,18 +437,8 @@ class KernelLib:
         x float32 [T, K]; returns float32 [T, N] (a torch tensor when x is one). x is quantized to
         8 bits on the fly, as for the experts. `out` (float32 [T, N]) is written in place if given."""
         t = qtype(qtype_)
-        if t.name not in WEIGHT_QTYPES:
-            raise ValueError(f"qtype: {t.name} is not a weight type ({', '.join(WEIGHT_QTYPES)})")
         wa = _as_numpy(weight_blocks, "weight_blocks")
-        _check_array(wa, "weight_blocks", np.uint8, ndim=2)
-        N, rb = wa.shape
-        if N == 0:
-            raise ValueError("weight_blocks: no rows")
-        K = _cols_from_row_bytes(t, rb, "weight_blocks")
-        if N % t.row_group:
-            raise ValueError(f"weight_blocks: {N} rows is not a multiple of the {t.name} row group {t.row_group}")
-        if wa.ctypes.data % 2:
-            raise ValueError("weight_blocks: data is not 2-byte aligned (blocks hold fp16 scales)")
+        N, K = _check_linear_weights(wa, t)
         x_is_torch = torch is not None and isinstance(x, torch.Tensor)
         xa = _as_numpy(x, "x")
         if xa.ndim == 2 and xa.shape[1] != K:
@@ -444,6 +458,14 @@ class KernelLib:
                                  self._ptr(oa, "float *"))
         self._check(rc, "linear")
         return result
+
+    def bind_linear(self, weight_blocks: Any, qtype_: Any) -> "BoundLinear":
+        """A weight matrix checked once, for many `linear` calls on CPU float32 torch inputs (decode calls
+        it hundreds of times per token, so the per-call checks are kept to what the input can change)."""
+        t = qtype(qtype_)
+        wa = _as_numpy(weight_blocks, "weight_blocks")
+        _check_linear_weights(wa, t)
+        return BoundLinear(self, wa, t)
 
     # ---- threads, ISA, probe
     def set_threads(self, n: int) -> None:
@@ -470,6 +492,28 @@ class KernelLib:
         return int(self.lib.hk2_read_probe(self._ptr(buf, "const void *"), buf.nbytes))
 
 
+class BoundLinear:
+    """y = x @ W.T for one weight matrix in blocks (see KernelLib.bind_linear); x a CPU float32 torch tensor
+    [T, in_features] (other inputs take the checked path of KernelLib.linear)."""
+
+    def __init__(self, lib: KernelLib, blocks: np.ndarray, t: QType):
+        self.lib, self.blocks, self.qtype = lib, blocks, t
+        self.out_features, self.in_features = blocks.shape[0], _cols_from_row_bytes(t, blocks.shape[1], "blocks")
+        self._w = lib.ffi.cast("const void *", blocks.ctypes.data)
+
+    def __call__(self, x: Any) -> Any:
+        if not (torch is not None and isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.dim() == 2
+                and x.device.type == "cpu" and x.shape[1] == self.in_features and x.is_contiguous()
+                and not x.requires_grad):
+            return self.lib.linear(self.blocks, self.qtype, x)
+        y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+        ffi = self.lib.ffi
+        rc = self.lib.lib.hk2_linear(self.qtype.id, self._w, self.out_features, self.in_features, x.shape[0],
+                                     ffi.cast("const float *", x.data_ptr()), ffi.cast("float *", y.data_ptr()))
+        self.lib._check(rc, "linear")
+        return y
+
+
 def _load_default() -> KernelLib:
     from hybrid_k2 import _kernels
     lib = KernelLib(_kernels.ffi, _kernels.lib)
@@ -492,6 +536,7 @@ dequantize = _default.dequantize
 repack = _default.repack
 moe_forward = _default.moe_forward
 linear = _default.linear
+bind_linear = _default.bind_linear
 set_threads = _default.set_threads
 get_threads = _default.get_threads
 isa = _default.isa

@@ -203,6 +203,9 @@ def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bo
                                                  threads=threads, progress=bar, policy=cache_policy,
                                                  prefetch=prefetch, lookahead=lookahead)
         from .experts.cpu import CPUExperts
-        return CPUExperts.from_checkpoint(ckpt, cfg, expert_format, threads=threads, progress=bar)
+        # Overlap runs the experts in a worker while the accelerator computes the shared expert; on a CPU
+        # device both would share the same cores (and the kernels' pool), so it would only add a handoff.
+        return CPUExperts.from_checkpoint(ckpt, cfg, expert_format, threads=threads, progress=bar,
+                                          overlap=torch.device(device).type != "cpu")
     finally:
         bar.close()

@@ -23,13 +23,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) in fp32, then the weight in x's dtype (as HF); one fused op in fp32
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
-def rope_tables(cfg: ModelConfig, max_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_len, rope_dim/2] with YaRN frequency blending and attention factor."""
+def rope_tables(cfg: ModelConfig, max_len: int, device=None) -> torch.Tensor:
+    """complex64 [max_len, rope_dim/2]: (cos + i sin) * attention factor, with YaRN frequency blending."""
     dim, base, rs = cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     attn_factor = 1.0
@@ -53,18 +54,15 @@ def rope_tables(cfg: ModelConfig, max_len: int, device=None) -> tuple[torch.Tens
             attn_factor = yarn_mscale(rs.factor)
     t = torch.arange(max_len, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
-    return (freqs.cos() * attn_factor).to(device), (freqs.sin() * attn_factor).to(device)
+    return torch.complex(freqs.cos() * attn_factor, freqs.sin() * attn_factor).to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) as the checkpoint stores them. x: [T, ..., d]; cos/sin: [T, d/2]."""
-    shape = x.shape
-    xf = x.float().reshape(*shape[:-1], -1, 2)
-    while cos.dim() < xf.dim() - 1:
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.reshape(shape).to(x.dtype)
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as the checkpoint stores them: one complex multiply.
+    x: [T, ..., d]; rope: complex [T, d/2]."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    rope = rope.view(rope.shape[0], *([1] * (xc.dim() - 2)), rope.shape[-1])
+    return torch.view_as_real(xc * rope).flatten(-2).to(x.dtype)
 
 
 class KVCache:
@@ -101,8 +99,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache, absorb: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, cache: KVCache, absorb: bool) -> torch.Tensor:
         T = x.shape[0]
         end = start_pos + T
         if hasattr(self, "q_proj"):
@@ -111,16 +108,18 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(T, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
+        q_pe = apply_rope(q_pe, rope)
         kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
         cache.kv[self.layer, start_pos:end] = self.kv_a_layernorm(kv)
-        cache.pe[self.layer, start_pos:end] = apply_rope(k_pe, cos, sin)
+        cache.pe[self.layer, start_pos:end] = apply_rope(k_pe, rope)
         kv_all, pe_all = cache.kv[self.layer, :end], cache.pe[self.layer, :end]
 
         wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
-        if absorb:  # decode: attend in the latent space, never materialising per-head K/V
-            q_lat = torch.einsum("thd,hdc->thc", q_nope, wkv_b[:, :self.nope])
-            scores = torch.einsum("thc,sc->ths", q_lat, kv_all) + torch.einsum("thr,sr->ths", q_pe, pe_all)
+        H = self.n_heads
+        if absorb:  # decode: attend in the latent space, never materialising per-head K/V (matmuls, not
+            # einsum: decode runs these per layer per token and einsum's parsing costs more than the math)
+            q_lat = torch.matmul(q_nope.transpose(0, 1), wkv_b[:, :self.nope]).transpose(0, 1)   # [T, H, kv_rank]
+            scores = (q_lat.reshape(T * H, -1) @ kv_all.T + q_pe.reshape(T * H, -1) @ pe_all.T).view(T, H, end)
         else:       # prefill: expand the latents to per-head keys/values once
             kv_full = self.kv_b_proj(kv_all).view(end, self.n_heads, self.nope + self.v_dim)
             k_nope, v = kv_full.split([self.nope, self.v_dim], dim=-1)
@@ -132,8 +131,8 @@ class MLA(nn.Module):
             scores = scores.masked_fill((pos_k[None, :] > pos_q[:, None])[:, None, :], float("-inf"))
         p = scores.softmax(dim=-1).to(x.dtype)
         if absorb:
-            o = torch.einsum("ths,sc->thc", p, kv_all)
-            o = torch.einsum("thc,hdc->thd", o, wkv_b[:, self.nope:])
+            o = (p.reshape(T * H, end) @ kv_all).view(T, H, -1)
+            o = torch.matmul(o.transpose(0, 1), wkv_b[:, self.nope:].transpose(1, 2)).transpose(0, 1)
         else:
             o = torch.einsum("ths,shd->thd", p, v)
         return self.o_proj(o.reshape(T, self.n_heads * self.v_dim))
@@ -207,8 +206,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, layer, experts) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, start_pos, cos, sin, cache, absorb):
-        x = x + self.self_attn(self.input_layernorm(x), start_pos, cos, sin, cache, absorb)
+    def forward(self, x, start_pos, rope, cache, absorb):
+        x = x + self.self_attn(self.input_layernorm(x), start_pos, rope, cache, absorb)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -226,7 +225,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.model = Backbone(cfg, experts)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope: torch.Tensor | None = None   # complex rotations per position (rope_tables)
 
     def set_experts(self, experts: ExpertBackend) -> None:
         for layer in self.model.layers:
@@ -240,7 +239,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, max_len: int) -> KVCache:
         p = self.model.embed_tokens.weight   # lm_head may be a QuantLinear; the embeddings stay float
-        if self._rope is None or self._rope[0].shape[0] < max_len or self._rope[0].device != p.device:
+        if self._rope is None or self._rope.shape[0] < max_len or self._rope.device != p.device:
             self._rope = rope_tables(self.cfg, max_len, p.device)
         return KVCache(self.cfg, max_len, p.device, p.dtype)
 
@@ -252,10 +251,10 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the cache of {cache.max_len}")
         if absorb is None:
             absorb = T == 1
-        cos, sin = (t[start_pos:start_pos + T] for t in self._rope)
+        rope = self._rope[start_pos:start_pos + T]
         h = self.model.embed_tokens(ids)
         for layer in self.model.layers:
-            h = layer(h, start_pos, cos, sin, cache, absorb)
+            h = layer(h, start_pos, rope, cache, absorb)
         if last_only:
             h = h[-1:]
         return self.lm_head(self.model.norm(h)).float()

@@ -82,6 +82,7 @@ class QuantLinear(nn.Module):
         if b.ctypes.data % 2:
             raise ValueError("blocks: data is not 2-byte aligned (blocks hold fp16 scales)")
         self.blocks = b
+        self._op = kernels.bind_linear(b, self.qtype)
         self._weight_ref = None
 
     # ---- use -------------------------------------------------------------------------------------
@@ -93,8 +94,10 @@ class QuantLinear(nn.Module):
         if x.device.type != "cpu":
             raise ValueError(f"x: tensor is on {x.device}; QuantLinear runs in the CPU kernels")
         lead = x.shape[:-1]
-        xf = x.detach().reshape(-1, self.in_features).to(torch.float32).contiguous()
-        y = kernels.linear(self.blocks, self.qtype, xf)
+        xf = x.detach().reshape(-1, self.in_features)
+        if xf.dtype != torch.float32 or not xf.is_contiguous():
+            xf = xf.to(torch.float32).contiguous()
+        y = self._op(xf)
         if self.bias is not None:
             y += self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)

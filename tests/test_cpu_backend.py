@@ -43,11 +43,11 @@ def greedy_decode(model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-# Only the kernels' 8-bit activation quantization (as llama.cpp does it) separates the two engines, ~1% per
-# MoE layer. On the trained demo (held-out loss 4.92 nats: still a flat next-token distribution at many
-# positions) the measured agreement is q8_0 0.973-0.984, q4_0 0.988 (the random-weight demo: 0.934 / 0.957).
-# The per-layer error bound below is the kernel check proper.
-@pytest.mark.parametrize("fmt,min_agree,layer_err", [("q8_0", 0.96, 0.02), ("q4_0", 0.96, 0.03)])
+# Only the kernels' 8-bit activations separate the two engines: x at 8 bits (Q8_0 blocks, as llama.cpp) and
+# h = silu(g) * u as an 8-bit row plus its residual's (~15 bits). On the trained demo the measured agreement
+# is 1.000 for q8_0 and q4_0; with h at 8 bits alone it was 0.973-0.984 / 0.988. Per MoE layer the relative
+# error on random inputs is 0.51-0.65% (q8_0 and q4_0 alike: it is x's rounding).
+@pytest.mark.parametrize("fmt,min_agree,layer_err", [("q8_0", 0.99, 0.01), ("q4_0", 0.99, 0.01)])
 def test_cpu_backend_matches_torch_on_same_gguf_weights(gguf_path, fmt, min_agree, layer_err):
     """Both engines read the same GGUF; torch dequantizes with the gguf package, cpu runs the blocks."""
     path = gguf_path(fmt)

@@ -95,6 +95,14 @@ def act_roundtrip(v: np.ndarray, qb: int) -> np.ndarray:
     return (q.astype(np.float32) * d[..., None]).reshape(v.shape).astype(np.float64)
 
 
+def act_roundtrip_2(v: np.ndarray, qb: int) -> np.ndarray:
+    """h for the down projection as the kernels carry it: an 8-bit row plus its rounding residual's 8-bit row."""
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    first = act_roundtrip(v, qb)
+    residual = (v - first.astype(np.float32)).astype(np.float32)
+    return first + act_roundtrip(residual, qb)
+
+
 def q8_k_reference(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q8_K as defined here: d = amax/127 (float32), q = round-half-away(x / d)."""
     b = v.reshape(*v.shape[:-1], -1, 256)
@@ -105,8 +113,11 @@ def q8_k_reference(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return d, q
 
 
-def moe_reference(w: dict, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def moe_reference(w: dict, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, h_residual: bool | None = None) -> np.ndarray:
+    """float64 MoE on the kernels' quantized activations; h_residual as kernels.moe_forward's (None: its default)."""
     T, H = x.shape
+    if h_residual is None:
+        h_residual = T <= K.H_RESIDUAL_MAX_TOKENS
     y = np.zeros((T, H))
     xq = act_roundtrip(x, ACT_QB[w["gate_type"]])
     for e in np.unique(ids):
@@ -114,7 +125,8 @@ def moe_reference(w: dict, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) 
         g = xq[t] @ w["gate"][e].T
         u = xq[t] @ w["up"][e].T
         h = (g / (1.0 + np.exp(-g)) * u).astype(np.float32)
-        out = act_roundtrip(h, ACT_QB[w["down_type"]]) @ w["down"][e].T
+        hq = act_roundtrip_2(h, ACT_QB[w["down_type"]]) if h_residual else act_roundtrip(h, ACT_QB[w["down_type"]])
+        out = hq @ w["down"][e].T
         np.add.at(y, t, weights[t, k][:, None] * out)
     return y
 
@@ -233,6 +245,31 @@ def test_moe_forward_matches_reference(variants, gate_type, down_type, E, H, I, 
     for label, lib, isa in variants:
         lib.set_isa(isa)
         assert_close_to_reference(lib.moe_forward(w["layer"], x, ids, weights), ref, f"{label} T={T}")
+
+
+@pytest.mark.parametrize("gate_type,down_type", [("Q4_0", "Q4_K"), ("Q8_0", "Q4_0_R8")])
+@pytest.mark.parametrize("T", [1, 40])
+def test_moe_forward_h_residual_on_and_off(variants, gate_type, down_type, T):
+    """Both settings at both call sizes against their own references; the residual brings h close to float."""
+    rng = np.random.default_rng(zlib.crc32(f"resid{gate_type}{T}".encode()))
+    w = make_experts(rng, gate_type, down_type, 6, 256, 256)
+    x = rng.standard_normal((T, 256)).astype(np.float32)
+    ids, weights = routing(rng, T, 6, 4, repeats=True)
+    refs = {r: moe_reference(w, x, ids, weights, h_residual=r) for r in (False, True)}
+    for label, lib, isa in variants:
+        lib.set_isa(isa)
+        for r in (False, True):
+            assert_close_to_reference(lib.moe_forward(w["layer"], x, ids, weights, h_residual=r), refs[r], f"{label} {r}")
+    # against float h (x still at 8 bits): the residual takes most of the down projection's error away
+    xq = act_roundtrip(x, ACT_QB[gate_type])
+    exact = np.zeros_like(refs[True])
+    for t in range(T):
+        for k in range(4):
+            e = ids[t, k]
+            g, u = w["gate"][e] @ xq[t], w["up"][e] @ xq[t]
+            exact[t] += weights[t, k] * (w["down"][e] @ (g / (1 + np.exp(-g)) * u))
+    err = {r: np.abs(refs[r] - exact).max() for r in (False, True)}
+    assert err[True] < 0.1 * err[False], err
 
 
 @pytest.mark.parametrize("gate_type", ["Q4_0", "Q8_0", "Q4_0_R8"])
@@ -401,15 +438,15 @@ def test_c_side_rejects_bad_arguments(small):
     y = np.empty_like(x)
     yp = ffi.cast("float *", y.ctypes.data)
     bad_ids = np.array([[0, 9], [1, 2]], np.int32)
-    assert lib.hk2_moe_forward(layer, 2, 2, xp, ffi.cast("int32_t *", bad_ids.ctypes.data), wp, yp) == lib.HK2_EID
+    assert lib.hk2_moe_forward(layer, 2, 2, xp, ffi.cast("int32_t *", bad_ids.ctypes.data), wp, yp, 0) == lib.HK2_EID
     assert b"ids[0, 1] = 9" in ffi.string(lib.hk2_last_error())
-    assert lib.hk2_moe_forward(layer, 2, 2, ffi.NULL, ffi.cast("int32_t *", ids.ctypes.data), wp, yp) == lib.HK2_EINVAL
-    assert lib.hk2_moe_forward(ffi.NULL, 2, 2, xp, ffi.cast("int32_t *", ids.ctypes.data), wp, yp) == lib.HK2_EINVAL
+    assert lib.hk2_moe_forward(layer, 2, 2, ffi.NULL, ffi.cast("int32_t *", ids.ctypes.data), wp, yp, 0) == lib.HK2_EINVAL
+    assert lib.hk2_moe_forward(ffi.NULL, 2, 2, xp, ffi.cast("int32_t *", ids.ctypes.data), wp, yp, 0) == lib.HK2_EINVAL
     bad = ffi.new("hk2_moe_layer *", layer[0])
     bad.down_type = lib.HK2_Q8_K
-    assert lib.hk2_moe_forward(bad, 2, 2, xp, ffi.cast("int32_t *", ids.ctypes.data), wp, yp) == lib.HK2_ETYPE
+    assert lib.hk2_moe_forward(bad, 2, 2, xp, ffi.cast("int32_t *", ids.ctypes.data), wp, yp, 0) == lib.HK2_ETYPE
     bad.down_type, bad.inter = lib.HK2_Q4_0, 48
-    assert lib.hk2_moe_forward(bad, 2, 2, xp, ffi.cast("int32_t *", ids.ctypes.data), wp, yp) == lib.HK2_ESHAPE
+    assert lib.hk2_moe_forward(bad, 2, 2, xp, ffi.cast("int32_t *", ids.ctypes.data), wp, yp, 0) == lib.HK2_ESHAPE
     assert b"down: row length 48" in ffi.string(lib.hk2_last_error())
     assert lib.hk2_quantize(lib.HK2_Q8_0, xp, 2, 95, ffi.cast("void *", y.ctypes.data)) == lib.HK2_ESHAPE
     assert lib.hk2_quantize(99, xp, 2, 96, ffi.cast("void *", y.ctypes.data)) == lib.HK2_ETYPE

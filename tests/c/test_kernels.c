@@ -122,9 +122,12 @@ static void act_roundtrip(const float *v, int n, int weight_type, float *out) {
     free(q);
 }
 
-static void reference(const experts *ex, int T, int K, const float *x, const int32_t *ids, const float *w, double *y) {
+/* residual: h as two 8-bit rows (HK2_MOE_H_RESIDUAL), h's and then its rounding residual's */
+static void reference(const experts *ex, int T, int K, const float *x, const int32_t *ids, const float *w, int residual,
+                      double *y) {
     const int H = ex->H, I = ex->I;
     float *xq = malloc(sizeof(float) * H), *h = malloc(sizeof(float) * I), *hq = malloc(sizeof(float) * I);
+    float *hr = malloc(sizeof(float) * I), *hrq = malloc(sizeof(float) * I);
     hk2_set_isa("scalar");
     memset(y, 0, sizeof(double) * (size_t)T * H);
     for (int t = 0; t < T; t++) {
@@ -138,15 +141,18 @@ static void reference(const experts *ex, int T, int K, const float *x, const int
                 h[i] = (float)(g / (1.0 + exp(-g)) * u);
             }
             act_roundtrip(h, I, ex->down_type, hq);
+            for (int c = 0; c < I; c++) hr[c] = h[c] - hq[c];
+            if (residual) act_roundtrip(hr, I, ex->down_type, hrq);
+            else memset(hrq, 0, sizeof(float) * I);
             for (int r = 0; r < H; r++) {
                 double s = 0;
                 const float *dr = ex->down_f + ((size_t)e * H + r) * I;
-                for (int c = 0; c < I; c++) s += (double)dr[c] * hq[c];
+                for (int c = 0; c < I; c++) s += (double)dr[c] * ((double)hq[c] + hrq[c]);
                 y[(size_t)t * H + r] += w[t * K + k] * s;
             }
         }
     }
-    free(xq); free(h); free(hq);
+    free(xq); free(h); free(hq); free(hr); free(hrq);
 }
 
 /* see tests/test_kernels.py: every token within 5e-3 of the scale, all but a few within 1e-5 */
@@ -180,26 +186,29 @@ static void test_moe(void) {
             float *x = malloc(sizeof(float) * T * H), *w = malloc(sizeof(float) * T * K);
             float *y = malloc(sizeof(float) * T * H), *y1 = malloc(sizeof(float) * T * H);
             int32_t *ids = malloc(sizeof(int32_t) * T * K);
-            double *ref = malloc(sizeof(double) * T * H);
+            double *ref = malloc(sizeof(double) * T * H), *ref_r = malloc(sizeof(double) * T * H);
             for (int i = 0; i < T * H; i++) x[i] = nrand();
             for (int i = 0; i < T * K; i++) { ids[i] = (int32_t)(urand() * ex.E); w[i] = (float)urand(); }
             ids[0 * K + 1] = ids[0 * K + 0];  /* an expert twice in one token */
-            reference(&ex, T, K, x, ids, w, ref);
+            reference(&ex, T, K, x, ids, w, 0, ref);
+            reference(&ex, T, K, x, ids, w, 1, ref_r);
             for (size_t ii = 0; ii < sizeof ISAS / sizeof ISAS[0]; ii++) {
                 if (hk2_isa_supported(ISAS[ii]) != 1) continue;
                 CHECK(hk2_set_isa(ISAS[ii]) == HK2_OK, "set_isa %s", ISAS[ii]);
-                for (int nt = 1; nt <= 3; nt++) {
-                    CHECK(hk2_set_threads(nt) == HK2_OK, "set_threads");
-                    float *out = nt == 1 ? y1 : y;
-                    CHECK(hk2_moe_forward(&ex.layer, T, K, x, ids, w, out) == HK2_OK, "moe_forward");
-                    if (nt == 1)
-                        CHECK(close_to_reference(out, ref, T, H), "case %zu T=%d isa=%s differs from the reference", c, T, ISAS[ii]);
-                    else
-                        CHECK(memcmp(y, y1, sizeof(float) * T * H) == 0, "case %zu T=%d isa=%s: %d threads differ from 1", c, T,
-                              ISAS[ii], nt);
-                }
+                for (int flags = 0; flags <= HK2_MOE_H_RESIDUAL; flags++)
+                    for (int nt = 1; nt <= 3; nt++) {
+                        CHECK(hk2_set_threads(nt) == HK2_OK, "set_threads");
+                        float *out = nt == 1 ? y1 : y;
+                        CHECK(hk2_moe_forward(&ex.layer, T, K, x, ids, w, out, flags) == HK2_OK, "moe_forward");
+                        if (nt == 1)
+                            CHECK(close_to_reference(out, flags ? ref_r : ref, T, H), "case %zu T=%d isa=%s flags=%d differs from the reference",
+                                  c, T, ISAS[ii], flags);
+                        else
+                            CHECK(memcmp(y, y1, sizeof(float) * T * H) == 0, "case %zu T=%d isa=%s: %d threads differ from 1", c, T,
+                                  ISAS[ii], nt);
+                    }
             }
-            free(x); free(w); free(y); free(y1); free(ids); free(ref);
+            free(x); free(w); free(y); free(y1); free(ids); free(ref); free(ref_r);
         }
         free_experts(&ex);
     }
@@ -212,32 +221,33 @@ static void test_bad_arguments(void) {
     float x[2 * 64], w[4] = {1, 1, 1, 1}, y[2 * 64];
     for (int i = 0; i < 128; i++) x[i] = nrand();
     int32_t ids[4] = {0, 1, 2, 3}, bad_ids[4] = {0, 1, 4, 3}, neg_ids[4] = {0, -1, 2, 3};
-    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, ids, w, y) == HK2_OK, "good call");
-    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, bad_ids, w, y) == HK2_EID, "id 4 of 4");
+    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, ids, w, y, 0) == HK2_OK, "good call");
+    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, bad_ids, w, y, 0) == HK2_EID, "id 4 of 4");
     CHECK(strstr(hk2_last_error(), "ids[1, 0] = 4") != NULL, "message names the id: %s", hk2_last_error());
-    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, neg_ids, w, y) == HK2_EID, "negative id");
-    CHECK(hk2_moe_forward(NULL, 2, 2, x, ids, w, y) == HK2_EINVAL, "null layer");
-    CHECK(hk2_moe_forward(&ex.layer, 2, 2, NULL, ids, w, y) == HK2_EINVAL, "null x");
-    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, ids, w, NULL) == HK2_EINVAL, "null y");
-    CHECK(hk2_moe_forward(&ex.layer, 2, 0, x, ids, w, y) == HK2_ESHAPE, "top_k 0");
-    CHECK(hk2_moe_forward(&ex.layer, -1, 2, x, ids, w, y) == HK2_ESHAPE, "negative tokens");
-    CHECK(hk2_moe_forward(&ex.layer, 0, 2, x, ids, w, y) == HK2_OK, "no tokens");
+    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, ids, w, y, 6) == HK2_EINVAL, "unknown flag bits");
+    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, neg_ids, w, y, 0) == HK2_EID, "negative id");
+    CHECK(hk2_moe_forward(NULL, 2, 2, x, ids, w, y, 0) == HK2_EINVAL, "null layer");
+    CHECK(hk2_moe_forward(&ex.layer, 2, 2, NULL, ids, w, y, 0) == HK2_EINVAL, "null x");
+    CHECK(hk2_moe_forward(&ex.layer, 2, 2, x, ids, w, NULL, 0) == HK2_EINVAL, "null y");
+    CHECK(hk2_moe_forward(&ex.layer, 2, 0, x, ids, w, y, 0) == HK2_ESHAPE, "top_k 0");
+    CHECK(hk2_moe_forward(&ex.layer, -1, 2, x, ids, w, y, 0) == HK2_ESHAPE, "negative tokens");
+    CHECK(hk2_moe_forward(&ex.layer, 0, 2, x, ids, w, y, 0) == HK2_OK, "no tokens");
     hk2_moe_layer bad = ex.layer;
     bad.gate_type = HK2_Q8_K;
-    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y) == HK2_ETYPE, "activation type as weights");
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y, 0) == HK2_ETYPE, "activation type as weights");
     bad = ex.layer;
     bad.hidden = 48;
-    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y) == HK2_ESHAPE, "hidden not a block multiple");
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y, 0) == HK2_ESHAPE, "hidden not a block multiple");
     bad = ex.layer;
     bad.down_type = HK2_Q4_K;  /* inter 64 is no multiple of 256 */
-    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y) == HK2_ESHAPE, "inter not a K block multiple");
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y, 0) == HK2_ESHAPE, "inter not a K block multiple");
     const void *null_ptrs[4] = {ex.gp[0], NULL, ex.gp[2], ex.gp[3]};
     bad = ex.layer;
     bad.gate = null_ptrs;
-    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y) == HK2_EINVAL, "null expert pointer");
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y, 0) == HK2_EINVAL, "null expert pointer");
     const void *odd_ptrs[4] = {ex.gp[0], (const uint8_t *)ex.gp[1] + 1, ex.gp[2], ex.gp[3]};
     bad.gate = odd_ptrs;
-    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y) == HK2_EINVAL, "odd expert pointer");
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y, 0) == HK2_EINVAL, "odd expert pointer");
     CHECK(hk2_set_threads(0) == HK2_EINVAL, "0 threads");
     CHECK(hk2_set_isa("sse9") == HK2_EISA, "unknown isa");
     CHECK(hk2_isa_supported("sse9") == HK2_EISA, "unknown isa name");
@@ -251,11 +261,11 @@ static void test_pool_lifecycle(void) {
     int32_t ids[6] = {0, 1, 2, 3, 3, 0};
     for (int i = 0; i < 192; i++) x[i] = nrand();
     CHECK(hk2_set_threads(1) == HK2_OK && hk2_get_threads() == 1, "1 thread");
-    CHECK(hk2_moe_forward(&ex.layer, 3, 2, x, ids, w, y0) == HK2_OK, "1-thread call");
+    CHECK(hk2_moe_forward(&ex.layer, 3, 2, x, ids, w, y0, 0) == HK2_OK, "1-thread call");
     for (int round = 0; round < 20; round++) {
         const int n = 1 + round % 5;
         CHECK(hk2_set_threads(n) == HK2_OK && hk2_get_threads() == n, "resize to %d", n);
-        CHECK(hk2_moe_forward(&ex.layer, 3, 2, x, ids, w, y) == HK2_OK, "call after resize");
+        CHECK(hk2_moe_forward(&ex.layer, 3, 2, x, ids, w, y, 0) == HK2_OK, "call after resize");
         CHECK(memcmp(y, y0, sizeof y) == 0, "result after resize to %d", n);
         if (round % 7 == 3) hk2_shutdown();  /* the next call rebuilds the pool */
     }
