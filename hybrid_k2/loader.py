@@ -51,9 +51,11 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
          vram_budget=None, ram_budget=None, threads: int | None = None, mode: str = "auto",
          record_routing=None, ctx: int | None = None, progress: bool | None = None, cache_slots: int | None = None,
          cache_policy: str = "score", prefetch: bool = True, lookahead: int = 1, record_hidden: bool = False,
-         dense_format: str | None = None) -> Engine:
+         dense_format: str | None = None, defer_experts: int = 0) -> Engine:
     """Load a model and return an `Engine`. See DESIGN.md for the meaning of each argument; `dense_format`
-    (None, 'native', 'q8_0', 'q4_0', device='cpu' only) keeps the non-expert matrices quantized (DENSE_FORMATS)."""
+    (None, 'native', 'q8_0', 'q4_0', device='cpu' only) keeps the non-expert matrices quantized (DENSE_FORMATS);
+    `defer_experts` (default 0, off) lets each decoded token's n lowest-weighted experts finish one layer late
+    (Transformer.set_deferral)."""
     if experts not in EXPERT_BACKENDS:
         raise ValueError(f"experts={experts!r}: expected one of {', '.join(EXPERT_BACKENDS)}")
     device = torch.device(device) if device is not None else default_device()
@@ -74,6 +76,7 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
             raise ValueError(f"ctx must be positive, got {ctx}")
         tokenizer = _load_tokenizer(ckpt, path)
         net = build_model(cfg, ckpt, device, dtype, progress, dense_format=dense_format)
+        net.set_deferral(defer_experts)   # checks the argument before the experts load
         backend = _load_experts(experts, ckpt, cfg, device, dtype, progress, expert_format, threads,
                                 vram_budget=vram_budget, ctx=ctx, cache_slots=cache_slots,
                                 cache_policy=cache_policy, prefetch=prefetch, lookahead=lookahead)

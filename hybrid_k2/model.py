@@ -190,11 +190,18 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         self.experts = experts
         self.recorder = None     # a RoutingRecorder when traces are asked for
+        self.defer = 0           # expert deferral (Transformer.set_deferral)
+        self.deferred = None     # waits for this layer's deferred experts; Transformer.forward collects it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)
         if self.recorder is not None:
             self.recorder.record(self.layer, ids, weights, x)
+        if self.defer and x.shape[0] == 1:   # decode: the lowest-weighted experts finish one layer late
+            weights, order = weights.sort(dim=-1, descending=True)
+            ids, k = ids.gather(-1, order), ids.shape[-1] - self.defer
+            self.deferred = self.experts.submit(self.layer, x, ids[:, k:], weights[:, k:])
+            ids, weights = ids[:, :k], weights[:, :k]
         return self.experts.run(self.layer, x, ids, weights, self.shared_experts)
 
 
@@ -232,6 +239,18 @@ class Transformer(nn.Module):
             if isinstance(layer.mlp, MoE):
                 layer.mlp.experts = experts
 
+    def set_deferral(self, n: int) -> None:
+        """KTransformers-style expert deferral, off (0) by default: at decode each token's n lowest-weighted
+        routed experts of layer L run while layer L+1 does, and their output joins the residual after layer
+        L+1 (not before it). With the CPU kernels in a worker and the layers on an accelerator the two overlap;
+        the cost is accuracy (bench/bench_deferral.py measures it)."""
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < self.cfg.num_experts_per_tok:
+            raise ValueError(f"defer_experts: expected an int in [0, {self.cfg.num_experts_per_tok}) "
+                             f"(num_experts_per_tok), got {n!r}")
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.defer = n
+
     def set_recorder(self, recorder) -> None:
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoE):
@@ -253,8 +272,15 @@ class Transformer(nn.Module):
             absorb = T == 1
         rope = self._rope[start_pos:start_pos + T]
         h = self.model.embed_tokens(ids)
+        pending = None   # the previous MoE layer's deferred experts (set_deferral)
         for layer in self.model.layers:
             h = layer(h, start_pos, rope, cache, absorb)
+            if pending is not None:
+                h, pending = h + pending(), None
+            if isinstance(layer.mlp, MoE) and layer.mlp.deferred is not None:
+                pending, layer.mlp.deferred = layer.mlp.deferred, None
+        if pending is not None:
+            h = h + pending()
         if last_only:
             h = h[-1:]
         return self.lm_head(self.model.norm(h)).float()

@@ -21,6 +21,12 @@ class ExpertBackend:
         y = self.forward(layer, x, ids, weights)
         return y if shared is None else y + shared(x)
 
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start these experts and return a function that waits for their y (expert deferral: the result
+        is needed one layer later). Here computed at once; a backend with a worker runs it in the background."""
+        y = self.forward(layer, x, ids, weights)
+        return lambda: y
+
     def close(self) -> None:
         pass
 

@@ -76,6 +76,12 @@ class CPUExperts(ExpertBackend):
         s = shared(x)
         return s + fut.result().to(x.device, x.dtype)
 
+    def submit(self, layer, x, ids, weights):
+        if self._pool is None:
+            return super().submit(layer, x, ids, weights)
+        fut = self._pool.submit(self._cpu_forward, layer, x, ids, weights)   # one worker: runs before later calls
+        return lambda: fut.result().to(x.device, x.dtype)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
