@@ -28,6 +28,9 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
                    help="hybrid: admission/eviction policy (default score = decayed frequency + predicted use)")
     p.add_argument("--no-prefetch", action="store_true", help="hybrid: do not prefetch predicted experts")
     p.add_argument("--lookahead", type=int, default=1, help="hybrid: layers ahead the router predictor looks")
+    p.add_argument("--defer-experts", type=int, default=0,
+                   help="decode: each token's N lowest-weighted experts finish one layer late (default 0 = off; "
+                        "bench/bench_deferral.py measures the accuracy cost)")
 
 
 def _load(args):
@@ -40,7 +43,7 @@ def _load(args):
                             expert_format=args.expert_format, dense_format=args.dense_format, threads=args.threads,
                             ctx=args.ctx, progress=True,
                             vram_budget=vram, cache_slots=args.cache_slots, cache_policy=args.cache_policy,
-                            prefetch=not args.no_prefetch, lookahead=args.lookahead)
+                            prefetch=not args.no_prefetch, lookahead=args.lookahead, defer_experts=args.defer_experts)
     if args.dense_format is not None and engine.device.type == "cpu":
         import torch
         torch.set_num_threads(1)   # the C kernels own the cores; torch's own pool would fight them for them

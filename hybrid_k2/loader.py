@@ -51,11 +51,14 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
          vram_budget=None, ram_budget=None, threads: int | None = None, mode: str = "auto",
          record_routing=None, ctx: int | None = None, progress: bool | None = None, cache_slots: int | None = None,
          cache_policy: str = "score", prefetch: bool = True, lookahead: int = 1, record_hidden: bool = False,
-         dense_format: str | None = None, defer_experts: int = 0) -> Engine:
+         dense_format: str | None = None, defer_experts: int = 0, prefetch_heads=None) -> Engine:
     """Load a model and return an `Engine`. See DESIGN.md for the meaning of each argument; `dense_format`
     (None, 'native', 'q8_0', 'q4_0', device='cpu' only) keeps the non-expert matrices quantized (DENSE_FORMATS);
     `defer_experts` (default 0, off) lets each decoded token's n lowest-weighted experts finish one layer late
-    (Transformer.set_deferral)."""
+    (Transformer.set_deferral); `prefetch_heads` (hybrid) is a learned routing-predictor .npz
+    (RoutingPredictor.save_heads, bench/bench_prefetch.py writes one)."""
+    if prefetch_heads is not None and experts != "hybrid":
+        raise ValueError("prefetch_heads applies to experts='hybrid' (the prefetcher's routing predictor)")
     if experts not in EXPERT_BACKENDS:
         raise ValueError(f"experts={experts!r}: expected one of {', '.join(EXPERT_BACKENDS)}")
     device = torch.device(device) if device is not None else default_device()
@@ -79,7 +82,8 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
         net.set_deferral(defer_experts)   # checks the argument before the experts load
         backend = _load_experts(experts, ckpt, cfg, device, dtype, progress, expert_format, threads,
                                 vram_budget=vram_budget, ctx=ctx, cache_slots=cache_slots,
-                                cache_policy=cache_policy, prefetch=prefetch, lookahead=lookahead)
+                                cache_policy=cache_policy, prefetch=prefetch, lookahead=lookahead,
+                                prefetch_heads=prefetch_heads)
         net.set_experts(backend)
         if hasattr(backend, "attach"):   # the prefetcher reads the next layers' routers
             backend.attach(net)
@@ -186,7 +190,8 @@ def _load_tokenizer(ckpt, path: Path):
 
 
 def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bool, expert_format, threads, *,
-                  vram_budget=None, ctx=None, cache_slots=None, cache_policy="score", prefetch=True, lookahead=1):
+                  vram_budget=None, ctx=None, cache_slots=None, cache_policy="score", prefetch=True, lookahead=1,
+                  prefetch_heads=None):
     if not cfg.moe_layers:
         return None
     if kind == "auto":
@@ -204,7 +209,7 @@ def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bo
             return HybridExperts.from_checkpoint(ckpt, cfg, expert_format, device=device, dtype=dtype,
                                                  n_slots=cache_slots, vram_budget=vram_budget, ctx=ctx,
                                                  threads=threads, progress=bar, policy=cache_policy,
-                                                 prefetch=prefetch, lookahead=lookahead)
+                                                 prefetch=prefetch, lookahead=lookahead, predictor_heads=prefetch_heads)
         from .experts.cpu import CPUExperts
         # Overlap runs the experts in a worker while the accelerator computes the shared expert; on a CPU
         # device both would share the same cores (and the kernels' pool), so it would only add a handoff.

@@ -1,7 +1,7 @@
 """Replay a routing trace through the expert cache + prefetcher and estimate decode time.
 
     python -m hybrid_k2.sim TRACE.npz --slots N --pcie-gbps X --ram-gbps Y --policy score|lru|static|belady
-                            [--lookahead d] [--expert-bytes B]
+                            [--lookahead d] [--heads HEADS.npz] [--expert-bytes B]
 
 Trace (.npz): `ids` integer [tokens, moe_layers, top_k] (written as int16); optional `weights` [same],
 `n_experts` (scalar), `hidden` [tokens, moe_layers, H] router inputs and `routers` [moe_layers, E, H]
@@ -13,9 +13,10 @@ Timing model, per token and MoE layer, one decode token at a time:
   copy_s = expert_bytes / pcie_gbps         one host->VRAM copy; copies queue on one link
   gpu_s  = expert_bytes / gpu_gbps          one cached expert on the GPU (0 unless --gpu-gbps)
   layer  = gpu_layer_s + max(n_cpu * cpu_s, wait + n_gpu * gpu_s)
-The CPU runs the misses while the GPU runs the hits (concurrently, as the engine does). A hit whose copy
-has not landed makes the GPU wait (`wait`, summed into the stall) unless waiting would take longer than
-the CPU run, in which case the expert goes to the CPU ('late'). Prefetches for layer L+d are issued at
+The CPU runs the misses while the GPU runs the hits (concurrently, as the engine does). Only an expert whose
+copy has landed when its layer starts counts as a hit. A resident expert whose copy has not landed either
+makes the GPU wait for it ('waited', the wait summed into the stall) or goes to the CPU ('late'), whichever
+split of those experts gives the shorter layer. Prefetches for layer L+d are issued at
 the start of layer L; demand copies of missed experts when their layer ends. The CPU-only baseline is
 gpu_layer_s + top_k * cpu_s per layer. Copies are assumed not to slow the CPU's RAM reads.
 The first `warmup` tokens train the policies (and form the static profile) and are not measured; Belady
@@ -161,23 +162,27 @@ class SimResult:
     slots: int
     tokens: int                  # measured tokens
     accesses: int
-    hits: int                    # resident when accessed (including late copies)
-    late: int                    # resident but the copy had not landed: run on the CPU
+    hits: int                    # resident with the copy landed when the layer started: run from VRAM
+    waited: int                  # resident, copy landing during the layer: the GPU waited for it
+    late: int                    # resident but the copy lands later still: run on the CPU
     admissions: int
     evictions: int
     bytes_copied: int
     stall_s: float               # time added to layers by waiting on copies
     time_s: float                # modelled decode time of the measured tokens
     cpu_only_time_s: float
+    prefetches: int = 0          # admissions made by the predictor (the rest are demand admissions)
     recall: dict = field(default_factory=dict)   # {lookahead: recall@top-k}
 
     @property
     def hit_rate(self) -> float:
+        """Share of expert uses whose expert was in VRAM (copy complete) when its layer started."""
         return self.hits / self.accesses if self.accesses else 0.0
 
     @property
-    def on_time_hit_rate(self) -> float:
-        return (self.hits - self.late) / self.accesses if self.accesses else 0.0
+    def resident_rate(self) -> float:
+        """Share of uses whose expert held a slot at all, landed or not (the cache-only view)."""
+        return (self.hits + self.waited + self.late) / self.accesses if self.accesses else 0.0
 
     @property
     def speedup(self) -> float:
@@ -188,9 +193,9 @@ class SimResult:
         per_tok, base = 1e3 * self.time_s / n, 1e3 * self.cpu_only_time_s / n
         lines = [
             f"policy {self.policy}, {self.slots} slots, {self.tokens} measured tokens, {self.accesses} expert uses",
-            f"hit rate        {100 * self.hit_rate:.2f}%  "
-            f"(on time {100 * self.on_time_hit_rate:.2f}%, late {self.late})",
-            f"copies          {self.admissions} admitted, {self.evictions} evicted, "
+            f"hit rate        {100 * self.hit_rate:.2f}% (copy landed in time; resident incl. unlanded "
+            f"{100 * self.resident_rate:.2f}%: waited {self.waited}, late {self.late})",
+            f"copies          {self.admissions} admitted ({self.prefetches} prefetched), {self.evictions} evicted, "
             f"{self.bytes_copied / 2**30:.2f} GiB copied ({self.bytes_copied / n / 2**20:.1f} MiB/token)",
             f"stall           {1e3 * self.stall_s:.2f} ms total ({1e3 * self.stall_s / n:.3f} ms/token)",
             f"decode estimate {per_tok:.3f} ms/token ({1e3 / per_tok if per_tok else float('inf'):.2f} tok/s) vs "
@@ -201,37 +206,49 @@ class SimResult:
         return "\n".join(lines)
 
 
-def predicted_ids(trace: Trace, predictor: str, lookahead: int) -> dict[int, np.ndarray]:
-    """{d: ids [tokens, layers, K]} predicted d layers ahead (rows for the last d layers are unused)."""
+def predicted_uses(trace: Trace, predictor, lookahead: int) -> dict[int, np.ndarray]:
+    """{d: predictions for d layers ahead}: ids [tokens, layers, K] for the oracle, expected uses
+    [tokens, layers, E] for a RoutingPredictor (rows for the last d layers are unused)."""
     T, L, K = trace.shape
     out = {}
-    if predictor == "oracle":
+    if isinstance(predictor, str) and predictor == "oracle":
         for d in range(1, lookahead + 1):
             p = np.zeros_like(trace.ids)
             p[:, :L - d] = trace.ids[:, d:]
             out[d] = p
         return out
-    rp = trace.predictor()
-    if rp is None:
+    rp = predictor if isinstance(predictor, RoutingPredictor) else trace.predictor()
+    if rp is None or trace.hidden is None:
         raise TraceError(f"{trace.source}: predictor 'router' needs the 'hidden' and 'routers' arrays")
+    if rp.layers != list(range(L)):
+        raise ValueError(f"simulate: the predictor's layers {rp.layers} are not the trace's 0..{L - 1}")
     import torch
     for d in range(1, lookahead + 1):
-        p = np.zeros_like(trace.ids)
+        p = np.zeros((T, L, trace.n_experts), np.float32)
         for l in range(L - d):
-            p[:, l] = rp.predict(l, torch.from_numpy(trace.hidden[:, l]), d).numpy()
+            p[:, l] = rp.predict_uses(l, torch.from_numpy(trace.hidden[:, l]), d).cpu().numpy()
         out[d] = p
     return out
 
 
 def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.0, ram_gbps: float = 100.0,
              expert_bytes: int = 24_772_608, gpu_gbps: float | None = None, gpu_layer_ms: float = 0.0,
-             lookahead: int = 0, predictor: str = "auto", warmup: int | None = None, decay: float = 0.98,
-             cost_model: bool = True, cpu_expert_ms: float | None = None, confidence: float = 1.0) -> SimResult:
+             lookahead: int = 0, predictor="auto", heads=None, warmup: int | None = None, decay: float = 0.98,
+             cost_model: bool = True, cpu_expert_ms: float | None = None, confidence: float = 1.0,
+             min_uses: float = 0.0, max_copies: int | None = None, max_backlog_ms: float | None = None,
+             max_demand_backlog_ms: float | None = None, predict_weight: float = 1.0,
+             margin: float = 0.0, prefill_fit: int = 0, prefill_ridge: float = 0.3) -> SimResult:
     """Replay `trace` (a Trace, a .npz path or a dict of arrays); see the module docstring for the model.
 
     predictor: 'auto' (router replay when the trace has hidden + routers, else none), 'router', 'oracle'
-    (the true future ids: an upper bound) or 'none'. Belady never prefetches (demand-only optimum).
-    cost_model False admits every expert the cache policy accepts.
+    (the true future ids: an upper bound), 'none', or a RoutingPredictor keyed 0..layers-1 (e.g. with
+    learned heads). heads: a predictor-heads .npz (RoutingPredictor.save_heads) loaded into the trace's
+    routers. Belady never prefetches (demand-only optimum). cost_model False admits every expert the cache
+    policy accepts. min_uses / max_copies / max_backlog_ms / max_demand_backlog_ms / confidence: the
+    Prefetcher's gates; predict_weight / margin: the score policy's weight on predicted uses and its
+    admission margin. The result's `recall` is that of the predictor replayed, over the whole trace.
+    prefill_fit: fit the router predictor's ridge corrections on the first `prefill_fit` tokens (<= warmup,
+    never measured tokens), as HybridExperts(fit_on_prefill=...) does on a prompt.
     """
     if not isinstance(trace, Trace):
         trace = load_trace(trace) if isinstance(trace, (str, os.PathLike)) else validate_trace(trace)
@@ -240,8 +257,8 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
     for name, v in (("pcie_gbps", pcie_gbps), ("ram_gbps", ram_gbps), ("expert_bytes", expert_bytes)):
         if not v > 0:
             raise ValueError(f"{name} must be positive, got {v!r}")
-    if predictor not in ("auto", "router", "oracle", "none"):
-        raise ValueError(f"predictor must be auto, router, oracle or none, got {predictor!r}")
+    if not isinstance(predictor, RoutingPredictor) and predictor not in ("auto", "router", "oracle", "none"):
+        raise ValueError(f"predictor must be auto, router, oracle, none or a RoutingPredictor, got {predictor!r}")
     T, L, K = trace.shape
     E = trace.n_experts
     if warmup is None:
@@ -251,11 +268,31 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
     if lookahead < 0:
         raise ValueError(f"lookahead must be >= 0, got {lookahead}")
     has_router_data = trace.hidden is not None and trace.routers is not None
+    if heads is not None:
+        if isinstance(predictor, RoutingPredictor) or predictor in ("oracle", "none"):
+            raise ValueError("simulate: heads go with predictor 'auto' or 'router'")
+        rp = trace.predictor()
+        if rp is None:
+            raise TraceError(f"{trace.source}: learned heads need the trace's 'hidden' and 'routers' arrays")
+        rp.load_heads(heads)
+        predictor = rp
     if predictor == "auto":
         predictor = "router" if has_router_data else "none"
+    if prefill_fit:
+        if not 0 < prefill_fit <= warmup:
+            raise ValueError(f"prefill_fit must be in 1..warmup ({warmup}) tokens, got {prefill_fit}")
+        if predictor != "router" or heads is not None:
+            raise ValueError("simulate: prefill_fit goes with the trace's router predictor (no heads)")
+        predictor = trace.predictor()
+        for j in range(L):
+            for d in range(1, max(lookahead, 1) + 1):
+                if j + d < L:
+                    predictor.fit_correction(j, d, trace.hidden[:prefill_fit, j], trace.hidden[:prefill_fit, j + d],
+                                             ridge=prefill_ridge)
     if policy == "belady" or lookahead == 0:
         predictor = "none"
-    preds = predicted_ids(trace, predictor, lookahead) if predictor != "none" else {}
+    preds = predicted_uses(trace, predictor, lookahead) if not (isinstance(predictor, str) and
+                                                                predictor == "none") else {}
 
     cpu_s = (cpu_expert_ms / 1e3) if cpu_expert_ms else expert_bytes / (ram_gbps * 1e9)
     copy_s = expert_bytes / (pcie_gbps * 1e9)
@@ -263,7 +300,7 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
     layer_s = gpu_layer_ms / 1e3
 
     start = warmup
-    kw = dict(decay=decay, expert_bytes=expert_bytes)
+    kw = dict(decay=decay, expert_bytes=expert_bytes, predict_weight=predict_weight, margin=margin)
     if policy == "belady":
         cache = ExpertCache(slots, L, E, "belady", future=trace.ids[start:], **kw)
         cache.warm_start()
@@ -278,43 +315,50 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
         cache = ExpertCache(slots, L, E, policy, **kw)
         first = 0
     cm = CostModel(expert_bytes, pcie_gbps, cpu_s * 1e3) if cost_model and policy != "belady" else None
-    pf = Prefetcher(cache, None, cm, lookahead=lookahead, confidence=confidence)
+    pf = Prefetcher(cache, None, cm, lookahead=lookahead, confidence=confidence, min_uses=min_uses,
+                    max_copies=max_copies, max_backlog_ms=max_backlog_ms,
+                    max_demand_backlog_ms=max_demand_backlog_ms)
 
     now = link_free = 0.0
     ready = np.zeros(L * E)          # when each key's latest copy lands
-    late = 0
+    waited = late = prefetches = 0
     stall = 0.0
     measured_time = 0.0
     for t in range(first, T):
         if t == start:
             cache.reset_stats()
-            late, stall, measured_time = 0, 0.0, 0.0
-            pf.declined_by_cost = 0
+            waited, late, prefetches, stall, measured_time = 0, 0, 0, 0.0, 0.0
+            pf.declined_by_cost = pf.declined_by_link = 0
         t_token = now
         for l in range(L):
             for d, p in preds.items():               # prefetch for l + d, issued at the start of layer l
                 if l + d < L:
-                    for (tl, e) in pf.plan_copies(l, {l + d: p[t, l][None]}):
+                    backlog_ms = 1e3 * max(0.0, link_free - now)
+                    for (tl, e) in pf.plan_copies(l, {l + d: p[t, l][None]}, backlog_ms=backlog_ms):
                         link_free = max(now, link_free) + copy_s
                         ready[tl * E + e] = link_free
+                        prefetches += 1
             ids = trace.ids[t, l]
-            hit = cache.access(l, ids)
+            resident = cache.access(l, ids)
             keys = l * E + ids
-            wait, n_gpu, n_cpu = 0.0, 0, int((~hit).sum())
-            for k in keys[hit]:
-                if ready[k] <= now:
-                    n_gpu += 1
-                elif ready[k] - now <= cpu_s:
-                    n_gpu += 1
-                    wait = max(wait, ready[k] - now)
-                else:
-                    n_cpu += 1
-                    late += 1
-            cpu_time, gpu_time = n_cpu * cpu_s, n_gpu * gpu_s
-            dt = layer_s + max(cpu_time, wait + gpu_time)
-            stall += dt - (layer_s + max(cpu_time, gpu_time))
+            n_miss = int((~resident).sum())
+            due = ready[keys[resident]] - now
+            n_landed = int((due <= 0).sum())
+            pending = np.sort(due[due > 0])
+            # the unlanded residents: the j earliest wait on the GPU, the rest run on the CPU; the best j
+            best = None
+            for j in range(len(pending) + 1):
+                wait = float(pending[j - 1]) if j else 0.0
+                cpu_time, gpu_time = (n_miss + len(pending) - j) * cpu_s, (n_landed + j) * gpu_s
+                dt = layer_s + max(cpu_time, wait + gpu_time)
+                if best is None or dt < best[0] - 1e-15:
+                    best = (dt, j, dt - (layer_s + max(cpu_time, gpu_time)))
+            dt, j, layer_stall = best
+            waited += j
+            late += len(pending) - j
+            stall += layer_stall
             now += dt
-            for (tl, e) in pf.after_access(l, ids, hit):
+            for (tl, e) in pf.after_access(l, ids, resident, backlog_ms=1e3 * max(0.0, link_free - now)):
                 link_free = max(now, link_free) + copy_s
                 ready[tl * E + e] = link_free
         cache.next_token()
@@ -325,15 +369,15 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
     cpu_only = n_meas * L * (layer_s + K * cpu_s)
     recall = {}
     if has_router_data:
-        rp = trace.predictor()
+        rp = predictor if isinstance(predictor, RoutingPredictor) else trace.predictor()
         for d in (1, 2):
             if L > d:
                 recall[d] = rp.recall(trace.hidden, trace.ids, d)
     s = cache.stats()
-    return SimResult(policy=policy, slots=slots, tokens=n_meas, accesses=s["hits"] + s["misses"], hits=s["hits"],
-                     late=late, admissions=s["admissions"], evictions=s["evictions"],
-                     bytes_copied=s["bytes_copied"], stall_s=stall, time_s=measured_time,
-                     cpu_only_time_s=cpu_only, recall=recall)
+    return SimResult(policy=policy, slots=slots, tokens=n_meas, accesses=s["hits"] + s["misses"],
+                     hits=s["hits"] - waited - late, waited=waited, late=late, admissions=s["admissions"],
+                     evictions=s["evictions"], bytes_copied=s["bytes_copied"], stall_s=stall, time_s=measured_time,
+                     cpu_only_time_s=cpu_only, prefetches=prefetches, recall=recall)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="score", choices=POLICIES)
     p.add_argument("--lookahead", type=int, default=0, help="prefetch this many MoE layers ahead (0 = off)")
     p.add_argument("--predictor", default="auto", choices=["auto", "router", "oracle", "none"])
+    p.add_argument("--heads", default=None, help="learned predictor heads .npz (RoutingPredictor.save_heads)")
+    p.add_argument("--min-uses", type=float, default=0.0, help="prefetch only experts predicted this many uses")
+    p.add_argument("--max-copies", type=int, default=None, help="prefetches per target layer and token")
+    p.add_argument("--max-backlog-ms", type=float, default=None, help="skip prefetches while the link is "
+                   "busy longer than this")
+    p.add_argument("--max-demand-backlog-ms", type=float, default=None, help="skip demand copies while the link "
+                   "is busy longer than this")
+    p.add_argument("--prefill-fit", type=int, default=0, help="fit the router predictor's ridge corrections on "
+                   "this many warm-up tokens first (as the engine does on a prompt)")
     p.add_argument("--expert-bytes", type=int, default=24_772_608, help="bytes of one expert (default: Kimi K2 q4_0)")
     p.add_argument("--gpu-gbps", type=float, default=None, help="GPU bandwidth for cached experts (default: free)")
     p.add_argument("--gpu-layer-ms", type=float, default=0.0, help="non-expert GPU time per MoE layer")
@@ -363,6 +416,9 @@ def main(argv=None) -> int:
         r = simulate(args.trace, slots=args.slots, policy=args.policy, pcie_gbps=args.pcie_gbps,
                      ram_gbps=args.ram_gbps, expert_bytes=args.expert_bytes, gpu_gbps=args.gpu_gbps,
                      gpu_layer_ms=args.gpu_layer_ms, lookahead=args.lookahead, predictor=args.predictor,
+                     heads=args.heads, min_uses=args.min_uses, max_copies=args.max_copies,
+                     max_backlog_ms=args.max_backlog_ms, max_demand_backlog_ms=args.max_demand_backlog_ms,
+                     prefill_fit=args.prefill_fit,
                      warmup=args.warmup, decay=args.decay, cost_model=not args.admit_all,
                      cpu_expert_ms=args.cpu_expert_ms)
     except ValueError as e:

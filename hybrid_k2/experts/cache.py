@@ -8,7 +8,8 @@ MoE-layer indices).
 Policies
   score   priority = exponentially decayed use count (x `decay` per token) + `predict_weight` x the
           predictor's pending score for this token; a newcomer is admitted only if its priority beats the
-          lowest resident's, so a one-off scan cannot flush a hot set.
+          lowest resident's by `margin` (0: any amount), so a one-off scan cannot flush a hot set and two
+          nearly equal experts do not trade places over and over (every swap is a copy on the link).
   lru     always admit, evict the least recently used.
   static  resident set fixed from a profile (use counts), preloaded, never evicted.
   belady  offline oracle for the simulator: knows the future trace, evicts the key used furthest in the
@@ -47,7 +48,7 @@ class BeladyOracle:
 
 class ExpertCache:
     def __init__(self, n_slots: int, n_layers: int, n_experts: int, policy: str = "score", *,
-                 decay: float = 0.98, predict_weight: float = 1.0, expert_bytes: int = 0,
+                 decay: float = 0.98, predict_weight: float = 1.0, margin: float = 0.0, expert_bytes: int = 0,
                  profile: np.ndarray | None = None, future: np.ndarray | None = None):
         for name, v in (("n_slots", n_slots), ("n_layers", n_layers), ("n_experts", n_experts)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if name == "n_slots" else 1):
@@ -58,7 +59,10 @@ class ExpertCache:
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"ExpertCache: decay must be in (0, 1], got {decay!r}")
         self.n_slots, self.n_layers, self.n_experts = int(n_slots), int(n_layers), int(n_experts)
+        if not margin >= 0:
+            raise ValueError(f"ExpertCache: margin must be >= 0, got {margin!r}")
         self.policy, self.decay, self.predict_weight = policy, float(decay), float(predict_weight)
+        self.margin = float(margin)
         self.expert_bytes = int(expert_bytes)
         n_keys = self.n_layers * self.n_experts
         self.slot_key = np.full(self.n_slots, -1, dtype=np.int64)   # key in each slot, -1 = free
@@ -213,7 +217,7 @@ class ExpertCache:
         elif self.policy == "score":
             prio = self._priority(residents)
             victim = int(np.argmin(prio))
-            if self._priority(np.array([key]))[0] <= prio[victim]:
+            if self._priority(np.array([key]))[0] <= prio[victim] + self.margin:
                 self.rejected += 1
                 return None
         else:  # belady

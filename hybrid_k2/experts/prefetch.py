@@ -7,9 +7,14 @@ RoutingPredictor  applies the routers of layers L+1..L+d to layer L's router inp
                   the target router is rescaled by w_{L+d} / w_L so it sees w_{L+d} x RMSNorm(h_L). An optional
                   correction fitted by ridge least squares on recorded (h_L, h_{L+d}) pairs maps h_L to the
                   logits layer L+d would compute from h_{L+d}; it folds into a router weight W + C^T.
+                  The same fit runs online on a prompt's prefill (HybridExperts fit_on_prefill: no files).
+                  A learned PredictorHead per (L, d) (the rescaled router's choice scores plus a small MLP on
+                  h_L, trained on recorded traces to give the probability that each expert is in layer L+d's
+                  top-k) replaces the router when fitted or loaded (`fit_heads`, `save_heads`, `load_heads`:
+                  an .npz that the engine and the simulator both read).
 CostModel         a copy is worth it when expected uses x CPU time saved per use > copy time.
-Prefetcher        ties the two to an ExpertCache: `plan_copies` for predicted ids, `after_access` for
-                  demand admission of experts that just missed.
+Prefetcher        ties the two to an ExpertCache: `plan_copies` for predicted ids or probabilities,
+                  `after_access` for demand admission of experts that just missed.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..model import Router
 from .cache import ExpertCache
@@ -67,6 +73,81 @@ def recall_at_k(pred, true) -> float:
     return float(found.mean())
 
 
+HEADS_VERSION = 1
+
+
+class PredictorHead:
+    """A learned correction of the router prediction for one (source layer, lookahead) pair:
+        logits = scale x prior + W2 gelu(W1 x + b1) + b2,
+    where x is the source layer's router input and prior [T, E] the plain predictor's choice scores for the
+    target layer (its rescaled router: sigmoid(x B^T) + correction bias). Trained with binary cross-entropy
+    on membership in the target layer's top-k, so sigmoid(logits) estimates the probability that each expert
+    is used there. W2 starts at zero, so an untrained or lightly trained head ranks as the router does."""
+
+    def __init__(self, w1, b1, w2, b2, scale):
+        w1, b1, w2, b2, scale = (torch.as_tensor(_as_numpy(a)).float() for a in (w1, b1, w2, b2, scale))
+        if (w1.dim() != 2 or b1.shape != (w1.shape[0],) or w2.dim() != 2 or w2.shape[1] != w1.shape[0]
+                or b2.shape != (w2.shape[0],) or scale.numel() != 1):
+            raise ValueError(f"PredictorHead: shapes must be w1 [width, H], b1 [width], w2 [E, width], b2 [E], "
+                             f"scale [1]; got {tuple(w1.shape)}, {tuple(b1.shape)}, {tuple(w2.shape)}, "
+                             f"{tuple(b2.shape)}, {tuple(scale.shape)}")
+        self.w1, self.b1, self.w2, self.b2, self.scale = w1, b1, w2, b2, scale.reshape(1)
+
+    @property
+    def n_experts(self) -> int:
+        return self.w2.shape[0]
+
+    def to(self, device) -> "PredictorHead":
+        self.w1, self.b1, self.w2, self.b2, self.scale = (
+            a.to(device) for a in (self.w1, self.b1, self.w2, self.b2, self.scale))
+        return self
+
+    @staticmethod
+    def _forward(x, prior, w1, b1, w2, b2, scale):
+        return scale * prior + F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x).to(self.w1.device, torch.float32)
+        return self._forward(x, prior.to(x.device, torch.float32), self.w1, self.b1, self.w2, self.b2, self.scale)
+
+    @classmethod
+    def fit(cls, x, prior, ids, *, width: int = 512, epochs: int = 10, lr: float = 1e-2,
+            weight_decay: float = 1e-4, batch: int = 256, seed: int = 0, scale: float = 10.0) -> "PredictorHead":
+        """Train on router inputs x [N, H], the plain predictor's choice scores prior [N, E] and the target
+        layer's chosen ids [N, K] (AdamW, one-cycle lr, deterministic for a seed)."""
+        x = torch.as_tensor(_as_numpy(x), dtype=torch.float32)
+        prior = torch.as_tensor(_as_numpy(prior), dtype=torch.float32)
+        ids = torch.as_tensor(_as_numpy(ids), dtype=torch.int64)
+        if x.dim() != 2 or ids.dim() != 2 or prior.dim() != 2 or not len(x) == len(ids) == len(prior) or not len(x):
+            raise ValueError(f"PredictorHead.fit: x must be [N, H], prior [N, E] and ids [N, K] with N > 0, got "
+                             f"{tuple(x.shape)}, {tuple(prior.shape)} and {tuple(ids.shape)}")
+        E = prior.shape[1]
+        if ids.min() < 0 or ids.max() >= E:
+            raise ValueError(f"PredictorHead.fit: ids must be in 0..{E - 1}")
+        y = torch.zeros(len(ids), E).scatter_(1, ids, 1.0)
+        g = torch.Generator().manual_seed(seed)
+        H = x.shape[1]
+        params = [torch.randn(width, H, generator=g) * H ** -0.5, torch.zeros(width), torch.zeros(E, width),
+                  torch.zeros(E), torch.full((1,), float(scale))]
+        params = [p.requires_grad_() for p in params]
+        opt = torch.optim.AdamW(params, lr, weight_decay=weight_decay)
+        n = len(x)
+        steps = max(1, epochs * ((n + batch - 1) // batch))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+        with torch.inference_mode(False), torch.enable_grad():
+            for _ in range(epochs):
+                perm = torch.randperm(n, generator=g)
+                for i in range(0, n, batch):
+                    j = perm[i:i + batch]
+                    loss = F.binary_cross_entropy_with_logits(cls._forward(x[j], prior[j], *params), y[j])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+        return cls(*(p.detach() for p in params))
+
+
 class RoutingPredictor:
     """Predicts top-k ids of later MoE layers from the router input at the current one.
 
@@ -98,6 +179,7 @@ class RoutingPredictor:
                 self.norm_weights[l] = w
         self._base: dict[tuple[int, int], Router] = {}
         self._corrected: dict[tuple[int, int], Router] = {}
+        self.heads: dict[tuple[int, int], PredictorHead] = {}    # (layer, target layer) -> learned head
 
     @classmethod
     def from_weights(cls, weights, bias=None, *, top_k: int, n_group: int = 1, topk_group: int = 1,
@@ -150,18 +232,50 @@ class RoutingPredictor:
         tgt = self.target(layer, d)
         if tgt is None:
             return None
-        router = self._corrected.get((layer, tgt)) or self.base_router(layer, tgt)
         h = torch.as_tensor(hidden)
         if h.dim() == 1:
             h = h[None]
+        head = self.heads.get((layer, tgt))
+        if head is not None:
+            return head.logits(h, self.prior(layer, tgt, h)).topk(self.routers[tgt].top_k, dim=-1)[1]
+        router = self._corrected.get((layer, tgt)) or self.base_router(layer, tgt)
         ids, _ = router(h.to(router.weight.device))
         return ids
 
-    def predict_ahead(self, layer: int, hidden: torch.Tensor, depth: int) -> dict[int, torch.Tensor]:
-        """{L+d: ids [T, K]} for d = 1..depth, stopping at the last MoE layer."""
+    @torch.inference_mode()
+    def predict_uses(self, layer: int, hidden: torch.Tensor, d: int = 1) -> torch.Tensor | None:
+        """Expected use of each expert of layer L+d per token, float [T, E]: a learned head's probabilities,
+        else 1 for the router's top-k ids and 0 elsewhere."""
+        tgt = self.target(layer, d)
+        if tgt is None:
+            return None
+        h = torch.as_tensor(hidden)
+        if h.dim() == 1:
+            h = h[None]
+        head = self.heads.get((layer, tgt))
+        if head is not None:
+            return head.logits(h, self.prior(layer, tgt, h)).sigmoid()
+        ids = self.predict(layer, h, d)
+        E = self.routers[tgt].weight.shape[0]
+        return torch.zeros(ids.shape[0], E, device=ids.device).scatter_(1, ids, 1.0)
+
+    @torch.inference_mode()
+    def prior(self, layer: int, tgt: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The plain predictor's choice scores [T, E] for layer `tgt` from router inputs at `layer` (selection
+        scores before group limiting: sigmoid/softmax of the rescaled router's logits + correction bias); a
+        learned head corrects these, so ridge corrections do not enter."""
+        r = self.base_router(layer, tgt)
+        logits = F.linear(torch.as_tensor(hidden).to(r.weight.device, torch.float32), r.weight.float())
+        scores = logits.sigmoid() if r.scoring == "sigmoid" else logits.softmax(dim=-1)
+        return scores + r.e_score_correction_bias.float() if r.has_bias else scores
+
+    def predict_ahead(self, layer: int, hidden: torch.Tensor, depth: int,
+                      uses: bool = False) -> dict[int, torch.Tensor]:
+        """{L+d: ids [T, K]} (uses=True: expected uses [T, E], see predict_uses) for d = 1..depth, stopping at
+        the last MoE layer."""
         out = {}
         for d in range(1, depth + 1):
-            ids = self.predict(layer, hidden, d)
+            ids = self.predict_uses(layer, hidden, d) if uses else self.predict(layer, hidden, d)
             if ids is None:
                 break
             out[self.target(layer, d)] = ids
@@ -172,38 +286,123 @@ class RoutingPredictor:
         """Fit C [H, E] minimising ||h_src (B + C^T)^T - h_dst W^T||^2 + ridge * N * ||C||^2 from N recorded
         router-input pairs (h_L, h_{L+d}) [N, H], where W is the router of layer L+d and B its `base_router`
         for L; later predictions from L to L+d use B + C^T. The ridge term pulls the fit toward the plain
-        predictor when pairs are few."""
+        predictor when pairs are few. Solved where the routers live (float64 on the CPU, float32 on an
+        accelerator), in the dual form X^T (X X^T + ridge N I)^-1 R when N < H (a prompt's prefill)."""
         tgt = self.target(layer, d)
         if tgt is None:
             raise ValueError(f"RoutingPredictor: no MoE layer {d} after layer {layer}")
-        x = torch.as_tensor(np.asarray(h_src, dtype=np.float64) if not torch.is_tensor(h_src) else h_src).double()
-        y = torch.as_tensor(np.asarray(h_dst, dtype=np.float64) if not torch.is_tensor(h_dst) else h_dst).double()
-        W = self.routers[tgt].weight.detach().double().cpu()
-        B = self.base_router(layer, tgt).weight.detach().double().cpu()
+        base = self.routers[tgt]
+        dev = base.weight.device
+        dt = torch.float64 if dev.type == "cpu" else torch.float32
+        x = torch.as_tensor(_as_numpy(h_src) if not torch.is_tensor(h_src) else h_src).to(dev, dt)
+        y = torch.as_tensor(_as_numpy(h_dst) if not torch.is_tensor(h_dst) else h_dst).to(dev, dt)
+        W = base.weight.detach().to(dt)
+        B = self.base_router(layer, tgt).weight.detach().to(dev, dt)
         if x.dim() != 2 or x.shape != y.shape or x.shape[1] != W.shape[1]:
             raise ValueError(f"fit_correction: h_src and h_dst must both be [N, {W.shape[1]}], "
                              f"got {tuple(x.shape)} and {tuple(y.shape)}")
         n, H = x.shape
         resid = y @ W.T - x @ B.T                               # logits the plain predictor misses [N, E]
-        gram = x.T @ x + ridge * max(n, 1) * torch.eye(H, dtype=torch.float64)
-        C = torch.linalg.solve(gram, x.T @ resid)               # [H, E]
-        base = self.routers[tgt]
+        lam = ridge * max(n, 1)
+        if n < H:
+            C = x.T @ torch.linalg.solve(x @ x.T + lam * torch.eye(n, dtype=dt, device=dev), resid)
+        else:
+            C = torch.linalg.solve(x.T @ x + lam * torch.eye(H, dtype=dt, device=dev), x.T @ resid)   # [H, E]
         self._corrected[(layer, tgt)] = _clone_router(base, (B + C.T).to(base.weight.dtype))
 
     def clear_corrections(self) -> None:
+        """Drop fitted linear corrections and learned heads: back to the plain routers."""
         self._corrected.clear()
+        self.heads.clear()
+
+    # ---- learned heads -----------------------------------------------------------------------------
+    def _check_trace(self, hidden, ids, what: str):
+        hidden, ids = np.asarray(hidden, dtype=np.float32), np.asarray(ids)
+        n = len(self.layers)
+        if hidden.ndim != 3 or hidden.shape[1] != n or ids.ndim != 3 or ids.shape[:2] != hidden.shape[:2]:
+            raise ValueError(f"{what}: hidden must be [tokens, {n}, H] and ids [tokens, {n}, K]; "
+                             f"got {hidden.shape} and {ids.shape}")
+        H = self.routers[self.layers[0]].weight.shape[1]
+        if hidden.shape[2] != H:
+            raise ValueError(f"{what}: hidden has width {hidden.shape[2]}, the routers expect {H}")
+        return hidden, ids
+
+    def fit_heads(self, hidden, ids, depth: int = 2, **fit_kw) -> None:
+        """Train a PredictorHead for every (L, d <= depth) pair on a recorded trace: router inputs hidden
+        [T, n, H] and chosen ids [T, n, K], layer j of the arrays = the j-th router key. Fit on text other
+        than what you evaluate on. fit_kw: PredictorHead.fit's options."""
+        hidden, ids = self._check_trace(hidden, ids, "fit_heads")
+        dev = self.routers[self.layers[0]].weight.device
+        for j, layer in enumerate(self.layers):
+            x = torch.from_numpy(hidden[:, j])
+            for d in range(1, depth + 1):
+                if j + d >= len(self.layers):
+                    break
+                tgt = self.layers[j + d]
+                head = PredictorHead.fit(x, self.prior(layer, tgt, x).cpu(), ids[:, j + d], **fit_kw)
+                self.heads[(layer, tgt)] = head.to(dev)
+
+    def save_heads(self, path) -> str:
+        """Write the learned heads to an .npz (keyed by MoE-layer index and lookahead, so a file fitted on a
+        trace loads into the engine's model-layer-keyed predictor)."""
+        if not self.heads:
+            raise ValueError(f"{path}: no learned heads to save (fit_heads or load_heads first)")
+        pairs, tensors = [], [[], [], [], [], []]
+        for (layer, tgt), head in sorted(self.heads.items()):
+            pairs.append((self._index[layer], self._index[tgt] - self._index[layer]))
+            for lst, a in zip(tensors, (head.w1, head.b1, head.w2, head.b2, head.scale)):
+                lst.append(a.detach().float().cpu().numpy())
+        if len({a.shape for a in tensors[0]}) != 1:
+            raise ValueError(f"{path}: heads differ in shape; save_heads stores one width")
+        first = self.routers[self.layers[0]]
+        np.savez(path, version=np.int64(HEADS_VERSION), n_layers=np.int64(len(self.layers)),
+                 top_k=np.int64(first.top_k), pairs=np.array(pairs, np.int64),
+                 **{k: np.stack(v) for k, v in zip(("w1", "b1", "w2", "b2", "scale"), tensors)})
+        return str(path)
+
+    def load_heads(self, path) -> None:
+        """Read heads written by save_heads; checks that they fit these routers (layers, experts, width)."""
+        src = str(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{src}: not a readable predictor-heads .npz ({e})") from None
+        missing = [k for k in ("version", "n_layers", "pairs", "w1", "b1", "w2", "b2", "scale") if k not in arrays]
+        if missing:
+            raise ValueError(f"{src}: predictor heads lack array(s) {', '.join(missing)}")
+        if int(arrays["version"]) != HEADS_VERSION:
+            raise ValueError(f"{src}: predictor heads version {int(arrays['version'])}, expected {HEADS_VERSION}")
+        n = len(self.layers)
+        if int(arrays["n_layers"]) != n:
+            raise ValueError(f"{src}: heads were fitted for {int(arrays['n_layers'])} MoE layers, "
+                             f"this model has {n}")
+        E, H = self.routers[self.layers[0]].weight.shape
+        pairs = np.asarray(arrays["pairs"])
+        P = len(pairs)
+        w1, b1, w2, b2, scale = (np.asarray(arrays[k], np.float32) for k in ("w1", "b1", "w2", "b2", "scale"))
+        if (pairs.ndim != 2 or pairs.shape[1] != 2 or w1.ndim != 3 or w1.shape[0] != P or w1.shape[2] != H
+                or w2.shape != (P, E, w1.shape[1]) or b2.shape != (P, E) or b1.shape != w1.shape[:2]
+                or scale.shape != (P, 1)):
+            raise ValueError(f"{src}: head arrays do not fit {P} pairs of {E} experts x hidden {H}: pairs "
+                             f"{pairs.shape}, w1 {w1.shape}, b1 {b1.shape}, w2 {w2.shape}, b2 {b2.shape}, "
+                             f"scale {scale.shape}")
+        dev = self.routers[self.layers[0]].weight.device
+        heads = {}
+        for i, (j, d) in enumerate(pairs.tolist()):
+            if not (0 <= j < n and d >= 1 and j + d < n):
+                raise ValueError(f"{src}: pair {i} (layer index {j}, lookahead {d}) is outside {n} MoE layers")
+            heads[(self.layers[j], self.layers[j + d])] = PredictorHead(w1[i], b1[i], w2[i], b2[i], scale[i]).to(dev)
+        self.heads.update(heads)
 
     def recall(self, hidden, ids, d: int = 1) -> float:
         """Recall@top-k of the d-layer-ahead prediction over a trace: hidden [T, n, H] router inputs and true
         ids [T, n, K], with layer j of the arrays = the j-th router key."""
-        hidden, ids = np.asarray(hidden, dtype=np.float32), np.asarray(ids)
+        hidden, ids = self._check_trace(hidden, ids, "recall")
         n = len(self.layers)
-        if hidden.ndim != 3 or hidden.shape[1] != n or ids.shape[:2] != hidden.shape[:2]:
-            raise ValueError(f"recall: hidden must be [tokens, {n}, H] and ids [tokens, {n}, K]; "
-                             f"got {hidden.shape} and {ids.shape}")
         preds, trues = [], []
         for j in range(n - d):
-            preds.append(self.predict(self.layers[j], torch.from_numpy(hidden[:, j]), d).numpy())
+            preds.append(self.predict(self.layers[j], torch.from_numpy(hidden[:, j]), d).cpu().numpy())
             trues.append(ids[:, j + d])
         if not preds:
             raise ValueError(f"recall: lookahead {d} leaves no layer pairs among {n} layers")
@@ -240,42 +439,84 @@ class CostModel:
 
 
 class Prefetcher:
-    """Decides copies into `cache`. Expected uses of an expert = predicted uses this token (x `confidence`,
-    the predictor's precision) + its decayed use count (the cache's estimate of near-future uses).
-    cost_model None admits whatever the cache policy accepts."""
+    """Decides copies into `cache`. Expected uses of an expert = predicted uses this token (x `confidence`)
+    + its decayed use count (the cache's estimate of near-future uses). cost_model None admits whatever the
+    cache policy accepts.
+
+    Predictions are ids [T, K] (each counts one use) or expected uses [T, E] (a learned head's probabilities);
+    an expert is a prefetch candidate when its predicted uses reach `min_uses`, at most `max_copies` per
+    target layer and call, most likely first. `max_backlog_ms`: skip prefetches while the copy link is busy
+    longer than this (they would land after the layer that wants them and delay the copies that can still
+    make it); the caller passes the backlog it sees."""
 
     def __init__(self, cache: ExpertCache, predictor: RoutingPredictor | None = None,
-                 cost_model: CostModel | None = None, *, lookahead: int = 1, confidence: float = 1.0):
+                 cost_model: CostModel | None = None, *, lookahead: int = 1, confidence: float = 1.0,
+                 min_uses: float = 0.0, max_copies: int | None = None, max_backlog_ms: float | None = None,
+                 max_demand_backlog_ms: float | None = None):
         self.cache, self.predictor, self.cost_model = cache, predictor, cost_model
         self.lookahead, self.confidence = lookahead, confidence
-        self.declined_by_cost = 0
+        self.min_uses, self.max_copies, self.max_backlog_ms = min_uses, max_copies, max_backlog_ms
+        self.max_demand_backlog_ms = max_demand_backlog_ms
+        self.declined_by_cost = self.declined_by_link = 0
 
     def predict(self, layer: int, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{target layer: expected uses [T, E]} for the next `lookahead` layers."""
         if self.predictor is None or self.lookahead < 1:
             return {}
-        return self.predictor.predict_ahead(layer, hidden, self.lookahead)
+        return self.predictor.predict_ahead(layer, hidden, self.lookahead, uses=True)
 
-    def plan_copies(self, layer: int, predicted) -> list[tuple[int, int]]:
-        """`predicted`: {target_layer: ids [T, K]} (as from `predict`). Admits the experts worth copying
-        and returns their (layer, expert) keys in order; the caller copies each into `cache.slot_of`."""
+    def plan_copies(self, layer: int, predicted, backlog_ms: float = 0.0) -> list[tuple[int, int]]:
+        """`predicted`: {target_layer: ids [T, K] or expected uses [T, E]} (as from `predict`). Admits the
+        experts worth copying and returns their (layer, expert) keys in order; the caller copies each into
+        `cache.slot_of`. backlog_ms: how long the copy link is already busy."""
         del layer  # the source layer only matters to the predictor
         copies = []
-        for tgt, ids in predicted.items():
-            uniq, counts = np.unique(_as_numpy(ids).reshape(-1), return_counts=True)
-            for e, c in zip(uniq.tolist(), counts.tolist()):
+        for tgt, pred in predicted.items():
+            a = _as_numpy(pred)
+            if np.issubdtype(a.dtype, np.floating):
+                uses = a.reshape(-1, a.shape[-1]).sum(0)
+                cand = np.flatnonzero(uses >= max(self.min_uses, 1e-9))
+                cand = cand[np.argsort(-uses[cand], kind="stable")]
+                pairs = zip(cand.tolist(), uses[cand].tolist())
+            else:
+                uniq, counts = np.unique(a.reshape(-1), return_counts=True)
+                keep = counts >= self.min_uses
+                pairs = zip(uniq[keep].tolist(), counts[keep].astype(float).tolist())
+            n = 0
+            for e, c in pairs:
                 score = self.confidence * c
                 if self.cache.resident(tgt, e) is not None:
                     self.cache.note_prediction(tgt, [e], score)   # protect it from eviction this token
                     continue
+                if self.max_copies is not None and n >= self.max_copies:
+                    continue
+                if self.max_backlog_ms is not None and backlog_ms > self.max_backlog_ms:
+                    self.declined_by_link += 1
+                    continue
                 if self._admit(tgt, e, score):
                     copies.append((tgt, e))
+                    n += 1
+                    if self.cost_model is not None:
+                        backlog_ms += self.cost_model.copy_ms
         return copies
 
-    def after_access(self, layer: int, ids, hit_mask) -> list[tuple[int, int]]:
-        """Demand admission: experts of `ids` that missed (the CPU ran them) and are worth keeping."""
+    def after_access(self, layer: int, ids, hit_mask, backlog_ms: float = 0.0) -> list[tuple[int, int]]:
+        """Demand admission: experts of `ids` that missed (the CPU ran them) and are worth keeping, while the
+        copy link's backlog stays within max_demand_backlog_ms."""
         ids = _as_numpy(ids).reshape(-1)
-        missed = np.unique(ids[~_as_numpy(hit_mask).astype(bool).reshape(-1)])
-        return [(layer, int(e)) for e in missed.tolist() if self._admit(layer, int(e), 0.0)]
+        missed = np.unique(ids[~_as_numpy(hit_mask).astype(bool).reshape(-1)]).tolist()
+        if self.max_demand_backlog_ms is not None and len(missed) > 1 and self.cache.policy == "score":
+            missed.sort(key=lambda e: -self.cache.priority(layer, e))   # the link may take only some: best first
+        out = []
+        for e in missed:
+            if self.max_demand_backlog_ms is not None and backlog_ms > self.max_demand_backlog_ms:
+                self.declined_by_link += 1
+                continue
+            if self._admit(layer, int(e), 0.0):
+                out.append((layer, int(e)))
+                if self.cost_model is not None:
+                    backlog_ms += self.cost_model.copy_ms
+        return out
 
     def _admit(self, layer: int, e: int, predicted: float) -> bool:
         if self.cost_model is not None:
