@@ -61,7 +61,7 @@ def make_layer(rng: np.random.Generator, t: K.QType, n_experts: int) -> K.Expert
     return K.ExpertWeights(gate, up, down, t.name)
 
 
-def bench_decode(layer: K.ExpertWeights, rng: np.random.Generator, iters: int) -> list[float]:
+def bench_decode(layer: K.ExpertWeights, rng: np.random.Generator, iters: int, h_residual: bool) -> list[float]:
     """Seconds per call, a fresh random set of TOP_K experts each time."""
     x = rng.standard_normal((1, H)).astype(np.float32)
     w = np.full((1, TOP_K), 1.0 / TOP_K, dtype=np.float32)
@@ -70,7 +70,7 @@ def bench_decode(layer: K.ExpertWeights, rng: np.random.Generator, iters: int) -
     for it in range(iters + 3):
         ids = rng.choice(layer.n_experts, TOP_K, replace=False).astype(np.int32)[None, :]
         t0 = time.perf_counter()
-        K.moe_forward(layer, x, ids, w, out=out)
+        K.moe_forward(layer, x, ids, w, out=out, h_residual=h_residual)
         if it >= 3:  # warm-up: pool threads, workspace, page faults
             times.append(time.perf_counter() - t0)
     return times
@@ -114,12 +114,14 @@ def main() -> None:
         per_expert = t.row_bytes(H) * I * 2 + t.row_bytes(I) * H
         n_experts = max(2 * TOP_K, int(args.pool_gib * GiB // per_expert))
         layer = make_layer(rng, t, n_experts)
-        times = bench_decode(layer, rng, args.iters)
-        med, best = statistics.median(times), min(times)
         read = TOP_K * per_expert
-        print(f"{t.name} decode T=1: {n_experts} experts ({layer.nbytes / GiB:.2f} GiB pool), {read / 1e6:.1f} MB read/call; "
-              f"median {med * 1e3:.2f} ms = {read / med / 1e9:.1f} GB/s = {read / med / bw:.2f} of probe; "
-              f"best {best * 1e3:.2f} ms = {read / best / 1e9:.1f} GB/s = {read / best / bw:.2f}")
+        for h_residual in (False, True):   # h at 8 bits (as llama.cpp) / with its residual row (the engine's decode)
+            times = bench_decode(layer, rng, args.iters, h_residual)
+            med, best = statistics.median(times), min(times)
+            print(f"{t.name} decode T=1, h {'8-bit + residual' if h_residual else '8-bit'}: {n_experts} experts "
+                  f"({layer.nbytes / GiB:.2f} GiB pool), {read / 1e6:.1f} MB read/call; "
+                  f"median {med * 1e3:.2f} ms = {read / med / 1e9:.1f} GB/s = {read / med / bw:.2f} of probe; "
+                  f"best {best * 1e3:.2f} ms = {read / best / 1e9:.1f} GB/s = {read / best / bw:.2f}")
         if args.prefill_tokens:
             T = args.prefill_tokens
             tp = bench_prefill(layer, rng, T, args.prefill_iters)
