@@ -534,11 +534,8 @@ def load_config(model: str) -> ModelConfig:
     if model in PRESETS:
         return preset(model)
     if model == "demo":
-        from . import demo
-        d = dict(demo.DEMO_CONFIG)
-        # the demo's vocabulary is built with its tokenizer: 256 bytes + merges + 256 special tokens
-        d.setdefault("vocab_size", 256 + getattr(demo, "DEMO_MERGES", 744) + 256)
-        return ModelConfig.from_dict(d, source="<preset demo>")
+        from .demo import demo_config
+        return ModelConfig.from_dict(demo_config(), source="<demo>")   # the checkpoint load("demo") runs
     if model.endswith(".gguf"):
         if not os.path.isfile(model):
             raise FileNotFoundError(f"{model}: no such GGUF file")
