@@ -44,9 +44,13 @@ def _load(args):
                             ctx=args.ctx, progress=True,
                             vram_budget=vram, cache_slots=args.cache_slots, cache_policy=args.cache_policy,
                             prefetch=not args.no_prefetch, lookahead=args.lookahead, defer_experts=args.defer_experts)
-    if args.dense_format is not None and engine.device.type == "cpu":
+    if engine.device.type == "cpu" and (args.dense_format is not None or engine.experts is not None
+                                        and engine.experts.name != "torch"):
+        # The C kernels' pool owns the cores. torch's OpenMP team spinning beside it makes both crawl (the
+        # demo decodes at ~3 tok/s instead of ~120 when anything else runs on a 2-core machine), and what
+        # torch is left with at decode is small.
         import torch
-        torch.set_num_threads(1)   # the C kernels own the cores; torch's own pool would fight them for them
+        torch.set_num_threads(1)
     return engine
 
 
