@@ -204,7 +204,7 @@ hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int weight_type);
  * running past a row's end fetches the next). The hardware prefetcher alone leaves a single
  * core well short of its share of DRAM bandwidth. (rw=0, locality=3) is _MM_HINT_T0. */
 #ifndef HK2_PF_DIST
-#define HK2_PF_DIST 1024
+#define HK2_PF_DIST 2048
 #endif
 #define PREFETCH(p) __builtin_prefetch((const char *)(p) + HK2_PF_DIST, 0, 3)
 

@@ -28,6 +28,9 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
                    help="hybrid: admission/eviction policy (default score = decayed frequency + predicted use)")
     p.add_argument("--no-prefetch", action="store_true", help="hybrid: do not prefetch predicted experts")
     p.add_argument("--lookahead", type=int, default=1, help="hybrid: layers ahead the router predictor looks")
+    p.add_argument("--prefill-stream", default="auto", choices=["auto", "on", "off"],
+                   help="hybrid: stream a long prompt's experts to the accelerator when the cost model says it beats "
+                        "the CPU (auto), always, or never")
     p.add_argument("--defer-experts", type=int, default=0,
                    help="decode: each token's N lowest-weighted experts finish one layer late (default 0 = off; "
                         "bench/bench_deferral.py measures the accuracy cost)")
@@ -43,7 +46,9 @@ def _load(args):
                             expert_format=args.expert_format, dense_format=args.dense_format, threads=args.threads,
                             ctx=args.ctx, progress=True,
                             vram_budget=vram, cache_slots=args.cache_slots, cache_policy=args.cache_policy,
-                            prefetch=not args.no_prefetch, lookahead=args.lookahead, defer_experts=args.defer_experts)
+                            prefetch=not args.no_prefetch, lookahead=args.lookahead, defer_experts=args.defer_experts,
+                            prefill_stream=None if args.experts != "hybrid" or args.prefill_stream == "auto"
+                            else args.prefill_stream == "on")
     if engine.device.type == "cpu" and (args.dense_format is not None or engine.experts is not None
                                         and engine.experts.name != "torch"):
         # The C kernels' pool owns the cores. torch's OpenMP team spinning beside it makes both crawl (the

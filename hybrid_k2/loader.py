@@ -51,14 +51,18 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
          vram_budget=None, ram_budget=None, threads: int | None = None, mode: str = "auto",
          record_routing=None, ctx: int | None = None, progress: bool | None = None, cache_slots: int | None = None,
          cache_policy: str = "score", prefetch: bool = True, lookahead: int = 1, record_hidden: bool = False,
-         dense_format: str | None = None, defer_experts: int = 0, prefetch_heads=None) -> Engine:
+         dense_format: str | None = None, defer_experts: int = 0, prefetch_heads=None,
+         prefill_stream: bool | None = None) -> Engine:
     """Load a model and return an `Engine`. See DESIGN.md for the meaning of each argument; `dense_format`
     (None, 'native', 'q8_0', 'q4_0', device='cpu' only) keeps the non-expert matrices quantized (DENSE_FORMATS);
     `defer_experts` (default 0, off) lets each decoded token's n lowest-weighted experts finish one layer late
     (Transformer.set_deferral); `prefetch_heads` (hybrid) is a learned routing-predictor .npz
-    (RoutingPredictor.save_heads, bench/bench_prefetch.py writes one)."""
-    if prefetch_heads is not None and experts != "hybrid":
-        raise ValueError("prefetch_heads applies to experts='hybrid' (the prefetcher's routing predictor)")
+    (RoutingPredictor.save_heads, bench/bench_prefetch.py writes one); `prefill_stream` (hybrid: None = when
+    the cost model says streaming a long prompt's experts to the accelerator beats the CPU, True/False = always/
+    never; HybridExperts)."""
+    for name, value in (("prefetch_heads", prefetch_heads), ("prefill_stream", prefill_stream)):
+        if value is not None and experts != "hybrid":
+            raise ValueError(f"{name} applies to experts='hybrid' (the accelerator's expert cache)")
     if experts not in EXPERT_BACKENDS:
         raise ValueError(f"experts={experts!r}: expected one of {', '.join(EXPERT_BACKENDS)}")
     device = torch.device(device) if device is not None else default_device()
@@ -83,7 +87,7 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
         backend = _load_experts(experts, ckpt, cfg, device, dtype, progress, expert_format, threads,
                                 vram_budget=vram_budget, ctx=ctx, cache_slots=cache_slots,
                                 cache_policy=cache_policy, prefetch=prefetch, lookahead=lookahead,
-                                prefetch_heads=prefetch_heads)
+                                prefetch_heads=prefetch_heads, prefill_stream=prefill_stream)
         net.set_experts(backend)
         if hasattr(backend, "attach"):   # the prefetcher reads the next layers' routers
             backend.attach(net)
@@ -191,7 +195,7 @@ def _load_tokenizer(ckpt, path: Path):
 
 def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bool, expert_format, threads, *,
                   vram_budget=None, ctx=None, cache_slots=None, cache_policy="score", prefetch=True, lookahead=1,
-                  prefetch_heads=None):
+                  prefetch_heads=None, prefill_stream=None):
     if not cfg.moe_layers:
         return None
     if kind == "auto":
@@ -209,7 +213,8 @@ def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bo
             return HybridExperts.from_checkpoint(ckpt, cfg, expert_format, device=device, dtype=dtype,
                                                  n_slots=cache_slots, vram_budget=vram_budget, ctx=ctx,
                                                  threads=threads, progress=bar, policy=cache_policy,
-                                                 prefetch=prefetch, lookahead=lookahead, predictor_heads=prefetch_heads)
+                                                 prefetch=prefetch, lookahead=lookahead, predictor_heads=prefetch_heads,
+                                                 prefill_stream=prefill_stream)
         from .experts.cpu import CPUExperts
         # Overlap runs the experts in a worker while the accelerator computes the shared expert; on a CPU
         # device both would share the same cores (and the kernels' pool), so it would only add a handoff.

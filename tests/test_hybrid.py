@@ -187,10 +187,11 @@ def test_layer_outputs_against_torch_backend(eng, ref_float):
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_k_q6_k"])
 def test_fill_formats(eng, fmt):
-    """Q4_0 fills dequantize on the device from the blocks; K-quants dequantize on the host. Both hold the
-    C kernels' dequantized values exactly."""
+    """Q4_0 fills (the blocks held in the kernels' Q4_0_R8 layout) dequantize on the device from the blocks;
+    K-quants dequantize on the host and move float32. Both hold the C kernels' dequantized values exactly."""
     if fmt == "q4_0":
         cpu = CPUExperts.from_checkpoint(eng.checkpoint, eng.cfg, "q4_0", overlap=False)
+        assert cpu.layers[1].gate_type.name == "Q4_0_R8"
     else:   # the demo's inter 128 is below the K-quant block of 256: build one layer with inter 256
         rng = np.random.default_rng(5)
         E, H, I = 4, 256, 256
@@ -202,6 +203,9 @@ def test_fill_formats(eng, fmt):
     b.preload()
     b.close()                                          # joins the copier: every fill has landed
     assert assert_slots_hold_their_experts(b, ref) == b.cache.n_slots == min(6, 3 * 16 if fmt == "q4_0" else 4)
+    w0 = cpu.layers[min(cpu.layers)]
+    per_fill = w0.expert_nbytes() if fmt == "q4_0" else 3 * w0.hidden * w0.inter * 4
+    assert b.stats()["bytes_copied"] == b.stats()["fills_done"] * per_fill
     layer = min(cpu.layers)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, cpu.layers[layer].hidden, generator=g)
@@ -298,6 +302,7 @@ def test_generate_stats_and_many_decode_steps_no_thread_leak(eng, ref_float):
     assert s["hits"] > 0 and s["fills_done"] > 100
     assert len(set(counts)) == 1 and counts[0] <= base + 3    # worker + copier (+ the loop thread)
     b.close()
+    assert b._backlog_ms() == 0.0          # every queued fill was issued: the link-backlog count is balanced
     assert assert_slots_hold_their_experts(b, ref_float) > 0
     assert threading.active_count() == base
 

@@ -6,8 +6,9 @@ Per MoE layer, `run`:
   2. the (token, expert) pairs without a usable slot go to the C kernels on a worker thread, compacted per
      token (a row is padded with its own first id at weight 0, which the kernel merges: no extra work);
   3. meanwhile the accelerator runs the shared expert and the resident experts from the slots;
-  4. the Prefetcher admits what the router predictor expects in the next `lookahead` layers and what just
-     missed, when the cost model says the copy pays; copies go to a copier thread (or run inline);
+  4. the Prefetcher admits what the router predictor (or its learned heads, `load_predictor_heads`) expects in
+     the next `lookahead` layers and what just missed, when the cost model says the copy pays and the copy
+     queue is short enough for it to land in time; copies go to a copier thread (or run inline);
   5. the partial sums meet: y = shared + (y_slots + y_cpu).
 
 Slots hold whole experts dequantized to the compute dtype: gate [S,I,H], up [S,I,H], down [S,H,I]. A fill
@@ -17,6 +18,12 @@ C kernels and moved as compute dtype. An event marks a fill done and the compute
 sync); a slot is overwritten only after the compute stream's last read of it (an event recorded per layer).
 A resident expert whose fill has not been issued yet (copier backlog) runs on the CPU that time ('late').
 On a CPU "accelerator" the same steps run with plain copies and no streams.
+
+Prefill streaming (`prefill_stream`): a forward of many tokens is compute-bound on the CPU, so when
+PrefillStreamModel says it is faster, every expert the layer's non-resident pairs use is streamed to the
+accelerator instead of running in the kernels: its blocks go through a ring of >= 2 staging buffers (host ->
+device copy and dequantization on the side stream while the compute stream runs the previous expert; events
+order buffer reuse), and it runs there with torch matmuls; resident slots are used in place as always.
 """
 from __future__ import annotations
 
@@ -40,16 +47,26 @@ from .prefetch import CostModel, Prefetcher, RoutingPredictor
 
 log = logging.getLogger(__name__)
 
-DEVICE_DEQUANT = ("Q4_0", "Q8_0")   # block types dequantized on the accelerator (others on the host)
+DEVICE_DEQUANT = ("Q4_0", "Q8_0", "Q4_0_R8")   # block types dequantized on the accelerator (others on the host)
 PCIE_GBPS = 25.0                     # PCIe 4.0 x16 with pinned memory; placement.PCIE_GBPS_ASSUMED
 RAM_GBPS_GUESS = 50.0                # per-expert CPU time before any is measured (roofline)
+# Prefill streaming's defaults. The CPU figure is the kernels' prefill rate on a ~32-core AVX2/AVX-512 host
+# (this 2-core AVX2 machine measures 92-120 GFLOP/s at T=512, NOTES); once a large CPU call has run, its
+# measured rate replaces it. The accelerator figure is a fraction of an H100's dense bf16 peak: one expert's
+# GEMMs at a few hundred tokens are small.
+CPU_GFLOPS_GUESS = 1000.0
+ACCEL_GFLOPS_GUESS = 100_000.0
+STREAM_MIN_TOKENS = 64               # below this a forward never streams (decode, short prompts)
+MEASURE_MIN_TOKENS = 32              # CPU calls at least this long feed the measured prefill GFLOP/s
 
 
 def dequantize_torch(blocks: torch.Tensor, qtype: Any, cols: int) -> torch.Tensor:
     """GGML Q4_0 / Q8_0 blocks, uint8 [rows, row_bytes] on any device -> float32 [rows, cols] there.
 
     Q8_0 block: fp16 d, int8 q[32]: x = d*q.  Q4_0 block: fp16 d, 16 bytes of nibbles: x[j] = d*(lo_j - 8),
-    x[j+16] = d*(hi_j - 8). Same float32 products as the C kernels and the gguf package."""
+    x[j+16] = d*(hi_j - 8). Q4_0_R8 (kernels' repacked Q4_0, csrc/hk2.h): per 8 rows and block, 8 fp16 d then
+    the rows' nibble bytes in 4-byte runs (run c of row r at 32c + 4r), un-interleaved here. Same float32
+    products as the C kernels and the gguf package."""
     t = kernels.qtype(qtype)
     if t.name not in DEVICE_DEQUANT:
         raise ValueError(f"dequantize_torch: {t.name} is not one of {', '.join(DEVICE_DEQUANT)}")
@@ -57,7 +74,16 @@ def dequantize_torch(blocks: torch.Tensor, qtype: Any, cols: int) -> torch.Tenso
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != t.row_bytes(cols):
         raise ValueError(f"dequantize_torch: blocks must be uint8 [rows, {t.row_bytes(cols)}] for {cols} {t.name} "
                          f"columns, got {blocks.dtype} {tuple(blocks.shape)}")
-    b = blocks.reshape(rows, cols // t.block_size, t.block_bytes)
+    nb = cols // t.block_size
+    if t.name == "Q4_0_R8":
+        if rows % 8:
+            raise ValueError(f"dequantize_torch: {rows} rows is not a multiple of the Q4_0_R8 row group 8")
+        g = blocks.reshape(rows // 8, nb, 8 * t.block_bytes)
+        d = g[..., :16].contiguous().view(torch.float16).float().permute(0, 2, 1)[..., None]   # [G, 8, nb, 1]
+        qs = g[..., 16:].reshape(rows // 8, nb, 4, 8, 4).permute(0, 3, 1, 2, 4).reshape(rows // 8, 8, nb, 16)
+        q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).float() - 8.0
+        return (d * q).reshape(rows, cols)
+    b = blocks.reshape(rows, nb, t.block_bytes)
     d = b[..., :2].contiguous().view(torch.float16).float()          # [rows, nb, 1]
     if t.name == "Q8_0":
         q = b[..., 2:].contiguous().view(torch.int8).float()
@@ -109,6 +135,62 @@ def slots_for_budget(cfg, device, dtype, vram_budget=None, ctx: int | None = Non
     return int(max(0, min(free // one, total)))
 
 
+@dataclass(frozen=True)
+class PrefillStreamModel:
+    """Stream-vs-CPU decision for one MoE layer of a large forward: n_experts distinct non-resident experts
+    used by n_pairs (token, expert) pairs. F = flops_per_pair = 6*H*I (gate, up and down matvecs, 2 flops
+    per multiply-add); c = copy_bytes / pcie_gbps one expert's copy.
+        copy    C = n_experts * c                       (the link)
+        compute G = n_pairs * F / accel_gflops          (the accelerator)
+        stream  = max(C, G) + min(C, G) / n_experts     (a pipeline of n_experts stages: copy i+1 overlaps
+                                                         compute i; the first copy and last compute do not)
+        cpu     = max(n_pairs * F / cpu_gflops,         (the kernels: compute-bound at large T,
+                      n_experts * ram_bytes / ram_gbps)  never faster than reading each expert once)
+    Streaming wins when stream < cpu."""
+    copy_bytes: int          # one expert over the link (blocks for device-dequantized types)
+    ram_bytes: int           # one expert's blocks the kernels read
+    flops_per_pair: int
+    pcie_gbps: float = PCIE_GBPS
+    cpu_gflops: float = CPU_GFLOPS_GUESS
+    accel_gflops: float = ACCEL_GFLOPS_GUESS
+    ram_gbps: float = RAM_GBPS_GUESS
+
+    def __post_init__(self):
+        for k in ("copy_bytes", "ram_bytes", "flops_per_pair", "pcie_gbps", "cpu_gflops", "accel_gflops",
+                  "ram_gbps"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"PrefillStreamModel: {k} must be positive, got {getattr(self, k)!r}")
+
+    def stream_ms(self, n_experts: int, n_pairs: int) -> float:
+        if n_experts <= 0:
+            return 0.0
+        c = n_experts * self.copy_bytes / (self.pcie_gbps * 1e9) * 1e3
+        g = n_pairs * self.flops_per_pair / (self.accel_gflops * 1e9) * 1e3
+        return max(c, g) + min(c, g) / n_experts
+
+    def cpu_ms(self, n_experts: int, n_pairs: int) -> float:
+        compute = n_pairs * self.flops_per_pair / (self.cpu_gflops * 1e9) * 1e3
+        memory = n_experts * self.ram_bytes / (self.ram_gbps * 1e9) * 1e3
+        return max(compute, memory)
+
+    def wins(self, n_experts: int, n_pairs: int) -> bool:
+        return n_experts > 0 and self.stream_ms(n_experts, n_pairs) < self.cpu_ms(n_experts, n_pairs)
+
+
+class _StageBuffer:
+    """One prefill-streaming stage: an expert's blocks on the host (pinned on CUDA) and on the device, and its
+    dequantized gate/up/down. Events (CUDA): h2d (the host bytes may be overwritten), ready (weights written),
+    free (the compute stream's last read of the weights)."""
+
+    def __init__(self, nbytes: int, H: int, I: int, device: torch.device, dtype: torch.dtype):
+        cuda = device.type == "cuda"
+        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        self.raw = torch.empty(nbytes, dtype=torch.uint8, device=device) if cuda else self.host
+        self.mats = (torch.empty(I, H, device=device, dtype=dtype), torch.empty(I, H, device=device, dtype=dtype),
+                     torch.empty(H, I, device=device, dtype=dtype))
+        self.h2d = self.ready = self.free = None
+
+
 @dataclass
 class _Fill:
     slot: int
@@ -126,15 +208,38 @@ class HybridExperts(ExpertBackend):
     the experts the next `lookahead` layers' routers pick from the current hidden state. overlap: CPU experts
     on a worker thread while the accelerator works. async_copies: fills on a copier thread (default: on CUDA).
     cost_model: 'auto' (CUDA: PCIe bandwidth vs the measured CPU time per expert; CPU device: none), None
-    (admit whatever the policy accepts) or a CostModel."""
+    (admit whatever the policy accepts) or a CostModel. predictor_heads: a learned-heads .npz
+    (RoutingPredictor.save_heads) for the predictor. max_backlog_ms / max_demand_backlog_ms: skip prefetch /
+    demand copies while the copier's queue holds more than this much copy time (async copies only; the
+    simulator's tuned setting is 0: copy only when the link is idle); min_uses: the Prefetcher's candidate
+    threshold (predicted uses; plain routers predict 1 per chosen id); margin: the score policy's admission
+    margin (ExpertCache). Defaults are bench/bench_prefetch.py's SIM settings (lookahead there is 2).
+    fit_on_prefill: a forward of at least this many tokens (a prompt's prefill) fits the predictor's ridge
+    corrections (RoutingPredictor.fit_correction, `prefill_ridge`) on its own (layer L, layer L+d) router
+    inputs, at most `prefill_fit_tokens` of them, when the predictor has no learned heads: calibration from
+    the prompt, no files needed (None or 0: off).
+    prefill_stream: in a forward of at least `prefill_stream_min_tokens` tokens, stream each layer's
+    non-resident experts to the device through `prefill_stream_buffers` (>= 2) staging buffers instead of the
+    kernels (the host copies into pinned memory on `prefill_stream_copy_threads` threads, default 4 on CUDA):
+    True always, False never, None (auto) when PrefillStreamModel (`stream_model`) says it is faster. Figures:
+    pcie_gbps, ram_gbps, accel_gflops (None: ACCEL_GFLOPS_GUESS on CUDA; on another device auto stays off
+    unless it is given), cpu_gflops (None: the rate measured on this backend's own kernel calls of >=
+    MEASURE_MIN_TOKENS tokens, CPU_GFLOPS_GUESS before one)."""
 
     name = "hybrid"
 
     def __init__(self, cpu: CPUExperts, device, dtype: torch.dtype, n_slots: int, policy: str = "score",
                  prefetch: bool = True, lookahead: int = 1, overlap: bool = True,
                  predictor: RoutingPredictor | None = None, *, cost_model: CostModel | str | None = "auto",
-                 async_copies: bool | None = None, decay: float = 0.98, profile=None, pcie_gbps: float = PCIE_GBPS,
-                 staging_buffers: int = 3, owns_cpu: bool = False):
+                 async_copies: bool | None = None, decay: float = 0.99, profile=None, pcie_gbps: float = PCIE_GBPS,
+                 staging_buffers: int = 3, owns_cpu: bool = False, predictor_heads=None,
+                 max_backlog_ms: float | None = 0.0, max_demand_backlog_ms: float | None = 0.0,
+                 min_uses: float = 0.3, margin: float = 0.0, fit_on_prefill: int | None = 256,
+                 prefill_ridge: float = 0.3, prefill_fit_tokens: int = 512, prefill_stream: bool | None = None,
+                 prefill_stream_min_tokens: int = STREAM_MIN_TOKENS, prefill_stream_buffers: int = 2,
+                 prefill_stream_copy_threads: int | None = None, cpu_gflops: float | None = None,
+                 accel_gflops: float | None = None,
+                 ram_gbps: float = RAM_GBPS_GUESS):
         if not isinstance(cpu, CPUExperts):
             raise TypeError(f"HybridExperts: cpu must be a CPUExperts, got {type(cpu).__name__}")
         if not cpu.layers:
@@ -157,7 +262,7 @@ class HybridExperts(ExpertBackend):
         if not isinstance(n_slots, (int, np.integer)) or isinstance(n_slots, bool) or n_slots < 0:
             raise ValueError(f"HybridExperts: n_slots must be a non-negative integer, got {n_slots!r}")
         n_slots = min(int(n_slots), n_keys)
-        self.cache = ExpertCache(n_slots, len(self.layers), self.n_experts, policy, decay=decay,
+        self.cache = ExpertCache(n_slots, len(self.layers), self.n_experts, policy, decay=decay, margin=margin,
                                  expert_bytes=self.copy_bytes, profile=profile)
         S, E, H, I = n_slots, self.n_experts, self.hidden, self.inter
         self.gate = torch.empty(S, I, H, device=self.device, dtype=dtype)
@@ -187,10 +292,43 @@ class HybridExperts(ExpertBackend):
                           if self._cuda else None)
         elif cost_model is not None and not isinstance(cost_model, CostModel):
             raise TypeError(f"HybridExperts: cost_model must be 'auto', None or a CostModel, got {cost_model!r}")
-        self.prefetcher = Prefetcher(self.cache, None, cost_model, lookahead=lookahead)
+        self.prefetcher = Prefetcher(self.cache, None, cost_model, lookahead=lookahead, min_uses=min_uses,
+                                     max_backlog_ms=max_backlog_ms, max_demand_backlog_ms=max_demand_backlog_ms)
+        self._queued = 0                              # fills handed to the copier and not yet issued by it
+        if fit_on_prefill is not None and fit_on_prefill < 0:
+            raise ValueError(f"HybridExperts: fit_on_prefill must be >= 0 or None, got {fit_on_prefill!r}")
+        self.fit_on_prefill, self.prefill_ridge = fit_on_prefill, prefill_ridge
+        self.prefill_fit_tokens = max(1, int(prefill_fit_tokens))
+        self._prefill_x: dict[int, torch.Tensor] = {}   # MoE index -> this prefill's router inputs (subsampled)
+        self.prefill_fits = 0
+        self.predictor_heads = predictor_heads
         if predictor is not None:
             self.set_predictor(predictor)
         self._owns_cpu = owns_cpu
+        if prefill_stream not in (None, True, False):
+            raise ValueError(f"HybridExperts: prefill_stream must be True, False or None (auto), got "
+                             f"{prefill_stream!r}")
+        if not isinstance(prefill_stream_buffers, int) or prefill_stream_buffers < 2:
+            raise ValueError(f"HybridExperts: prefill_stream_buffers must be an integer >= 2 (double buffering), got "
+                             f"{prefill_stream_buffers!r}")
+        if prefill_stream_min_tokens < 1:
+            raise ValueError(f"HybridExperts: prefill_stream_min_tokens must be >= 1, got "
+                             f"{prefill_stream_min_tokens!r}")
+        self.prefill_stream, self.prefill_stream_min_tokens = prefill_stream, int(prefill_stream_min_tokens)
+        self.prefill_stream_buffers = prefill_stream_buffers
+        self.prefill_stream_copy_threads = (4 if self._cuda else 1) if prefill_stream_copy_threads is None \
+            else max(1, int(prefill_stream_copy_threads))
+        self._copy_pool: ThreadPoolExecutor | None = None
+        for k, v in (("cpu_gflops", cpu_gflops), ("accel_gflops", accel_gflops)):
+            if v is not None and not v > 0:
+                raise ValueError(f"HybridExperts: {k} must be positive or None (default), got {v!r}")
+        self.cpu_gflops, self.accel_gflops, self.ram_gbps = cpu_gflops, accel_gflops, ram_gbps
+        self._flops_per_pair = 6 * self.hidden * self.inter
+        self._layer_copy_bytes = {l: sum(m) for l, m in zip(cpu.layers, per_matrix)}
+        self._stage: list[_StageBuffer] = []
+        self._cpu_big_s = 0.0                         # kernel calls of >= MEASURE_MIN_TOKENS tokens: time, flops
+        self._cpu_big_flops = 0
+        self.stream_model(self.layers[0])               # validates the figures now
 
         self._pool: ThreadPoolExecutor | None = None
         self._copier: threading.Thread | None = None
@@ -234,6 +372,13 @@ class HybridExperts(ExpertBackend):
         if self.prefetch and self.predictor is None and self.lookahead > 0:
             self.set_predictor(RoutingPredictor.from_model(model))
 
+    def load_predictor_heads(self, path) -> None:
+        """Learned routing heads (an .npz from RoutingPredictor.save_heads, e.g. fitted on a recorded trace) for
+        the predictor; before `attach`, they are loaded when the predictor is built."""
+        self.predictor_heads = path
+        if self.predictor is not None:
+            self.predictor.load_heads(path)
+
     def set_predictor(self, predictor: RoutingPredictor | None) -> None:
         """Keys: the MoE layers' model numbers (as RoutingPredictor.from_model gives) or 0..n_moe-1."""
         if predictor is not None:
@@ -245,6 +390,8 @@ class HybridExperts(ExpertBackend):
             else:
                 raise ValueError(f"HybridExperts: predictor layers {keys} are neither the MoE layers {self.layers} "
                                  f"nor their indices 0..{len(self.layers) - 1}")
+            if self.predictor_heads is not None and not predictor.heads:
+                predictor.load_heads(self.predictor_heads)
         self.predictor = predictor
 
     def preload(self, keys=None) -> int:
@@ -294,11 +441,18 @@ class HybridExperts(ExpertBackend):
                 on_dev[p] = self._usable(s, li * E + int(flat[p]))
             n_dev = int(np.count_nonzero(on_dev))
             self.late += n_hit - n_dev
+        away = None                                   # flat positions of the pairs no slot serves
+        if n_dev < flat.size:
+            away = np.flatnonzero(~on_dev) if n_dev else np.arange(flat.size)
+        stream = away is not None and self._will_stream(layer, T, flat[away])
         self.gpu_pairs += n_dev
-        self.cpu_pairs += flat.size - n_dev
+        if stream:
+            self.stream_pairs += flat.size - n_dev
+        else:
+            self.cpu_pairs += flat.size - n_dev
 
         fut = y_cpu = rows_t = None
-        if n_dev < flat.size:
+        if n_dev < flat.size and not stream:
             if n_dev == 0:        # everything on the CPU: the router's lists as they are
                 rows = None
                 ids_c = ids_h.astype(np.int32)
@@ -311,13 +465,18 @@ class HybridExperts(ExpertBackend):
             else:
                 xs = x.detach()
             xh = xs.to("cpu", torch.float32).contiguous()
-            if self.overlap:
-                fut = self._worker().submit(self._cpu_part, layer, xh, ids_c, w_c)   # kernels release the GIL
+            n_pairs = flat.size - n_dev
+            if self.overlap:      # kernels release the GIL
+                fut = self._worker().submit(self._cpu_part, layer, xh, ids_c, w_c, n_pairs)
             else:
-                y_cpu = self._cpu_part(layer, xh, ids_c, w_c)
+                y_cpu = self._cpu_part(layer, xh, ids_c, w_c, n_pairs)
         s_out = shared(x) if shared is not None else None
         y = self._device_part(x, weights, K, np.flatnonzero(on_dev), slots) if n_dev else None
+        if stream:
+            ys = self._stream_part(layer, x, weights, K, away, flat)
+            y = ys if y is None else y + ys
         if self.cache.n_slots:
+            self._collect_prefill(li, x)
             self._plan(li, layer, x, flat, hit)
         if fut is not None:
             y_cpu = fut.result()
@@ -332,6 +491,27 @@ class HybridExperts(ExpertBackend):
             y = torch.zeros(T, self.hidden, device=x.device, dtype=torch.float32)
         y = y.to(x.dtype)
         return y if s_out is None else s_out + y
+
+    def _collect_prefill(self, li: int, x: torch.Tensor) -> None:
+        """Keep a long forward's router inputs per MoE layer; after the last layer, fit the corrections."""
+        if li == 0:
+            self._prefill_x = {}
+        T = x.shape[0]
+        if (not self.fit_on_prefill or T < self.fit_on_prefill or not self.prefetch or self.predictor is None
+                or self.predictor.heads):
+            return
+        step = max(1, -(-T // self.prefill_fit_tokens))             # evenly strided rows, at most the cap
+        self._prefill_x[li] = x.detach()[::step].float()
+        n = len(self.layers)
+        if li != n - 1 or len(self._prefill_x) != n:
+            return
+        xs, self._prefill_x = self._prefill_x, {}
+        for j in range(n):
+            for d in range(1, max(self.lookahead, 1) + 1):
+                if j + d < n:
+                    self.predictor.fit_correction(j if self._pred_by_index else self.layers[j], d, xs[j], xs[j + d],
+                                                  ridge=self.prefill_ridge)
+        self.prefill_fits += 1
 
     def _layer_index(self, layer: int) -> int:
         li = self._index.get(layer)
@@ -365,15 +545,142 @@ class HybridExperts(ExpertBackend):
             w_c = np.where(pad, np.float32(0), w_c)
         return rows, np.ascontiguousarray(ids_c), np.ascontiguousarray(w_c)
 
-    def _cpu_part(self, layer: int, xh: torch.Tensor, ids_c: np.ndarray, w_c: np.ndarray) -> torch.Tensor:
+    def _cpu_part(self, layer: int, xh: torch.Tensor, ids_c: np.ndarray, w_c: np.ndarray, n_pairs: int) -> torch.Tensor:
         t0 = time.perf_counter()
         y = kernels.moe_forward(self.cpu.layers[layer], xh, ids_c, w_c)
-        self._cpu_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self._cpu_s += dt
         self._cpu_expert_runs += len(set(ids_c.ravel().tolist())) if ids_c.size <= 64 else len(np.unique(ids_c))
+        if xh.shape[0] >= MEASURE_MIN_TOKENS:      # a prefill-sized call: its rate feeds the streaming decision
+            self._cpu_big_s += dt
+            self._cpu_big_flops += n_pairs * self._flops_per_pair
         return y
 
+    @staticmethod
+    def _swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
     def _expert(self, x: torch.Tensor, s: int) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.gate[s])) * F.linear(x, self.up[s]), self.down[s])
+        return self._swiglu(x, self.gate[s], self.up[s], self.down[s])
+
+    # ---- prefill streaming -----------------------------------------------------------------------
+    def measured_cpu_gflops(self) -> float | None:
+        """The kernels' rate on this backend's calls of >= MEASURE_MIN_TOKENS tokens (None before one)."""
+        return self._cpu_big_flops / self._cpu_big_s / 1e9 if self._cpu_big_s > 0 else None
+
+    def stream_model(self, layer: int | None = None) -> PrefillStreamModel:
+        """The cost model `prefill_stream=None` decides with, for `layer` (default the first MoE layer)."""
+        layer = self.layers[0] if layer is None else layer
+        cpu = self.cpu_gflops or self.measured_cpu_gflops() or CPU_GFLOPS_GUESS
+        return PrefillStreamModel(self._layer_copy_bytes[layer], self.cpu.layers[layer].expert_nbytes(),
+                                  self._flops_per_pair, self.pcie_gbps, cpu, self.accel_gflops or ACCEL_GFLOPS_GUESS,
+                                  self.ram_gbps)
+
+    def _will_stream(self, layer: int, T: int, away_ids: np.ndarray) -> bool:
+        """Whether this layer's non-resident pairs (their expert ids `away_ids`) stream to the device."""
+        if T < self.prefill_stream_min_tokens or self.prefill_stream is False:
+            return False
+        if self.prefill_stream is None and not self._cuda and self.accel_gflops is None:
+            return False      # auto on a CPU "device": no rate for it, and no separate compute to win
+        if self.prefill_stream:
+            return True
+        if self.stream_model(layer).wins(len(np.unique(away_ids)), len(away_ids)):
+            return True
+        self.stream_declined += 1
+        return False
+
+    def _stage_buffers(self) -> list[_StageBuffer]:
+        if not self._stage:    # allocated at the first streamed layer, then kept: in-flight copies use them
+            nbytes = self.copy_bytes + 3 * 16
+            self._stage = [_StageBuffer(nbytes, self.hidden, self.inter, self.device, self.dtype)
+                           for _ in range(self.prefill_stream_buffers)]
+        return self._stage
+
+    def _stage_load(self, b: _StageBuffer, layer: int, e: int) -> None:
+        """Expert e's blocks -> b.host -> b.raw (device) -> dequantized into b.mats; on CUDA queued on the side
+        stream after the compute stream's last read of b (b.free), the host bytes reused after b.h2d."""
+        if b.h2d is not None:
+            b.h2d.synchronize()
+        parts, off = [], 0
+        for blocks, qt, shape in _matrices(self.cpu.layers[layer], e):
+            if qt.name in DEVICE_DEQUANT:
+                src = blocks.reshape(-1)
+            else:     # K-quants: dequantized on the host by the kernels, moved as the compute dtype
+                f = torch.from_numpy(kernels.dequantize(blocks, qt, shape)).to(self.dtype)
+                src = f.view(torch.uint8).numpy().reshape(-1)
+            self._host_copy(b.host[off:off + src.nbytes].numpy(), src)
+            parts.append((off, src.nbytes, qt, shape))
+            off += -(-src.nbytes // 16) * 16            # 16-byte aligned: a dtype view of the next part is legal
+        if self._cuda:
+            with torch.cuda.stream(self._side):
+                if b.free is not None:
+                    self._side.wait_event(b.free)
+                b.raw[:off].copy_(b.host[:off], non_blocking=True)
+                b.h2d = torch.cuda.Event()
+                b.h2d.record(self._side)
+                self._stage_dequant(b, parts)
+                b.ready = torch.cuda.Event()
+                b.ready.record(self._side)
+        else:
+            self._stage_dequant(b, parts)
+        self.stream_bytes += sum(p[1] for p in parts)
+
+    def _host_copy(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """src -> dst (1-D uint8), in chunks on `prefill_stream_copy_threads` threads when it is large: one
+        thread's memcpy into pinned memory (~5-10 GB/s) would be slower than the link it feeds."""
+        k = self.prefill_stream_copy_threads
+        if k <= 1 or src.nbytes < (4 << 20):
+            np.copyto(dst, src)
+            return
+        if self._copy_pool is None:
+            self._copy_pool = ThreadPoolExecutor(k, thread_name_prefix="hk2-stage-copy")
+        bounds = np.linspace(0, src.nbytes, k + 1).astype(np.int64).tolist()
+        for f in [self._copy_pool.submit(np.copyto, dst[a:z], src[a:z]) for a, z in zip(bounds, bounds[1:])]:
+            f.result()                                  # numpy releases the GIL while copying
+
+    def _stage_dequant(self, b: _StageBuffer, parts) -> None:
+        for (o, n, qt, (rows, cols)), dst in zip(parts, b.mats):
+            raw = b.raw[o:o + n]
+            if qt.name in DEVICE_DEQUANT:
+                dst.copy_(dequantize_torch(raw.view(rows, -1), qt, cols))
+            else:
+                dst.copy_(raw.view(self.dtype).view(rows, cols))
+
+    def _stream_part(self, layer: int, x: torch.Tensor, weights: torch.Tensor, K: int, pos: np.ndarray,
+                     flat: np.ndarray) -> torch.Tensor:
+        """Sum over the pairs at flat positions `pos`, each distinct expert streamed once through the staging
+        ring: while expert i runs on the compute stream, the next ones are copied and dequantized. float32 [T, H]."""
+        T = x.shape[0]
+        e_of = flat[pos]
+        order = np.argsort(e_of, kind="stable")
+        pos, e_of = pos[order], e_of[order]
+        starts = np.flatnonzero(np.r_[True, e_of[1:] != e_of[:-1]])
+        ends = np.r_[starts[1:], len(pos)].tolist()
+        experts = e_of[starts].tolist()
+        starts = starts.tolist()
+        idx = torch.from_numpy(np.stack([pos // K, pos % K])).to(x.device)
+        w_sel = weights[idx[0], idx[1]].float()
+        y = torch.zeros(T, self.hidden, device=x.device, dtype=torch.float32)
+        bufs = self._stage_buffers()
+        n = len(bufs)
+        compute = torch.cuda.current_stream(self.device) if self._cuda else None
+        for j in range(min(n - 1, len(experts))):       # prime the ring
+            self._stage_load(bufs[j], layer, experts[j])
+        for i in range(len(experts)):
+            b = bufs[i % n]
+            if compute is not None:
+                compute.wait_event(b.ready)
+            t = idx[0, starts[i]:ends[i]]
+            y.index_add_(0, t, self._swiglu(x.index_select(0, t), *b.mats).float() * w_sel[starts[i]:ends[i], None])
+            if compute is not None:
+                b.free = torch.cuda.Event()
+                b.free.record(compute)
+            # expert i is queued: stage expert i+n-1 while it runs, into the buffer expert i-1 used (after its reads)
+            if i + n - 1 < len(experts):
+                self._stage_load(bufs[(i + n - 1) % n], layer, experts[i + n - 1])
+        self.stream_layers += 1
+        self.stream_experts += len(experts)
+        return y
 
     def _device_part(self, x, weights, K: int, pos: np.ndarray, slots: np.ndarray) -> torch.Tensor:
         """Sum over the slot-resident pairs at flat positions `pos` (token * K + k), float32 [T, H]."""
@@ -412,15 +719,22 @@ class HybridExperts(ExpertBackend):
         """Prefetch for the next layers, then demand-admit this layer's misses; issue the fills."""
         fills = []
         if self.prefetch and self.predictor is not None:
-            ahead = self.predictor.predict_ahead(li if self._pred_by_index else layer, x.detach(), self.lookahead)
+            ahead = self.predictor.predict_ahead(li if self._pred_by_index else layer, x.detach(), self.lookahead,
+                                                 uses=True)
             pred = {(k if self._pred_by_index else self._index[k]): v for k, v in ahead.items()}
-            fills += [(l2, e, True) for l2, e in self.prefetcher.plan_copies(li, pred)]
-        fills += [(l2, e, False) for l2, e in self.prefetcher.after_access(li, flat, hit)]
+            fills += [(l2, e, True) for l2, e in self.prefetcher.plan_copies(li, pred, self._backlog_ms())]
+        fills += [(l2, e, False) for l2, e in self.prefetcher.after_access(li, flat, hit, self._backlog_ms())]
         for l2, e, predicted in fills:
             s = self.cache.resident(l2, e)
             key = l2 * self.n_experts + e
             if s is not None and self._content[s] != key:
                 self._request(s, key, predicted)
+
+    def _backlog_ms(self) -> float:
+        """Copy time queued ahead of a new fill: the copier's queue x one fill at PCIe speed (0 for inline fills)."""
+        if not self.async_copies:
+            return 0.0
+        return max(self._queued, 0) * self.copy_bytes / (self.pcie_gbps * 1e9) * 1e3
 
     def _request(self, s: int, key: int, prefetch: bool) -> None:
         """Fill slot s with `key`. _content names the key only once the fill is queued (async) or done (sync),
@@ -437,6 +751,8 @@ class HybridExperts(ExpertBackend):
             self.demand_fills += 1
         if self.async_copies:
             self._start_copier()
+            with self._slot_lock:
+                self._queued += 1
             self._queue.put(req)
         else:
             self._fill(req)
@@ -460,6 +776,9 @@ class HybridExperts(ExpertBackend):
                 self._failed[req.slot] = req.gen
                 log.error("expert fill (layer %d, expert %d) failed: %s", req.layer, req.expert, e)
                 self._copy_error = e
+            finally:
+                with self._slot_lock:
+                    self._queued -= 1
 
     def _fill(self, req: _Fill) -> None:
         s = req.slot
@@ -554,19 +873,26 @@ class HybridExperts(ExpertBackend):
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
-        self.prefetcher.declined_by_cost = 0
+        self.prefetcher.declined_by_cost = self.prefetcher.declined_by_link = 0
         self.late = self.gpu_pairs = self.cpu_pairs = self.prefetch_hits = 0
         self.prefetch_fills = self.demand_fills = self.fills_done = self.stale_fills = self.bytes_copied = 0
+        self.stream_layers = self.stream_declined = self.stream_experts = self.stream_pairs = self.stream_bytes = 0
 
     def stats(self) -> dict:
-        """Cache hits/misses (exact per (token, expert) access), where pairs ran, fills and bytes moved."""
+        """Cache hits/misses (exact per (token, expert) access), where pairs ran (gpu_pairs from slots,
+        cpu_pairs in the kernels, stream_pairs streamed: they sum to hits + misses), fills and bytes moved;
+        prefill streaming: layers streamed / declined by the cost model, experts and bytes streamed."""
         c = self.cache.stats()
         return dict(hits=c["hits"], misses=c["misses"], hit_rate=c["hit_rate"], late=self.late,
                     gpu_pairs=self.gpu_pairs, cpu_pairs=self.cpu_pairs, prefetch_fills=self.prefetch_fills,
                     demand_fills=self.demand_fills, prefetch_hits=self.prefetch_hits, fills_done=self.fills_done,
                     stale_fills=self.stale_fills, bytes_copied=self.bytes_copied, evictions=c["evictions"],
                     rejected=c["rejected"], declined_by_cost=self.prefetcher.declined_by_cost,
-                    resident=c["resident"], slots=c["slots"], cpu_expert_ms=self.cpu_expert_ms)
+                    declined_by_link=self.prefetcher.declined_by_link, prefill_fits=self.prefill_fits,
+                    resident=c["resident"], slots=c["slots"], cpu_expert_ms=self.cpu_expert_ms,
+                    stream_layers=self.stream_layers, stream_declined=self.stream_declined,
+                    stream_experts=self.stream_experts, stream_pairs=self.stream_pairs,
+                    stream_bytes=self.stream_bytes, cpu_gflops=self.measured_cpu_gflops())
 
     def close(self) -> None:
         """Join the copier and the CPU worker (pending fills finish first). The backend stays usable:
@@ -578,6 +904,9 @@ class HybridExperts(ExpertBackend):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._copy_pool is not None:
+            self._copy_pool.shutdown(wait=True)
+            self._copy_pool = None
         if self._cuda:
             self._side.synchronize()
         if self._owns_cpu:
