@@ -23,6 +23,8 @@ INLINE float hsum_ps128(__m128 s) {
     return _mm_cvtss_f32(s);
 }
 INLINE float f16(hk2_half h) { return _cvtsh_ss(h); }
+/* two floats into lanes 0 and 1 (an 8-byte load with no alignment requirement) */
+INLINE __m128 load2f(const float *p) { return _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)p)); }
 
 /* 16 packed bytes -> 32 nibbles: low nibbles (elements 0..15) then high nibbles (16..31) */
 INLINE __m256i nibbles(const uint8_t *p) {
@@ -52,7 +54,7 @@ INLINE __m256i pair_ctrl(int c) {
  * int16 (s8), so one madd, one convert and one FMA serve both blocks: int32 lanes 0-3 are block
  * b, lanes 4-7 block b+1, matched by the scale vector [s_b x4, s_b1 x4]. */
 INLINE __m256 two_block_scales(__m128 dw01, const float *da) {
-    const __m128 s = _mm_mul_ps(dw01, _mm_castpd_ps(_mm_load_sd((const double *)da)));
+    const __m128 s = _mm_mul_ps(dw01, load2f(da));
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 /* fp16 scales of blocks b and b+1 (stride bytes apart) as floats in lanes 0 and 1 */
@@ -163,7 +165,7 @@ INLINE void dot_q8_0_t(int n, const block_q8_0 *x, const hk2_arow *a, const int 
             const int8_t *y = a[j].qs + HK2_QK * b;
             const __m256i p0 = q8_0_block_dot(w0, _mm256_loadu_si256((const __m256i *)y));
             const __m256i p1 = q8_0_block_dot(w1, _mm256_loadu_si256((const __m256i *)(y + HK2_QK)));
-            const __m256 s01 = _mm256_castps128_ps256(_mm_mul_ps(dw, _mm_castpd_ps(_mm_load_sd((const double *)(a[j].d + b)))));
+            const __m256 s01 = _mm256_castps128_ps256(_mm_mul_ps(dw, load2f(a[j].d + b)));
             acc0[j] = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm256_castps256_ps128(s01)), _mm256_cvtepi32_ps(p0), acc0[j]);
             acc1[j] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s01, bcast1), _mm256_cvtepi32_ps(p1), acc1[j]);
         }
