@@ -12,6 +12,7 @@
  * Joined at exit; after fork() the child starts with no pool and builds one on first use. */
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -117,6 +118,12 @@ static int pool_create(int n, pool_t **out) {
     atomic_init(&pool->bar_count, 0);
     atomic_init(&pool->bar_gen, 0);
     atomic_init(&pool->stop, 0);
+    /* Workers block every signal (the mask is inherited), so a process-directed SIGINT reaches a thread that
+     * can act on it: Python runs handlers on its main thread only, and a Ctrl-C taken by a worker would not
+     * interrupt the main thread's wait for terminal input. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
     for (int i = 1; i < n; i++) {
         worker_arg *arg = malloc(sizeof *arg);
         if (!arg) { pool_destroy(pool); return hk2_fail(HK2_ENOMEM, "thread pool: out of memory"); }
@@ -124,11 +131,13 @@ static int pool_create(int n, pool_t **out) {
         arg->ith = i;
         if (pthread_create(&pool->threads[i], NULL, worker_main, arg) != 0) {
             free(arg);
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
             pool_destroy(pool);
             return hk2_fail(HK2_ETHREAD, "thread pool: could not create thread %d of %d", i, n);
         }
         pool->n = i + 1;
     }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     *out = pool;
     return HK2_OK;
 }

@@ -68,7 +68,8 @@ def test_ctrl_c_stops_answer_and_keeps_session(demo, tmp_path):
     child.expect("last answer")
     child.expect(">>> ")
     child.send("half a line")
-    child.sendintr()                         # Ctrl-C at the prompt just clears the line
+    child.expect("half a line")              # readline has it (a SIGINT landing before readline waits for input
+    child.sendintr()                         # sits until the next key: CPython's readline); Ctrl-C clears the line
     child.expect(">>> ")
     child.sendeof()
     child.expect(pexpect.EOF)

@@ -5,9 +5,18 @@ in the C kernels. The model calls `run`, which adds the shared expert so a backe
 """
 from __future__ import annotations
 
+import signal
 from typing import Callable
 
 import torch
+
+
+def block_signals() -> None:
+    """Thread initializer for the backends' worker threads: leave SIGINT/SIGTERM to the main thread. A
+    process-directed Ctrl-C taken by a worker would not interrupt the main thread's wait for input (Python
+    runs handlers only on the main thread), and the chat REPL would sit there until the next keystroke."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 class ExpertBackend:

@@ -17,7 +17,7 @@ import torch
 from .. import kernels
 from ..checkpoint import CheckpointError, fetch
 from ..checkpoint.quantize import int4_to_q4_0
-from . import ExpertBackend, expert_names
+from . import ExpertBackend, block_signals, expert_names
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class CPUExperts(ExpertBackend):
         if threads is not None:
             kernels.set_threads(threads)
         self.overlap = overlap
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hk2-experts") if overlap else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hk2-experts", initializer=block_signals) if overlap else None
 
     @property
     def nbytes(self) -> int:

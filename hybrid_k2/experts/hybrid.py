@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from . import ExpertBackend
+from . import ExpertBackend, block_signals
 from .cache import ExpertCache
 from .cpu import CPUExperts
 from .prefetch import CostModel, Prefetcher, RoutingPredictor
@@ -633,7 +633,7 @@ class HybridExperts(ExpertBackend):
             np.copyto(dst, src)
             return
         if self._copy_pool is None:
-            self._copy_pool = ThreadPoolExecutor(k, thread_name_prefix="hk2-stage-copy")
+            self._copy_pool = ThreadPoolExecutor(k, thread_name_prefix="hk2-stage-copy", initializer=block_signals)
         bounds = np.linspace(0, src.nbytes, k + 1).astype(np.int64).tolist()
         for f in [self._copy_pool.submit(np.copyto, dst[a:z], src[a:z]) for a, z in zip(bounds, bounds[1:])]:
             f.result()                                  # numpy releases the GIL while copying
@@ -766,6 +766,7 @@ class HybridExperts(ExpertBackend):
             self._copier.start()
 
     def _copier_loop(self) -> None:
+        block_signals()
         while True:
             req = self._queue.get()
             if req is None:
@@ -857,7 +858,7 @@ class HybridExperts(ExpertBackend):
 
     def _worker(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="hk2-hybrid-cpu")
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="hk2-hybrid-cpu", initializer=block_signals)
         return self._pool
 
     # ---- stats and shutdown ----------------------------------------------------------------------
