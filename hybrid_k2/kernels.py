@@ -59,6 +59,13 @@ QTYPES: dict[str, QType] = {
 }
 WEIGHT_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_0_R8")
 REPACKED = {"Q4_0": "Q4_0_R8"}  # GGUF type -> the kernel layout it repacks to
+
+
+def repacked_type(t: QType, rows: int) -> QType:
+    """The layout a matrix of `rows` rows in type t runs in: its repacked layout when rows fill its row
+    groups, else t itself."""
+    to = REPACKED.get(t.name)
+    return QTYPES[to] if to is not None and rows % QTYPES[to].row_group == 0 else t
 # moe_forward carries h at ~15 bits for calls of up to this many tokens: decode's top-1 tokens then match the
 # float model's (8-bit h flips ~2% of a weakly trained model's); in prefill it would cost ~60% more time.
 H_RESIDUAL_MAX_TOKENS = 16
@@ -237,24 +244,26 @@ class ExpertWeights:
         return self.nbytes // self.n_experts
 
     def repacked(self) -> "ExpertWeights":
-        """The same experts with every matrix in a faster kernel layout (Q4_0 -> Q4_0_R8) copied out,
-        one expert at a time; matrices without one are kept as they are (not copied)."""
-        mats = []
-        for kind, t, rows in (("gate", self.gate_type, self.inter), ("up", self.up_type, self.inter),
-                              ("down", self.down_type, self.hidden)):
+        """The same experts with every matrix in a faster kernel layout (Q4_0 -> Q4_0_R8, `repacked_type`)
+        copied out, one expert at a time; matrices without one are kept as they are (not copied). Returns self
+        when nothing repacks."""
+        mats = (("gate", self.gate_type, self.inter, self.hidden), ("up", self.up_type, self.inter, self.hidden),
+                ("down", self.down_type, self.hidden, self.inter))
+        to = [repacked_type(t, rows) for _, t, rows, _ in mats]
+        if to[0].row_group != to[1].row_group:   # gate and up must agree: keep both as stored
+            to[0], to[1] = self.gate_type, self.up_type
+        if all(new is t for new, (_, t, _, _) in zip(to, mats)):
+            return self
+        out = []
+        for new, (kind, t, rows, cols) in zip(to, mats):
             src = self.blocks(kind)
-            to = REPACKED.get(t.name)
-            if to is None or rows % QTYPES[to].row_group:
-                mats.append((src, t))
-                continue
-            out = np.empty((self.n_experts, rows, t.row_bytes(self.inter if kind == "down" else self.hidden)), np.uint8)
-            for e in range(self.n_experts):
-                repack(src[e], t.name, out=out[e])
-            mats.append((out, QTYPES[to]))
-        if mats[0][1].row_group != mats[1][1].row_group:  # gate and up must agree: keep both as stored
-            mats[0], mats[1] = (self.blocks("gate"), self.gate_type), (self.blocks("up"), self.up_type)
-        (g, gt), (u, ut), (d, dt) = mats
-        return ExpertWeights(g, u, d, gt, ut, dt)
+            if new is not t:
+                dst = np.empty((self.n_experts, rows, t.row_bytes(cols)), np.uint8)
+                for e in range(self.n_experts):
+                    repack(src[e], t.name, out=dst[e])
+                src = dst
+            out.append(src)
+        return ExpertWeights(*out, *to)
 
     def _cstruct(self, lib: "KernelLib"):
         c = self._c.get(id(lib))
@@ -370,8 +379,9 @@ class KernelLib:
             raise ValueError(f"blocks: expected [..., rows, row_bytes], got shape {b.shape}")
         cols = _cols_from_row_bytes(t, b.shape[-1], "blocks")
         rows = int(np.prod(b.shape[:-1], dtype=np.int64))
-        if b.shape[-2] % 8:
-            raise ValueError(f"blocks: {b.shape[-2]} rows is not a multiple of 8")
+        group = QTYPES[REPACKED[t.name]].row_group
+        if b.shape[-2] % group:
+            raise ValueError(f"blocks: {b.shape[-2]} rows is not a multiple of {group}")
         if out is None:
             out = np.empty_like(b)
         o = _as_numpy(out, "out")

@@ -49,9 +49,7 @@ class CPUExperts(ExpertBackend):
             if hasattr(ckpt, "expert_blocks") and expert_format in (None, "native", *_native_names(ckpt, layer)):
                 w = _gguf_layer(ckpt, layer)
                 layers[layer] = w.repacked()
-                if layers[layer].nbytes and any(t.name != u.name for t, u in zip(
-                        (w.gate_type, w.up_type, w.down_type),
-                        (layers[layer].gate_type, layers[layer].up_type, layers[layer].down_type))):
+                if layers[layer] is not w:
                     ckpt.release_experts(layer)   # the copy replaces the mapping's pages
                 if progress is not None:
                     progress.update(cfg.n_routed_experts)
@@ -117,8 +115,8 @@ def _quantize_layer(ckpt, cfg, layer: int, fmt: str | None, progress) -> kernels
     up = np.empty((E, I, qt.row_bytes(H)), np.uint8)
     down = np.empty((E, H, qt.row_bytes(I)), np.uint8)
     lossless = int4 and fmt == "q4_0"
-    layout = kernels.qtype(kernels.REPACKED.get(qt.name, qt.name))
-    if I % layout.row_group or H % layout.row_group:
+    layout = kernels.repacked_type(qt, I)
+    if kernels.repacked_type(qt, H) is not layout:   # gate/up (I rows) and down (H rows) share one type here
         layout = qt
     for e in range(E):
         for dst, name, shape in zip((gate, up, down), expert_names(layer, e), ((I, H), (I, H), (H, I))):

@@ -226,16 +226,21 @@ class RoutingPredictor:
         i = self._index[layer] + d
         return self.layers[i] if i < len(self.layers) else None
 
-    @torch.inference_mode()
-    def predict(self, layer: int, hidden: torch.Tensor, d: int = 1) -> torch.Tensor | None:
-        """Top-k ids [T, K] for layer L+d from the router input `hidden` [T, H] at layer L."""
+    def _source(self, layer: int, hidden, d: int):
+        """(target layer, router input as [T, H], its learned head or None), or None past the last MoE layer."""
         tgt = self.target(layer, d)
         if tgt is None:
             return None
         h = torch.as_tensor(hidden)
-        if h.dim() == 1:
-            h = h[None]
-        head = self.heads.get((layer, tgt))
+        return tgt, (h[None] if h.dim() == 1 else h), self.heads.get((layer, tgt))
+
+    @torch.inference_mode()
+    def predict(self, layer: int, hidden: torch.Tensor, d: int = 1) -> torch.Tensor | None:
+        """Top-k ids [T, K] for layer L+d from the router input `hidden` [T, H] at layer L."""
+        src = self._source(layer, hidden, d)
+        if src is None:
+            return None
+        tgt, h, head = src
         if head is not None:
             return head.logits(h, self.prior(layer, tgt, h)).topk(self.routers[tgt].top_k, dim=-1)[1]
         router = self._corrected.get((layer, tgt)) or self.base_router(layer, tgt)
@@ -246,13 +251,10 @@ class RoutingPredictor:
     def predict_uses(self, layer: int, hidden: torch.Tensor, d: int = 1) -> torch.Tensor | None:
         """Expected use of each expert of layer L+d per token, float [T, E]: a learned head's probabilities,
         else 1 for the router's top-k ids and 0 elsewhere."""
-        tgt = self.target(layer, d)
-        if tgt is None:
+        src = self._source(layer, hidden, d)
+        if src is None:
             return None
-        h = torch.as_tensor(hidden)
-        if h.dim() == 1:
-            h = h[None]
-        head = self.heads.get((layer, tgt))
+        tgt, h, head = src
         if head is not None:
             return head.logits(h, self.prior(layer, tgt, h)).sigmoid()
         ids = self.predict(layer, h, d)
