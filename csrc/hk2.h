@@ -80,6 +80,27 @@ int hk2_moe_forward(const hk2_moe_layer *layer, int64_t n_tokens, int64_t top_k,
  * on the fly as for the MoE (Q8_0 or Q8_K blocks); the output rows are split across the pool. */
 int hk2_linear(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, float *y);
 
+/* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for n_rows rows of n float32 values (y may be x). */
+int hk2_rms_norm(const float *x, const float *w, int64_t n_rows, int64_t n, float eps, float *y);
+
+/* Absorbed MLA attention of one decode token (DeepSeek-V3's "absorb" mode) in one call, for a model
+ * whose attention runs on the CPU: the new token's latent and rope key go into the cache, then the
+ * query attends over positions 0..pos in the latent space, never expanding per-head keys or values.
+ * Weights are the model's float32 tensors. All float32; rope pairs are interleaved (x[2i], x[2i+1]). */
+typedef struct {
+    int64_t n_heads, nope, rope, v_dim, rank;  /* qk_nope_head_dim, qk_rope_head_dim, v_head_dim, kv_lora_rank */
+    float scale;                 /* softmax scale */
+    float eps;                   /* kv_a_layernorm's epsilon */
+    const float *wkv_b;          /* [n_heads, nope + v_dim, rank]: kv_b_proj.weight */
+    const float *kv_norm;        /* [rank]: kv_a_layernorm.weight */
+} hk2_mla;
+/* q [n_heads, nope + rope]: the token's queries, rope part not yet rotated; kv_a [rank + rope]: kv_a_proj's
+ * output (latent, then the shared key's rope part, not normalised or rotated); rot [rope / 2][2]: cos and
+ * sin (attention factor included) for position pos; kv_cache [pos + 1, rank] and pe_cache [pos + 1, rope]:
+ * this layer's cache, row pos written here; o [n_heads, v_dim] (not overlapping the inputs). */
+int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
+                   float *kv_cache, float *pe_cache, float *o);
+
 int hk2_set_threads(int n);        /* persistent pool of n threads (caller included) */
 int hk2_get_threads(void);
 int hk2_set_isa(const char *name); /* "scalar" | "avx2" | "avx512"; HK2_EISA if unknown/unsupported */

@@ -137,12 +137,16 @@ typedef struct {
     hk2_dot_fn dot_q4_0_r8;  /* w = 8 interleaved rows; s[8 * j + r] for activation j, row r */
     hk2_quantize_act_fn quantize_act;
     uint64_t (*read_sum)(const void *p, size_t n);  /* bandwidth probe: touch every byte */
+    float (*dot_f32)(int n, const float *a, const float *b);         /* float32 math of the MLA decode */
+    void (*axpy_f32)(int n, float alpha, const float *x, float *y);  /* y += alpha * x */
 } hk2_kernels;
 
 extern const hk2_kernels hk2_kernels_scalar;
 #ifndef HK2_NO_X86
 extern const hk2_kernels hk2_kernels_avx2;
 void hk2_dot_q4_0_r8_avx2(int n, const void *w, const hk2_arow *a, int na, float *s);  /* also AVX-512 BW's */
+float hk2_dot_f32_avx2(int n, const float *a, const float *b);          /* also the AVX-512 tables' */
+void hk2_axpy_f32_avx2(int n, float alpha, const float *x, float *y);
 extern const hk2_kernels hk2_kernels_avx512bw;
 extern const hk2_kernels hk2_kernels_avx512vnni;
 #endif

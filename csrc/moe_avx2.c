@@ -363,6 +363,28 @@ static uint64_t read_sum(const void *p, size_t n) {
     return out[0] + out[1] + out[2] + out[3] + tail;
 }
 
+float hk2_dot_f32_avx2(int n, const float *a, const float *b) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+void hk2_axpy_f32_avx2(int n, float alpha, const float *x, float *y) {
+    const __m256 va = _mm256_set1_ps(alpha);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += alpha * x[i];
+}
+
 const hk2_kernels hk2_kernels_avx2 = {
     .name = "avx2",
     .dot_q4_0 = dot_q4_0,
@@ -372,6 +394,8 @@ const hk2_kernels hk2_kernels_avx2 = {
     .dot_q4_0_r8 = dot_q4_0_r8,
     .quantize_act = quantize_act,
     .read_sum = read_sum,
+    .dot_f32 = hk2_dot_f32_avx2,
+    .axpy_f32 = hk2_axpy_f32_avx2,
 };
 
 #if defined(__clang__)

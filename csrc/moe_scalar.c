@@ -111,6 +111,16 @@ static uint64_t read_sum(const void *p, size_t n) {
     return s;
 }
 
+static float dot_f32(int n, const float *a, const float *b) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void axpy_f32(int n, float alpha, const float *x, float *y) {
+    for (int i = 0; i < n; i++) y[i] += alpha * x[i];
+}
+
 const hk2_kernels hk2_kernels_scalar = {
     .name = "scalar",
     .dot_q4_0 = dot_q4_0,
@@ -120,4 +130,6 @@ const hk2_kernels hk2_kernels_scalar = {
     .dot_q4_0_r8 = dot_q4_0_r8,
     .quantize_act = hk2_quantize_act_scalar,
     .read_sum = read_sum,
+    .dot_f32 = dot_f32,
+    .axpy_f32 = axpy_f32,
 };

@@ -477,6 +477,46 @@ class KernelLib:
         _check_linear_weights(wa, t)
         return BoundLinear(self, wa, t)
 
+    def rms_norm(self, x: Any, weight: Any, eps: float):
+        """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension, for contiguous float32 CPU torch
+        tensors x [..., n] and weight [n] (one C call: decode runs ~3 per layer per token)."""
+        for name, t in (("x", x), ("weight", weight)):
+            if not (torch is not None and isinstance(t, torch.Tensor) and t.dtype == torch.float32
+                    and t.device.type == "cpu" and t.is_contiguous()):
+                raise ValueError(f"{name}: expected a contiguous float32 CPU tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '?')}")
+        n = x.shape[-1] if x.dim() else 0
+        if tuple(weight.shape) != (n,):
+            raise ValueError(f"weight: shape {tuple(weight.shape)}, expected ({n},) (x's last dimension)")
+        y = torch.empty_like(x)
+        ffi = self.ffi
+        self._check(self.lib.hk2_rms_norm(ffi.cast("const float *", x.data_ptr()), ffi.cast("const float *", weight.data_ptr()),
+                                          x.numel() // max(n, 1), n, float(eps), ffi.cast("float *", y.data_ptr())), "rms_norm")
+        return y
+
+    def mla_decoder(self, wkv_b: Any, kv_norm: Any, *, n_heads: int, nope: int, rope: int, v_dim: int,
+                    scale: float, eps: float) -> "MLADecoder":
+        """The absorbed MLA attention of one decode token (hk2_mla_decode) for one layer's float32 CPU
+        weights: wkv_b = kv_b_proj.weight [n_heads * (nope + v_dim), rank], kv_norm = kv_a_layernorm.weight
+        [rank]. The decoder keeps references to both; see MLADecoder.__call__."""
+        if torch is None:
+            raise RuntimeError("mla_decoder needs torch")
+        for name, v in (("n_heads", n_heads), ("nope", nope), ("rope", rope), ("v_dim", v_dim)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if rope % 2:
+            raise ValueError(f"rope: {rope} is odd (rope dimensions come in pairs)")
+        for name, t in (("wkv_b", wkv_b), ("kv_norm", kv_norm)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"{name}: expected a contiguous float32 CPU tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '?')}")
+        if wkv_b.dim() != 2 or wkv_b.shape[0] != n_heads * (nope + v_dim):
+            raise ValueError(f"wkv_b: shape {tuple(wkv_b.shape)}, expected [n_heads * (nope + v_dim) = "
+                             f"{n_heads * (nope + v_dim)}, rank]")
+        if tuple(kv_norm.shape) != (wkv_b.shape[1],):
+            raise ValueError(f"kv_norm: shape {tuple(kv_norm.shape)}, expected ({wkv_b.shape[1]},) (wkv_b's rank)")
+        return MLADecoder(self, wkv_b, kv_norm, int(n_heads), int(nope), int(rope), int(v_dim), float(scale), float(eps))
+
     # ---- threads, ISA, probe
     def set_threads(self, n: int) -> None:
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
@@ -524,6 +564,57 @@ class BoundLinear:
         return y
 
 
+class MLADecoder:
+    """One layer's absorbed MLA decode step (KernelLib.mla_decoder): the C kernel writes the new token's
+    cache row and returns the attention output before o_proj."""
+
+    def __init__(self, lib: KernelLib, wkv_b, kv_norm, n_heads: int, nope: int, rope: int, v_dim: int,
+                 scale: float, eps: float):
+        self.lib, self.wkv_b, self.kv_norm = lib, wkv_b, kv_norm   # references keep the weights alive
+        self.n_heads, self.nope, self.rope, self.v_dim, self.rank = n_heads, nope, rope, v_dim, wkv_b.shape[1]
+        m = lib.ffi.new("hk2_mla *")
+        m.n_heads, m.nope, m.rope, m.v_dim, m.rank = n_heads, nope, rope, v_dim, self.rank
+        m.scale, m.eps = scale, eps
+        m.wkv_b = lib.ffi.cast("const float *", wkv_b.data_ptr())
+        m.kv_norm = lib.ffi.cast("const float *", kv_norm.data_ptr())
+        self._m = m
+        self._ptrs = (wkv_b.data_ptr(), kv_norm.data_ptr())
+
+    def binds(self, wkv_b, kv_norm) -> bool:
+        """Whether this decoder reads these weight tensors' current storage (a parameter moved or reloaded
+        into new memory needs a new decoder)."""
+        return self.wkv_b is wkv_b and self.kv_norm is kv_norm and self._ptrs == (wkv_b.data_ptr(), kv_norm.data_ptr())
+
+    def _check(self, t, name: str, numel: int | None = None, rows: int | None = None, cols: int | None = None):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous float32 CPU tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '?')}")
+        if numel is not None and t.numel() != numel:
+            raise ValueError(f"{name}: {t.numel()} values (shape {tuple(t.shape)}), expected {numel}")
+        if cols is not None and (t.dim() != 2 or t.shape[1] != cols or t.shape[0] < rows):
+            raise ValueError(f"{name}: shape {tuple(t.shape)}, expected [>= {rows}, {cols}]")
+
+    def __call__(self, q, kv_a, rot, kv_cache, pe_cache, pos: int):
+        """q [n_heads * (nope + rope)] (rope part unrotated), kv_a [rank + rope] (kv_a_proj's output), rot
+        [rope / 2, 2] cos/sin for position pos, kv_cache [>= pos + 1, rank] and pe_cache [>= pos + 1, rope]
+        (row pos is written) -> o [n_heads * v_dim]. All float32 CPU tensors."""
+        if not isinstance(pos, (int, np.integer)) or isinstance(pos, bool) or pos < 0:
+            raise ValueError(f"pos: expected an int >= 0, got {pos!r}")
+        self._check(q, "q", self.n_heads * (self.nope + self.rope))
+        self._check(kv_a, "kv_a", self.rank + self.rope)
+        self._check(rot, "rot", self.rope)
+        self._check(kv_cache, "kv_cache", rows=pos + 1, cols=self.rank)
+        self._check(pe_cache, "pe_cache", rows=pos + 1, cols=self.rope)
+        o = torch.empty(self.n_heads * self.v_dim, dtype=torch.float32)
+        ffi = self.lib.ffi
+        rc = self.lib.lib.hk2_mla_decode(self._m, int(pos), ffi.cast("const float *", q.data_ptr()),
+                                         ffi.cast("const float *", kv_a.data_ptr()), ffi.cast("const float *", rot.data_ptr()),
+                                         ffi.cast("float *", kv_cache.data_ptr()), ffi.cast("float *", pe_cache.data_ptr()),
+                                         ffi.cast("float *", o.data_ptr()))
+        self.lib._check(rc, "mla_decode")
+        return o
+
+
 def _load_default() -> KernelLib:
     from hybrid_k2 import _kernels
     lib = KernelLib(_kernels.ffi, _kernels.lib)
@@ -547,6 +638,8 @@ repack = _default.repack
 moe_forward = _default.moe_forward
 linear = _default.linear
 bind_linear = _default.bind_linear
+mla_decoder = _default.mla_decoder
+rms_norm = _default.rms_norm
 set_threads = _default.set_threads
 get_threads = _default.get_threads
 isa = _default.isa

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig, yarn_mscale
 from .experts import ExpertBackend
 
@@ -25,6 +26,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x * rsqrt(mean(x^2) + eps) in fp32, then the weight in x's dtype (as HF); one fused op in fp32
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if x.device.type == "cpu" and x.shape[0] == 1 and not torch.is_grad_enabled() and x.is_contiguous():
+                return kernels.rms_norm(x, self.weight, self.eps)   # decode: one C call, not ~8 ops
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
@@ -98,6 +101,20 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+        self._decoder: kernels.MLADecoder | None = None
+
+    def cpu_decoder(self, x: torch.Tensor, cache: KVCache) -> kernels.MLADecoder | None:
+        """The C decode step (kernels.mla_decoder) when this layer attends in float32 on the CPU without
+        autograd, else None. Bound on first use, and again if the weights move to new memory."""
+        w, nw = getattr(self.kv_b_proj, "weight", None), self.kv_a_layernorm.weight
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or cache.kv.dtype != torch.float32
+                or not isinstance(self.kv_b_proj, nn.Linear) or w.device.type != "cpu" or w.dtype != torch.float32
+                or nw.dtype != torch.float32):
+            return None
+        if self._decoder is None or not self._decoder.binds(w, nw):
+            self._decoder = kernels.mla_decoder(w, nw, n_heads=self.n_heads, nope=self.nope, rope=self.rope,
+                                                v_dim=self.v_dim, scale=self.scale, eps=self.kv_a_layernorm.eps)
+        return self._decoder
 
     def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, cache: KVCache, absorb: bool) -> torch.Tensor:
         T = x.shape[0]
@@ -106,6 +123,11 @@ class MLA(nn.Module):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        decoder = self.cpu_decoder(x, cache) if absorb and T == 1 else None
+        if decoder is not None:   # one C call does the rest, in place of ~30 small torch ops
+            o = decoder(q, self.kv_a_proj_with_mqa(x), torch.view_as_real(rope), cache.kv[self.layer],
+                        cache.pe[self.layer], start_pos)
+            return self.o_proj(o.view(1, -1))
         q = q.view(T, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, rope)

@@ -57,16 +57,23 @@ def test_full_sequence_and_decode_match_hf(tmp_path, variant):
     engine = hybrid_k2.load(tmp_path, device="cpu", dtype=torch.float32, experts="torch")
     assert_close_logits(engine.logits(ids.tolist()), ref)
 
-    # token-by-token through the latent cache and the absorbed attention
+    # token-by-token through the latent cache and the absorbed attention: in torch ops (autograd on) and in
+    # the C decode step (hk2_mla_decode, taken when autograd is off)
     model = engine.model
-    cache = model.new_cache(len(ids))
-    steps = [model(ids[i:i + 1], i, cache) for i in range(len(ids))]
-    assert_close_logits(torch.cat(steps), ref)
+    attn = model.model.layers[0].self_attn
+    for mode, fused in ((torch.enable_grad, False), (torch.no_grad, True)):
+        attn._decoder = None
+        with mode():
+            cache = model.new_cache(len(ids))
+            steps = [model(ids[i:i + 1], i, cache) for i in range(len(ids))]
+        assert_close_logits(torch.cat(steps).detach(), ref)
+        assert (attn._decoder is not None) == fused
 
     # chunked prefill (expanded path over cached latents) then absorbed decode
-    cache = model.new_cache(len(ids))
-    first = model(ids[:25], 0, cache)
-    rest = [model(ids[i:i + 1], i, cache) for i in range(25, len(ids))]
+    with torch.no_grad():
+        cache = model.new_cache(len(ids))
+        first = model(ids[:25], 0, cache)
+        rest = [model(ids[i:i + 1], i, cache) for i in range(25, len(ids))]
     assert_close_logits(torch.cat([first] + rest), ref)
 
 

@@ -277,6 +277,128 @@ static void test_pool_lifecycle(void) {
     free_experts(&ex);
 }
 
+/* ---- decode ops: hk2_rms_norm and hk2_mla_decode against straightforward double-precision references ---- */
+static void mla_reference(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
+                          const float *kv_cache, const float *pe_cache, double *o) {
+    /* expanded form: per-head keys k[s] = [W_k c[s], r[s]] and values v[s] = W_v c[s], then softmax attention;
+     * rows < pos come from the caches, row pos from kv_a */
+    const int64_t H = m->n_heads, nope = m->nope, rope = m->rope, vd = m->v_dim, R = m->rank, S = pos + 1;
+    double *c = calloc((size_t)(S * R), sizeof(double)), *r = calloc((size_t)(S * rope), sizeof(double));
+    double *p = calloc((size_t)S, sizeof(double)), *qp = calloc((size_t)rope, sizeof(double));
+    for (int64_t s = 0; s < pos; s++) {
+        for (int64_t i = 0; i < R; i++) c[s * R + i] = kv_cache[s * R + i];
+        for (int64_t i = 0; i < rope; i++) r[s * rope + i] = pe_cache[s * rope + i];
+    }
+    double ss = 0;
+    for (int64_t i = 0; i < R; i++) ss += (double)kv_a[i] * kv_a[i];
+    for (int64_t i = 0; i < R; i++) c[pos * R + i] = kv_a[i] / sqrt(ss / R + m->eps) * m->kv_norm[i];
+    for (int64_t i = 0; i < rope / 2; i++) {
+        const double a = kv_a[R + 2 * i], b = kv_a[R + 2 * i + 1];
+        r[pos * rope + 2 * i] = a * rot[2 * i] - b * rot[2 * i + 1];
+        r[pos * rope + 2 * i + 1] = a * rot[2 * i + 1] + b * rot[2 * i];
+    }
+    for (int64_t h = 0; h < H; h++) {
+        const float *qh = q + h * (nope + rope), *w = m->wkv_b + h * (nope + vd) * R;
+        for (int64_t i = 0; i < rope / 2; i++) {
+            const double a = qh[nope + 2 * i], b = qh[nope + 2 * i + 1];
+            qp[2 * i] = a * rot[2 * i] - b * rot[2 * i + 1];
+            qp[2 * i + 1] = a * rot[2 * i + 1] + b * rot[2 * i];
+        }
+        double mx = -1e300, sum = 0;
+        for (int64_t s = 0; s < S; s++) {
+            double dot = 0;
+            for (int64_t d = 0; d < nope; d++) {
+                double k = 0;
+                for (int64_t i = 0; i < R; i++) k += (double)w[d * R + i] * c[s * R + i];
+                dot += qh[d] * k;
+            }
+            for (int64_t i = 0; i < rope; i++) dot += qp[i] * r[s * rope + i];
+            p[s] = dot * m->scale;
+            if (p[s] > mx) mx = p[s];
+        }
+        for (int64_t s = 0; s < S; s++) { p[s] = exp(p[s] - mx); sum += p[s]; }
+        for (int64_t v = 0; v < vd; v++) {
+            double acc = 0;
+            for (int64_t s = 0; s < S; s++) {
+                double val = 0;
+                for (int64_t i = 0; i < R; i++) val += (double)w[(nope + v) * R + i] * c[s * R + i];
+                acc += p[s] / sum * val;
+            }
+            o[h * vd + v] = acc;
+        }
+    }
+    free(c); free(r); free(p); free(qp);
+}
+
+static void test_decode_ops(void) {
+    const int64_t H = 3, nope = 16, rope = 8, vd = 12, R = 40, POS = 6;
+    float *wkv_b = malloc(sizeof(float) * H * (nope + vd) * R), *norm = malloc(sizeof(float) * R);
+    float *q = malloc(sizeof(float) * H * (nope + rope)), *kv_a = malloc(sizeof(float) * (R + rope));
+    float *rot = malloc(sizeof(float) * rope), *kvc = malloc(sizeof(float) * (POS + 1) * R);
+    float *pec = malloc(sizeof(float) * (POS + 1) * rope), *o = malloc(sizeof(float) * H * vd);
+    float *o1 = malloc(sizeof(float) * H * vd);
+    double *ref = malloc(sizeof(double) * H * vd);
+    for (int64_t i = 0; i < H * (nope + vd) * R; i++) wkv_b[i] = 0.2f * nrand();
+    for (int64_t i = 0; i < R; i++) norm[i] = 1.0f + 0.1f * nrand();
+    for (int64_t i = 0; i < H * (nope + rope); i++) q[i] = nrand();
+    for (int64_t i = 0; i < R + rope; i++) kv_a[i] = nrand();
+    for (int64_t i = 0; i < rope / 2; i++) { rot[2 * i] = cosf(0.3f * (float)i); rot[2 * i + 1] = sinf(0.3f * (float)i); }
+    for (int64_t i = 0; i < (POS + 1) * R; i++) kvc[i] = nrand();
+    for (int64_t i = 0; i < (POS + 1) * rope; i++) pec[i] = nrand();
+    hk2_mla m = {.n_heads = H, .nope = nope, .rope = rope, .v_dim = vd, .rank = R, .scale = 0.2f, .eps = 1e-6f,
+                 .wkv_b = wkv_b, .kv_norm = norm};
+    mla_reference(&m, POS, q, kv_a, rot, kvc, pec, ref);
+    for (size_t ii = 0; ii < sizeof ISAS / sizeof ISAS[0]; ii++) {
+        if (hk2_isa_supported(ISAS[ii]) != 1) continue;
+        CHECK(hk2_set_isa(ISAS[ii]) == HK2_OK, "set_isa %s", ISAS[ii]);
+        for (int nt = 1; nt <= 3; nt++) {
+            CHECK(hk2_set_threads(nt) == HK2_OK, "set_threads");
+            CHECK(hk2_mla_decode(&m, POS, q, kv_a, rot, kvc, pec, nt == 1 ? o1 : o) == HK2_OK, "mla_decode: %s", hk2_last_error());
+            const float *out = nt == 1 ? o1 : o;
+            double err = 0, mag = 0;
+            for (int64_t i = 0; i < H * vd; i++) {
+                err = fmax(err, fabs(out[i] - ref[i]));
+                mag = fmax(mag, fabs(ref[i]));
+            }
+            CHECK(err <= 1e-4 * mag, "mla_decode isa=%s threads=%d: max error %g of %g", ISAS[ii], nt, err, mag);
+            if (nt > 1) CHECK(memcmp(o, o1, sizeof(float) * H * vd) == 0, "mla_decode isa=%s: %d threads differ from 1", ISAS[ii], nt);
+        }
+        /* rms_norm in place on one row and out of place on three */
+        float x[3 * 40], y[3 * 40];
+        for (int i = 0; i < 3 * 40; i++) x[i] = nrand();
+        CHECK(hk2_rms_norm(x, norm, 3, R, 1e-6f, y) == HK2_OK, "rms_norm");
+        for (int r = 0; r < 3; r++) {
+            double ss = 0;
+            for (int i = 0; i < R; i++) ss += (double)x[r * R + i] * x[r * R + i];
+            for (int i = 0; i < R; i++) {
+                const double want = x[r * R + i] / sqrt(ss / R + 1e-6) * norm[i];
+                CHECK(fabs(y[r * R + i] - want) <= 1e-5 * (1 + fabs(want)), "rms_norm isa=%s row %d col %d", ISAS[ii], r, i);
+            }
+        }
+        CHECK(hk2_rms_norm(y, norm, 1, R, 1e-6f, y) == HK2_OK, "rms_norm in place");
+    }
+    hk2_set_isa(ISAS[1]);
+    hk2_set_threads(2);
+    hk2_mla bad = m;
+    bad.rope = 7;
+    CHECK(hk2_mla_decode(&bad, POS, q, kv_a, rot, kvc, pec, o) == HK2_ESHAPE, "odd rope");
+    bad = m;
+    bad.wkv_b = NULL;
+    CHECK(hk2_mla_decode(&bad, POS, q, kv_a, rot, kvc, pec, o) == HK2_EINVAL, "null wkv_b");
+    CHECK(strstr(hk2_last_error(), "wkv_b") != NULL, "message names wkv_b: %s", hk2_last_error());
+    bad = m;
+    bad.scale = -1.0f;
+    CHECK(hk2_mla_decode(&bad, POS, q, kv_a, rot, kvc, pec, o) == HK2_EINVAL, "negative scale");
+    CHECK(hk2_mla_decode(NULL, POS, q, kv_a, rot, kvc, pec, o) == HK2_EINVAL, "null m");
+    CHECK(hk2_mla_decode(&m, -1, q, kv_a, rot, kvc, pec, o) == HK2_ESHAPE, "negative pos");
+    CHECK(hk2_mla_decode(&m, POS, q, kv_a, rot, NULL, pec, o) == HK2_EINVAL, "null kv_cache");
+    CHECK(hk2_mla_decode(&m, POS, (const float *)((const char *)q + 1), kv_a, rot, kvc, pec, o) == HK2_EINVAL, "misaligned q");
+    CHECK(hk2_rms_norm(kv_a, norm, 1, 0, 1e-6f, o) == HK2_ESHAPE, "rms_norm n=0");
+    CHECK(hk2_rms_norm(kv_a, NULL, 1, R, 1e-6f, o) == HK2_EINVAL, "rms_norm null weight");
+    CHECK(hk2_rms_norm(kv_a, norm, 1, R, -1.0f, o) == HK2_EINVAL, "rms_norm negative eps");
+    free(wkv_b); free(norm); free(q); free(kv_a); free(rot); free(kvc); free(pec); free(o); free(o1); free(ref);
+}
+
 int main(void) {
     printf("hk2 kernel tests, ISAs here:");
     for (size_t i = 0; i < sizeof ISAS / sizeof ISAS[0]; i++)
@@ -285,6 +407,7 @@ int main(void) {
     test_formats();
     test_moe();
     test_bad_arguments();
+    test_decode_ops();
     test_pool_lifecycle();
     hk2_shutdown();
     if (g_failures) {

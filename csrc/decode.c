@@ -1,0 +1,164 @@
+/* The float32 pieces of a CPU decode step, each one C call in place of many small torch ops (whose
+ * dispatch costs, with caches cold from streaming weights, add up to a large share of decode time).
+ *
+ * hk2_rms_norm: y = x / sqrt(mean(x^2) + eps) * w per row.
+ *
+ * hk2_mla_decode: absorbed MLA attention for one decode token. With W_k, W_v the per-head
+ * blocks of kv_b_proj, c the cached latents and r the rotated shared rope keys:
+ *   q_lat[h] = sum_d q_nope[h, d] W_k[h, d, :]           (absorb W_k into the query)
+ *   p[h, s]  = softmax_s(scale * (q_lat[h] . c[s] + q_pe[h] . r[s]))
+ *   o[h, :]  = W_v[h] (sum_s p[h, s] c[s])                 (absorb W_v into the output)
+ * Phases run on the pool separated by barriers: per-head work is split over heads, the two passes over the
+ * cache over positions (scores) and latent columns (weighted sum), so each cached row is read once. */
+#include <math.h>
+#include <stdlib.h>
+#include "hk2_internal.h"
+
+#define MLA_MAX_DIM (1 << 16)
+#define MLA_MAX_POS ((int64_t)1 << 24)
+
+typedef struct {
+    const hk2_mla *m;
+    const hk2_kernels *k;
+    int64_t pos, n_pos;
+    const float *q, *kv_a, *rot;
+    float *kv_cache, *pe_cache, *o;
+    float *q_lat;   /* [H, rank] */
+    float *q_pe;    /* [H, rope], rotated */
+    float *p;       /* [H, n_pos] scores, then probabilities */
+    float *o_lat;   /* [H, rank] */
+} mla_job;
+
+static float rms_scale(const hk2_kernels *k, const float *x, int64_t n, float eps) {
+    return 1.0f / sqrtf(k->dot_f32((int)n, x, x) / (float)n + eps);
+}
+
+int hk2_rms_norm(const float *x, const float *w, int64_t n_rows, int64_t n, float eps, float *y) {
+    hk2_clear_error();
+    if (n_rows < 0 || n < 1 || n > MLA_MAX_POS)
+        return hk2_fail(HK2_ESHAPE, "rms_norm: n_rows=%lld, n=%lld out of range", (long long)n_rows, (long long)n);
+    if (!(eps >= 0.0f) || !isfinite(eps)) return hk2_fail(HK2_EINVAL, "rms_norm: eps=%g is not a number >= 0", eps);
+    if (!x || !w || !y) return hk2_fail(HK2_EINVAL, "rms_norm: %s is NULL", !x ? "x" : !w ? "w" : "y");
+    const hk2_kernels *k = hk2_active_kernels();
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *xr = x + r * n;
+        float *yr = y + r * n;
+        const float inv = rms_scale(k, xr, n, eps);
+        for (int64_t i = 0; i < n; i++) yr[i] = xr[i] * inv * w[i];
+    }
+    return HK2_OK;
+}
+
+static void rotate(const float *x, const float *rot, int64_t n, float *out) {
+    for (int64_t i = 0; i < n / 2; i++) {
+        const float a = x[2 * i], b = x[2 * i + 1], c = rot[2 * i], s = rot[2 * i + 1];
+        out[2 * i] = a * c - b * s;
+        out[2 * i + 1] = a * s + b * c;
+    }
+}
+
+static void range_of(int64_t n, int ith, int nth, int64_t *lo, int64_t *hi) {
+    *lo = n * ith / nth;
+    *hi = n * (ith + 1) / nth;
+}
+
+static void mla_task(void *ctx, int ith, int nth) {
+    mla_job *j = ctx;
+    const hk2_mla *m = j->m;
+    const hk2_kernels *k = j->k;
+    const int64_t H = m->n_heads, nope = m->nope, rope = m->rope, vd = m->v_dim, R = m->rank, S = j->n_pos;
+    const int64_t qd = nope + rope, wd = nope + vd;
+
+    if (ith == 0) {  /* the new cache row: RMS-normalised latent, rotated shared key */
+        const float *lat = j->kv_a;
+        const float inv = rms_scale(k, lat, R, m->eps);
+        float *row = j->kv_cache + j->pos * R;
+        for (int64_t i = 0; i < R; i++) row[i] = lat[i] * inv * m->kv_norm[i];
+        rotate(lat + R, j->rot, rope, j->pe_cache + j->pos * rope);
+    }
+    for (int64_t h = ith; h < H; h += nth) {
+        const float *qh = j->q + h * qd;
+        rotate(qh + nope, j->rot, rope, j->q_pe + h * rope);
+        float *ql = j->q_lat + h * R;
+        memset(ql, 0, sizeof(float) * (size_t)R);
+        const float *wk = m->wkv_b + h * wd * R;
+        for (int64_t d = 0; d < nope; d++) k->axpy_f32((int)R, qh[d], wk + d * R, ql);
+    }
+    hk2_pool_barrier();
+
+    int64_t lo, hi;
+    range_of(S, ith, nth, &lo, &hi);
+    for (int64_t s = lo; s < hi; s++) {
+        const float *c = j->kv_cache + s * R, *r = j->pe_cache + s * rope;
+        for (int64_t h = 0; h < H; h++)
+            j->p[h * S + s] = m->scale * (k->dot_f32((int)R, j->q_lat + h * R, c) + k->dot_f32((int)rope, j->q_pe + h * rope, r));
+    }
+    hk2_pool_barrier();
+
+    for (int64_t h = ith; h < H; h += nth) {
+        float *ph = j->p + h * S, mx = -INFINITY, sum = 0.0f;
+        for (int64_t s = 0; s < S; s++) mx = ph[s] > mx ? ph[s] : mx;
+        for (int64_t s = 0; s < S; s++) { ph[s] = expf(ph[s] - mx); sum += ph[s]; }
+        const float inv = 1.0f / sum;
+        for (int64_t s = 0; s < S; s++) ph[s] *= inv;
+    }
+    hk2_pool_barrier();
+
+    range_of(R / 16, ith, nth, &lo, &hi);  /* latent columns in 16s: whole cache lines per thread */
+    lo *= 16;
+    hi = ith == nth - 1 ? R : hi * 16;
+    if (hi > lo) {
+        for (int64_t h = 0; h < H; h++) memset(j->o_lat + h * R + lo, 0, sizeof(float) * (size_t)(hi - lo));
+        for (int64_t s = 0; s < S; s++) {
+            const float *c = j->kv_cache + s * R + lo;
+            for (int64_t h = 0; h < H; h++) k->axpy_f32((int)(hi - lo), j->p[h * S + s], c, j->o_lat + h * R + lo);
+        }
+    }
+    hk2_pool_barrier();
+
+    for (int64_t h = ith; h < H; h += nth) {
+        const float *wv = m->wkv_b + (h * wd + nope) * R;
+        for (int64_t v = 0; v < vd; v++) j->o[h * vd + v] = k->dot_f32((int)R, wv + v * R, j->o_lat + h * R);
+    }
+}
+
+static int bad_dim(const char *name, int64_t v, int64_t lo) {
+    return hk2_fail(HK2_ESHAPE, "mla_decode: %s=%lld out of range [%lld, %d]", name, (long long)v, (long long)lo, MLA_MAX_DIM);
+}
+
+int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
+                   float *kv_cache, float *pe_cache, float *o) {
+    hk2_clear_error();
+    if (!m) return hk2_fail(HK2_EINVAL, "mla_decode: m is NULL");
+    if (m->n_heads < 1 || m->n_heads > MLA_MAX_DIM) return bad_dim("n_heads", m->n_heads, 1);
+    if (m->nope < 1 || m->nope > MLA_MAX_DIM) return bad_dim("nope", m->nope, 1);
+    if (m->rope < 2 || m->rope > MLA_MAX_DIM || m->rope % 2)
+        return hk2_fail(HK2_ESHAPE, "mla_decode: rope=%lld must be even and in [2, %d]", (long long)m->rope, MLA_MAX_DIM);
+    if (m->v_dim < 1 || m->v_dim > MLA_MAX_DIM) return bad_dim("v_dim", m->v_dim, 1);
+    if (m->rank < 1 || m->rank > MLA_MAX_DIM) return bad_dim("rank", m->rank, 1);
+    if (pos < 0 || pos >= MLA_MAX_POS)
+        return hk2_fail(HK2_ESHAPE, "mla_decode: pos=%lld out of range [0, %lld)", (long long)pos, (long long)MLA_MAX_POS);
+    if (!(m->scale > 0.0f) || !isfinite(m->scale)) return hk2_fail(HK2_EINVAL, "mla_decode: scale=%g is not a positive number", m->scale);
+    if (!(m->eps >= 0.0f) || !isfinite(m->eps)) return hk2_fail(HK2_EINVAL, "mla_decode: eps=%g is not a number >= 0", m->eps);
+    const void *ptrs[] = {m->wkv_b, m->kv_norm, q, kv_a, rot, kv_cache, pe_cache, o};
+    static const char *const names[] = {"wkv_b", "kv_norm", "q", "kv_a", "rot", "kv_cache", "pe_cache", "o"};
+    for (int i = 0; i < 8; i++) {
+        if (!ptrs[i]) return hk2_fail(HK2_EINVAL, "mla_decode: %s is NULL", names[i]);
+        if ((uintptr_t)ptrs[i] % sizeof(float)) return hk2_fail(HK2_EINVAL, "mla_decode: %s is not 4-byte aligned", names[i]);
+    }
+
+    const int64_t H = m->n_heads, S = pos + 1;
+    const size_t n_lat = (size_t)(H * m->rank), n_pe = (size_t)(H * m->rope), n_p = (size_t)H * (size_t)S;
+    float *scratch = malloc(sizeof(float) * (2 * n_lat + n_pe + n_p));
+    if (!scratch) return hk2_fail(HK2_ENOMEM, "mla_decode: cannot allocate scratch for %lld positions", (long long)S);
+    mla_job job = {
+        .m = m, .k = hk2_active_kernels(), .pos = pos, .n_pos = S, .q = q, .kv_a = kv_a, .rot = rot,
+        .kv_cache = kv_cache, .pe_cache = pe_cache, .o = o,
+        .q_lat = scratch, .o_lat = scratch + n_lat, .q_pe = scratch + 2 * n_lat, .p = scratch + 2 * n_lat + n_pe,
+    };
+    hk2_api_lock();
+    const int err = hk2_pool_run(mla_task, &job);
+    hk2_api_unlock();
+    free(scratch);
+    return err;
+}

@@ -1,0 +1,108 @@
+"""The C decode-step ops (kernels.rms_norm, kernels.mla_decoder) against torch re-derivations in float64."""
+import pytest
+import torch
+
+from hybrid_k2 import kernels
+
+
+def rope_rot(n_pairs: int, pos: int) -> torch.Tensor:
+    ang = pos * 0.37 / (1 + torch.arange(n_pairs, dtype=torch.float64))
+    return torch.stack([ang.cos(), ang.sin()], -1).float().contiguous()    # [rope/2, 2]
+
+
+def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    a, b = x[..., 0::2], x[..., 1::2]
+    c, s = rot[:, 0].double(), rot[:, 1].double()
+    return torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
+
+
+def expanded_attention(q, kv_a, rot, kv_prev, pe_prev, wkv_b, norm, H, nope, rope, vd, scale, eps):
+    """Per-head keys and values expanded from the latents (no absorption), float64."""
+    R = wkv_b.shape[1]
+    q, kv_a, wkv_b = q.double().view(H, nope + rope), kv_a.double(), wkv_b.double().view(H, nope + vd, R)
+    lat = kv_a[:R] / torch.sqrt(kv_a[:R].pow(2).mean() + eps) * norm.double()
+    c = torch.cat([kv_prev.double(), lat[None]])                    # [S, R]
+    r = torch.cat([pe_prev.double(), rotate(kv_a[R:], rot)[None]])  # [S, rope]
+    k = torch.einsum("hdr,sr->shd", wkv_b[:, :nope], c)             # [S, H, nope]
+    v = torch.einsum("hdr,sr->shd", wkv_b[:, nope:], c)             # [S, H, vd]
+    scores = (torch.einsum("hd,shd->hs", q[:, :nope], k) + rotate(q[:, nope:], rot) @ r.T) * scale
+    return torch.einsum("hs,shd->hd", scores.softmax(-1), v).reshape(-1), lat, r[-1]
+
+
+@pytest.mark.parametrize("dims", [(3, 16, 8, 12, 40), (2, 128, 64, 128, 512)], ids=["odd", "k2_head"])
+@pytest.mark.parametrize("pos", [0, 1, 37])
+def test_mla_decoder_matches_expanded_attention(dims, pos):
+    H, nope, rope, vd, R = dims
+    g = torch.Generator().manual_seed(pos)
+    wkv_b = torch.randn(H * (nope + vd), R, generator=g) * R ** -0.5
+    norm = 1 + 0.1 * torch.randn(R, generator=g)
+    q, kv_a = torch.randn(H * (nope + rope), generator=g), torch.randn(R + rope, generator=g)
+    kv_cache, pe_cache = torch.randn(pos + 3, R, generator=g), torch.randn(pos + 3, rope, generator=g)
+    prev_kv, prev_pe, after = kv_cache[:pos].clone(), pe_cache[:pos].clone(), kv_cache[pos + 1:].clone()
+    rot = rope_rot(rope // 2, pos)
+    scale, eps = (nope + rope) ** -0.5, 1e-6
+    ref, lat, pe = expanded_attention(q, kv_a, rot, prev_kv, prev_pe, wkv_b, norm, H, nope, rope, vd, scale, eps)
+    dec = kernels.mla_decoder(wkv_b, norm, n_heads=H, nope=nope, rope=rope, v_dim=vd, scale=scale, eps=eps)
+    old, old_isa = kernels.get_threads(), kernels.isa()
+    try:
+        for isa in [i for i in ("scalar", "avx2", "avx512") if kernels.isa_supported(i)]:
+            kernels.set_isa(isa)
+            for threads in (1, 2, 3):
+                kernels.set_threads(threads)
+                o = dec(q, kv_a, rot, kv_cache, pe_cache, pos)
+                err = (o.double() - ref).abs().max().item()
+                assert err <= 1e-4 * ref.abs().max().item(), f"isa={isa} threads={threads}: max error {err:.3e}"
+                # the new token's cache row is written; the rows before and after it are not touched
+                assert torch.allclose(kv_cache[pos].double(), lat, rtol=1e-5, atol=1e-6)
+                assert torch.allclose(pe_cache[pos].double(), pe, rtol=1e-5, atol=1e-6)
+                assert torch.equal(kv_cache[:pos], prev_kv) and torch.equal(pe_cache[:pos], prev_pe)
+                assert torch.equal(kv_cache[pos + 1:], after)
+    finally:
+        kernels.set_isa(old_isa)
+        kernels.set_threads(old)
+
+
+def test_mla_decoder_rejects_bad_arguments():
+    H, nope, rope, vd, R = 2, 8, 4, 8, 16
+    wkv_b, norm = torch.randn(H * (nope + vd), R), torch.ones(R)
+    dec = kernels.mla_decoder(wkv_b, norm, n_heads=H, nope=nope, rope=rope, v_dim=vd, scale=0.3, eps=1e-6)
+    q, kv_a, rot = torch.randn(H * (nope + rope)), torch.randn(R + rope), rope_rot(rope // 2, 3)
+    kv, pe = torch.zeros(8, R), torch.zeros(8, rope)
+    with pytest.raises(ValueError, match=r"kv_cache: shape \(8, 16\), expected \[>= 9, 16\]"):
+        dec(q, kv_a, rot, kv, pe, 8)
+    with pytest.raises(ValueError, match="q: 23 values"):
+        dec(q[:-1], kv_a, rot, kv, pe, 3)
+    with pytest.raises(ValueError, match="kv_a: expected a contiguous float32 CPU tensor, got torch.float64"):
+        dec(q, kv_a.double(), rot, kv, pe, 3)
+    with pytest.raises(ValueError, match="pe_cache: expected a contiguous"):
+        dec(q, kv_a, rot, kv, torch.zeros(rope, 8).T, 3)
+    with pytest.raises(ValueError, match="pos: expected an int >= 0"):
+        dec(q, kv_a, rot, kv, pe, -1)
+    with pytest.raises(ValueError, match="rope: 5 is odd"):
+        kernels.mla_decoder(wkv_b, norm, n_heads=H, nope=nope, rope=5, v_dim=vd, scale=0.3, eps=1e-6)
+    with pytest.raises(ValueError, match=r"wkv_b: shape \(32, 16\), expected \[n_heads \* \(nope \+ v_dim\) = 48"):
+        kernels.mla_decoder(wkv_b, norm, n_heads=3, nope=nope, rope=rope, v_dim=vd, scale=0.3, eps=1e-6)
+    with pytest.raises(ValueError, match=r"kv_norm: shape \(15,\), expected \(16,\)"):
+        kernels.mla_decoder(wkv_b, norm[:15], n_heads=H, nope=nope, rope=rope, v_dim=vd, scale=0.3, eps=1e-6)
+    with pytest.raises(kernels.KernelError, match="scale"):
+        kernels.mla_decoder(wkv_b, norm, n_heads=H, nope=nope, rope=rope, v_dim=vd, scale=-1.0, eps=1e-6)(
+            q, kv_a, rot, kv, pe, 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 7168), (3, 40), (1, 7)])
+def test_rms_norm_matches_torch(shape):
+    g = torch.Generator().manual_seed(shape[1])
+    x, w = torch.randn(*shape, generator=g) * 3, 1 + 0.1 * torch.randn(shape[1], generator=g)
+    ref = x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    y = kernels.rms_norm(x, w, 1e-6)
+    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_rejects_bad_arguments():
+    x, w = torch.randn(2, 8), torch.ones(8)
+    with pytest.raises(ValueError, match=r"weight: shape \(7,\), expected \(8,\)"):
+        kernels.rms_norm(x, w[:7], 1e-6)
+    with pytest.raises(ValueError, match="x: expected a contiguous float32 CPU tensor"):
+        kernels.rms_norm(x.T, torch.ones(2), 1e-6)
+    with pytest.raises(kernels.KernelError, match="eps"):
+        kernels.rms_norm(x, w, -1.0)
