@@ -8,9 +8,10 @@
  *   q_lat[h] = sum_d q_nope[h, d] W_k[h, d, :]           (absorb W_k into the query)
  *   p[h, s]  = softmax_s(scale * (q_lat[h] . c[s] + q_pe[h] . r[s]))
  *   o[h, :]  = W_v[h] (sum_s p[h, s] c[s])                 (absorb W_v into the output)
- * Phases run on the pool separated by barriers: per-head work is split over heads, the two passes over the
- * cache over positions (scores) and latent columns (weighted sum), so each cached row is read once. */
+ * Per-head work is split over heads, the two passes over the cache over positions (scores) and latent
+ * columns (weighted sum), so each cached row is read once. */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include "hk2_internal.h"
 
@@ -27,6 +28,8 @@ typedef struct {
     float *q_pe;    /* [H, rope], rotated */
     float *p;       /* [H, n_pos] scores, then probabilities */
     float *o_lat;   /* [H, rank] */
+    int64_t n_items, chunk;  /* this phase's work items, and positions or latent columns per item */
+    _Alignas(HK2_CACHE_LINE) atomic_llong next;
 } mla_job;
 
 static float rms_scale(const hk2_kernels *k, const float *x, int64_t n, float eps) {
@@ -57,69 +60,89 @@ static void rotate(const float *x, const float *rot, int64_t n, float *out) {
     }
 }
 
-static void range_of(int64_t n, int ith, int nth, int64_t *lo, int64_t *hi) {
-    *lo = n * ith / nth;
-    *hi = n * (ith + 1) / nth;
-}
-
-static void mla_task(void *ctx, int ith, int nth) {
+/* Phases, each its own dynamic pool run over an atomic item counter (no barriers, so a thread the OS has
+ * not scheduled cannot stall the others). */
+static void q_task(void *ctx, int ith, int nth) {   /* items: heads, then the cache row */
     mla_job *j = ctx;
     const hk2_mla *m = j->m;
-    const hk2_kernels *k = j->k;
-    const int64_t H = m->n_heads, nope = m->nope, rope = m->rope, vd = m->v_dim, R = m->rank, S = j->n_pos;
-    const int64_t qd = nope + rope, wd = nope + vd;
-
-    if (ith == 0) {  /* the new cache row: RMS-normalised latent, rotated shared key */
-        const float *lat = j->kv_a;
-        const float inv = rms_scale(k, lat, R, m->eps);
-        float *row = j->kv_cache + j->pos * R;
-        for (int64_t i = 0; i < R; i++) row[i] = lat[i] * inv * m->kv_norm[i];
-        rotate(lat + R, j->rot, rope, j->pe_cache + j->pos * rope);
-    }
-    for (int64_t h = ith; h < H; h += nth) {
+    const int64_t nope = m->nope, rope = m->rope, R = m->rank, qd = nope + rope, wd = nope + m->v_dim;
+    HK2_UNUSED(ith); HK2_UNUSED(nth);
+    for (int64_t h; (h = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
+        if (h == m->n_heads) {  /* the new cache row: RMS-normalised latent, rotated shared key */
+            const float inv = rms_scale(j->k, j->kv_a, R, m->eps);
+            float *row = j->kv_cache + j->pos * R;
+            for (int64_t i = 0; i < R; i++) row[i] = j->kv_a[i] * inv * m->kv_norm[i];
+            rotate(j->kv_a + R, j->rot, rope, j->pe_cache + j->pos * rope);
+            continue;
+        }
         const float *qh = j->q + h * qd;
         rotate(qh + nope, j->rot, rope, j->q_pe + h * rope);
         float *ql = j->q_lat + h * R;
         memset(ql, 0, sizeof(float) * (size_t)R);
         const float *wk = m->wkv_b + h * wd * R;
-        for (int64_t d = 0; d < nope; d++) k->axpy_f32((int)R, qh[d], wk + d * R, ql);
+        for (int64_t d = 0; d < nope; d++) j->k->axpy_f32((int)R, qh[d], wk + d * R, ql);
     }
-    hk2_pool_barrier();
+}
 
-    int64_t lo, hi;
-    range_of(S, ith, nth, &lo, &hi);
-    for (int64_t s = lo; s < hi; s++) {
-        const float *c = j->kv_cache + s * R, *r = j->pe_cache + s * rope;
-        for (int64_t h = 0; h < H; h++)
-            j->p[h * S + s] = m->scale * (k->dot_f32((int)R, j->q_lat + h * R, c) + k->dot_f32((int)rope, j->q_pe + h * rope, r));
+static void score_task(void *ctx, int ith, int nth) {   /* items: runs of positions, all heads */
+    mla_job *j = ctx;
+    const hk2_mla *m = j->m;
+    const int64_t H = m->n_heads, rope = m->rope, R = m->rank, S = j->n_pos;
+    HK2_UNUSED(ith); HK2_UNUSED(nth);
+    for (int64_t i; (i = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
+        const int64_t hi = (i + 1) * j->chunk < S ? (i + 1) * j->chunk : S;
+        for (int64_t s = i * j->chunk; s < hi; s++) {
+            const float *c = j->kv_cache + s * R, *r = j->pe_cache + s * rope;
+            for (int64_t h = 0; h < H; h++)
+                j->p[h * S + s] = m->scale * (j->k->dot_f32((int)R, j->q_lat + h * R, c) +
+                                              j->k->dot_f32((int)rope, j->q_pe + h * rope, r));
+        }
     }
-    hk2_pool_barrier();
+}
 
-    for (int64_t h = ith; h < H; h += nth) {
+static void softmax_task(void *ctx, int ith, int nth) {   /* items: heads */
+    mla_job *j = ctx;
+    const int64_t S = j->n_pos;
+    HK2_UNUSED(ith); HK2_UNUSED(nth);
+    for (int64_t h; (h = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
         float *ph = j->p + h * S, mx = -INFINITY, sum = 0.0f;
         for (int64_t s = 0; s < S; s++) mx = ph[s] > mx ? ph[s] : mx;
         for (int64_t s = 0; s < S; s++) { ph[s] = expf(ph[s] - mx); sum += ph[s]; }
         const float inv = 1.0f / sum;
         for (int64_t s = 0; s < S; s++) ph[s] *= inv;
     }
-    hk2_pool_barrier();
+}
 
-    range_of(R / 16, ith, nth, &lo, &hi);  /* latent columns in 16s: whole cache lines per thread */
-    lo *= 16;
-    hi = ith == nth - 1 ? R : hi * 16;
-    if (hi > lo) {
+static void o_lat_task(void *ctx, int ith, int nth) {   /* items: runs of latent columns, all positions */
+    mla_job *j = ctx;
+    const int64_t H = j->m->n_heads, R = j->m->rank, S = j->n_pos;
+    HK2_UNUSED(ith); HK2_UNUSED(nth);
+    for (int64_t i; (i = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
+        const int64_t lo = i * j->chunk, hi = lo + j->chunk < R ? lo + j->chunk : R;
         for (int64_t h = 0; h < H; h++) memset(j->o_lat + h * R + lo, 0, sizeof(float) * (size_t)(hi - lo));
         for (int64_t s = 0; s < S; s++) {
             const float *c = j->kv_cache + s * R + lo;
-            for (int64_t h = 0; h < H; h++) k->axpy_f32((int)(hi - lo), j->p[h * S + s], c, j->o_lat + h * R + lo);
+            for (int64_t h = 0; h < H; h++) j->k->axpy_f32((int)(hi - lo), j->p[h * S + s], c, j->o_lat + h * R + lo);
         }
     }
-    hk2_pool_barrier();
+}
 
-    for (int64_t h = ith; h < H; h += nth) {
-        const float *wv = m->wkv_b + (h * wd + nope) * R;
-        for (int64_t v = 0; v < vd; v++) j->o[h * vd + v] = k->dot_f32((int)R, wv + v * R, j->o_lat + h * R);
+static void out_task(void *ctx, int ith, int nth) {   /* items: heads */
+    mla_job *j = ctx;
+    const hk2_mla *m = j->m;
+    const int64_t R = m->rank, vd = m->v_dim, wd = m->nope + vd;
+    HK2_UNUSED(ith); HK2_UNUSED(nth);
+    for (int64_t h; (h = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
+        const float *wv = m->wkv_b + (h * wd + m->nope) * R;
+        for (int64_t v = 0; v < vd; v++) j->o[h * vd + v] = j->k->dot_f32((int)R, wv + v * R, j->o_lat + h * R);
     }
+}
+
+static int run_phase(mla_job *j, hk2_task_fn fn, int64_t n_items, int64_t chunk) {
+    j->n_items = n_items;
+    j->chunk = chunk;
+    atomic_store(&j->next, 0);
+    return hk2_pool_run_dynamic(fn, j);
 }
 
 static int bad_dim(const char *name, int64_t v, int64_t lo) {
@@ -151,14 +174,28 @@ int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *k
     const size_t n_lat = (size_t)(H * m->rank), n_pe = (size_t)(H * m->rope), n_p = (size_t)H * (size_t)S;
     float *scratch = malloc(sizeof(float) * (2 * n_lat + n_pe + n_p));
     if (!scratch) return hk2_fail(HK2_ENOMEM, "mla_decode: cannot allocate scratch for %lld positions", (long long)S);
-    mla_job job = {
+    mla_job *job = aligned_alloc(HK2_CACHE_LINE, (sizeof(mla_job) + HK2_CACHE_LINE - 1) & ~(size_t)(HK2_CACHE_LINE - 1));
+    if (!job) {
+        free(scratch);
+        return hk2_fail(HK2_ENOMEM, "mla_decode: out of memory");
+    }
+    *job = (mla_job){
         .m = m, .k = hk2_active_kernels(), .pos = pos, .n_pos = S, .q = q, .kv_a = kv_a, .rot = rot,
         .kv_cache = kv_cache, .pe_cache = pe_cache, .o = o,
         .q_lat = scratch, .o_lat = scratch + n_lat, .q_pe = scratch + 2 * n_lat, .p = scratch + 2 * n_lat + n_pe,
     };
+    const int64_t nth = hk2_pool_threads(), R = m->rank;
+    int64_t pos_chunk = (S + 4 * nth - 1) / (4 * nth), col_chunk = 16;   /* several items per thread */
+    if (pos_chunk < 16) pos_chunk = 16;
+    while (col_chunk * 2 * 4 * nth <= R) col_chunk *= 2;
     hk2_api_lock();
-    const int err = hk2_pool_run(mla_task, &job);
+    int err = run_phase(job, q_task, H + 1, 1);
+    if (!err) err = run_phase(job, score_task, (S + pos_chunk - 1) / pos_chunk, pos_chunk);
+    if (!err) err = run_phase(job, softmax_task, H, 1);
+    if (!err) err = run_phase(job, o_lat_task, (R + col_chunk - 1) / col_chunk, col_chunk);
+    if (!err) err = run_phase(job, out_task, H, 1);
     hk2_api_unlock();
+    free(job);
     free(scratch);
     return err;
 }

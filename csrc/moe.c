@@ -144,22 +144,32 @@ static void down_item(const moe_job *j, int64_t r0, int64_t r1) {
     }
 }
 
-static void moe_task(void *ctx, int ith, int nth) {
+/* Three phases, each its own dynamic pool run (no barriers): a thread the OS has not scheduled yet
+ * cannot stall the others, which matters on a machine whose cores are shared (torch, other processes). */
+static void quantize_x_task(void *ctx, int ith, int nth) {
     moe_job *j = ctx;
-    HK2_UNUSED(nth);
+    HK2_UNUSED(ith); HK2_UNUSED(nth);
     for (int t; (t = atomic_fetch_add(&j->next_x, 1)) < j->T;) {
         const float *xt = j->x + (int64_t)t * j->H;
         act_quantize_into(j->k, xt, (int)j->H, j->qb_gate, j->act_gate + (size_t)t * j->act_x_stride, j->H, 0);
         if (j->act_up != j->act_gate)
             act_quantize_into(j->k, xt, (int)j->H, j->qb_up, j->act_up + (size_t)t * j->act_x_stride, j->H, 0);
     }
-    hk2_pool_barrier();
+}
+
+static void gate_up_task(void *ctx, int ith, int nth) {
+    moe_job *j = ctx;
+    HK2_UNUSED(nth);
     for (int i; (i = atomic_fetch_add(&j->next_a, 1)) < j->items_a;) {
         const int g = i / j->chunks_per_expert;
         const int64_t r0 = (int64_t)(i % j->chunks_per_expert) * j->chunk_a;
         gate_up_item(j, ith, g, r0, r0 + j->chunk_a < j->I ? r0 + j->chunk_a : j->I);
     }
-    hk2_pool_barrier();
+}
+
+static void down_task(void *ctx, int ith, int nth) {
+    moe_job *j = ctx;
+    HK2_UNUSED(ith); HK2_UNUSED(nth);
     for (int i; (i = atomic_fetch_add(&j->next_b, 1)) < j->items_b;) {
         const int64_t r0 = (int64_t)i * j->chunk_b;
         down_item(j, r0, r0 + j->chunk_b < j->H ? r0 + j->chunk_b : j->H);
@@ -331,7 +341,12 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
     atomic_init(&job->next_a, 0);
     atomic_init(&job->next_b, 0);
 
-    err = hk2_pool_run(moe_task, job);
+    if (T == 1)   /* decode: one row, not worth waking the pool for */
+        quantize_x_task(job, 0, 1);
+    else
+        err = hk2_pool_run_dynamic(quantize_x_task, job);
+    if (!err) err = hk2_pool_run_dynamic(gate_up_task, job);
+    if (!err) err = hk2_pool_run_dynamic(down_task, job);
     free(job);
     hk2_api_unlock();
     return err;
