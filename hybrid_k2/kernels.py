@@ -404,6 +404,20 @@ class KernelLib:
         default does so for calls of up to H_RESIDUAL_MAX_TOKENS tokens (decode), where it costs little."""
         if not isinstance(layer, ExpertWeights):
             raise TypeError(f"layer: expected ExpertWeights, got {type(layer).__name__}")
+        if out is None and _plain_cpu_tensors(x, ids, weights, (torch.float32, torch.int32, torch.float32)):
+            T, K = ids.shape if ids.dim() == 2 else (-1, -1)
+            if x.dim() == 2 and x.shape == (T, layer.hidden) and weights.shape == (T, K) and K >= 1:
+                # the engine's decode call: what numpy conversion would check is checked here, ids by the C side
+                y = torch.empty((T, layer.hidden), dtype=torch.float32)
+                if h_residual is None:
+                    h_residual = T <= H_RESIDUAL_MAX_TOKENS
+                ffi = self.ffi
+                rc = self.lib.hk2_moe_forward(layer._cstruct(self), T, K, ffi.cast("const float *", x.data_ptr()),
+                                              ffi.cast("const int32_t *", ids.data_ptr()),
+                                              ffi.cast("const float *", weights.data_ptr()), ffi.cast("float *", y.data_ptr()),
+                                              self.lib.HK2_MOE_H_RESIDUAL if h_residual else 0)
+                self._check(rc, "moe_forward")
+                return y
         x_is_torch = torch is not None and isinstance(x, torch.Tensor)
         xa = _as_numpy(x, "x")
         _check_array(xa, "x", np.float32, ndim=2, shape=(None, layer.hidden))
@@ -540,6 +554,14 @@ class KernelLib:
         """Stream-read every byte of buf with the pool (for bandwidth measurement); returns a checksum."""
         _check_array(buf, "buf", np.uint8)
         return int(self.lib.hk2_read_probe(self._ptr(buf, "const void *"), buf.nbytes))
+
+
+def _plain_cpu_tensors(*args) -> bool:
+    """Whether args[:-1] are contiguous CPU torch tensors of the dtypes in args[-1], none needing grad."""
+    *tensors, dtypes = args
+    return torch is not None and all(
+        isinstance(t, torch.Tensor) and t.dtype == dt and t.device.type == "cpu" and t.is_contiguous()
+        and not t.requires_grad for t, dt in zip(tensors, dtypes))
 
 
 class BoundLinear:

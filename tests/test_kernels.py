@@ -399,6 +399,24 @@ def test_bad_arguments_raise_before_c(small):
         f(w["raw"], x, ids, weights)
 
 
+def test_torch_fast_path_checks_what_it_skips(small):
+    """The engine's call (contiguous CPU torch tensors, int32 ids) skips the numpy conversion; the C side
+    still names a bad id, and any other shape falls through to the checked path."""
+    w, x, ids, weights = small
+    layer, tx, tw = w["layer"], torch.from_numpy(x), torch.from_numpy(weights)
+    ref = K.moe_forward(layer, x, ids, weights)
+    y = K.moe_forward(layer, tx, torch.from_numpy(ids), tw)
+    assert isinstance(y, torch.Tensor) and np.array_equal(y.numpy(), ref)
+    with pytest.raises(K.KernelError, match=r"ids\[1, 0\] = 4"):
+        K.moe_forward(layer, tx, torch.tensor([[0, 1], [4, 3]], dtype=torch.int32), tw)
+    with pytest.raises(K.KernelError, match=r"ids\[0, 1\] = -1"):
+        K.moe_forward(layer, tx, torch.tensor([[0, -1], [2, 3]], dtype=torch.int32), tw)
+    with pytest.raises(ValueError, match=r"x: shape \(2, 95\)"):
+        K.moe_forward(layer, tx[:, :95].contiguous(), torch.from_numpy(ids), tw)
+    with pytest.raises(ValueError, match=r"weights: shape \(2, 1\)"):
+        K.moe_forward(layer, tx, torch.from_numpy(ids), tw[:, :1].contiguous())
+
+
 def test_bad_weights_and_shapes(small):
     w, *_ = small
     qg, qu, qd = w["raw"]
