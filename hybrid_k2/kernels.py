@@ -494,18 +494,17 @@ class KernelLib:
     def rms_norm(self, x: Any, weight: Any, eps: float):
         """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension, for contiguous float32 CPU torch
         tensors x [..., n] and weight [n] (one C call: decode runs ~3 per layer per token)."""
-        for name, t in (("x", x), ("weight", weight)):
-            if not (torch is not None and isinstance(t, torch.Tensor) and t.dtype == torch.float32
-                    and t.device.type == "cpu" and t.is_contiguous()):
-                raise ValueError(f"{name}: expected a contiguous float32 CPU tensor, got "
-                                 f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '?')}")
+        if not _plain_cpu_tensors(x, weight, (torch.float32, torch.float32)):
+            bad, name = (x, "x") if not _plain_cpu_tensors(x, (torch.float32,)) else (weight, "weight")
+            raise ValueError(f"{name}: expected a contiguous float32 CPU tensor without grad, got "
+                             f"{getattr(bad, 'dtype', type(bad).__name__)} on {getattr(bad, 'device', '?')}")
         n = x.shape[-1] if x.dim() else 0
-        if tuple(weight.shape) != (n,):
+        if weight.shape != (n,):
             raise ValueError(f"weight: shape {tuple(weight.shape)}, expected ({n},) (x's last dimension)")
         y = torch.empty_like(x)
         ffi = self.ffi
         self._check(self.lib.hk2_rms_norm(ffi.cast("const float *", x.data_ptr()), ffi.cast("const float *", weight.data_ptr()),
-                                          x.numel() // max(n, 1), n, float(eps), ffi.cast("float *", y.data_ptr())), "rms_norm")
+                                          x.numel() // max(n, 1), n, eps, ffi.cast("float *", y.data_ptr())), "rms_norm")
         return y
 
     def mla_decoder(self, wkv_b: Any, kv_norm: Any, *, n_heads: int, nope: int, rope: int, v_dim: int,
@@ -558,10 +557,13 @@ class KernelLib:
 
 def _plain_cpu_tensors(*args) -> bool:
     """Whether args[:-1] are contiguous CPU torch tensors of the dtypes in args[-1], none needing grad."""
-    *tensors, dtypes = args
-    return torch is not None and all(
-        isinstance(t, torch.Tensor) and t.dtype == dt and t.device.type == "cpu" and t.is_contiguous()
-        and not t.requires_grad for t, dt in zip(tensors, dtypes))
+    if torch is None:
+        return False
+    for t, dt in zip(args[:-1], args[-1]):
+        if not (isinstance(t, torch.Tensor) and t.dtype == dt and t.device.type == "cpu" and t.is_contiguous()
+                and not t.requires_grad):
+            return False
+    return True
 
 
 class BoundLinear:
