@@ -5,7 +5,8 @@ Models:
              layers, fewer experts and heads and a small vocab so it fits this machine; written by this script
              (random weights, Q4_0 experts, Q8_0 elsewhere) through quant.convert.write_gguf.
   demo       the demo checkpoint converted to GGUF (also run through HF transformers from its HF dir).
-Prints prefill/decode tok/s for each engine and the ratios, plus the machine's read bandwidth. hybrid_k2 runs
+Prints prefill/decode tok/s for each engine (medians over rounds in which the engines take turns, so a drift in the
+machine's memory bandwidth lands on both) and the ratios, plus the machine's read bandwidth. hybrid_k2 runs
 with dense_format="native" (attention, dense FFN, shared experts and lm_head from the GGUF's own Q8_0 blocks in
 the C kernels, as llama.cpp runs them; torch then gets 1 thread for what is left), and when llama-cpp-python is present the bench also prints how often our
 top-1 token on the prompt agrees with llama.cpp's (both engines quantize activations to 8 bits, in different
@@ -108,30 +109,46 @@ def prompt_ids(vocab_base: int, n: int) -> list[int]:
 
 
 # ---- engines -------------------------------------------------------------------------------------
-def run_hybrid(path: Path, prompt: list[int], n_decode: int, threads: int,
-               dense_format: str | None = "native") -> tuple[float, float, torch.Tensor]:
-    """(prefill tok/s, decode tok/s, logits [len(prompt), vocab] of an untimed full-prompt pass)."""
-    eng = hybrid_k2.load(path, device="cpu", experts="cpu", threads=threads, progress=False, dense_format=dense_format)
-    # With the dense matrices in the kernels' pool, torch is left with small ops (norms, RoPE, attention over
-    # the cache); its own spinning OpenMP team would fight the pool for the same cores, so it gets one thread
-    # (the caller, which is also the pool's thread 0): `threads` threads in all, as llama.cpp gets.
-    torch.set_num_threads(threads if dense_format is None else 1)
-    model = eng.model
-    with torch.inference_mode():
-        cache = model.new_cache(len(prompt) + n_decode + 1)
-        model(torch.tensor(prompt[:8]), 0, cache, last_only=True)          # warm-up
-        t0 = time.perf_counter()
-        logits = model(torch.tensor(prompt), 0, cache, last_only=True)[-1]
-        prefill = len(prompt) / (time.perf_counter() - t0)
-        pos, tok = len(prompt), int(logits.argmax())
-        t0 = time.perf_counter()
-        for _ in range(n_decode):                                         # greedy, no stop tokens
-            logits = model(torch.tensor([tok]), pos, cache, last_only=True)[-1]
-            tok, pos = int(logits.argmax()), pos + 1
-        decode = n_decode / (time.perf_counter() - t0)
-        prompt_logits = model(torch.tensor(prompt), 0, model.new_cache(len(prompt))).float().clone()
-    eng.close()
-    return prefill, decode, prompt_logits
+class HybridRunner:
+    """hybrid_k2 on a GGUF, timed a round at a time (Rounds alternate with llama.cpp's, see main)."""
+
+    def __init__(self, path: Path, prompt: list[int], n_decode: int, threads: int, dense_format: str | None = "native"):
+        self.eng = hybrid_k2.load(path, device="cpu", experts="cpu", threads=threads, progress=False,
+                                  dense_format=dense_format)
+        # With the dense matrices in the kernels' pool, torch is left with small ops (norms, RoPE, attention over
+        # the cache); its own spinning OpenMP team would fight the pool for the same cores, so it gets one thread
+        # (the caller, which is also the pool's thread 0): `threads` threads in all, as llama.cpp gets.
+        self.torch_threads = threads if dense_format is None else 1
+        self.prompt, self.n_decode = prompt, n_decode
+        self.round(warm_up=True)
+
+    def round(self, warm_up: bool = False) -> tuple[float, float]:
+        """(prefill tok/s of the prompt, decode tok/s of n_decode greedy tokens after it) on a fresh cache."""
+        torch.set_num_threads(self.torch_threads)
+        model, prompt = self.eng.model, self.prompt
+        with torch.inference_mode():
+            cache = model.new_cache(len(prompt) + self.n_decode + 1)
+            if warm_up:
+                model(torch.tensor(prompt[:8]), 0, cache, last_only=True)
+                return 0.0, 0.0
+            t0 = time.perf_counter()
+            logits = model(torch.tensor(prompt), 0, cache, last_only=True)[-1]
+            prefill = len(prompt) / (time.perf_counter() - t0)
+            pos, tok = len(prompt), int(logits.argmax())
+            t0 = time.perf_counter()
+            for _ in range(self.n_decode):                                  # greedy, no stop tokens
+                logits = model(torch.tensor([tok]), pos, cache, last_only=True)[-1]
+                tok, pos = int(logits.argmax()), pos + 1
+            return prefill, self.n_decode / (time.perf_counter() - t0)
+
+    def prompt_logits(self) -> torch.Tensor:
+        """logits [len(prompt), vocab] of an untimed full-prompt pass."""
+        with torch.inference_mode():
+            model = self.eng.model
+            return model(torch.tensor(self.prompt), 0, model.new_cache(len(self.prompt))).float().clone()
+
+    def close(self) -> None:
+        self.eng.close()
 
 
 def llama_cpp_prompt_logits(path: Path, prompt: list[int], threads: int) -> torch.Tensor | None:
@@ -150,34 +167,55 @@ def llama_cpp_prompt_logits(path: Path, prompt: list[int], threads: int) -> torc
     return out
 
 
-def run_llama_cpp(path: Path, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float] | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    import llama_cpp
-    import numpy as np
-    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + n_decode + 16,
-                n_batch=max(len(prompt), 8), n_gpu_layers=0, verbose=False, seed=0)
-    n_vocab = llm.n_vocab()
+class LlamaCppRunner:
+    """llama.cpp (llama-cpp-python) on the same GGUF with the same threads, timed a round at a time."""
 
-    def last_argmax() -> int:  # llama-cpp-python >= 0.3 keeps no scores without logits_all: read the context's
-        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax())
+    def __init__(self, path: Path, prompt: list[int], n_decode: int, threads: int):
+        import llama_cpp
+        import numpy as np
+        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
+                                   n_ctx=len(prompt) + n_decode + 16, n_batch=max(len(prompt), 8), n_gpu_layers=0,
+                                   verbose=False, seed=0)
+        self.prompt, self.n_decode = prompt, n_decode
+        n_vocab = self.llm.n_vocab()
+        # llama-cpp-python >= 0.3 keeps no scores without logits_all: read the context's last logits
+        self.last_argmax = lambda: int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1),
+                                                             shape=(n_vocab,)).argmax())
+        self.llm.eval(prompt[:8])                                           # warm-up
 
-    llm.eval(prompt[:8])                                                   # warm-up
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    prefill = len(prompt) / (time.perf_counter() - t0)
-    tok = last_argmax()
-    t0 = time.perf_counter()
-    for _ in range(n_decode):
-        llm.eval([tok])
-        tok = last_argmax()
-    decode = n_decode / (time.perf_counter() - t0)
-    del llm
-    gc.collect()
-    return prefill, decode
+    def round(self) -> tuple[float, float]:
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(self.prompt)
+        prefill = len(self.prompt) / (time.perf_counter() - t0)
+        tok = self.last_argmax()
+        t0 = time.perf_counter()
+        for _ in range(self.n_decode):
+            llm.eval([tok])
+            tok = self.last_argmax()
+        return prefill, self.n_decode / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        del self.llm
+        gc.collect()
+
+
+def run_rounds(runners: list, rounds: int) -> list[list[tuple[float, float]]]:
+    """Per runner, (prefill, decode) tok/s of each round; the runners take turns, so a change in the machine's
+    memory bandwidth (a VM's neighbours) lands on all of them instead of on whichever ran then."""
+    out: list[list[tuple[float, float]]] = [[] for _ in runners]
+    for _ in range(rounds):
+        for i, r in enumerate(runners):
+            time.sleep(0.3)    # the other engine's idle threads stop spinning first
+            out[i].append(r.round())
+    return out
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def run_transformers(hf_dir: Path, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float] | None:
@@ -227,11 +265,15 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=3, help="MoE layers of the K2-shaped model")
     ap.add_argument("--experts", type=int, default=32, help="routed experts per layer of the K2-shaped model")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
-    ap.add_argument("--decode", type=int, default=32, help="decoded tokens")
+    ap.add_argument("--decode", type=int, default=32, help="decoded tokens per round")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds per engine, taking turns (tok/s are medians over the rounds)")
     ap.add_argument("--models", default="k2-shaped,demo")
     ap.add_argument("--dense-format", default="native", choices=["native", "q8_0", "none"],
                     help="hybrid_k2's non-expert matrices: native = the GGUF's blocks (default), none = float32 torch")
     args = ap.parse_args(argv)
+    if args.rounds < 1 or args.decode < 1 or args.prompt < 8:
+        ap.error("--rounds and --decode must be at least 1, --prompt at least 8")
     dense = None if args.dense_format == "none" else args.dense_format
     kernels.set_threads(args.threads)
 
@@ -263,25 +305,40 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown model {name!r}")
         base = sum(1 for line in open(ensure_demo() / "tiktoken.model") if line.strip())
         prompt = prompt_ids(base, args.prompt)
-        *ours, our_logits = run_hybrid(path, prompt, args.decode, args.threads, dense)
-        ref = run_llama_cpp(path, prompt, args.decode, args.threads)
+        runners = [HybridRunner(path, prompt, args.decode, args.threads, dense)]
+        try:
+            runners.append(LlamaCppRunner(path, prompt, args.decode, args.threads))
+        except ImportError:
+            pass
+        try:
+            per_round = run_rounds(runners, args.rounds)
+            our_logits = runners[0].prompt_logits()
+        finally:
+            for r in runners:
+                r.close()
+        ours = tuple(median([x[k] for x in per_round[0]]) for k in (0, 1))
+        ref = tuple(median([x[k] for x in per_round[1]]) for k in (0, 1)) if len(runners) > 1 else None
+        round_ratios = ([(a[0] / b[0], a[1] / b[1]) for a, b in zip(per_round[0], per_round[1])]
+                        if ref is not None else [])
         ref_logits = llama_cpp_prompt_logits(path, prompt, args.threads)
         agree = None
         if ref_logits is not None:
             n_vocab = min(our_logits.shape[-1], ref_logits.shape[-1])
             agree = float((our_logits[:, :n_vocab].argmax(-1) == ref_logits[:, :n_vocab].argmax(-1)).float().mean())
         hf = run_transformers(hf_dir, prompt, args.decode, args.threads) if hf_dir is not None else None
-        rows.append((label, ours, ref, hf, agree))
+        rows.append((label, ours, ref, hf, agree, round_ratios))
 
     print(f"\nhybrid_k2 dense matrices: {args.dense_format}")
     print(f"{'model':<72} {'engine':<14} {'prefill tok/s':>13} {'decode tok/s':>12}")
-    for label, ours, ref, hf, agree in rows:
+    for label, ours, ref, hf, agree, round_ratios in rows:
         print(f"{label:<72} {'hybrid_k2':<14} {fmt(ours[0]):>13} {fmt(ours[1]):>12}")
         print(f"{'':<72} {'llama.cpp':<14} {fmt(ref and ref[0]):>13} {fmt(ref and ref[1]):>12}")
         if hf is not None:
             print(f"{'':<72} {'transformers':<14} {fmt(hf[0]):>13} {fmt(hf[1]):>12}")
         if ref is not None:
             print(f"{'':<72} {'ratio ours/llama.cpp':<22} prefill {ours[0] / ref[0]:.2f}  decode {ours[1] / ref[1]:.2f}")
+            print(f"{'':<72} per round: prefill {' '.join(f'{r[0]:.2f}' for r in round_ratios)}  "
+                  f"decode {' '.join(f'{r[1]:.2f}' for r in round_ratios)}")
         if agree is not None:
             print(f"{'':<72} top-1 agreement with llama.cpp on the {args.prompt}-token prompt: {agree:.3f}")
     return 0
