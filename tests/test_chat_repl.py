@@ -71,6 +71,13 @@ def test_ctrl_c_stops_answer_and_keeps_session(demo, tmp_path):
     child.expect("half a line")              # readline has it (a SIGINT landing before readline waits for input
     child.sendintr()                         # sits until the next key: CPython's readline); Ctrl-C clears the line
     child.expect(">>> ")
+    # Enter and Ctrl-C in one write: the terminal discards input it has not delivered when ^C arrives (ISIG
+    # without NOFLSH), so the line may never reach readline; either way the session comes back at a prompt
+    child.send("Tell me everything\r\x03")
+    child.expect(">>> ")
+    child.sendline("/set temperature 0.5")
+    child.expect(r"temperature = 0\.5")
+    child.expect(">>> ")
     child.sendeof()
     child.expect(pexpect.EOF)
     child.close()
