@@ -12,9 +12,16 @@ an .npz next to the trace, which the engine loads with HybridExperts.load_predic
     prefetching: the hit rate (expert in VRAM with its copy landed when its layer starts, by the simulator's
     PCIe timing), the resident rate (in a slot at all, landed or not), bytes copied and the modelled decode
     time, through the same cache/prefetch code the engine runs (hybrid_k2.sim.simulate). Every policy gets
-    the same prefetcher settings (SIM), tuned on a third text (see SIM), never on the evaluation tokens.
+    the same prefetcher settings (SIM), tuned on a third text (TUNE_FILES), never on the evaluation tokens;
+    LRU, static and score are also shown with the previous settings (SIM_BEFORE), LRU with SIM's prefetcher
+    but prefetch-only / without deferral / without the landing check, and score is compared with every LRU
+    row, the best of them included.
 
-    python bench/bench_prefetch.py [--model demo] [--tokens 2048] [--fit-tokens 65536] [--trace PATH]
+    python bench/bench_prefetch.py [--model demo] [--tokens 2048] [--fit-tokens 65536] [--trace PATH] [--tune]
+
+--tune records TUNE_FILES (next to the trace, .tune.npz) and prints the score policy's hit rate there over a
+small grid of decay x margin x predict_weight and single changes of SIM (the search behind SIM); it never reads
+the evaluation trace.
 """
 from __future__ import annotations
 
@@ -44,12 +51,23 @@ FIT_FILES = ["inspect.py", "typing.py", "subprocess.py", "pathlib.py", "shutil.p
              "logging/__init__.py", "threading.py", "dataclasses.py", "enum.py", "ast.py", "pickle.py",
              "datetime.py", "_pyio.py", "doctest.py", "optparse.py"]
 FIT_FILES = [f for f in FIT_FILES if f not in HELD_OUT]   # training text of the demo, never evaluation text
-# Prefetcher / score-policy settings, tuned on a trace of email/_header_value_parser.py, urllib/request.py and
-# http/cookiejar.py (neither fit nor evaluation text): copy only while the link is idle (a queued copy lands
-# after the layer that wanted it), prefetch 2 MoE layers ahead the experts with >= 0.3 predicted uses.
-SIM = dict(lookahead=2, decay=0.99, min_uses=0.3, max_backlog_ms=0.0, max_demand_backlog_ms=0.0, warmup=256)
+# Tuning text: neither fit nor evaluation text.
+TUNE_FILES = ["email/_header_value_parser.py", "urllib/request.py", "http/cookiejar.py"]
+# Prefetcher / score-policy settings, tuned on a 2,048-token trace of TUNE_FILES (--tune): prefetch 3 MoE layers
+# ahead (a copy lasts about one decode layer: two layers ahead rarely leave it time) the experts with >= 0.3
+# predicted uses, best first by decayed uses + 10 x predicted uses, each only if the link can land it before its
+# layer starts (land_check); demand copies of missed experts only while the link is idle, decided after the next
+# layer's prefetches (defer_demand); a newcomer must beat the lowest landed resident by 2 decayed uses (margin);
+# frequencies decay by 0.98 per token.
+SIM = dict(lookahead=3, decay=0.98, predict_weight=10.0, margin=2.0, min_uses=0.3, max_backlog_ms=None,
+           land_check=True, max_demand_backlog_ms=0.0, defer_demand=True, warmup=256)
+# The settings before (lookahead 2, prefetch and demand copies only while the link is idle, no landing check,
+# decay 0.99, a predicted use weighted 1, no margin), kept for the baselines.
+SIM_BEFORE = dict(lookahead=2, decay=0.99, min_uses=0.3, max_backlog_ms=0.0, max_demand_backlog_ms=0.0, warmup=256)
+TUNE_GRID = dict(decay=(0.97, 0.98, 0.99), predict_weight=(3.0, 10.0, 30.0), margin=(0.0, 2.0))
 PREFILL = 256     # the warm-up tokens double as a prompt: ridge corrections fitted on them (no files)
 HEADS = dict(width=512, epochs=10)
+HEADS_DEPTH = 3   # learned heads for lookahead 1..3
 
 
 def stdlib_text(names: list[str], n_chars: int) -> str:
@@ -85,6 +103,29 @@ def row(name: str, r) -> str:
             f"(CPU-only {1e3 * r.cpu_only_time_s / n:.2f})")
 
 
+def tune(args, path: Path, heads_path: Path, slots: int) -> None:
+    """The score policy over TUNE_GRID on the tuning text (never the evaluation trace), then one setting of SIM
+    changed at a time; LRU with SIM and SIM_BEFORE for scale."""
+    tune_path = path.with_suffix(".tune.npz")
+    if not tune_path.exists():
+        record(args.model, args.tokens, args.chunk, tune_path, TUNE_FILES)
+    tt = load_trace(tune_path)
+    print(f"tuning trace: {tt.ids.shape[0]} tokens of {', '.join(TUNE_FILES)}; learned-heads prefetch")
+
+    def hit(policy="score", **kw):
+        return simulate(tt, slots=slots, policy=policy, heads=heads_path, **dict(SIM, **kw)).hit_rate
+
+    print(f"  lru: SIM {hit('lru'):.3f}, SIM_BEFORE {hit('lru', **SIM_BEFORE):.3f}; score: SIM {hit():.3f}")
+    for decay in TUNE_GRID["decay"]:
+        for margin in TUNE_GRID["margin"]:
+            print(f"  score, decay {decay}, margin {margin:g}: " + ", ".join(
+                f"predict_weight {pw:g} {hit(decay=decay, margin=margin, predict_weight=pw):.3f}"
+                for pw in TUNE_GRID["predict_weight"]))
+    for change in (dict(lookahead=2), dict(land_check=False), dict(defer_demand=False), dict(demand=False),
+                   dict(max_backlog_ms=0.0), dict(min_uses=0.15), dict(min_uses=0.5)):
+        print(f"  score, SIM with {change}: {hit(**change):.3f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo")
@@ -93,11 +134,13 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--trace", default=None, help="use (or write) this trace instead of a temporary one; the fit "
                     "trace and the heads go next to it (.fit.npz, .heads.npz)")
+    ap.add_argument("--tune", action="store_true", help="record TUNE_FILES (.tune.npz) and print the search "
+                    "behind SIM on it")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)      # small matmuls: a second thread only adds barriers on a shared machine
 
     path = Path(args.trace) if args.trace else Path(tempfile.mkdtemp()) / "trace.npz"
-    fit_path, heads_path = path.with_suffix(".fit.npz"), path.with_suffix(".heads.npz")
+    fit_path, heads_path = path.with_suffix(".fit.npz"), path.with_suffix(f".heads-d{HEADS_DEPTH}.npz")
     if not path.exists():
         record(args.model, args.tokens, args.chunk, path)
     if not fit_path.exists():
@@ -108,18 +151,19 @@ def main(argv=None) -> int:
           f"fit trace: {fit.ids.shape[0]} tokens of other files")
 
     plain, ridge, heads = t.predictor(), t.predictor(), t.predictor()
-    for d in (1, 2):
+    depths = [d for d in range(1, HEADS_DEPTH + 1) if d < L]
+    for d in depths:
         for j in range(L - d):
             ridge.fit_correction(j, d, fit.hidden[:, j], fit.hidden[:, j + d], ridge=1e-2)
     if heads_path.exists():
         heads.load_heads(heads_path)
     else:
         t0 = time.perf_counter()
-        heads.fit_heads(fit.hidden, fit.ids, depth=2, **HEADS)
+        heads.fit_heads(fit.hidden, fit.ids, depth=HEADS_DEPTH, **HEADS)
         heads.save_heads(heads_path)
         print(f"fitted learned heads in {time.perf_counter() - t0:.0f} s -> {heads_path}")
     online = t.predictor()
-    for d in (1, 2):
+    for d in depths:
         for j in range(L - d):
             online.fit_correction(j, d, t.hidden[:PREFILL, j], t.hidden[:PREFILL, j + d], ridge=0.3)
     rest = slice(PREFILL, None)
@@ -127,11 +171,13 @@ def main(argv=None) -> int:
                            ("plain routers, after the prefill", plain, rest),
                            (f"ridge fitted on a {PREFILL}-token prefill", online, rest),
                            ("learned heads", heads, slice(None))):
-        rec = [rp.recall(t.hidden[span], t.ids[span], d) for d in (1, 2) if L > d]
-        print(f"predictor recall@top-{K} ({name}): " + ", ".join(f"lookahead {d + 1}: {r:.3f}"
-                                                                  for d, r in enumerate(rec)))
+        rec = [rp.recall(t.hidden[span], t.ids[span], d) for d in depths]
+        print(f"predictor recall@top-{K} ({name}): " + ", ".join(f"lookahead {d}: {r:.3f}"
+                                                                  for d, r in zip(depths, rec)))
 
     slots = 2 * K * L
+    if args.tune:
+        tune(args, path, heads_path, slots)
     print(f"cache: {slots} slots (2 x top-k per MoE layer), K2-sized experts over PCIe 25 GB/s, RAM 100 GB/s; "
           f"settings {SIM}")
     hits = {}
@@ -149,11 +195,26 @@ def main(argv=None) -> int:
             r = simulate(t, slots=slots, policy=policy, heads=heads_path, **SIM)
             print(row("prefetch, learned heads", r))
         hits[policy] = r.hit_rate
+    print(f"baselines with the previous settings {SIM_BEFORE}, and LRU with variants of SIM:")
+    lru_rows = {"lru, SIM": hits["lru"]}
+    for policy in ("lru", "static", "score"):
+        for name, kw in (("no prefetch", dict(SIM_BEFORE, lookahead=0)), ("prefetch, learned heads",
+                                                                           dict(SIM_BEFORE, heads=heads_path))):
+            r = simulate(t, slots=slots, policy=policy, **kw)
+            print(row(f"{policy}, before: {name}", r))
+            if policy == "lru":
+                lru_rows[f"lru, before, {name}"] = r.hit_rate
+    for name, change in (("prefetch only", dict(demand=False)), ("no deferral", dict(defer_demand=False)),
+                         ("no landing check", dict(land_check=False))):
+        r = simulate(t, slots=slots, policy="lru", heads=heads_path, **dict(SIM, **change))
+        print(row(f"lru, SIM, {name}", r))
+        lru_rows[f"lru, SIM, {name}"] = r.hit_rate
     legacy = simulate(t, slots=slots, policy="lru", lookahead=1, warmup=SIM["warmup"])
     print(row("lru, old bench settings", legacy) + "  (plain routers, lookahead 1, no link gate)")
-    vs_legacy = f"{hits['score'] / legacy.hit_rate:.2f}" if legacy.hit_rate else "inf (its hit rate is 0)"
-    print(f"score / LRU hit-rate ratio (same prefetcher): {hits['score'] / hits['lru']:.2f}; "
-          f"vs the old bench settings' LRU: {vs_legacy}")
+    print("score (SIM, learned heads) / LRU hit rate: " + "; ".join(
+        f"{name} {hits['score'] / h:.2f}" if h else f"{name} inf" for name, h in lru_rows.items()))
+    best = max(lru_rows, key=lru_rows.get)
+    print(f"vs the best LRU row ({best}, hit {lru_rows[best]:.3f}): {hits['score'] / lru_rows[best]:.2f}")
     return 0
 
 

@@ -27,7 +27,8 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-policy", default="score", choices=["score", "lru", "static"],
                    help="hybrid: admission/eviction policy (default score = decayed frequency + predicted use)")
     p.add_argument("--no-prefetch", action="store_true", help="hybrid: do not prefetch predicted experts")
-    p.add_argument("--lookahead", type=int, default=1, help="hybrid: layers ahead the router predictor looks")
+    p.add_argument("--lookahead", type=int, default=3,
+                   help="hybrid: layers ahead the predictor prefetches (a copy takes about a layer's time)")
     p.add_argument("--prefill-stream", default="auto", choices=["auto", "on", "off"],
                    help="hybrid: stream a long prompt's experts to the accelerator when the cost model says it beats "
                         "the CPU (auto), always, or never")

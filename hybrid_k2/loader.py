@@ -50,7 +50,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "auto", expert_format: str | None = None,
          vram_budget=None, ram_budget=None, threads: int | None = None, mode: str = "auto",
          record_routing=None, ctx: int | None = None, progress: bool | None = None, cache_slots: int | None = None,
-         cache_policy: str = "score", prefetch: bool = True, lookahead: int = 1, record_hidden: bool = False,
+         cache_policy: str = "score", prefetch: bool = True, lookahead: int = 3, record_hidden: bool = False,
          dense_format: str | None = None, defer_experts: int = 0, prefetch_heads=None,
          prefill_stream: bool | None = None) -> Engine:
     """Load a model and return an `Engine`. See DESIGN.md for the meaning of each argument; `dense_format`
@@ -194,7 +194,7 @@ def _load_tokenizer(ckpt, path: Path):
 
 
 def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bool, expert_format, threads, *,
-                  vram_budget=None, ctx=None, cache_slots=None, cache_policy="score", prefetch=True, lookahead=1,
+                  vram_budget=None, ctx=None, cache_slots=None, cache_policy="score", prefetch=True, lookahead=3,
                   prefetch_heads=None, prefill_stream=None):
     if not cfg.moe_layers:
         return None

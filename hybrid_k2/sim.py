@@ -12,13 +12,15 @@ Timing model, per token and MoE layer, one decode token at a time:
   cpu_s  = expert_bytes / ram_gbps          one expert run by the CPU (memory-bound at batch 1)
   copy_s = expert_bytes / pcie_gbps         one host->VRAM copy; copies queue on one link
   gpu_s  = expert_bytes / gpu_gbps          one cached expert on the GPU (0 unless --gpu-gbps)
-  layer  = gpu_layer_s + max(n_cpu * cpu_s, wait + n_gpu * gpu_s)
+  layer  = gpu_layer_s + max(n_cpu * cpu_s, n_gpu * gpu_s)
 The CPU runs the misses while the GPU runs the hits (concurrently, as the engine does). Only an expert whose
-copy has landed when its layer starts counts as a hit. A resident expert whose copy has not landed either
-makes the GPU wait for it ('waited', the wait summed into the stall) or goes to the CPU ('late'), whichever
-split of those experts gives the shorter layer. Prefetches for layer L+d are issued at
-the start of layer L; demand copies of missed experts when their layer ends. The CPU-only baseline is
-gpu_layer_s + top_k * cpu_s per layer. Copies are assumed not to slow the CPU's RAM reads.
+copy has landed when its layer starts counts as a hit and runs on the GPU; a resident expert whose copy has
+not landed goes to the CPU ('late') and its copy lands for later use, as the engine does (HybridExperts: the
+fill's event has not completed -> the kernels run it). Per layer, as in the engine: the cache records the
+access, then the prefetches for layers L+1..L+d are planned and issued at the start of layer L (with
+land_check, only those the link can land before their layer starts), and demand copies of the missed experts
+when the layer ends. The CPU-only baseline is gpu_layer_s + top_k * cpu_s per layer. Copies are assumed not
+to slow the CPU's RAM reads.
 The first `warmup` tokens train the policies (and form the static profile) and are not measured; Belady
 instead starts the measured window with the optimal preload (its free warm start).
 """
@@ -163,15 +165,14 @@ class SimResult:
     tokens: int                  # measured tokens
     accesses: int
     hits: int                    # resident with the copy landed when the layer started: run from VRAM
-    waited: int                  # resident, copy landing during the layer: the GPU waited for it
-    late: int                    # resident but the copy lands later still: run on the CPU
+    late: int                    # resident but the copy had not landed: run on the CPU
     admissions: int
     evictions: int
     bytes_copied: int
-    stall_s: float               # time added to layers by waiting on copies
     time_s: float                # modelled decode time of the measured tokens
     cpu_only_time_s: float
     prefetches: int = 0          # admissions made by the predictor (the rest are demand admissions)
+    declined_late: int = 0       # prefetches not planned: they could not land before their layer
     recall: dict = field(default_factory=dict)   # {lookahead: recall@top-k}
 
     @property
@@ -182,7 +183,7 @@ class SimResult:
     @property
     def resident_rate(self) -> float:
         """Share of uses whose expert held a slot at all, landed or not (the cache-only view)."""
-        return (self.hits + self.waited + self.late) / self.accesses if self.accesses else 0.0
+        return (self.hits + self.late) / self.accesses if self.accesses else 0.0
 
     @property
     def speedup(self) -> float:
@@ -194,10 +195,10 @@ class SimResult:
         lines = [
             f"policy {self.policy}, {self.slots} slots, {self.tokens} measured tokens, {self.accesses} expert uses",
             f"hit rate        {100 * self.hit_rate:.2f}% (copy landed in time; resident incl. unlanded "
-            f"{100 * self.resident_rate:.2f}%: waited {self.waited}, late {self.late})",
+            f"{100 * self.resident_rate:.2f}%: late {self.late})",
             f"copies          {self.admissions} admitted ({self.prefetches} prefetched), {self.evictions} evicted, "
-            f"{self.bytes_copied / 2**30:.2f} GiB copied ({self.bytes_copied / n / 2**20:.1f} MiB/token)",
-            f"stall           {1e3 * self.stall_s:.2f} ms total ({1e3 * self.stall_s / n:.3f} ms/token)",
+            f"{self.bytes_copied / 2**30:.2f} GiB copied ({self.bytes_copied / n / 2**20:.1f} MiB/token); "
+            f"{self.declined_late} prefetch candidates declined as too late to land",
             f"decode estimate {per_tok:.3f} ms/token ({1e3 / per_tok if per_tok else float('inf'):.2f} tok/s) vs "
             f"CPU-only {base:.3f} ms/token ({1e3 / base if base else float('inf'):.2f} tok/s): x{self.speedup:.2f}",
         ]
@@ -237,7 +238,8 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
              cost_model: bool = True, cpu_expert_ms: float | None = None, confidence: float = 1.0,
              min_uses: float = 0.0, max_copies: int | None = None, max_backlog_ms: float | None = None,
              max_demand_backlog_ms: float | None = None, predict_weight: float = 1.0,
-             margin: float = 0.0, prefill_fit: int = 0, prefill_ridge: float = 0.3) -> SimResult:
+             margin: float = 0.0, prefill_fit: int = 0, prefill_ridge: float = 0.3, land_check: bool = False,
+             demand: bool = True, defer_demand: bool = False) -> SimResult:
     """Replay `trace` (a Trace, a .npz path or a dict of arrays); see the module docstring for the model.
 
     predictor: 'auto' (router replay when the trace has hidden + routers, else none), 'router', 'oracle'
@@ -246,7 +248,10 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
     routers. Belady never prefetches (demand-only optimum). cost_model False admits every expert the cache
     policy accepts. min_uses / max_copies / max_backlog_ms / max_demand_backlog_ms / confidence: the
     Prefetcher's gates; predict_weight / margin: the score policy's weight on predicted uses and its
-    admission margin. The result's `recall` is that of the predictor replayed, over the whole trace.
+    admission margin. land_check: plan a prefetch only if the modelled link can land it before its layer
+    starts (Prefetcher.lead_times). demand: admit missed experts (demand copies). defer_demand: a layer's
+    demand copies are decided when it has ended, after the next layer's prefetches (the same issue time).
+    The result's `recall` is that of the predictor replayed, over the whole trace.
     prefill_fit: fit the router predictor's ridge corrections on the first `prefill_fit` tokens (<= warmup,
     never measured tokens), as HybridExperts(fit_on_prefill=...) does on a prompt.
     """
@@ -317,50 +322,47 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
     cm = CostModel(expert_bytes, pcie_gbps, cpu_s * 1e3) if cost_model and policy != "belady" else None
     pf = Prefetcher(cache, None, cm, lookahead=lookahead, confidence=confidence, min_uses=min_uses,
                     max_copies=max_copies, max_backlog_ms=max_backlog_ms,
-                    max_demand_backlog_ms=max_demand_backlog_ms)
+                    max_demand_backlog_ms=max_demand_backlog_ms, timing=CostModel(expert_bytes, pcie_gbps, cpu_s * 1e3),
+                    demand=demand, defer_demand=defer_demand)
 
     now = link_free = 0.0
     ready = np.zeros(L * E)          # when each key's latest copy lands
-    waited = late = prefetches = 0
-    stall = 0.0
+    clock = [0.0]                    # the time the cache's `landed` predicate asks about
+    cache.set_landed(lambda keys: ready[keys] <= clock[0])
+    late = prefetches = 0
     measured_time = 0.0
     for t in range(first, T):
         if t == start:
             cache.reset_stats()
-            waited, late, prefetches, stall, measured_time = 0, 0, 0, 0.0, 0.0
-            pf.declined_by_cost = pf.declined_by_link = 0
+            late, prefetches, measured_time = 0, 0, 0.0
+            pf.declined_by_cost = pf.declined_by_link = pf.declined_late = 0
         t_token = now
         for l in range(L):
-            for d, p in preds.items():               # prefetch for l + d, issued at the start of layer l
-                if l + d < L:
-                    backlog_ms = 1e3 * max(0.0, link_free - now)
-                    for (tl, e) in pf.plan_copies(l, {l + d: p[t, l][None]}, backlog_ms=backlog_ms):
-                        link_free = max(now, link_free) + copy_s
-                        ready[tl * E + e] = link_free
-                        prefetches += 1
+            clock[0] = now
             ids = trace.ids[t, l]
             resident = cache.access(l, ids)
             keys = l * E + ids
-            n_miss = int((~resident).sum())
-            due = ready[keys[resident]] - now
-            n_landed = int((due <= 0).sum())
-            pending = np.sort(due[due > 0])
-            # the unlanded residents: the j earliest wait on the GPU, the rest run on the CPU; the best j
-            best = None
-            for j in range(len(pending) + 1):
-                wait = float(pending[j - 1]) if j else 0.0
-                cpu_time, gpu_time = (n_miss + len(pending) - j) * cpu_s, (n_landed + j) * gpu_s
-                dt = layer_s + max(cpu_time, wait + gpu_time)
-                if best is None or dt < best[0] - 1e-15:
-                    best = (dt, j, dt - (layer_s + max(cpu_time, gpu_time)))
-            dt, j, layer_stall = best
-            waited += j
-            late += len(pending) - j
-            stall += layer_stall
+            landed = resident & (ready[keys] <= now)         # the rest run on the CPU, their copies land later
+            n_gpu = int(landed.sum())
+            late += int(resident.sum()) - n_gpu
+            dt = layer_s + max((len(ids) - n_gpu) * cpu_s, n_gpu * gpu_s)
+            ahead = {l + d: p[t, l][None] for d, p in preds.items() if l + d < L}
+            if ahead:                                 # prefetch for l + 1..l + d, issued at the start of layer l
+                lead = pf.lead_times(l, 1e3 * dt, ahead, fixed_ms=1e3 * layer_s) if land_check else None
+                for (tl, e) in pf.plan_copies(l, ahead, backlog_ms=1e3 * max(0.0, link_free - now), lead_ms=lead):
+                    link_free = max(now, link_free) + copy_s
+                    ready[tl * E + e] = link_free
+                    prefetches += 1
+            if defer_demand:                          # the previous layer's misses, now that it has ended
+                for (tl, e) in pf.after_access(l, ids, resident, backlog_ms=1e3 * max(0.0, link_free - now)):
+                    link_free = max(now, link_free) + copy_s
+                    ready[tl * E + e] = link_free
             now += dt
-            for (tl, e) in pf.after_access(l, ids, resident, backlog_ms=1e3 * max(0.0, link_free - now)):
-                link_free = max(now, link_free) + copy_s
-                ready[tl * E + e] = link_free
+            clock[0] = now
+            if not defer_demand:                      # this layer's misses, as it ends
+                for (tl, e) in pf.after_access(l, ids, resident, backlog_ms=1e3 * max(0.0, link_free - now)):
+                    link_free = max(now, link_free) + copy_s
+                    ready[tl * E + e] = link_free
         cache.next_token()
         if t >= start:
             measured_time += now - t_token
@@ -370,19 +372,19 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
     recall = {}
     if has_router_data:
         rp = predictor if isinstance(predictor, RoutingPredictor) else trace.predictor()
-        for d in (1, 2):
+        for d in range(1, max(2, lookahead) + 1):
             if L > d:
                 recall[d] = rp.recall(trace.hidden, trace.ids, d)
     s = cache.stats()
     return SimResult(policy=policy, slots=slots, tokens=n_meas, accesses=s["hits"] + s["misses"],
-                     hits=s["hits"] - waited - late, waited=waited, late=late, admissions=s["admissions"],
-                     evictions=s["evictions"], bytes_copied=s["bytes_copied"], stall_s=stall, time_s=measured_time,
-                     cpu_only_time_s=cpu_only, prefetches=prefetches, recall=recall)
+                     hits=s["hits"] - late, late=late, admissions=s["admissions"],
+                     evictions=s["evictions"], bytes_copied=s["bytes_copied"], time_s=measured_time,
+                     cpu_only_time_s=cpu_only, prefetches=prefetches, declined_late=pf.declined_late, recall=recall)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hybrid_k2.sim", description="Replay a routing trace through "
-                                "the expert cache and prefetcher; print hit rate, copies, stall and decode time.")
+                                "the expert cache and prefetcher; print hit rate, copies and decode time.")
     p.add_argument("trace", help=".npz with ids int16 [tokens, moe_layers, top_k]")
     p.add_argument("--slots", type=int, required=True, help="VRAM expert slots")
     p.add_argument("--pcie-gbps", type=float, required=True)
@@ -406,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: expert bytes / RAM bandwidth)")
     p.add_argument("--warmup", type=int, default=None, help="unmeasured warm-up tokens (default: 10%%)")
     p.add_argument("--decay", type=float, default=0.98, help="score policy: frequency decay per token")
+    p.add_argument("--predict-weight", type=float, default=1.0, help="score policy: weight of a predicted use")
+    p.add_argument("--land-check", action="store_true", help="prefetch only what can land before its layer")
+    p.add_argument("--no-demand", action="store_true", help="no demand copies of missed experts")
+    p.add_argument("--defer-demand", action="store_true", help="decide a layer's demand copies after the next "
+                   "layer's prefetches")
+    p.add_argument("--margin", type=float, default=0.0, help="score policy: admission margin (decayed uses)")
     p.add_argument("--admit-all", action="store_true", help="no cost model: admit whatever the policy accepts")
     return p
 
@@ -420,7 +428,9 @@ def main(argv=None) -> int:
                      max_backlog_ms=args.max_backlog_ms, max_demand_backlog_ms=args.max_demand_backlog_ms,
                      prefill_fit=args.prefill_fit,
                      warmup=args.warmup, decay=args.decay, cost_model=not args.admit_all,
-                     cpu_expert_ms=args.cpu_expert_ms)
+                     cpu_expert_ms=args.cpu_expert_ms, predict_weight=args.predict_weight,
+                     land_check=args.land_check, demand=not args.no_demand, defer_demand=args.defer_demand,
+                     margin=args.margin)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

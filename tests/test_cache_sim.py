@@ -123,7 +123,7 @@ def test_score_beats_lru_on_hot_set_plus_scan():
     assert lru.resident_rate == 0                            # the scan flushes the hot set every token
     assert score.resident_rate == 0.5
     # honest hits: the hot set's copies (1 ms each, queued behind each other) land during tokens 1-2
-    assert 4 * (T - 3) <= score.hits < 4 * (T - 1) and score.hits + score.waited + score.late == 4 * (T - 1)
+    assert 4 * (T - 3) <= score.hits < 4 * (T - 1) and score.hits + score.late == 4 * (T - 1)
     assert score.time_s < lru.time_s
 
 
@@ -303,18 +303,21 @@ def test_sim_copy_timing_known_answers():
     layer 0's expert queues behind it. cpu = 0.1 ms per expert."""
     trace = dict(ids=np.array([[[0], [1]]], dtype=np.int16), n_experts=np.int64(2))
     kw = dict(slots=2, policy="lru", ram_gbps=10.0, expert_bytes=10**6, lookahead=1, predictor="oracle",
-              warmup=0, cost_model=False)
+              warmup=0, cost_model=False, demand=True)
     on_time = simulate(trace, pcie_gbps=20.0, **kw)             # copy 0.05 ms lands before layer 1
-    assert (on_time.hits, on_time.waited, on_time.late) == (1, 0, 0) and on_time.stall_s == 0.0
+    assert (on_time.hits, on_time.late) == (1, 0)
     assert on_time.hit_rate == 0.5 and on_time.resident_rate == 0.5
     assert on_time.time_s == pytest.approx(1e-4) and on_time.cpu_only_time_s == pytest.approx(2e-4)
     assert on_time.admissions == 2 and on_time.prefetches == 1 and on_time.bytes_copied == 2 * 10**6
-    waits = simulate(trace, pcie_gbps=1e6 / 1.5e-4 / 1e9, **kw)    # copy 0.15 ms: GPU waits 0.05 ms
-    assert (waits.hits, waits.waited, waits.late) == (0, 1, 0)     # not landed when the layer starts: no hit
-    assert waits.stall_s == pytest.approx(0.5e-4) and waits.time_s == pytest.approx(1.5e-4)
-    late = simulate(trace, pcie_gbps=4.0, **kw)                     # copy 0.25 ms: CPU runs it instead
-    assert (late.hits, late.waited, late.late) == (0, 0, 1) and late.time_s == pytest.approx(2e-4)
-    assert late.hit_rate == 0.0 and late.resident_rate == 0.5
+    for gbps in (1e6 / 1.5e-4 / 1e9, 4.0):                      # copy 0.15 / 0.25 ms: lands during / after layer 1
+        late = simulate(trace, pcie_gbps=gbps, **kw)            # not landed when the layer starts: the CPU runs
+        assert (late.hits, late.late) == (0, 1) and late.time_s == pytest.approx(2e-4)    # it (as the engine)
+        assert late.hit_rate == 0.0 and late.resident_rate == 0.5
+        checked = simulate(trace, pcie_gbps=gbps, land_check=True, **kw)   # landing check: not prefetched (both demand-copied)
+        assert (checked.prefetches, checked.declined_late, checked.late, checked.admissions) == (0, 1, 0, 2)
+    # the same check lets the on-time copy through; demand off: the prefetch is the only copy
+    only = simulate(trace, pcie_gbps=20.0, land_check=True, **dict(kw, demand=False))
+    assert (only.hits, only.prefetches, only.admissions, only.declined_late) == (1, 1, 1, 0)
 
 
 def test_sim_with_router_replay_and_cli(tmp_path, capsys):
@@ -433,3 +436,101 @@ def test_score_margin_keeps_near_equal_experts_from_trading_places():
     assert c.admit(0, 1) == 0 and c.resident(0, 0) is None
     with pytest.raises(ValueError, match="margin"):
         ExpertCache(1, 1, 4, "score", margin=-1)
+
+
+def test_score_never_evicts_a_copy_in_flight():
+    """The "landed?" predicate (the engine's fill events, the simulator's link model): the score policy picks
+    its victim among landed residents only, and declines when every resident is still in flight; LRU is
+    unchanged (it evicts its least recently used, landed or not)."""
+    in_flight = set()
+    c = ExpertCache(2, 1, 8, "score")
+    c.set_landed(lambda keys: np.array([int(k) not in in_flight for k in keys], dtype=bool))
+    for e, uses in ((0, 1), (1, 3)):
+        for _ in range(uses):
+            c.access(0, [e])
+        c.admit(0, e)
+    in_flight.add(0)                         # expert 0 (1 use) is the lowest, but its copy is on the link
+    assert list(c.landed(0, [0, 1, 2])) == [False, True, False]
+    for _ in range(5):
+        c.access(0, [2])
+    assert c.admit(0, 2) is not None and sorted(c.residents()) == [(0, 0), (0, 2)]   # 1 went, not 0
+    in_flight.update({2})
+    for _ in range(9):
+        c.access(0, [3])
+    assert c.admit(0, 3) is None and c.rejected == 1                                # all in flight: declined
+    in_flight.clear()
+    assert c.admit(0, 3) is not None and c.resident(0, 0) is None                  # landed: 0 is the victim
+    lru = ExpertCache(1, 1, 8, "lru")
+    lru.set_landed(lambda keys: np.zeros(len(keys), dtype=bool))
+    lru.admit(0, 4)
+    assert lru.admit(0, 5) == 0 and lru.residents() == [(0, 5)]
+    with pytest.raises(TypeError, match="callable"):
+        c.set_landed(3)
+
+
+def test_prefetcher_lead_times_and_landing_check():
+    """lead_times by hand: the current layer's 0.5 ms, then layer 1's predicted misses x 0.25 ms. A copy (1 ms)
+    is planned only if the backlog plus its own time fits before its target layer starts; candidates of all
+    target layers go best first by decayed uses + predict_weight x predicted uses."""
+    cm = CostModel(10**6, pcie_gbps=1.0, cpu_expert_ms=0.25)               # copy 1 ms
+    c = ExpertCache(8, 4, 8, "score", predict_weight=10.0)
+    c.access(2, [6])                                                        # a decayed use: ranks 6 first
+    c.admit(1, 0)                                                           # resident at layer 1
+    pf = Prefetcher(c, cost_model=None, timing=cm)
+    u1 = np.zeros((1, 8), np.float32)
+    u1[0, [0, 1, 2]] = [1.0, 0.8, 0.6]                                      # 0 resident: 1.4 predicted misses
+    u2 = np.zeros((1, 8), np.float32)
+    u2[0, [5, 6]] = [0.9, 0.9]
+    lead = pf.lead_times(0, 0.5, {1: u1, 2: u2})
+    assert lead == pytest.approx({1: 0.5, 2: 0.5 + 1.4 * 0.25})
+    assert pf.lead_times(0, 0.5, {2: u2}, fixed_ms=0.1)[2] == pytest.approx(0.5 + 0.1 + 0.9 * 0.25 + 0.9 * 0.25)
+    # layer 1's copies cannot land in 0.5 ms; layer 2's first (expert 6, one decayed use) lands at 1 <= 0.85? no
+    assert pf.plan_copies(0, {1: u1, 2: u2}, lead_ms=lead) == [] and pf.declined_late == 4
+    longer = {1: 0.5, 2: 1.5}
+    assert pf.plan_copies(0, {1: u1, 2: u2}, lead_ms=longer) == [(2, 6)]   # then 1 ms backlog: 5 would be late
+    assert pf.declined_late == 4 + 3
+    free = Prefetcher(ExpertCache(8, 4, 8, "score", predict_weight=10.0), timing=cm)   # no landing check
+    assert free.plan_copies(0, {1: u1, 2: u2}) == [(1, 0), (2, 5), (2, 6), (1, 1), (1, 2)]   # 10 > 9 > 8 > 6
+    with pytest.raises(ValueError, match="no timing"):
+        Prefetcher(c).lead_times(0, 0.5, {1: u1})
+    # demand off: no demand admissions at all
+    assert Prefetcher(ExpertCache(4, 1, 8, "lru"), demand=False).after_access(0, [1, 2], [False, False]) == []
+
+
+def test_sim_landing_check_on_a_trace():
+    """A skewed trace, the oracle predictor, prefetch only, a copy about as long as a layer: with the landing
+    check no planned copy is ever late (nothing resident is unlanded) and more land in time than without it
+    (late copies hold up the link). A tie (a copy due exactly as its layer starts) counts as late."""
+    ids = skewed_trace(np.random.default_rng(9), 300, 4, 16, 2)
+    trace = dict(ids=ids, n_experts=np.int64(16))
+    kw = dict(slots=8, policy="score", ram_gbps=80.0, pcie_gbps=25.0, lookahead=3, predictor="oracle", warmup=30,
+              predict_weight=10.0)
+    checked = simulate(trace, land_check=True, demand=False, **kw)
+    unchecked = simulate(trace, land_check=False, demand=False, **kw)
+    assert checked.late == 0 and checked.declined_late > 0          # prefetch-only: nothing resident is unlanded
+    assert unchecked.late > 0                                       # without the check, copies land too late
+    assert checked.hit_rate > unchecked.hit_rate
+    # cpu 1/4 of a copy, 2 experts per layer: two layers of misses end exactly as a lookahead-2 copy lands
+    ties = simulate(trace, land_check=True, demand=False, **dict(kw, ram_gbps=100.0, lookahead=2))
+    assert ties.prefetches == 0 and ties.declined_late > 0
+
+
+def test_demand_deferral_and_linkless_admissions():
+    """defer_demand: a call admits the previous call's misses (those still absent) and keeps its own; defer=False
+    admits both now. Experts already on the device (a streamed layer) are admitted past a busy link and add no
+    copy time; the others wait for the link."""
+    cm = CostModel(10**6, pcie_gbps=1.0, cpu_expert_ms=10.0)                  # copy 1 ms
+    pf = Prefetcher(ExpertCache(8, 3, 8, "lru"), timing=cm, defer_demand=True, max_demand_backlog_ms=5.0)
+    assert pf.after_access(0, [1, 2], [False, True]) == []                    # kept: (0, 1)
+    pf.cache.admit(1, 4)
+    assert pf.after_access(1, [4, 5], [False, False]) == [(0, 1)]             # (1, 4) is resident meanwhile
+    assert pf.after_access(2, [6], [False], defer=False) == [(1, 5), (2, 6)]
+    assert pf.after_access(2, [7], [False]) == [] and pf._pending == (2, [7])
+    used = ExpertCache(8, 1, 8, "lru")
+    used.access(0, [1, 2, 3])                                                 # one use each: worth a copy
+    busy = Prefetcher(used, cost_model=cm, max_demand_backlog_ms=0.0)
+    assert busy.after_access(0, [1, 2, 3], [False] * 3, backlog_ms=0.0) == [(0, 1)]   # then the link is busy
+    used = ExpertCache(8, 1, 8, "lru")
+    used.access(0, [1, 2, 3])
+    free = Prefetcher(used, cost_model=cm, max_demand_backlog_ms=0.0)
+    assert free.after_access(0, [1, 2, 3], [False] * 3, backlog_ms=2.0, on_device={1, 3}) == [(0, 1), (0, 3)]

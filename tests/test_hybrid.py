@@ -98,7 +98,7 @@ def test_hit_miss_accounting_exact_and_pairs_take_their_path(eng, ref_float):
     miss in the kernels (bit-exact to kernels.moe_forward), and the counters are exact."""
     cpu = eng.experts
     layer = min(cpu.layers)
-    b = HybridExperts(cpu, "cpu", torch.float32, 2, policy="lru", prefetch=False, overlap=False)
+    b = HybridExperts(cpu, "cpu", torch.float32, 2, policy="lru", prefetch=False, overlap=False, defer_demand=False)
     g = torch.Generator().manual_seed(1)
     seq = [3, 7, 3, 11, 7, 3, 7, 11]
     want = [False, False, True, False, False, False, True, False]
@@ -145,7 +145,7 @@ def test_prefetch_accounting_exact(eng, ref_float):
     bias[2, [7, 8]] = 1.0
     pred = RoutingPredictor.from_weights(np.zeros((3, 16, 256), np.float32), bias, top_k=2)   # keys 0..2
     b = HybridExperts(cpu, "cpu", torch.float32, 4, policy="score", prefetch=True, lookahead=1, overlap=True,
-                      predictor=pred, cost_model=None)
+                      predictor=pred, cost_model=None, predict_weight=1.0, margin=0.0, defer_demand=False)
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2))
     w = torch.tensor([[0.6, 0.4]])
     b.forward(L[0], x, torch.tensor([[0, 1]]), w)      # 2 misses; prefetch (1,5),(1,6); demand (0,0),(0,1)
@@ -361,6 +361,68 @@ def test_failed_fill_is_reported_then_repaired(eng, ref_float):
     assert (s["hits"], s["late"], s["gpu_pairs"], s["fills_done"]) == (2, 1, 1, 1)
     assert assert_slots_hold_their_experts(b, ref_float) == 1
     b.close()
+
+
+def gate_copies(b: HybridExperts) -> threading.Event:
+    """Hold the backend's fills on its copier thread until the returned event is set: a copy "on the link"
+    (a CUDA fill whose event has not completed) for as long as a test needs."""
+    gate, fill = threading.Event(), b._fill
+
+    def gated(req):
+        assert gate.wait(60), "gate never opened"
+        fill(req)
+    b._fill = gated
+    return gate
+
+
+def test_unlanded_copy_runs_on_the_cpu_and_is_not_evicted(eng, ref_float):
+    """A resident expert whose copy has not landed runs in the kernels (the engine does not wait for it), and
+    its copy lands for later use; the score policy evicts a landed expert rather than one whose copy is in
+    flight, even one with a higher priority. The cache sees landing through the backend's fills."""
+    b = HybridExperts(eng.experts, "cpu", torch.float32, 2, policy="score", prefetch=False, overlap=False,
+                      async_copies=True, defer_demand=False, margin=0.0, cost_model=None, max_demand_backlog_ms=None)
+    gate = gate_copies(b)
+    gate.set()
+    b.preload([(1, 5)])
+    b.close()                                          # the copier has landed expert 5
+    gate.clear()
+    b.preload([(1, 3)])                                # expert 3's copy is held on the link
+    assert list(b.cache.landed(0, [3, 5, 7])) == [False, True, False]
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(1, 256, generator=g), torch.tensor([[1.0]])
+    for e in (3, 5, 5):
+        y = b.forward(1, x, torch.tensor([[e]]), w)
+        ref = eng.experts.forward(1, x, torch.tensor([[e]]), w) if e == 3 else ref_float.forward(1, x, torch.tensor([[e]]), w)
+        assert torch.equal(y, ref) if e == 3 else torch.allclose(y, ref, rtol=1e-5, atol=1e-6)
+    s = b.stats()
+    assert (s["hits"], s["late"], s["gpu_pairs"], s["cpu_pairs"]) == (3, 1, 2, 1)   # 3: resident, ran on the CPU
+    for _ in range(4):                                 # expert 9 outgrows 5 (2 uses); 3 (1 use) is in flight
+        b.forward(1, x, torch.tensor([[9]]), w)
+    assert sorted(b.cache.residents()) == [(0, 3), (0, 9)]
+    gate.set()
+    b.close()                                          # both copies land
+    assert list(b.cache.landed(0, [3, 9])) == [True, True]
+    before = b.stats()
+    assert torch.allclose(b.forward(1, x, torch.tensor([[3]]), w), ref_float.forward(1, x, torch.tensor([[3]]), w),
+                          rtol=1e-5, atol=1e-6)
+    s = b.stats()
+    assert (s["gpu_pairs"] - before["gpu_pairs"], s["late"] - before["late"]) == (1, 0)
+    assert assert_slots_hold_their_experts(b, ref_float) == 2
+    b.close()
+
+
+def test_deferred_demand_admits_a_layers_misses_at_the_next_layer(eng):
+    """defer_demand: a decode layer's misses are admitted when the next layer runs (after its prefetches);
+    without it, at once."""
+    x, w = torch.randn(1, 256), torch.full((1, 2), 0.5)
+    for defer, after_first in ((True, []), (False, [(0, 2), (0, 4)])):
+        b = HybridExperts(eng.experts, "cpu", torch.float32, 4, policy="lru", prefetch=False, overlap=False,
+                          defer_demand=defer)
+        b.forward(1, x, torch.tensor([[2, 4]]), w)
+        assert sorted(b.cache.residents()) == after_first
+        b.forward(2, x, torch.tensor([[6, 7]]), w)
+        assert sorted(b.cache.residents()) == [(0, 2), (0, 4)] + ([] if defer else [(1, 6), (1, 7)])
+        b.close()
 
 
 # ---- sizing and errors ----------------------------------------------------------------------------

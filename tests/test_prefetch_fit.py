@@ -136,7 +136,7 @@ def test_sim_replays_heads_and_counts_honestly(traces):
     rp.load_heads(heads)
     assert r.recall == {d: rp.recall(ev.hidden, ev.ids, d) for d in (1, 2)}
     assert r.accesses == (ev.shape[0] - 64) * ev.shape[1] * ev.shape[2]
-    assert r.hits <= r.hits + r.waited + r.late <= r.accesses and r.hit_rate <= r.resident_rate
+    assert r.hits <= r.hits + r.late <= r.accesses and r.hit_rate <= r.resident_rate
     assert r.bytes_copied == r.admissions * 24_772_608 and 0 < r.prefetches <= r.admissions
     assert 0 < r.time_s < r.cpu_only_time_s
     plain = simulate(ev, **kw)                       # the trace's plain routers

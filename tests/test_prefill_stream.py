@@ -14,7 +14,8 @@ from hybrid_k2.demo import ensure_demo
 from hybrid_k2.experts.cpu import CPUExperts
 from hybrid_k2.experts.hybrid import (CPU_GFLOPS_GUESS, HybridExperts, PrefillStreamModel, STREAM_MIN_TOKENS,
                                       dequantize_torch)
-from test_hybrid import dequantized, eng, with_backend  # noqa: F401  (eng: the shared demo-engine fixture)
+from test_hybrid import (assert_slots_hold_their_experts, dequantized, eng,  # noqa: F401  (eng: shared fixture)
+                         gate_copies, with_backend)
 
 PROMPT = "Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex. " * 4
 
@@ -259,6 +260,46 @@ def test_decode_after_streamed_prefill_is_unchanged(eng, prompt):
     assert (s_on["gpu_pairs"] + s_on["cpu_pairs"]) - (p_on["gpu_pairs"] + p_on["cpu_pairs"]) == 3 * K * steps
     rel = ((on - off).norm(dim=1) / off.norm(dim=1)).numpy()
     assert np.median(rel) < 0.03 and float((on.argmax(1) == off.argmax(1)).float().mean()) >= 0.75
+
+
+def test_streamed_expert_admitted_to_the_cache_crosses_the_link_once(eng, ref_float):
+    """A streamed layer whose experts the cache admits: each is filled from its staging buffer on the device, not
+    copied from the host again (bytes over the link = the streamed bytes); a fill still queued for a streamed
+    expert goes stale instead of copying it a second time. The slots then hold exactly those experts and a
+    decode step runs them from the slots."""
+    layer, K, T = 1, 4, 24
+    experts = [2, 5, 9, 12]
+    g = torch.Generator().manual_seed(7)
+    x, wt = torch.randn(T, 256, generator=g), torch.rand(T, K, generator=g)
+    ids = torch.stack([torch.tensor(experts)[torch.randperm(K, generator=g)] for _ in range(T)])
+    copy_bytes = eng.experts.layers[layer].expert_nbytes()
+    b = HybridExperts(eng.experts, "cpu", torch.float32, 4, policy="lru", prefetch=False, overlap=False,
+                      prefill_stream=True, prefill_stream_min_tokens=16)
+    y = b.forward(layer, x, ids, wt)
+    assert torch.allclose(y, ref_float.forward(layer, x, ids, wt), rtol=1e-5, atol=1e-4)
+    s = b.stats()
+    assert (s["stream_experts"], s["stream_bytes"]) == (4, 4 * copy_bytes)
+    assert (s["demand_fills"], s["stage_fills"], s["fills_done"], s["bytes_copied"]) == (4, 4, 4, 0)
+    assert sorted(b.cache.residents()) == [(0, e) for e in experts]
+    assert assert_slots_hold_their_experts(b, ref_float) == 4
+    one = torch.tensor([experts])
+    d = b.forward(layer, x[:1], one, wt[:1])
+    assert torch.allclose(d, ref_float.forward(layer, x[:1], one, wt[:1]), rtol=1e-5, atol=1e-5)
+    assert (b.stats()["gpu_pairs"] - s["gpu_pairs"], b.stats()["cpu_pairs"]) == (K, 0)
+    b.close()
+    # the queued case: expert 2's fill waits on the copier when its layer streams
+    q = HybridExperts(eng.experts, "cpu", torch.float32, 4, policy="lru", prefetch=False, overlap=False,
+                      prefill_stream=True, prefill_stream_min_tokens=16, async_copies=True)
+    gate = gate_copies(q)
+    q.preload([(layer, 2)])
+    y = q.forward(layer, x, ids, wt)
+    gate.set()
+    q.close()
+    assert torch.allclose(y, ref_float.forward(layer, x, ids, wt), rtol=1e-5, atol=1e-4)
+    s = q.stats()
+    assert (s["stream_experts"], s["stage_fills"], s["stale_fills"], s["bytes_copied"]) == (4, 4, 1, 0)
+    assert assert_slots_hold_their_experts(q, ref_float) == 4
+    q.close()
 
 
 def test_staging_host_copy_in_chunks(eng):

@@ -10,6 +10,8 @@ Policies
           predictor's pending score for this token; a newcomer is admitted only if its priority beats the
           lowest resident's by `margin` (0: any amount), so a one-off scan cannot flush a hot set and two
           nearly equal experts do not trade places over and over (every swap is a copy on the link).
+          A resident whose copy is still in flight (the `landed` predicate, see set_landed) is never the
+          victim: evicting it would waste the copy the link is carrying.
   lru     always admit, evict the least recently used.
   static  resident set fixed from a profile (use counts), preloaded, never evicted.
   belady  offline oracle for the simulator: knows the future trace, evicts the key used furthest in the
@@ -76,6 +78,7 @@ class ExpertCache:
         self._pred_token = np.full(n_keys, -1, dtype=np.int64)
         self.token = 0
         self.hits = self.misses = self.admissions = self.evictions = self.rejected = 0
+        self._landed = None                    # keys -> bool mask: copy complete (set_landed); None: all are
         self._oracle: BeladyOracle | None = None
         self._next_use: np.ndarray | None = None
         if policy == "belady":
@@ -127,6 +130,24 @@ class ExpertCache:
 
     def residents(self) -> list[tuple[int, int]]:
         return [self.key_of(k) for k in self.slot_key if k >= 0]
+
+    def set_landed(self, landed) -> None:
+        """`landed(keys int64 array) -> bool array`: whether each resident key's latest copy is complete (the
+        engine: the fill's event; the simulator: the modelled link). The score policy never evicts a key whose
+        copy is in flight. None: every resident counts as landed."""
+        if landed is not None and not callable(landed):
+            raise TypeError(f"ExpertCache.set_landed: expected a callable or None, got {type(landed).__name__}")
+        self._landed = landed
+
+    def landed(self, layer: int, ids) -> np.ndarray:
+        """Resident with the copy complete, per id (the hit rule of the simulator and the engine)."""
+        keys = self._keys(layer, ids)
+        res = self.where[keys] >= 0
+        if self._landed is None or not res.any():
+            return res
+        out = np.zeros(keys.shape, dtype=bool)
+        out[res] = np.asarray(self._landed(keys[res]), dtype=bool)
+        return out
 
     def expected_uses(self, layer: int, expert: int) -> float:
         """Decayed use count: with per-token decay g it estimates uses in the next ~1/(1-g) tokens."""
@@ -216,8 +237,10 @@ class ExpertCache:
             victim = int(np.argmin(self._last_use[residents]))
         elif self.policy == "score":
             prio = self._priority(residents)
+            if self._landed is not None:     # a copy in flight is not a victim
+                prio = np.where(np.asarray(self._landed(residents), dtype=bool), prio, np.inf)
             victim = int(np.argmin(prio))
-            if self._priority(np.array([key]))[0] <= prio[victim] + self.margin:
+            if self._priority(np.array([key]))[0] <= prio[victim] + self.margin:   # inf: all in flight
                 self.rejected += 1
                 return None
         else:  # belady

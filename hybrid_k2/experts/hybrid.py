@@ -16,14 +16,20 @@ moves the expert's GGML blocks through a pinned staging ring to the device on a 
 there (Q4_0/Q8_0: 3.5x fewer bytes over PCIe than bf16); other block types are dequantized on the host by the
 C kernels and moved as compute dtype. An event marks a fill done and the compute stream waits on it (no host
 sync); a slot is overwritten only after the compute stream's last read of it (an event recorded per layer).
-A resident expert whose fill has not been issued yet (copier backlog) runs on the CPU that time ('late').
+A resident expert whose fill has not landed (queued on the copier, or its event not yet complete) runs on the
+CPU that time ('late') and its copy lands for later use, as the simulator models; the same "landed?" test
+(`_landed`) keeps the score policy from evicting an expert whose copy is in flight. The copy link is modelled
+as in the simulator (one fill at a time at pcie_gbps) to tell the prefetcher its backlog, and prefetches that
+cannot land before their layer starts are not issued (`land_check`).
 On a CPU "accelerator" the same steps run with plain copies and no streams.
 
 Prefill streaming (`prefill_stream`): a forward of many tokens is compute-bound on the CPU, so when
 PrefillStreamModel says it is faster, every expert the layer's non-resident pairs use is streamed to the
 accelerator instead of running in the kernels: its blocks go through a ring of >= 2 staging buffers (host ->
 device copy and dequantization on the side stream while the compute stream runs the previous expert; events
-order buffer reuse), and it runs there with torch matmuls; resident slots are used in place as always.
+order buffer reuse), and it runs there with torch matmuls; resident slots are used in place as always. An
+expert the cache admits from such a layer is filled from its staging buffer on the device (it crosses the
+link once, not twice).
 """
 from __future__ import annotations
 
@@ -210,10 +216,13 @@ class HybridExperts(ExpertBackend):
     cost_model: 'auto' (CUDA: PCIe bandwidth vs the measured CPU time per expert; CPU device: none), None
     (admit whatever the policy accepts) or a CostModel. predictor_heads: a learned-heads .npz
     (RoutingPredictor.save_heads) for the predictor. max_backlog_ms / max_demand_backlog_ms: skip prefetch /
-    demand copies while the copier's queue holds more than this much copy time (async copies only; the
-    simulator's tuned setting is 0: copy only when the link is idle); min_uses: the Prefetcher's candidate
-    threshold (predicted uses; plain routers predict 1 per chosen id); margin: the score policy's admission
-    margin (ExpertCache). Defaults are bench/bench_prefetch.py's SIM settings (lookahead there is 2).
+    demand copies while the modelled copy link is busy longer than this (async copies only); land_check: plan
+    a prefetch only if the modelled link lands it before its layer starts (needs a cost model); demand: admit
+    missed experts; defer_demand: decide a decode layer's demand copies at the next layer, after its
+    prefetches (Prefetcher); min_uses: the Prefetcher's candidate threshold (predicted uses; plain routers
+    predict 1 per chosen id); margin / predict_weight: the score policy's admission margin and weight of a
+    predicted use (ExpertCache). Defaults are bench/bench_prefetch.py's SIM settings (lookahead there is 3,
+    with learned heads fitted to depth 3).
     fit_on_prefill: a forward of at least this many tokens (a prompt's prefill) fits the predictor's ridge
     corrections (RoutingPredictor.fit_correction, `prefill_ridge`) on its own (layer L, layer L+d) router
     inputs, at most `prefill_fit_tokens` of them, when the predictor has no learned heads: calibration from
@@ -229,12 +238,14 @@ class HybridExperts(ExpertBackend):
     name = "hybrid"
 
     def __init__(self, cpu: CPUExperts, device, dtype: torch.dtype, n_slots: int, policy: str = "score",
-                 prefetch: bool = True, lookahead: int = 1, overlap: bool = True,
+                 prefetch: bool = True, lookahead: int = 3, overlap: bool = True,
                  predictor: RoutingPredictor | None = None, *, cost_model: CostModel | str | None = "auto",
-                 async_copies: bool | None = None, decay: float = 0.99, profile=None, pcie_gbps: float = PCIE_GBPS,
+                 async_copies: bool | None = None, decay: float = 0.98, profile=None, pcie_gbps: float = PCIE_GBPS,
                  staging_buffers: int = 3, owns_cpu: bool = False, predictor_heads=None,
-                 max_backlog_ms: float | None = 0.0, max_demand_backlog_ms: float | None = 0.0,
-                 min_uses: float = 0.3, margin: float = 0.0, fit_on_prefill: int | None = 256,
+                 max_backlog_ms: float | None = None, max_demand_backlog_ms: float | None = 0.0,
+                 land_check: bool = True, demand: bool = True, defer_demand: bool = True,
+                 predict_weight: float = 10.0, min_uses: float = 0.3, margin: float = 2.0,
+                 fit_on_prefill: int | None = 256,
                  prefill_ridge: float = 0.3, prefill_fit_tokens: int = 512, prefill_stream: bool | None = None,
                  prefill_stream_min_tokens: int = STREAM_MIN_TOKENS, prefill_stream_buffers: int = 2,
                  prefill_stream_copy_threads: int | None = None, cpu_gflops: float | None = None,
@@ -263,7 +274,8 @@ class HybridExperts(ExpertBackend):
             raise ValueError(f"HybridExperts: n_slots must be a non-negative integer, got {n_slots!r}")
         n_slots = min(int(n_slots), n_keys)
         self.cache = ExpertCache(n_slots, len(self.layers), self.n_experts, policy, decay=decay, margin=margin,
-                                 expert_bytes=self.copy_bytes, profile=profile)
+                                 predict_weight=predict_weight, expert_bytes=self.copy_bytes, profile=profile)
+        self.cache.set_landed(self._landed_keys)
         S, E, H, I = n_slots, self.n_experts, self.hidden, self.inter
         self.gate = torch.empty(S, I, H, device=self.device, dtype=dtype)
         self.up = torch.empty(S, I, H, device=self.device, dtype=dtype)
@@ -278,6 +290,7 @@ class HybridExperts(ExpertBackend):
         self._prefetched = [False] * S               # filled by a prediction and not hit yet
         self._failed = [0] * S                       # generation of a fill that raised in the copier
         self._slot_lock = threading.Lock()
+        self._fill_lock = threading.Lock()           # one writer of slot contents at a time (copier / stage fills)
 
         self.predictor = None
         self._pred_by_index = False
@@ -293,8 +306,12 @@ class HybridExperts(ExpertBackend):
         elif cost_model is not None and not isinstance(cost_model, CostModel):
             raise TypeError(f"HybridExperts: cost_model must be 'auto', None or a CostModel, got {cost_model!r}")
         self.prefetcher = Prefetcher(self.cache, None, cost_model, lookahead=lookahead, min_uses=min_uses,
-                                     max_backlog_ms=max_backlog_ms, max_demand_backlog_ms=max_demand_backlog_ms)
+                                     max_backlog_ms=max_backlog_ms, max_demand_backlog_ms=max_demand_backlog_ms,
+                                     demand=demand, defer_demand=defer_demand)
+        self.land_check = bool(land_check)
         self._queued = 0                              # fills handed to the copier and not yet issued by it
+        self._link_free = 0.0                         # perf_counter time the modelled copy link becomes idle
+        self._stage_fill: dict[int, tuple[int, int]] = {}   # streamed expert -> (slot, key) filled from its stage
         if fit_on_prefill is not None and fit_on_prefill < 0:
             raise ValueError(f"HybridExperts: fit_on_prefill must be >= 0 or None, got {fit_on_prefill!r}")
         self.fit_on_prefill, self.prefill_ridge = fit_on_prefill, prefill_ridge
@@ -426,6 +443,7 @@ class HybridExperts(ExpertBackend):
                 self._refresh_cost_model()
         ids_h = ids.detach().to("cpu", torch.int64).numpy()
         flat = ids_h.reshape(-1)
+        self._stage_fill = {}
         hit = self.cache.access(li, flat)
         n_hit = int(np.count_nonzero(hit))
         n_dev = 0
@@ -445,12 +463,29 @@ class HybridExperts(ExpertBackend):
         if n_dev < flat.size:
             away = np.flatnonzero(~on_dev) if n_dev else np.arange(flat.size)
         stream = away is not None and self._will_stream(layer, T, flat[away])
+        if stream and n_hit > n_dev:
+            # A streamed layer never copies an expert twice: a resident whose fill is issued (its event pending)
+            # runs from its slot after that event; one whose fill is still queued is filled from its stage.
+            self._stage_fill = {}
+            for p in np.flatnonzero(hit & ~on_dev).tolist():
+                s, key = int(slots[p]), li * E + int(flat[p])
+                if self._content[s] == key and self._ready[s] == self._gen[s] and self._failed[s] != self._gen[s]:
+                    on_dev[p] = True
+                elif int(flat[p]) not in self._stage_fill:
+                    self._stage_fill[int(flat[p])] = (s, key)
+                    with self._slot_lock:       # the queued fill goes stale: the stage fills the slot
+                        self._gen[s] += 1
+                        self._content[s] = -1
+            self.late -= int(np.count_nonzero(on_dev)) - n_dev
+            n_dev = int(np.count_nonzero(on_dev))
+            away = np.flatnonzero(~on_dev)
         self.gpu_pairs += n_dev
         if stream:
             self.stream_pairs += flat.size - n_dev
         else:
             self.cpu_pairs += flat.size - n_dev
 
+        n_cpu_experts = 0 if stream or away is None else len(np.unique(flat[away]))
         fut = y_cpu = rows_t = None
         if n_dev < flat.size and not stream:
             if n_dev == 0:        # everything on the CPU: the router's lists as they are
@@ -472,12 +507,13 @@ class HybridExperts(ExpertBackend):
                 y_cpu = self._cpu_part(layer, xh, ids_c, w_c, n_pairs)
         s_out = shared(x) if shared is not None else None
         y = self._device_part(x, weights, K, np.flatnonzero(on_dev), slots) if n_dev else None
+        if self.cache.n_slots:
+            self._collect_prefill(li, x)
+            # admission before streaming: a streamed expert the cache admits is filled from its stage
+            self._plan(li, layer, x, flat, hit, n_cpu_experts, set(flat[away].tolist()) if stream else None)
         if stream:
             ys = self._stream_part(layer, x, weights, K, away, flat)
             y = ys if y is None else y + ys
-        if self.cache.n_slots:
-            self._collect_prefill(li, x)
-            self._plan(li, layer, x, flat, hit)
         if fut is not None:
             y_cpu = fut.result()
         if y_cpu is not None:
@@ -520,9 +556,25 @@ class HybridExperts(ExpertBackend):
         return li
 
     def _usable(self, s: int, key: int) -> bool:
-        if self._content[s] != key or self._failed[s] == self._gen[s]:   # fill never issued (interrupted) or failed
+        """Slot s holds `key` with its copy landed; a fill never issued (interrupted) or failed is requested
+        again. Not landed: the caller runs the expert on the CPU and the copy lands for later use."""
+        if self._content[s] != key or self._failed[s] == self._gen[s]:
             self._request(s, key, prefetch=False)
-        return self._content[s] == key and self._ready[s] == self._gen[s]
+        return self._content[s] == key and self._landed(s)
+
+    def _landed(self, s: int) -> bool:
+        """The latest fill of slot s is complete: done by the copier (CPU device) and, on CUDA, its event has
+        completed (the copy is in VRAM, no wait needed)."""
+        if self._ready[s] != self._gen[s]:
+            return False
+        ev = self._event[s]
+        return ev is None or ev.query()
+
+    def _landed_keys(self, keys: np.ndarray) -> np.ndarray:
+        """The cache's "landed?" predicate (ExpertCache.set_landed): per resident key, its slot's copy is done."""
+        slots = self.cache.where[keys]
+        return np.array([s >= 0 and self._content[s] == k and self._landed(int(s))
+                         for s, k in zip(slots.tolist(), np.asarray(keys).tolist())], dtype=bool)
 
     @staticmethod
     def _compact(miss: np.ndarray, ids_h: np.ndarray, weights: torch.Tensor):
@@ -672,6 +724,9 @@ class HybridExperts(ExpertBackend):
                 compute.wait_event(b.ready)
             t = idx[0, starts[i]:ends[i]]
             y.index_add_(0, t, self._swiglu(x.index_select(0, t), *b.mats).float() * w_sel[starts[i]:ends[i], None])
+            to_slot = self._stage_fill.pop(experts[i], None)
+            if to_slot is not None:                  # admitted by the cache: keep the streamed copy
+                self._fill_from_stage(b, *to_slot)
             if compute is not None:
                 b.free = torch.cuda.Event()
                 b.free.record(compute)
@@ -681,6 +736,29 @@ class HybridExperts(ExpertBackend):
         self.stream_layers += 1
         self.stream_experts += len(experts)
         return y
+
+    def _fill_from_stage(self, b: _StageBuffer, s: int, key: int) -> None:
+        """Slot s <- the expert in staging buffer b (device to device, on the compute stream after its reads of
+        the slot and any earlier fill of it): an expert streamed for a layer and admitted to the cache is not
+        copied over the link a second time."""
+        with self._fill_lock:
+            gen = self._gen[s]
+            if self._cuda:
+                stream = torch.cuda.current_stream(self.device)
+                if self._event[s] is not None:
+                    stream.wait_event(self._event[s])
+            for src, dst in zip(b.mats, (self.gate[s], self.up[s], self.down[s])):
+                dst.copy_(src)
+            if self._cuda:
+                done = torch.cuda.Event()
+                done.record(stream)
+                self._event[s] = self._last_use[s] = done
+            self.stage_fills += 1
+            self.fills_done += 1
+            self._ready[s] = gen
+        with self._slot_lock:
+            if self._gen[s] == gen:
+                self._content[s] = key
 
     def _device_part(self, x, weights, K: int, pos: np.ndarray, slots: np.ndarray) -> torch.Tensor:
         """Sum over the slot-resident pairs at flat positions `pos` (token * K + k), float32 [T, H]."""
@@ -715,26 +793,48 @@ class HybridExperts(ExpertBackend):
         return y
 
     # ---- admission and fills ---------------------------------------------------------------------
-    def _plan(self, li: int, layer: int, x: torch.Tensor, flat: np.ndarray, hit: np.ndarray) -> None:
-        """Prefetch for the next layers, then demand-admit this layer's misses; issue the fills."""
+    def _plan(self, li: int, layer: int, x: torch.Tensor, flat: np.ndarray, hit: np.ndarray, n_cpu_experts: int = 0,
+              streamed: set | None = None) -> None:
+        """Prefetch for the next layers, then demand-admit this layer's misses; issue the fills. `streamed`: this
+        layer's experts about to be streamed: an admitted one is filled from its staging buffer (_stream_part)."""
         fills = []
-        if self.prefetch and self.predictor is not None:
+        if self.prefetch and self.predictor is not None and self.lookahead > 0:
             ahead = self.predictor.predict_ahead(li if self._pred_by_index else layer, x.detach(), self.lookahead,
                                                  uses=True)
             pred = {(k if self._pred_by_index else self._index[k]): v for k, v in ahead.items()}
-            fills += [(l2, e, True) for l2, e in self.prefetcher.plan_copies(li, pred, self._backlog_ms())]
-        fills += [(l2, e, False) for l2, e in self.prefetcher.after_access(li, flat, hit, self._backlog_ms())]
+            lead = None
+            cm = self.prefetcher.cost_model
+            if self.land_check and cm is not None and pred:       # this layer: its CPU experts' time
+                lead = self.prefetcher.lead_times(li, n_cpu_experts * cm.cpu_expert_ms, pred)
+            fills += [(l2, e, True) for l2, e in self.prefetcher.plan_copies(li, pred, self._backlog_ms(), lead)]
+        # a streamed layer's misses are decided now: the stage holds them only until the next expert is staged
+        fills += [(l2, e, False) for l2, e in self.prefetcher.after_access(
+            li, flat, hit, self._backlog_ms(), defer=False if streamed is not None else None, on_device=streamed or ())]
         for l2, e, predicted in fills:
             s = self.cache.resident(l2, e)
             key = l2 * self.n_experts + e
-            if s is not None and self._content[s] != key:
+            if s is None or self._content[s] == key:
+                continue
+            if streamed is not None and l2 == li and e in streamed:
+                # an earlier stage fill of this slot was evicted in the same decision: drop it
+                self._stage_fill = {e2: v for e2, v in self._stage_fill.items() if v[0] != s}
+                self._stage_fill[e] = (s, key)
+                with self._slot_lock:          # the slot's old content is gone; _stream_part fills it
+                    self._gen[s] += 1
+                    self._content[s] = -1
+                self._prefetched[s] = predicted
+                self.demand_fills += not predicted
+                self.prefetch_fills += predicted
+            else:
                 self._request(s, key, predicted)
 
     def _backlog_ms(self) -> float:
-        """Copy time queued ahead of a new fill: the copier's queue x one fill at PCIe speed (0 for inline fills)."""
+        """Copy time ahead of a new fill on the modelled link (one fill at a time at pcie_gbps, as the simulator
+        models it), at least the copier's queue; 0 for inline fills."""
         if not self.async_copies:
             return 0.0
-        return max(self._queued, 0) * self.copy_bytes / (self.pcie_gbps * 1e9) * 1e3
+        queued = max(self._queued, 0) * self.copy_bytes / (self.pcie_gbps * 1e9) * 1e3
+        return max(queued, 1e3 * (self._link_free - time.perf_counter()))
 
     def _request(self, s: int, key: int, prefetch: bool) -> None:
         """Fill slot s with `key`. _content names the key only once the fill is queued (async) or done (sync),
@@ -751,6 +851,8 @@ class HybridExperts(ExpertBackend):
             self.demand_fills += 1
         if self.async_copies:
             self._start_copier()
+            now = time.perf_counter()
+            self._link_free = max(now, self._link_free) + self.copy_bytes / (self.pcie_gbps * 1e9)
             with self._slot_lock:
                 self._queued += 1
             self._queue.put(req)
@@ -782,6 +884,10 @@ class HybridExperts(ExpertBackend):
                     self._queued -= 1
 
     def _fill(self, req: _Fill) -> None:
+        with self._fill_lock:
+            self._fill_locked(req)
+
+    def _fill_locked(self, req: _Fill) -> None:
         s = req.slot
         if self._gen[s] != req.gen:          # a newer fill of this slot is queued: skip the stale one
             self.stale_fills += 1
@@ -874,9 +980,10 @@ class HybridExperts(ExpertBackend):
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
-        self.prefetcher.declined_by_cost = self.prefetcher.declined_by_link = 0
+        self.prefetcher.declined_by_cost = self.prefetcher.declined_by_link = self.prefetcher.declined_late = 0
         self.late = self.gpu_pairs = self.cpu_pairs = self.prefetch_hits = 0
         self.prefetch_fills = self.demand_fills = self.fills_done = self.stale_fills = self.bytes_copied = 0
+        self.stage_fills = 0
         self.stream_layers = self.stream_declined = self.stream_experts = self.stream_pairs = self.stream_bytes = 0
 
     def stats(self) -> dict:
@@ -887,7 +994,8 @@ class HybridExperts(ExpertBackend):
         return dict(hits=c["hits"], misses=c["misses"], hit_rate=c["hit_rate"], late=self.late,
                     gpu_pairs=self.gpu_pairs, cpu_pairs=self.cpu_pairs, prefetch_fills=self.prefetch_fills,
                     demand_fills=self.demand_fills, prefetch_hits=self.prefetch_hits, fills_done=self.fills_done,
-                    stale_fills=self.stale_fills, bytes_copied=self.bytes_copied, evictions=c["evictions"],
+                    stale_fills=self.stale_fills, stage_fills=self.stage_fills, bytes_copied=self.bytes_copied,
+                    declined_late=self.prefetcher.declined_late, evictions=c["evictions"],
                     rejected=c["rejected"], declined_by_cost=self.prefetcher.declined_by_cost,
                     declined_by_link=self.prefetcher.declined_by_link, prefill_fits=self.prefill_fits,
                     resident=c["resident"], slots=c["slots"], cpu_expert_ms=self.cpu_expert_ms,

@@ -14,7 +14,11 @@ RoutingPredictor  applies the routers of layers L+1..L+d to layer L's router inp
                   an .npz that the engine and the simulator both read).
 CostModel         a copy is worth it when expected uses x CPU time saved per use > copy time.
 Prefetcher        ties the two to an ExpertCache: `plan_copies` for predicted ids or probabilities,
-                  `after_access` for demand admission of experts that just missed.
+                  `after_access` for demand admission of experts that just missed. A copy lasts about as long
+                  as a decode layer, so with `lead_ms` (`lead_times`: when each target layer will start, from the
+                  current layer's CPU work and the predicted misses of the layers between) a prefetch is planned
+                  only if it can land before its layer starts; candidates of all target layers compete for the
+                  link by priority (decayed uses + predict_weight x predicted uses), best first.
 """
 from __future__ import annotations
 
@@ -447,19 +451,33 @@ class Prefetcher:
 
     Predictions are ids [T, K] (each counts one use) or expected uses [T, E] (a learned head's probabilities);
     an expert is a prefetch candidate when its predicted uses reach `min_uses`, at most `max_copies` per
-    target layer and call, most likely first. `max_backlog_ms`: skip prefetches while the copy link is busy
-    longer than this (they would land after the layer that wants them and delay the copies that can still
-    make it); the caller passes the backlog it sees."""
+    target layer and call; candidates of every target layer go best first by the cache's priority with the
+    prediction (decayed uses + predict_weight x predicted uses). `max_backlog_ms`: skip prefetches while the
+    copy link is busy longer than this; `lead_ms` (plan_copies): skip a copy that cannot land before its
+    target layer starts (it would reach the GPU after the CPU has run the expert, and hold up the copies that
+    can still make it). The caller passes the backlog it sees. `timing` (default: cost_model): the copy and
+    CPU-expert times `lead_times` and the landing check use. `demand` False: no demand admissions.
+    `defer_demand`: a layer's misses are admitted at the next call of after_access (the caller makes it
+    right after the next layer's plan_copies, when the first layer has ended), so the next layer's
+    prefetches, which can still land for this token, go on the link before them."""
 
     def __init__(self, cache: ExpertCache, predictor: RoutingPredictor | None = None,
                  cost_model: CostModel | None = None, *, lookahead: int = 1, confidence: float = 1.0,
                  min_uses: float = 0.0, max_copies: int | None = None, max_backlog_ms: float | None = None,
-                 max_demand_backlog_ms: float | None = None):
+                 max_demand_backlog_ms: float | None = None, timing: CostModel | None = None, demand: bool = True,
+                 defer_demand: bool = False):
         self.cache, self.predictor, self.cost_model = cache, predictor, cost_model
         self.lookahead, self.confidence = lookahead, confidence
         self.min_uses, self.max_copies, self.max_backlog_ms = min_uses, max_copies, max_backlog_ms
         self.max_demand_backlog_ms = max_demand_backlog_ms
-        self.declined_by_cost = self.declined_by_link = 0
+        self.timing, self.demand, self.defer_demand = timing, bool(demand), bool(defer_demand)
+        self._pending: tuple[int, list[int]] | None = None     # deferred misses: (layer, expert ids)
+        self.declined_by_cost = self.declined_by_link = self.declined_late = 0
+
+    @property
+    def copy_ms(self) -> float | None:
+        t = self.timing or self.cost_model
+        return None if t is None else t.copy_ms
 
     def predict(self, layer: int, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
         """{target layer: expected uses [T, E]} for the next `lookahead` layers."""
@@ -467,57 +485,117 @@ class Prefetcher:
             return {}
         return self.predictor.predict_ahead(layer, hidden, self.lookahead, uses=True)
 
-    def plan_copies(self, layer: int, predicted, backlog_ms: float = 0.0) -> list[tuple[int, int]]:
-        """`predicted`: {target_layer: ids [T, K] or expected uses [T, E]} (as from `predict`). Admits the
-        experts worth copying and returns their (layer, expert) keys in order; the caller copies each into
-        `cache.slot_of`. backlog_ms: how long the copy link is already busy."""
-        del layer  # the source layer only matters to the predictor
-        copies = []
+    @staticmethod
+    def _uses(pred) -> tuple[np.ndarray, np.ndarray]:
+        """(expert ids, predicted uses) of one target's prediction: ids [T, K] or expected uses [T, E]."""
+        a = _as_numpy(pred)
+        if np.issubdtype(a.dtype, np.floating):
+            uses = a.reshape(-1, a.shape[-1]).sum(0).astype(np.float64)
+            return np.arange(uses.size), uses
+        uniq, counts = np.unique(a.reshape(-1), return_counts=True)
+        return uniq, counts.astype(np.float64)
+
+    def lead_times(self, layer: int, layer_ms: float, predicted, fixed_ms: float = 0.0) -> dict[int, float]:
+        """{target layer: ms from now until it starts}: the current layer (MoE index `layer`) lasts `layer_ms`;
+        each layer in between lasts fixed_ms + its predicted misses (predicted uses of non-resident experts)
+        x the CPU time of one expert; a layer in between without a prediction counts as all misses. Needs
+        `timing` (or a cost model)."""
+        t = self.timing or self.cost_model
+        if t is None:
+            raise ValueError("Prefetcher.lead_times: no timing (CostModel) to estimate layer times with")
+        est = {}
         for tgt, pred in predicted.items():
-            a = _as_numpy(pred)
-            if np.issubdtype(a.dtype, np.floating):
-                uses = a.reshape(-1, a.shape[-1]).sum(0)
-                cand = np.flatnonzero(uses >= max(self.min_uses, 1e-9))
-                cand = cand[np.argsort(-uses[cand], kind="stable")]
-                pairs = zip(cand.tolist(), uses[cand].tolist())
-            else:
-                uniq, counts = np.unique(a.reshape(-1), return_counts=True)
-                keep = counts >= self.min_uses
-                pairs = zip(uniq[keep].tolist(), counts[keep].astype(float).tolist())
-            n = 0
-            for e, c in pairs:
+            ids, uses = self._uses(pred)
+            resident = self.cache.slot_of(tgt, ids) >= 0
+            est[tgt] = fixed_ms + float((uses * ~resident).sum()) * t.cpu_expert_ms
+        out = {}
+        for tgt in predicted:
+            ms = layer_ms
+            for j in range(layer + 1, tgt):
+                ms += est[j] if j in est else fixed_ms + self._top_k_guess(predicted) * t.cpu_expert_ms
+            out[tgt] = ms
+        return out
+
+    def _top_k_guess(self, predicted) -> float:
+        sums = [float(self._uses(p)[1].sum()) for p in predicted.values()]
+        return max(sums) if sums else 0.0
+
+    def plan_copies(self, layer: int, predicted, backlog_ms: float = 0.0,
+                    lead_ms: Mapping[int, float] | None = None) -> list[tuple[int, int]]:
+        """`predicted`: {target_layer: ids [T, K] or expected uses [T, E]} (as from `predict`). Admits the
+        experts worth copying and returns their (layer, expert) keys in the order the link should carry them;
+        the caller copies each into `cache.slot_of`. backlog_ms: how long the copy link is already busy;
+        lead_ms: {target layer: ms until it starts} (see lead_times), None: no landing check."""
+        del layer  # the source layer only matters to the predictor
+        cands = []
+        for tgt, pred in predicted.items():
+            ids, uses = self._uses(pred)
+            keep = uses >= max(self.min_uses, 1e-9)
+            for e, c in zip(ids[keep].tolist(), uses[keep].tolist()):
                 score = self.confidence * c
                 if self.cache.resident(tgt, e) is not None:
                     self.cache.note_prediction(tgt, [e], score)   # protect it from eviction this token
                     continue
-                if self.max_copies is not None and n >= self.max_copies:
-                    continue
-                if self.max_backlog_ms is not None and backlog_ms > self.max_backlog_ms:
-                    self.declined_by_link += 1
-                    continue
-                if self._admit(tgt, e, score):
-                    copies.append((tgt, e))
-                    n += 1
-                    if self.cost_model is not None:
-                        backlog_ms += self.cost_model.copy_ms
-        return copies
-
-    def after_access(self, layer: int, ids, hit_mask, backlog_ms: float = 0.0) -> list[tuple[int, int]]:
-        """Demand admission: experts of `ids` that missed (the CPU ran them) and are worth keeping, while the
-        copy link's backlog stays within max_demand_backlog_ms."""
-        ids = _as_numpy(ids).reshape(-1)
-        missed = np.unique(ids[~_as_numpy(hit_mask).astype(bool).reshape(-1)]).tolist()
-        if self.max_demand_backlog_ms is not None and len(missed) > 1 and self.cache.policy == "score":
-            missed.sort(key=lambda e: -self.cache.priority(layer, e))   # the link may take only some: best first
-        out = []
-        for e in missed:
-            if self.max_demand_backlog_ms is not None and backlog_ms > self.max_demand_backlog_ms:
+                benefit = self.cache.expected_uses(tgt, e) + self.cache.predict_weight * score
+                cands.append((-benefit, len(cands), tgt, e, score))
+        cands.sort()
+        copies, per_target = [], {}
+        # each planned copy delays the next by its copy time (known to a cost model, or to `timing` when the
+        # landing check needs it)
+        copy_ms = self.cost_model.copy_ms if self.cost_model is not None else (self.copy_ms if lead_ms else None)
+        for _, _, tgt, e, score in cands:
+            if self.max_copies is not None and per_target.get(tgt, 0) >= self.max_copies:
+                continue
+            if self.max_backlog_ms is not None and backlog_ms > self.max_backlog_ms:
                 self.declined_by_link += 1
                 continue
-            if self._admit(layer, int(e), 0.0):
-                out.append((layer, int(e)))
-                if self.cost_model is not None:
-                    backlog_ms += self.cost_model.copy_ms
+            # a tie (the copy landing exactly as its layer starts) counts as late: floating-point sums of
+            # layer times decide it either way, and a planned copy must not depend on their rounding
+            if lead_ms is not None and copy_ms is not None and backlog_ms + copy_ms >= lead_ms.get(tgt, np.inf) - 1e-6:
+                self.declined_late += 1
+                continue
+            if self._admit(tgt, e, score):
+                copies.append((tgt, e))
+                per_target[tgt] = per_target.get(tgt, 0) + 1
+                if copy_ms is not None:
+                    backlog_ms += copy_ms
+        return copies
+
+    def after_access(self, layer: int, ids, hit_mask, backlog_ms: float = 0.0, defer: bool | None = None,
+                     on_device=()) -> list[tuple[int, int]]:
+        """Demand admission: experts of `ids` that missed (the CPU ran them) and are worth keeping, while the
+        copy link's backlog stays within max_demand_backlog_ms. Nothing when `demand` is off. With
+        defer_demand (or `defer` True), admits the misses of the previous call instead and keeps these for the
+        next; `defer` False admits both now (a layer whose experts must be decided at once). `on_device`:
+        experts of `layer` already on the device (streamed): their admission takes no link time."""
+        if not self.demand:
+            self._pending = None
+            return []
+        ids = _as_numpy(ids).reshape(-1)
+        missed = np.unique(ids[~_as_numpy(hit_mask).astype(bool).reshape(-1)]).tolist()
+        groups = [(layer, missed)]
+        if self._pending is not None:              # the previous call's misses, unless admitted meanwhile
+            l0, m0 = self._pending
+            groups.insert(0, (l0, [e for e in m0 if self.cache.resident(l0, e) is None]))
+            self._pending = None
+        if (self.defer_demand if defer is None else defer):
+            self._pending = groups.pop()
+        out = []
+        copy_ms = self.cost_model.copy_ms if self.cost_model is not None else None   # as the link gate always has
+        free = set(on_device)
+        for g_layer, missed in groups:
+            if self.max_demand_backlog_ms is not None and len(missed) > 1 and self.cache.policy == "score":
+                missed.sort(key=lambda e: -self.cache.priority(g_layer, e))   # the link may take only some: best first
+            for e in missed:
+                linkless = g_layer == layer and e in free
+                if (not linkless and self.max_demand_backlog_ms is not None
+                        and backlog_ms > self.max_demand_backlog_ms):
+                    self.declined_by_link += 1
+                    continue
+                if self._admit(g_layer, int(e), 0.0):
+                    out.append((g_layer, int(e)))
+                    if copy_ms is not None and not linkless:
+                        backlog_ms += copy_ms
         return out
 
     def _admit(self, layer: int, e: int, predicted: float) -> bool:
