@@ -105,6 +105,32 @@ def test_bad_arguments():
         QuantLinear(64, 8, "Q8_0", blocks, bias=torch.zeros(3))
 
 
+def test_mlp_of_blocks_decodes_in_one_expert_call():
+    """A SwiGLU of QuantLinear matrices at decode runs as one call of the routed experts' kernel (MLP.cpu_expert);
+    it matches the float MLP on the dequantized weights at least as well as the three separate calls do."""
+    from hybrid_k2.model import MLP
+    torch.manual_seed(0)
+    ref = MLP(256, 512).eval()
+    mlp = MLP(256, 512).eval()
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        q = QuantLinear.from_linear(getattr(ref, name), "q8_0")
+        setattr(mlp, name, q)
+        getattr(ref, name).weight.data.copy_(q.weight)    # the float model of the same (dequantized) weights
+    x = torch.randn(1, 256)
+    want = ref(x).detach()
+    unfused = mlp(x).detach()                            # autograd on: three QuantLinear calls
+    assert mlp._expert is None
+    with torch.no_grad():
+        fused = mlp(x)
+    assert mlp._expert is not None
+    err_f = ((fused - want).norm() / want.norm()).item()
+    err_u = ((unfused - want).norm() / want.norm()).item()
+    assert err_f < 0.01 and err_f <= err_u * 1.05, (err_f, err_u)
+    with torch.no_grad():                                # prefill rows keep the three calls
+        assert torch.equal(mlp(x.repeat(3, 1))[1:2], mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x))
+                                                                    * mlp.up_proj(x)))
+
+
 # ---------------------------------------------------------------- dense_format in the whole model
 
 @pytest.fixture(scope="module")
