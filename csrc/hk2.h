@@ -83,6 +83,21 @@ int hk2_linear(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t
 /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for n_rows rows of n float32 values (y may be x). */
 int hk2_rms_norm(const float *x, const float *w, int64_t n_rows, int64_t n, float eps, float *y);
 
+/* The MoE router (DeepSeek-V3 / Kimi K2): scores = sigmoid (or softmax) of weight @ x; the correction bias,
+ * when given, steers which experts are chosen but not their weights; with n_group > 1 only the topk_group
+ * best groups compete (a group's score: the sum of its top two biased scores with a bias, else its best
+ * score); the top_k ids come out best first, their weights renormalised if norm_topk, times scaling. */
+typedef struct {
+    int64_t n_experts, hidden, top_k, n_group, topk_group;
+    int softmax;                 /* 0: sigmoid scores, 1: softmax over the experts */
+    int norm_topk;               /* divide the chosen weights by their sum (+1e-20) when top_k > 1 */
+    float scaling;               /* routed_scaling_factor */
+    const float *weight;         /* [n_experts, hidden] */
+    const float *bias;           /* [n_experts] e_score_correction_bias, or NULL */
+} hk2_router;
+/* x [n_tokens, hidden] -> ids [n_tokens, top_k] int32, weights [n_tokens, top_k] float32. */
+int hk2_route(const hk2_router *r, int64_t n_tokens, const float *x, int32_t *ids, float *weights);
+
 /* Absorbed MLA attention of one decode token (DeepSeek-V3's "absorb" mode) in one call, for a model
  * whose attention runs on the CPU: the new token's latent and rope key go into the cache, then the
  * query attends over positions 0..pos in the latent space, never expanding per-head keys or values.

@@ -507,6 +507,22 @@ class KernelLib:
                                           x.numel() // max(n, 1), n, eps, ffi.cast("float *", y.data_ptr())), "rms_norm")
         return y
 
+    def router(self, weight: Any, bias: Any = None, *, top_k: int, n_group: int = 1, topk_group: int = 1,
+               softmax: bool = False, norm_topk: bool = True, scaling: float = 1.0) -> "BoundRouter":
+        """The MoE router (hk2_route) over float32 CPU weights: weight [n_experts, hidden] (mlp.gate.weight),
+        bias [n_experts] (e_score_correction_bias) or None. The router keeps references to both."""
+        for name, t in (("weight", weight), ("bias", bias)):   # read in place (parameters may want grad)
+            if (t is not None or name == "weight") and not (
+                    isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()):
+                raise ValueError(f"{name}: expected a contiguous float32 CPU tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '?')}")
+        if weight.dim() != 2:
+            raise ValueError(f"weight: expected [n_experts, hidden], got shape {tuple(weight.shape)}")
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias: shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+        return BoundRouter(self, weight, bias, int(top_k), int(n_group), int(topk_group), bool(softmax),
+                           bool(norm_topk), float(scaling))
+
     def mla_decoder(self, wkv_b: Any, kv_norm: Any, *, n_heads: int, nope: int, rope: int, v_dim: int,
                     scale: float, eps: float) -> "MLADecoder":
         """The absorbed MLA attention of one decode token (hk2_mla_decode) for one layer's float32 CPU
@@ -588,6 +604,40 @@ class BoundLinear:
         return y
 
 
+class BoundRouter:
+    """One MoE layer's router in C (KernelLib.router): x [T, hidden] -> (ids int32 [T, top_k] best first,
+    weights float32 [T, top_k])."""
+
+    def __init__(self, lib: KernelLib, weight, bias, top_k: int, n_group: int, topk_group: int, softmax: bool,
+                 norm_topk: bool, scaling: float):
+        self.lib, self.weight, self.bias, self.top_k = lib, weight, bias, top_k
+        r = lib.ffi.new("hk2_router *")
+        r.n_experts, r.hidden, r.top_k, r.n_group, r.topk_group = weight.shape[0], weight.shape[1], top_k, n_group, topk_group
+        r.softmax, r.norm_topk, r.scaling = int(softmax), int(norm_topk), scaling
+        r.weight = lib.ffi.cast("const float *", weight.data_ptr())
+        r.bias = lib.ffi.cast("const float *", bias.data_ptr()) if bias is not None else lib.ffi.NULL
+        self._r = r
+        self._ptrs = (weight.data_ptr(), None if bias is None else bias.data_ptr())
+
+    def binds(self, weight, bias) -> bool:
+        """Whether this router reads these tensors' current storage."""
+        return (self.weight is weight and self.bias is bias
+                and self._ptrs == (weight.data_ptr(), None if bias is None else bias.data_ptr()))
+
+    def __call__(self, x):
+        if not _plain_cpu_tensors(x, (torch.float32,)) or x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"x: expected a contiguous float32 CPU tensor [T, {self.weight.shape[1]}], got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        T = x.shape[0]
+        ids = torch.empty((T, self.top_k), dtype=torch.int32)
+        w = torch.empty((T, self.top_k), dtype=torch.float32)
+        ffi = self.lib.ffi
+        self.lib._check(self.lib.lib.hk2_route(self._r, T, ffi.cast("const float *", x.data_ptr()),
+                                               ffi.cast("int32_t *", ids.data_ptr()), ffi.cast("float *", w.data_ptr())),
+                        "route")
+        return ids, w
+
+
 class MLADecoder:
     """One layer's absorbed MLA decode step (KernelLib.mla_decoder): the C kernel writes the new token's
     cache row and returns the attention output before o_proj."""
@@ -663,6 +713,7 @@ moe_forward = _default.moe_forward
 linear = _default.linear
 bind_linear = _default.bind_linear
 mla_decoder = _default.mla_decoder
+router = _default.router
 rms_norm = _default.rms_norm
 set_threads = _default.set_threads
 get_threads = _default.get_threads

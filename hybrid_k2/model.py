@@ -203,8 +203,25 @@ class Router(nn.Module):
         self.has_bias = cfg.topk_method == "noaux_tc"
         if self.has_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
+        self._c: kernels.BoundRouter | None = None
+
+    def cpu_router(self, x: torch.Tensor) -> kernels.BoundRouter | None:
+        """The router in one C call when x and the weights are float32 on the CPU without autograd, else None."""
+        bias = self.e_score_correction_bias if self.has_bias else None
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous()
+                or self.weight.dtype != torch.float32 or self.weight.device.type != "cpu"
+                or (bias is not None and bias.dtype != torch.float32)):
+            return None
+        if self._c is None or not self._c.binds(self.weight, bias):
+            self._c = kernels.router(self.weight, bias, top_k=self.top_k, n_group=self.n_group,
+                                     topk_group=self.topk_group, softmax=self.scoring != "sigmoid",
+                                     norm_topk=self.norm, scaling=self.scaling)
+        return self._c
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cpu_router(x)
+        if c is not None:
+            return c(x)
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias.float() if self.has_bias else scores

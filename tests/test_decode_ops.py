@@ -106,3 +106,49 @@ def test_rms_norm_rejects_bad_arguments():
         kernels.rms_norm(x.T, torch.ones(2), 1e-6)
     with pytest.raises(kernels.KernelError, match="eps"):
         kernels.rms_norm(x, w, -1.0)
+
+
+ROUTERS = {   # (n_experts, top_k, n_group, topk_group, scoring, noaux bias, norm_topk)
+    "k2": (48, 8, 1, 1, "sigmoid", True, True),
+    "v3_groups": (32, 4, 4, 2, "sigmoid", True, True),
+    "softmax_groups_no_bias": (24, 3, 3, 1, "softmax", False, False),
+    "softmax_plain": (16, 1, 1, 1, "softmax", False, True),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUTERS))
+@pytest.mark.parametrize("T", [1, 5])
+def test_router_matches_the_torch_router(case, T):
+    """kernels.router (one C call, what Router.forward takes without autograd) against Router's torch ops."""
+    from hybrid_k2.config import preset
+    from hybrid_k2.model import Router
+    E, K, G, TG, scoring, bias, norm = ROUTERS[case]
+    cfg = preset("kimi-k2").replace(hidden_size=96, n_routed_experts=E, num_experts_per_tok=K, n_group=G,
+                                    topk_group=TG, scoring_func=scoring, topk_method="noaux_tc" if bias else "greedy",
+                                    norm_topk_prob=norm)
+    torch.manual_seed(T)
+    r = Router(cfg)
+    with torch.no_grad():
+        r.weight.normal_(0, 0.5)
+        if bias:
+            r.e_score_correction_bias.uniform_(0, 0.3)
+    x = torch.randn(T, 96)
+    ids_ref, w_ref = r(x)                      # autograd on: the torch ops
+    assert r._c is None
+    with torch.no_grad():
+        ids, w = r(x)
+    assert r._c is not None and ids.dtype == torch.int32
+    assert torch.equal(ids.long(), ids_ref)    # same experts, same (best-first) order
+    assert torch.allclose(w, w_ref.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_router_rejects_bad_arguments():
+    w = torch.randn(12, 8)
+    with pytest.raises(kernels.KernelError, match=r"top_k=5 out of range \[1, 4\]"):
+        kernels.router(w, top_k=5, n_group=3, topk_group=1)(torch.randn(1, 8))
+    with pytest.raises(kernels.KernelError, match="n_group=5 must divide n_experts=12"):
+        kernels.router(w, top_k=2, n_group=5, topk_group=1)(torch.randn(1, 8))
+    with pytest.raises(ValueError, match=r"bias: shape \(11,\), expected \(12,\)"):
+        kernels.router(w, torch.zeros(11), top_k=2)
+    with pytest.raises(ValueError, match=r"x: expected a contiguous float32 CPU tensor \[T, 8\]"):
+        kernels.router(w, top_k=2)(torch.randn(1, 9))

@@ -397,6 +397,38 @@ static void test_decode_ops(void) {
     CHECK(hk2_rms_norm(kv_a, NULL, 1, R, 1e-6f, o) == HK2_EINVAL, "rms_norm null weight");
     CHECK(hk2_rms_norm(kv_a, norm, 1, R, -1.0f, o) == HK2_EINVAL, "rms_norm negative eps");
     free(wkv_b); free(norm); free(q); free(kv_a); free(rot); free(kvc); free(pec); free(o); free(o1); free(ref);
+
+    /* router: 12 experts in 3 groups of 4, the best 2 groups compete; ids unique, best first, in kept groups */
+    enum { E = 12, RH = 40, RK = 3, RT = 4 };
+    float rw[E * RH], rb[E], rx[RT * RH], rwt[RT * RK];
+    int32_t rid[RT * RK];
+    for (int i = 0; i < E * RH; i++) rw[i] = 0.5f * nrand();
+    for (int i = 0; i < E; i++) rb[i] = 0.1f * (float)urand();
+    for (int i = 0; i < RT * RH; i++) rx[i] = nrand();
+    hk2_router rt = {.n_experts = E, .hidden = RH, .top_k = RK, .n_group = 3, .topk_group = 2, .softmax = 0,
+                     .norm_topk = 1, .scaling = 2.5f, .weight = rw, .bias = rb};
+    CHECK(hk2_route(&rt, RT, rx, rid, rwt) == HK2_OK, "route: %s", hk2_last_error());
+    for (int t = 0; t < RT; t++) {
+        float sum = 0;
+        int groups[3] = {0, 0, 0};
+        for (int k = 0; k < RK; k++) {
+            const int e = rid[t * RK + k];
+            CHECK(e >= 0 && e < E, "route: id %d", e);
+            groups[e / 4] = 1;
+            for (int k2 = 0; k2 < k; k2++) CHECK(rid[t * RK + k2] != e, "route: id %d twice", e);
+            sum += rwt[t * RK + k];
+        }
+        CHECK(groups[0] + groups[1] + groups[2] <= 2, "route: ids from more than topk_group groups");
+        CHECK(fabsf(sum - 2.5f) < 1e-5f, "route: weights sum to %g, not the scaling", sum);
+    }
+    rt.top_k = 9;
+    CHECK(hk2_route(&rt, RT, rx, rid, rwt) == HK2_ESHAPE, "route: top_k beyond the open experts");
+    rt.top_k = RK;
+    rt.n_group = 5;
+    CHECK(hk2_route(&rt, RT, rx, rid, rwt) == HK2_ESHAPE, "route: n_group not dividing n_experts");
+    rt.n_group = 3;
+    CHECK(hk2_route(&rt, RT, NULL, rid, rwt) == HK2_EINVAL, "route: null x");
+    CHECK(hk2_route(NULL, RT, rx, rid, rwt) == HK2_EINVAL, "route: null router");
 }
 
 int main(void) {
