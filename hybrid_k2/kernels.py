@@ -674,11 +674,16 @@ class MLADecoder:
         (row pos is written) -> o [n_heads * v_dim]. All float32 CPU tensors."""
         if not isinstance(pos, (int, np.integer)) or isinstance(pos, bool) or pos < 0:
             raise ValueError(f"pos: expected an int >= 0, got {pos!r}")
-        self._check(q, "q", self.n_heads * (self.nope + self.rope))
-        self._check(kv_a, "kv_a", self.rank + self.rope)
-        self._check(rot, "rot", self.rope)
-        self._check(kv_cache, "kv_cache", rows=pos + 1, cols=self.rank)
-        self._check(pe_cache, "pe_cache", rows=pos + 1, cols=self.rope)
+        if not (_plain_cpu_tensors(q, kv_a, rot, kv_cache, pe_cache, (torch.float32,) * 5)   # the decode loop's case
+                and q.numel() == self.n_heads * (self.nope + self.rope) and kv_a.numel() == self.rank + self.rope
+                and rot.numel() == self.rope and kv_cache.dim() == 2 and kv_cache.shape[1] == self.rank
+                and pe_cache.dim() == 2 and pe_cache.shape[1] == self.rope
+                and kv_cache.shape[0] > pos and pe_cache.shape[0] > pos):
+            self._check(q, "q", self.n_heads * (self.nope + self.rope))   # say which argument is wrong
+            self._check(kv_a, "kv_a", self.rank + self.rope)
+            self._check(rot, "rot", self.rope)
+            self._check(kv_cache, "kv_cache", rows=pos + 1, cols=self.rank)
+            self._check(pe_cache, "pe_cache", rows=pos + 1, cols=self.rope)
         o = torch.empty(self.n_heads * self.v_dim, dtype=torch.float32)
         ffi = self.lib.ffi
         rc = self.lib.lib.hk2_mla_decode(self._m, int(pos), ffi.cast("const float *", q.data_ptr()),
