@@ -80,6 +80,7 @@ def test_heads_file_loads_into_the_engines_predictor(traces):
         L = model_rp.layers
         assert sorted(model_rp.heads) == sorted((L[j], L[j + d]) for j in range(len(L)) for d in (1, 2)
                                                 if j + d < len(L))
+        assert model_rp.head_depth() == 2 and RoutingPredictor.from_model(eng.model).head_depth() == 0
         x = torch.from_numpy(ev.hidden[:64, 1])
         for d in (1, 2):
             a, b = model_rp.predict_uses(L[1], x, d), trace_rp.predict_uses(1, x, d)
@@ -167,6 +168,21 @@ def test_hybrid_backend_uses_loaded_heads(traces):
         b.close()
         assert s["prefetch_fills"] > 0 and s["hits"] > 0
         assert np.mean(np.array(got) == np.array(want)) >= 0.75      # float slots vs 8-bit kernels: rare flips
+    finally:
+        eng.close()
+
+
+def test_heads_shallower_than_the_lookahead_are_reported(traces, caplog):
+    """Depth-2 heads with prefetch looking 3 layers ahead: the third layer ahead falls back to the plain
+    routers, and the user is told so."""
+    fit, ev, heads = traces
+    eng = hybrid_k2.load("demo", device="cpu", experts="cpu", progress=False, threads=2)
+    try:
+        b = HybridExperts(eng.experts, "cpu", torch.float32, 24, prefetch=True, lookahead=3, predictor_heads=heads)
+        with caplog.at_level("WARNING", logger="hybrid_k2.experts.hybrid"):
+            b.attach(eng.model)
+        b.close()
+        assert "predictor heads reach 2 MoE layer(s) ahead but prefetch looks 3 ahead" in caplog.text
     finally:
         eng.close()
 

@@ -409,6 +409,11 @@ class HybridExperts(ExpertBackend):
                                  f"nor their indices 0..{len(self.layers) - 1}")
             if self.predictor_heads is not None and not predictor.heads:
                 predictor.load_heads(self.predictor_heads)
+            want = min(self.lookahead, len(self.layers) - 1)
+            have = predictor.head_depth()
+            if predictor.heads and have < want:
+                log.warning("predictor heads reach %d MoE layer(s) ahead but prefetch looks %d ahead: beyond %d "
+                            "the plain routers predict (fit heads to depth %d)", have, want, have, want)
         self.predictor = predictor
 
     def preload(self, keys=None) -> int:

@@ -401,6 +401,16 @@ class RoutingPredictor:
             heads[(self.layers[j], self.layers[j + d])] = PredictorHead(w1[i], b1[i], w2[i], b2[i], scale[i]).to(dev)
         self.heads.update(heads)
 
+    def head_depth(self) -> int:
+        """The largest d such that every MoE layer with a layer d ahead has a learned head for it (and for each
+        smaller lookahead); 0 without heads."""
+        n, depth = len(self.layers), 0
+        for d in range(1, n):
+            if not all((self.layers[j], self.layers[j + d]) in self.heads for j in range(n - d)):
+                break
+            depth = d
+        return depth
+
     def recall(self, hidden, ids, d: int = 1) -> float:
         """Recall@top-k of the d-layer-ahead prediction over a trace: hidden [T, n, H] router inputs and true
         ids [T, n, K], with layer j of the arrays = the j-th router key."""
