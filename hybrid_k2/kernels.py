@@ -404,7 +404,7 @@ class KernelLib:
         default does so for calls of up to H_RESIDUAL_MAX_TOKENS tokens (decode), where it costs little."""
         if not isinstance(layer, ExpertWeights):
             raise TypeError(f"layer: expected ExpertWeights, got {type(layer).__name__}")
-        if out is None and _plain_cpu_tensors(x, ids, weights, (torch.float32, torch.int32, torch.float32)):
+        if out is None and plain_cpu_tensors(x, ids, weights, (torch.float32, torch.int32, torch.float32)):
             T, K = ids.shape if ids.dim() == 2 else (-1, -1)
             if x.dim() == 2 and x.shape == (T, layer.hidden) and weights.shape == (T, K) and K >= 1:
                 # the engine's decode call: what numpy conversion would check is checked here, ids by the C side
@@ -494,8 +494,8 @@ class KernelLib:
     def rms_norm(self, x: Any, weight: Any, eps: float):
         """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension, for contiguous float32 CPU torch
         tensors x [..., n] and weight [n] (one C call: decode runs ~3 per layer per token)."""
-        if not _plain_cpu_tensors(x, weight, (torch.float32, torch.float32)):
-            bad, name = (x, "x") if not _plain_cpu_tensors(x, (torch.float32,)) else (weight, "weight")
+        if not plain_cpu_tensors(x, weight, (torch.float32, torch.float32)):
+            bad, name = (x, "x") if not plain_cpu_tensors(x, (torch.float32,)) else (weight, "weight")
             raise ValueError(f"{name}: expected a contiguous float32 CPU tensor without grad, got "
                              f"{getattr(bad, 'dtype', type(bad).__name__)} on {getattr(bad, 'device', '?')}")
         n = x.shape[-1] if x.dim() else 0
@@ -571,7 +571,7 @@ class KernelLib:
         return int(self.lib.hk2_read_probe(self._ptr(buf, "const void *"), buf.nbytes))
 
 
-def _plain_cpu_tensors(*args) -> bool:
+def plain_cpu_tensors(*args) -> bool:
     """Whether args[:-1] are contiguous CPU torch tensors of the dtypes in args[-1], none needing grad."""
     if torch is None:
         return False
@@ -625,7 +625,7 @@ class BoundRouter:
                 and self._ptrs == (weight.data_ptr(), None if bias is None else bias.data_ptr()))
 
     def __call__(self, x):
-        if not _plain_cpu_tensors(x, (torch.float32,)) or x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
+        if not plain_cpu_tensors(x, (torch.float32,)) or x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
             raise ValueError(f"x: expected a contiguous float32 CPU tensor [T, {self.weight.shape[1]}], got "
                              f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
         T = x.shape[0]
@@ -674,7 +674,7 @@ class MLADecoder:
         (row pos is written) -> o [n_heads * v_dim]. All float32 CPU tensors."""
         if not isinstance(pos, (int, np.integer)) or isinstance(pos, bool) or pos < 0:
             raise ValueError(f"pos: expected an int >= 0, got {pos!r}")
-        if not (_plain_cpu_tensors(q, kv_a, rot, kv_cache, pe_cache, (torch.float32,) * 5)   # the decode loop's case
+        if not (plain_cpu_tensors(q, kv_a, rot, kv_cache, pe_cache, (torch.float32,) * 5)   # the decode loop's case
                 and q.numel() == self.n_heads * (self.nope + self.rope) and kv_a.numel() == self.rank + self.rope
                 and rot.numel() == self.rope and kv_cache.dim() == 2 and kv_cache.shape[1] == self.rank
                 and pe_cache.dim() == 2 and pe_cache.shape[1] == self.rope

@@ -59,13 +59,15 @@ class CPUExperts(ExpertBackend):
 
     # ---- running -----------------------------------------------------------------------------
     def _cpu_forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        xf = x.detach().to("cpu", torch.float32).contiguous()
-        y = kernels.moe_forward(self.layers[layer], xf, ids.detach().to("cpu", torch.int32).contiguous(),
-                                weights.detach().to("cpu", torch.float32).contiguous())
-        return y
+        if not kernels.plain_cpu_tensors(x, ids, weights, (torch.float32, torch.int32, torch.float32)):
+            x = x.detach().to("cpu", torch.float32).contiguous()     # (decode on a CPU device needs none of this)
+            ids = ids.detach().to("cpu", torch.int32).contiguous()
+            weights = weights.detach().to("cpu", torch.float32).contiguous()
+        return kernels.moe_forward(self.layers[layer], x, ids, weights)
 
     def forward(self, layer, x, ids, weights):
-        return self._cpu_forward(layer, x, ids, weights).to(x.device, x.dtype)
+        y = self._cpu_forward(layer, x, ids, weights)
+        return y if y.device == x.device and y.dtype == x.dtype else y.to(x.device, x.dtype)
 
     def run(self, layer, x, ids, weights, shared):
         if shared is None or self._pool is None:
