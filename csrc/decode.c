@@ -11,7 +11,7 @@
  *   p[h, s]  = softmax_s(scale * (q_lat[h] . c[s] + q_pe[h] . r[s]))
  *   o[h, :]  = W_v[h] (sum_s p[h, s] c[s])                 (absorb W_v into the output)
  * Per-head work is split over heads, the two passes over the cache over positions (scores) and latent
- * columns (weighted sum), so each cached row is read once. */
+ * columns (weighted sum), so each pass reads each cached row once. */
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -146,6 +146,7 @@ int hk2_route(const hk2_router *r, int64_t n_tokens, const float *x, int32_t *id
     if (K < 1 || K > open_experts)
         return hk2_fail(HK2_ESHAPE, "route: top_k=%lld out of range [1, %lld]", (long long)K, (long long)open_experts);
     if (n_tokens < 0 || n_tokens > MLA_MAX_POS) return hk2_fail(HK2_ESHAPE, "route: n_tokens=%lld out of range", (long long)n_tokens);
+    if (!isfinite(r->scaling)) return hk2_fail(HK2_EINVAL, "route: scaling=%g is not a finite number", r->scaling);
     if (!r->weight || !x || !ids || !weights)
         return hk2_fail(HK2_EINVAL, "route: %s is NULL", !r->weight ? "weight" : !x ? "x" : !ids ? "ids" : "weights");
     if (n_tokens == 0) return HK2_OK;
@@ -157,12 +158,12 @@ int hk2_route(const hk2_router *r, int64_t n_tokens, const float *x, int32_t *id
         free(logits); free(open); free(job);
         return hk2_fail(HK2_ENOMEM, "route: out of memory");
     }
+    hk2_api_lock();
     const int64_t nth = hk2_pool_threads();
     int64_t chunk = (E + 4 * nth - 1) / (4 * nth);
     *job = (route_job){.r = r, .k = hk2_active_kernels(), .x = x, .logits = logits, .T = n_tokens, .chunk = chunk,
                        .n_items = (E + chunk - 1) / chunk};
     atomic_init(&job->next, 0);
-    hk2_api_lock();
     const int err = hk2_pool_run_dynamic(logits_task, job);
     hk2_api_unlock();
     if (!err)
@@ -304,11 +305,11 @@ int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *k
         .kv_cache = kv_cache, .pe_cache = pe_cache, .o = o,
         .q_lat = scratch, .o_lat = scratch + n_lat, .q_pe = scratch + 2 * n_lat, .p = scratch + 2 * n_lat + n_pe,
     };
+    hk2_api_lock();
     const int64_t nth = hk2_pool_threads(), R = m->rank;
     int64_t pos_chunk = (S + 4 * nth - 1) / (4 * nth), col_chunk = 16;   /* several items per thread */
     if (pos_chunk < 16) pos_chunk = 16;
     while (col_chunk * 2 * 4 * nth <= R) col_chunk *= 2;
-    hk2_api_lock();
     int err = run_phase(job, q_task, H + 1, 1);
     if (!err) err = run_phase(job, score_task, (S + pos_chunk - 1) / pos_chunk, pos_chunk);
     if (!err) err = run_phase(job, softmax_task, H, 1);

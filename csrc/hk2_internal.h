@@ -137,7 +137,7 @@ typedef struct {
     hk2_dot_fn dot_q4_0_r8;  /* w = 8 interleaved rows; s[8 * j + r] for activation j, row r */
     hk2_quantize_act_fn quantize_act;
     uint64_t (*read_sum)(const void *p, size_t n);  /* bandwidth probe: touch every byte */
-    float (*dot_f32)(int n, const float *a, const float *b);         /* float32 math of the MLA decode */
+    float (*dot_f32)(int n, const float *a, const float *b);         /* float32 math of decode.c */
     void (*axpy_f32)(int n, float alpha, const float *x, float *y);  /* y += alpha * x */
 } hk2_kernels;
 

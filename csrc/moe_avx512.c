@@ -338,7 +338,7 @@ const hk2_kernels KERNELS = {
     .dot_q4_0_r8 = K(dot_q4_0_r8),
     .quantize_act = K(quantize_act),
     .read_sum = K(read_sum),
-    .dot_f32 = hk2_dot_f32_avx2,   /* the MLA decode's float math is small next to its memory traffic */
+    .dot_f32 = hk2_dot_f32_avx2,   /* decode.c's float math is small next to its memory traffic */
     .axpy_f32 = hk2_axpy_f32_avx2,
 };
 

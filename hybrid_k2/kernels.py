@@ -302,8 +302,8 @@ class KernelLib:
 
     def _check(self, rc: int, what: str) -> int:
         if rc < 0:
-            msg = self.ffi.string(self.lib.hk2_last_error()).decode(errors="replace")
-            raise KernelError(f"{what}: {msg or f'error {rc}'}")
+            msg = self.ffi.string(self.lib.hk2_last_error()).decode(errors="replace") or f"error {rc}"
+            raise KernelError(msg if msg.startswith(what + ":") else f"{what}: {msg}")
         return rc
 
     def _ptr(self, a: np.ndarray, ctype: str):
@@ -416,6 +416,8 @@ class KernelLib:
                                               ffi.cast("const int32_t *", ids.data_ptr()),
                                               ffi.cast("const float *", weights.data_ptr()), ffi.cast("float *", y.data_ptr()),
                                               self.lib.HK2_MOE_H_RESIDUAL if h_residual else 0)
+                if rc == self.lib.HK2_EID:   # a bad id: the same ValueError as the checked path's
+                    raise ValueError(self.ffi.string(self.lib.hk2_last_error()).decode(errors="replace"))
                 self._check(rc, "moe_forward")
                 return y
         x_is_torch = torch is not None and isinstance(x, torch.Tensor)
@@ -495,9 +497,8 @@ class KernelLib:
         """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension, for contiguous float32 CPU torch
         tensors x [..., n] and weight [n] (one C call: decode runs ~3 per layer per token)."""
         if not plain_cpu_tensors(x, weight, (torch.float32, torch.float32)):
-            bad, name = (x, "x") if not plain_cpu_tensors(x, (torch.float32,)) else (weight, "weight")
-            raise ValueError(f"{name}: expected a contiguous float32 CPU tensor without grad, got "
-                             f"{getattr(bad, 'dtype', type(bad).__name__)} on {getattr(bad, 'device', '?')}")
+            _require_cpu_f32(x, "x")
+            _require_cpu_f32(weight, "weight")
         n = x.shape[-1] if x.dim() else 0
         if weight.shape != (n,):
             raise ValueError(f"weight: shape {tuple(weight.shape)}, expected ({n},) (x's last dimension)")
@@ -511,11 +512,14 @@ class KernelLib:
                softmax: bool = False, norm_topk: bool = True, scaling: float = 1.0) -> "BoundRouter":
         """The MoE router (hk2_route) over float32 CPU weights: weight [n_experts, hidden] (mlp.gate.weight),
         bias [n_experts] (e_score_correction_bias) or None. The router keeps references to both."""
-        for name, t in (("weight", weight), ("bias", bias)):   # read in place (parameters may want grad)
-            if (t is not None or name == "weight") and not (
-                    isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()):
-                raise ValueError(f"{name}: expected a contiguous float32 CPU tensor, got "
-                                 f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '?')}")
+        _require_cpu_f32(weight, "weight")
+        if bias is not None:
+            _require_cpu_f32(bias, "bias")
+        for name, v in (("top_k", top_k), ("n_group", n_group), ("topk_group", topk_group)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if not np.isfinite(scaling):
+            raise ValueError(f"scaling: expected a finite number, got {scaling!r}")
         if weight.dim() != 2:
             raise ValueError(f"weight: expected [n_experts, hidden], got shape {tuple(weight.shape)}")
         if bias is not None and bias.shape != (weight.shape[0],):
@@ -535,10 +539,8 @@ class KernelLib:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if rope % 2:
             raise ValueError(f"rope: {rope} is odd (rope dimensions come in pairs)")
-        for name, t in (("wkv_b", wkv_b), ("kv_norm", kv_norm)):
-            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-                raise ValueError(f"{name}: expected a contiguous float32 CPU tensor, got "
-                                 f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '?')}")
+        _require_cpu_f32(wkv_b, "wkv_b")
+        _require_cpu_f32(kv_norm, "kv_norm")
         if wkv_b.dim() != 2 or wkv_b.shape[0] != n_heads * (nope + v_dim):
             raise ValueError(f"wkv_b: shape {tuple(wkv_b.shape)}, expected [n_heads * (nope + v_dim) = "
                              f"{n_heads * (nope + v_dim)}, rank]")
@@ -572,14 +574,22 @@ class KernelLib:
 
 
 def plain_cpu_tensors(*args) -> bool:
-    """Whether args[:-1] are contiguous CPU torch tensors of the dtypes in args[-1], none needing grad."""
+    """Whether args[:-1] are contiguous CPU torch tensors of the dtypes in args[-1] (the C calls' fast paths;
+    they read the data in place and track no gradient)."""
     if torch is None:
         return False
     for t, dt in zip(args[:-1], args[-1]):
-        if not (isinstance(t, torch.Tensor) and t.dtype == dt and t.device.type == "cpu" and t.is_contiguous()
-                and not t.requires_grad):
+        if not (isinstance(t, torch.Tensor) and t.dtype == dt and t.device.type == "cpu" and t.is_contiguous()):
             return False
     return True
+
+
+def _require_cpu_f32(t: Any, name: str) -> None:
+    """Raise a ValueError naming `name` unless t is a contiguous float32 CPU torch tensor."""
+    if not plain_cpu_tensors(t, (torch.float32,)):
+        raise ValueError(f"{name}: expected a contiguous float32 CPU tensor, got {getattr(t, 'dtype', type(t).__name__)}"
+                         f"{'' if getattr(t, 'is_contiguous', lambda: True)() else ' (not contiguous)'} on "
+                         f"{getattr(t, 'device', '?')}")
 
 
 class BoundLinear:
@@ -617,17 +627,25 @@ class BoundRouter:
         r.weight = lib.ffi.cast("const float *", weight.data_ptr())
         r.bias = lib.ffi.cast("const float *", bias.data_ptr()) if bias is not None else lib.ffi.NULL
         self._r = r
-        self._ptrs = (weight.data_ptr(), None if bias is None else bias.data_ptr())
+        self._ptrs = self._current()
 
     def binds(self, weight, bias) -> bool:
         """Whether this router reads these tensors' current storage."""
-        return (self.weight is weight and self.bias is bias
-                and self._ptrs == (weight.data_ptr(), None if bias is None else bias.data_ptr()))
+        return self.weight is weight and self.bias is bias and self._ptrs == self._current()
+
+    def _current(self):
+        return self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr()
+
+    def _check_storage(self) -> None:
+        if self._ptrs != self._current():   # e.g. `weight.data = ...`: the old memory may be gone
+            raise ValueError("weight/bias: moved to new memory since this router was made; make a new one "
+                             "(kernels.router)")
 
     def __call__(self, x):
-        if not plain_cpu_tensors(x, (torch.float32,)) or x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
-            raise ValueError(f"x: expected a contiguous float32 CPU tensor [T, {self.weight.shape[1]}], got "
-                             f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        _require_cpu_f32(x, "x")
+        if x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"x: shape {tuple(x.shape)}, expected [T, {self.weight.shape[1]}]")
+        self._check_storage()
         T = x.shape[0]
         ids = torch.empty((T, self.top_k), dtype=torch.int32)
         w = torch.empty((T, self.top_k), dtype=torch.float32)
@@ -660,9 +678,7 @@ class MLADecoder:
         return self.wkv_b is wkv_b and self.kv_norm is kv_norm and self._ptrs == (wkv_b.data_ptr(), kv_norm.data_ptr())
 
     def _check(self, t, name: str, numel: int | None = None, rows: int | None = None, cols: int | None = None):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous float32 CPU tensor, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '?')}")
+        _require_cpu_f32(t, name)
         if numel is not None and t.numel() != numel:
             raise ValueError(f"{name}: {t.numel()} values (shape {tuple(t.shape)}), expected {numel}")
         if cols is not None and (t.dim() != 2 or t.shape[1] != cols or t.shape[0] < rows):
@@ -674,6 +690,9 @@ class MLADecoder:
         (row pos is written) -> o [n_heads * v_dim]. All float32 CPU tensors."""
         if not isinstance(pos, (int, np.integer)) or isinstance(pos, bool) or pos < 0:
             raise ValueError(f"pos: expected an int >= 0, got {pos!r}")
+        if self._ptrs != (self.wkv_b.data_ptr(), self.kv_norm.data_ptr()):   # the old memory may be gone
+            raise ValueError("wkv_b/kv_norm: moved to new memory since this decoder was made; make a new one "
+                             "(kernels.mla_decoder)")
         if not (plain_cpu_tensors(q, kv_a, rot, kv_cache, pe_cache, (torch.float32,) * 5)   # the decode loop's case
                 and q.numel() == self.n_heads * (self.nope + self.rope) and kv_a.numel() == self.rank + self.rope
                 and rot.numel() == self.rope and kv_cache.dim() == 2 and kv_cache.shape[1] == self.rank

@@ -27,7 +27,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x * rsqrt(mean(x^2) + eps) in fp32, then the weight in x's dtype (as HF); one fused op in fp32
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            if x.device.type == "cpu" and x.shape[0] == 1 and not torch.is_grad_enabled() and x.is_contiguous():
+            if (x.shape[0] == 1 and not torch.is_grad_enabled()
+                    and kernels.plain_cpu_tensors(x, self.weight, (torch.float32, torch.float32))):
                 return kernels.rms_norm(x, self.weight, self.eps)   # decode: one C call, not ~8 ops
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
@@ -109,8 +110,8 @@ class MLA(nn.Module):
         autograd, else None. Bound on first use, and again if the weights move to new memory."""
         w, nw = getattr(self.kv_b_proj, "weight", None), self.kv_a_layernorm.weight
         if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or cache.kv.dtype != torch.float32
-                or not isinstance(self.kv_b_proj, nn.Linear) or w.device.type != "cpu" or w.dtype != torch.float32
-                or nw.dtype != torch.float32):
+                or not isinstance(self.kv_b_proj, nn.Linear)
+                or not kernels.plain_cpu_tensors(w, nw, (torch.float32, torch.float32))):
             return None
         if self._decoder is None or not self._decoder.binds(w, nw):
             self._decoder = kernels.mla_decoder(w, nw, n_heads=self.n_heads, nope=self.nope, rope=self.rope,
@@ -208,9 +209,8 @@ class Router(nn.Module):
     def cpu_router(self, x: torch.Tensor) -> kernels.BoundRouter | None:
         """The router in one C call when x and the weights are float32 on the CPU without autograd, else None."""
         bias = self.e_score_correction_bias if self.has_bias else None
-        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous()
-                or self.weight.dtype != torch.float32 or self.weight.device.type != "cpu"
-                or (bias is not None and bias.dtype != torch.float32)):
+        if (torch.is_grad_enabled() or not kernels.plain_cpu_tensors(x, self.weight, (torch.float32, torch.float32))
+                or (bias is not None and not kernels.plain_cpu_tensors(bias, (torch.float32,)))):
             return None
         if self._c is None or not self._c.binds(self.weight, bias):
             self._c = kernels.router(self.weight, bias, top_k=self.top_k, n_group=self.n_group,

@@ -87,9 +87,10 @@ class QuantLinear(nn.Module):
 
     # ---- use -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
-                and x.shape[1] == self.in_features and self.bias is None and self.blocks is not None):
-            return self._op(x)   # decode's common case; the bound op checks contiguity itself
+        if (x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+                and not x.requires_grad and x.shape[1] == self.in_features and self.bias is None
+                and self.blocks is not None):
+            return self._op(x)   # decode's common case
         if self.blocks is None:
             raise RuntimeError("QuantLinear: no weights loaded yet (set_blocks)")
         if x.shape[-1] != self.in_features:

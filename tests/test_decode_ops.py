@@ -150,5 +150,65 @@ def test_router_rejects_bad_arguments():
         kernels.router(w, top_k=2, n_group=5, topk_group=1)(torch.randn(1, 8))
     with pytest.raises(ValueError, match=r"bias: shape \(11,\), expected \(12,\)"):
         kernels.router(w, torch.zeros(11), top_k=2)
-    with pytest.raises(ValueError, match=r"x: expected a contiguous float32 CPU tensor \[T, 8\]"):
+    with pytest.raises(ValueError, match=r"x: shape \(1, 9\), expected \[T, 8\]"):
         kernels.router(w, top_k=2)(torch.randn(1, 9))
+
+
+def test_model_built_directly_decodes_through_the_c_ops():
+    """A Transformer made in code (its parameters still want grad, as in a training script): without autograd
+    its decode steps take the C ops and match the torch ops of the same steps with autograd on."""
+    from hybrid_k2.config import ModelConfig
+    from hybrid_k2.model import Transformer
+    cfg = ModelConfig.from_dict(dict(
+        model_type="kimi_k2", vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        first_k_dense_replace=2))   # dense layers only: no expert backend needed
+    model = Transformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    assert all(p.requires_grad for p in model.parameters())
+    ids = torch.randint(0, 64, (12,), generator=g)
+    outs = []
+    for mode in (torch.enable_grad, torch.no_grad):
+        with mode():
+            cache = model.new_cache(16)
+            model(ids[:4], 0, cache, last_only=True)
+            outs.append(torch.cat([model(ids[i:i + 1], i, cache, last_only=True) for i in range(4, 12)]).detach())
+    assert model.model.layers[0].self_attn._decoder is not None    # the no-grad pass took the C decoder
+    assert torch.allclose(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_bound_ops_refuse_weights_moved_to_new_memory():
+    """kernels.router / kernels.mla_decoder read their weights in place: after `weight.data = ...` (old memory
+    freed) they refuse to run instead of reading freed memory; the model's layers rebind and follow."""
+    from hybrid_k2.config import preset
+    from hybrid_k2.model import Router
+    w = torch.randn(8, 16)
+    r = kernels.router(w, top_k=2)
+    w.data = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="moved to new memory"):
+        r(torch.randn(1, 16))
+    wkv, norm = torch.randn(2 * 16, 8), torch.ones(8)
+    dec = kernels.mla_decoder(wkv, norm, n_heads=2, nope=8, rope=4, v_dim=8, scale=0.3, eps=1e-6)
+    wkv.data = torch.randn(2 * 16, 8)
+    with pytest.raises(ValueError, match="moved to new memory"):
+        dec(torch.randn(24), torch.randn(12), rope_rot(2, 0), torch.zeros(1, 8), torch.zeros(1, 4), 0)
+    cfg = preset("kimi-k2").replace(hidden_size=16, n_routed_experts=8, num_experts_per_tok=2)
+    router = Router(cfg)
+    x = torch.randn(3, 16)
+    for _ in range(2):
+        router.weight.data = torch.randn(8, 16)
+        with torch.no_grad():
+            ids, _ = router(x)
+        assert torch.equal(ids.long(), router(x)[0])    # the C router (rebound) agrees with the torch ops
+
+
+def test_router_argument_checks():
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="top_k: expected a positive int, got -1"):
+        kernels.router(w, top_k=-1)
+    with pytest.raises(ValueError, match="scaling: expected a finite number"):
+        kernels.router(w, top_k=2, scaling=float("nan"))

@@ -375,7 +375,10 @@ static void test_decode_ops(void) {
                 CHECK(fabs(y[r * R + i] - want) <= 1e-5 * (1 + fabs(want)), "rms_norm isa=%s row %d col %d", ISAS[ii], r, i);
             }
         }
-        CHECK(hk2_rms_norm(y, norm, 1, R, 1e-6f, y) == HK2_OK, "rms_norm in place");
+        float z[40];
+        memcpy(z, x, sizeof z);
+        CHECK(hk2_rms_norm(z, norm, 1, R, 1e-6f, z) == HK2_OK, "rms_norm in place");
+        CHECK(memcmp(z, y, sizeof z) == 0, "rms_norm in place isa=%s differs from out of place", ISAS[ii]);
     }
     hk2_set_isa(ISAS[1]);
     hk2_set_threads(2);
