@@ -311,7 +311,9 @@ class HybridExperts(ExpertBackend):
         self.land_check = bool(land_check)
         self._queued = 0                              # fills handed to the copier and not yet issued by it
         self._link_free = 0.0                         # perf_counter time the modelled copy link becomes idle
-        self._stage_fill: dict[int, tuple[int, int]] = {}   # streamed expert -> (slot, key) filled from its stage
+        # streamed expert -> (slot, key, slot generation) to fill from its stage; a claim whose slot has moved on to
+        # another generation since (reassigned to another expert) is dropped
+        self._stage_fill: dict[int, tuple[int, int, int]] = {}
         if fit_on_prefill is not None and fit_on_prefill < 0:
             raise ValueError(f"HybridExperts: fit_on_prefill must be >= 0 or None, got {fit_on_prefill!r}")
         self.fit_on_prefill, self.prefill_ridge = fit_on_prefill, prefill_ridge
@@ -477,10 +479,10 @@ class HybridExperts(ExpertBackend):
                 if self._content[s] == key and self._ready[s] == self._gen[s] and self._failed[s] != self._gen[s]:
                     on_dev[p] = True
                 elif int(flat[p]) not in self._stage_fill:
-                    self._stage_fill[int(flat[p])] = (s, key)
                     with self._slot_lock:       # the queued fill goes stale: the stage fills the slot
                         self._gen[s] += 1
                         self._content[s] = -1
+                        self._stage_fill[int(flat[p])] = (s, key, self._gen[s])
             self.late -= int(np.count_nonzero(on_dev)) - n_dev
             n_dev = int(np.count_nonzero(on_dev))
             away = np.flatnonzero(~on_dev)
@@ -573,7 +575,12 @@ class HybridExperts(ExpertBackend):
         if self._ready[s] != self._gen[s]:
             return False
         ev = self._event[s]
-        return ev is None or ev.query()
+        if ev is None:
+            return True
+        if not ev.query():
+            return False
+        self._event[s] = None   # settled: later checks (one per resident per admission) skip the CUDA query
+        return True
 
     def _landed_keys(self, keys: np.ndarray) -> np.ndarray:
         """The cache's "landed?" predicate (ExpertCache.set_landed): per resident key, its slot's copy is done."""
@@ -742,12 +749,14 @@ class HybridExperts(ExpertBackend):
         self.stream_experts += len(experts)
         return y
 
-    def _fill_from_stage(self, b: _StageBuffer, s: int, key: int) -> None:
+    def _fill_from_stage(self, b: _StageBuffer, s: int, key: int, gen: int) -> None:
         """Slot s <- the expert in staging buffer b (device to device, on the compute stream after its reads of
         the slot and any earlier fill of it): an expert streamed for a layer and admitted to the cache is not
-        copied over the link a second time."""
+        copied over the link a second time. Nothing happens if the slot was given to another fill since the claim
+        (generation gen)."""
         with self._fill_lock:
-            gen = self._gen[s]
+            if self._gen[s] != gen:
+                return
             if self._cuda:
                 stream = torch.cuda.current_stream(self.device)
                 if self._event[s] is not None:
@@ -823,10 +832,10 @@ class HybridExperts(ExpertBackend):
             if streamed is not None and l2 == li and e in streamed:
                 # an earlier stage fill of this slot was evicted in the same decision: drop it
                 self._stage_fill = {e2: v for e2, v in self._stage_fill.items() if v[0] != s}
-                self._stage_fill[e] = (s, key)
                 with self._slot_lock:          # the slot's old content is gone; _stream_part fills it
                     self._gen[s] += 1
                     self._content[s] = -1
+                    self._stage_fill[e] = (s, key, self._gen[s])
                 self._prefetched[s] = predicted
                 self.demand_fills += not predicted
                 self.prefetch_fills += predicted
