@@ -5,6 +5,9 @@
  *
  * hk2_route: the MoE router's scores (the matrix-vector products split over the pool) and its choice.
  *
+ * hk2_attn_decode: a layer's whole attention for one decode token (norm, projections, MLA, output), so the
+ * decode loop leaves C once per attention block instead of once per op.
+ *
  * hk2_mla_decode: absorbed MLA attention for one decode token. With W_k, W_v the per-head
  * blocks of kv_b_proj, c the cached latents and r the rotated shared rope keys:
  *   q_lat[h] = sum_d q_nope[h, d] W_k[h, d, :]           (absorb W_k into the query)
@@ -13,6 +16,7 @@
  * Per-head work is split over heads, the two passes over the cache over positions (scores) and latent
  * columns (weighted sum), so each pass reads each cached row once. */
 #include <math.h>
+#include <stdio.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include "hk2_internal.h"
@@ -270,9 +274,8 @@ static int bad_dim(const char *name, int64_t v, int64_t lo) {
     return hk2_fail(HK2_ESHAPE, "mla_decode: %s=%lld out of range [%lld, %d]", name, (long long)v, (long long)lo, MLA_MAX_DIM);
 }
 
-int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
-                   float *kv_cache, float *pe_cache, float *o) {
-    hk2_clear_error();
+static int mla_check(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
+                     const float *kv_cache, const float *pe_cache, const float *o) {
     if (!m) return hk2_fail(HK2_EINVAL, "mla_decode: m is NULL");
     if (m->n_heads < 1 || m->n_heads > MLA_MAX_DIM) return bad_dim("n_heads", m->n_heads, 1);
     if (m->nope < 1 || m->nope > MLA_MAX_DIM) return bad_dim("nope", m->nope, 1);
@@ -290,7 +293,11 @@ int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *k
         if (!ptrs[i]) return hk2_fail(HK2_EINVAL, "mla_decode: %s is NULL", names[i]);
         if ((uintptr_t)ptrs[i] % sizeof(float)) return hk2_fail(HK2_EINVAL, "mla_decode: %s is not 4-byte aligned", names[i]);
     }
+    return HK2_OK;
+}
 
+static int mla_locked(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
+                      float *kv_cache, float *pe_cache, float *o) {
     const int64_t H = m->n_heads, S = pos + 1;
     const size_t n_lat = (size_t)(H * m->rank), n_pe = (size_t)(H * m->rope), n_p = (size_t)H * (size_t)S;
     float *scratch = malloc(sizeof(float) * (2 * n_lat + n_pe + n_p));
@@ -305,7 +312,6 @@ int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *k
         .kv_cache = kv_cache, .pe_cache = pe_cache, .o = o,
         .q_lat = scratch, .o_lat = scratch + n_lat, .q_pe = scratch + 2 * n_lat, .p = scratch + 2 * n_lat + n_pe,
     };
-    hk2_api_lock();
     const int64_t nth = hk2_pool_threads(), R = m->rank;
     int64_t pos_chunk = (S + 4 * nth - 1) / (4 * nth), col_chunk = 16;   /* several items per thread */
     if (pos_chunk < 16) pos_chunk = 16;
@@ -315,8 +321,84 @@ int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *k
     if (!err) err = run_phase(job, softmax_task, H, 1);
     if (!err) err = run_phase(job, o_lat_task, (R + col_chunk - 1) / col_chunk, col_chunk);
     if (!err) err = run_phase(job, out_task, H, 1);
-    hk2_api_unlock();
     free(job);
     free(scratch);
+    return err;
+}
+
+int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
+                   float *kv_cache, float *pe_cache, float *o) {
+    hk2_clear_error();
+    int err = mla_check(m, pos, q, kv_a, rot, kv_cache, pe_cache, o);
+    if (err) return err;
+    hk2_api_lock();
+    err = mla_locked(m, pos, q, kv_a, rot, kv_cache, pe_cache, o);
+    hk2_api_unlock();
+    return err;
+}
+
+static int bad_matrix(const char *name, const hk2_matrix *mat, int64_t rows, int64_t cols) {
+    return hk2_fail(HK2_ESHAPE, "attn_decode: %s is %lld x %lld, expected %lld x %lld", name, (long long)mat->rows,
+                    (long long)mat->cols, (long long)rows, (long long)cols);
+}
+
+int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float *rot, float *kv_cache,
+                    float *pe_cache, float *out) {
+    hk2_clear_error();
+    if (!a) return hk2_fail(HK2_EINVAL, "attn_decode: a is NULL");
+    const hk2_mla *m = &a->mla;
+    const int64_t D = a->hidden, H = m->n_heads;
+    if (D < 1 || D > MLA_MAX_DIM) return hk2_fail(HK2_ESHAPE, "attn_decode: hidden=%lld out of range", (long long)D);
+    const int lora = a->q_a.w != NULL;
+    const int64_t q_in = lora ? a->q_a.rows : D;
+    if (lora && (a->q_a.cols != D)) return bad_matrix("q_a", &a->q_a, a->q_a.rows, D);
+    if (a->q_b.rows != H * (m->nope + m->rope) || a->q_b.cols != q_in)
+        return bad_matrix("q_b", &a->q_b, H * (m->nope + m->rope), q_in);
+    if (a->kv_a.rows != m->rank + m->rope || a->kv_a.cols != D) return bad_matrix("kv_a", &a->kv_a, m->rank + m->rope, D);
+    if (a->o.rows != D || a->o.cols != H * m->v_dim) return bad_matrix("o", &a->o, D, H * m->v_dim);
+    if (!a->input_norm || (lora && !a->q_a_norm))
+        return hk2_fail(HK2_EINVAL, "attn_decode: %s is NULL", !a->input_norm ? "input_norm" : "q_a_norm");
+    if (!(a->input_eps >= 0.0f) || !isfinite(a->input_eps) || !(a->q_a_eps >= 0.0f) || !isfinite(a->q_a_eps))
+        return hk2_fail(HK2_EINVAL, "attn_decode: a norm epsilon is not a number >= 0");
+    if (!x || !out) return hk2_fail(HK2_EINVAL, "attn_decode: %s is NULL", !x ? "x" : "out");
+    const size_t n = (size_t)(D + q_in + a->q_b.rows + a->kv_a.rows + H * m->v_dim + D);
+    float *buf = malloc(sizeof(float) * n);
+    if (!buf) return hk2_fail(HK2_ENOMEM, "attn_decode: out of memory");
+    float *xn = buf, *qa = xn + D, *q = qa + q_in, *kva = q + a->q_b.rows, *att = kva + a->kv_a.rows, *delta = att + H * m->v_dim;
+    const hk2_matrix *mats[] = {&a->q_a, &a->q_b, &a->kv_a, &a->o};
+    static const char *const names[] = {"q_a", "q_b", "kv_a", "o"};
+    int err = HK2_OK;
+    for (int i = lora ? 0 : 1; i < 4 && !err; i++) {
+        err = hk2_linear_check(mats[i]->qtype, mats[i]->w, mats[i]->rows, mats[i]->cols, 1, buf, buf);
+        if (err) {   /* name the matrix (the message is copied out first: hk2_fail writes the same buffer) */
+            char why[256];
+            snprintf(why, sizeof why, "%s", hk2_last_error());
+            hk2_fail(err, "attn_decode: %s: %s", names[i], why);
+        }
+    }
+    if (!err) err = mla_check(m, pos, q, kva, rot, kv_cache, pe_cache, att);
+    if (err) {
+        free(buf);
+        return err;
+    }
+    const hk2_kernels *k = hk2_active_kernels();
+    hk2_api_lock();
+    const float inv = rms_scale(k, x, D, a->input_eps);
+    for (int64_t i = 0; i < D; i++) xn[i] = x[i] * inv * a->input_norm[i];
+    if (lora) {
+        err = hk2_linear_locked(a->q_a.qtype, a->q_a.w, a->q_a.rows, D, 1, xn, qa);
+        if (!err) {
+            const float inv_q = rms_scale(k, qa, q_in, a->q_a_eps);
+            for (int64_t i = 0; i < q_in; i++) qa[i] = qa[i] * inv_q * a->q_a_norm[i];
+        }
+    }
+    if (!err) err = hk2_linear_locked(a->q_b.qtype, a->q_b.w, a->q_b.rows, q_in, 1, lora ? qa : xn, q);
+    if (!err) err = hk2_linear_locked(a->kv_a.qtype, a->kv_a.w, a->kv_a.rows, D, 1, xn, kva);
+    if (!err) err = mla_locked(m, pos, q, kva, rot, kv_cache, pe_cache, att);
+    if (!err) err = hk2_linear_locked(a->o.qtype, a->o.w, D, a->o.cols, 1, att, delta);
+    hk2_api_unlock();
+    if (!err)
+        for (int64_t i = 0; i < D; i++) out[i] = x[i] + delta[i];
+    free(buf);
     return err;
 }

@@ -116,6 +116,28 @@ typedef struct {
 int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
                    float *kv_cache, float *pe_cache, float *o);
 
+/* One weight matrix of GGML blocks: y [rows] = W x [cols]. */
+typedef struct {
+    int qtype;
+    const void *w;               /* [rows, row_bytes(qtype, cols)] */
+    int64_t rows, cols;
+} hk2_matrix;
+/* A decoder layer's attention for one decode token, end to end in one call (what the model does with
+ * input_layernorm, the projections as hk2_linear and hk2_mla_decode): out = x + o(mla(norm(x))).
+ * With q_a.w NULL, q_b is q_proj (no query LoRA) and q_a_norm is unused. */
+typedef struct {
+    hk2_mla mla;
+    int64_t hidden;
+    const float *input_norm;     /* [hidden] */
+    float input_eps;
+    const float *q_a_norm;       /* [q_a.rows] */
+    float q_a_eps;
+    hk2_matrix q_a, q_b, kv_a, o;
+} hk2_attn;
+/* x, out [hidden] (may be the same); rot, kv_cache, pe_cache as for hk2_mla_decode. */
+int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float *rot, float *kv_cache,
+                    float *pe_cache, float *out);
+
 int hk2_set_threads(int n);        /* persistent pool of n threads (caller included) */
 int hk2_get_threads(void);
 int hk2_set_isa(const char *name); /* "scalar" | "avx2" | "avx512"; HK2_EISA if unknown/unsupported */

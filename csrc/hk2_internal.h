@@ -193,6 +193,10 @@ void hk2_clear_error(void);
 void hk2_api_lock(void);   /* serialises calls that use the pool or shared workspace */
 void hk2_api_unlock(void);
 
+/* ---- pieces shared by the drivers (moe.c, decode.c); *_locked: the caller holds the API lock ---- */
+int hk2_linear_check(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, const float *y);
+int hk2_linear_locked(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, float *y);
+
 /* ---- block types (quants.c) ---- */
 int hk2_type_known(int qtype);          /* weight or activation type we implement */
 int hk2_type_is_weight(int qtype);      /* usable as MoE weights */

@@ -416,8 +416,8 @@ static void linear_task(void *ctx, int ith, int nth) {
     }
 }
 
-int hk2_linear(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, float *y) {
-    hk2_clear_error();
+/* checks hk2_linear's arguments (shared with hk2_attn_decode's matrices) */
+int hk2_linear_check(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, const float *y) {
     const int64_t N = n_rows, K = n_cols, T = n_tokens;
     if (!hk2_type_is_weight(qtype)) return hk2_fail(HK2_ETYPE, "linear: unsupported weight type %d (%s)", qtype, hk2_type_name(qtype));
     if (N < 1 || N > MAX_DIM) return hk2_fail(HK2_ESHAPE, "linear: n_rows=%lld out of range", (long long)N);
@@ -433,20 +433,21 @@ int hk2_linear(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t
     if ((uintptr_t)w % 2) return hk2_fail(HK2_EINVAL, "linear: w is not 2-byte aligned (blocks hold fp16 scales)");
     if ((uintptr_t)x % sizeof(float) || (uintptr_t)y % sizeof(float))
         return hk2_fail(HK2_EINVAL, "linear: %s is not 4-byte aligned", (uintptr_t)x % sizeof(float) ? "x" : "y");
+    return HK2_OK;
+}
 
+/* the call itself; the caller holds the API lock and has checked the arguments */
+int hk2_linear_locked(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, float *y) {
+    const int64_t N = n_rows, K = n_cols, T = n_tokens;
+    if (T == 0) return HK2_OK;
     const int qb = hk2_act_qb(qtype);
     const size_t act_stride = hk2_act_row_bytes(K, qb);
-    hk2_api_lock();
     uint8_t *act = workspace(act_stride * (size_t)T);
     if (!act) {
-        hk2_api_unlock();
         return hk2_fail(HK2_ENOMEM, "linear: cannot allocate %zu bytes of workspace", act_stride * (size_t)T);
     }
     linear_job *job = aligned_alloc(HK2_CACHE_LINE, align_up(sizeof(linear_job)));
-    if (!job) {
-        hk2_api_unlock();
-        return hk2_fail(HK2_ENOMEM, "linear: out of memory");
-    }
+    if (!job) return hk2_fail(HK2_ENOMEM, "linear: out of memory");
     memset(job, 0, sizeof *job);
     const hk2_kernels *k = hk2_active_kernels();
     const int nth = hk2_pool_threads();
@@ -473,6 +474,15 @@ int hk2_linear(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t
     atomic_init(&job->next, 0);
     const int err = hk2_pool_run_dynamic(linear_task, job);
     free(job);
+    return err;
+}
+
+int hk2_linear(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, float *y) {
+    hk2_clear_error();
+    int err = hk2_linear_check(qtype, w, n_rows, n_cols, n_tokens, x, y);
+    if (err) return err;
+    hk2_api_lock();
+    err = hk2_linear_locked(qtype, w, n_rows, n_cols, n_tokens, x, y);
     hk2_api_unlock();
     return err;
 }

@@ -548,6 +548,25 @@ class KernelLib:
             raise ValueError(f"kv_norm: shape {tuple(kv_norm.shape)}, expected ({wkv_b.shape[1]},) (wkv_b's rank)")
         return MLADecoder(self, wkv_b, kv_norm, int(n_heads), int(nope), int(rope), int(v_dim), float(scale), float(eps))
 
+    def attn_decoder(self, mla: "MLADecoder", input_norm, input_eps: float, q_a_norm, q_a_eps: float,
+                     q_a, q_b, kv_a, o) -> "AttnDecoder":
+        """A layer's attention end to end (hk2_attn_decode): mla an MLADecoder, the norms float32 CPU tensors
+        (q_a_norm None without a query LoRA), q_a / q_b / kv_a / o as (blocks [rows, row_bytes], qtype) with
+        q_a None when q_b is q_proj. The C side checks the shapes fit together."""
+        _require_cpu_f32(input_norm, "input_norm")
+        if q_a_norm is not None:
+            _require_cpu_f32(q_a_norm, "q_a_norm")
+        mats = []
+        for name, mat in (("q_a", q_a), ("q_b", q_b), ("kv_a", kv_a), ("o", o)):
+            if mat is None and name != "q_a":
+                raise ValueError(f"{name}: required")
+            if mat is not None:
+                blocks, t = _as_numpy(mat[0], name), qtype(mat[1])
+                _check_linear_weights(blocks, t)
+                mat = (blocks, t)
+            mats.append(mat)
+        return AttnDecoder(self, mla, input_norm, float(input_eps), q_a_norm, float(q_a_eps), *mats)
+
     # ---- threads, ISA, probe
     def set_threads(self, n: int) -> None:
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
@@ -656,6 +675,66 @@ class BoundRouter:
         return ids, w
 
 
+class AttnDecoder:
+    """A layer's whole attention for one decode token in one C call (hk2_attn_decode): out = x +
+    o_proj(MLA(input_norm(x))), the projections as GGML blocks. Made by KernelLib.attn_decoder."""
+
+    def __init__(self, lib: KernelLib, mla: "MLADecoder", input_norm, input_eps: float, q_a_norm, q_a_eps: float,
+                 q_a, q_b, kv_a, o):
+        self.lib, self.mla = lib, mla
+        # the weights it reads (kept alive while bound): norms, then each projection's blocks (None: no q_a)
+        self.refs = (input_norm, q_a_norm) + tuple(None if mat is None else mat[0] for mat in (q_a, q_b, kv_a, o))
+        ffi = lib.ffi
+        a = ffi.new("hk2_attn *")
+        a.mla = mla._m[0]
+        a.hidden = input_norm.shape[0]
+        a.input_norm, a.input_eps = ffi.cast("const float *", input_norm.data_ptr()), input_eps
+        a.q_a_norm = ffi.cast("const float *", q_a_norm.data_ptr()) if q_a_norm is not None else ffi.NULL
+        a.q_a_eps = q_a_eps
+        for field, mat in (("q_a", q_a), ("q_b", q_b), ("kv_a", kv_a), ("o", o)):
+            dst = getattr(a, field)
+            if mat is None:
+                dst.w = ffi.NULL
+                continue
+            blocks, t = mat
+            dst.qtype, dst.w, dst.rows = t.id, ffi.cast("const void *", blocks.ctypes.data), blocks.shape[0]
+            dst.cols = _cols_from_row_bytes(t, blocks.shape[1], field)
+        self._a = a
+        self._ptrs = self._current()
+
+    def _current(self):
+        n, qn = self.refs[0], self.refs[1]
+        return (n.data_ptr(), None if qn is None else qn.data_ptr()) + self.mla._ptrs
+
+    def binds(self, *refs) -> bool:
+        """Whether this decoder reads exactly these weights (input_norm, q_a_norm, then the q_a, q_b, kv_a, o
+        blocks: the same objects, in the same memory)."""
+        return all(a is b for a, b in zip(self.refs, refs)) and self._ptrs == self._current() \
+            and self.mla._ptrs == (self.mla.wkv_b.data_ptr(), self.mla.kv_norm.data_ptr())
+
+    def __call__(self, x, rot, kv_cache, pe_cache, pos: int):
+        """x [1, hidden] -> x + attention(x) [1, hidden]; rot, kv_cache, pe_cache, pos as for MLADecoder."""
+        if not isinstance(pos, (int, np.integer)) or isinstance(pos, bool) or pos < 0:
+            raise ValueError(f"pos: expected an int >= 0, got {pos!r}")
+        if self._ptrs != self._current():
+            raise ValueError("attention weights moved to new memory since this decoder was made; make a new one")
+        m = self.mla
+        _require_cpu_f32(x, "x")
+        if x.numel() != self._a.hidden:
+            raise ValueError(f"x: {x.numel()} values, expected hidden={self._a.hidden}")
+        m._check(rot, "rot", m.rope)
+        m._check(kv_cache, "kv_cache", rows=pos + 1, cols=m.rank)
+        m._check(pe_cache, "pe_cache", rows=pos + 1, cols=m.rope)
+        out = torch.empty_like(x)
+        ffi = self.lib.ffi
+        self.lib._check(self.lib.lib.hk2_attn_decode(self._a, int(pos), ffi.cast("const float *", x.data_ptr()),
+                                                     ffi.cast("const float *", rot.data_ptr()),
+                                                     ffi.cast("float *", kv_cache.data_ptr()),
+                                                     ffi.cast("float *", pe_cache.data_ptr()),
+                                                     ffi.cast("float *", out.data_ptr())), "attn_decode")
+        return out
+
+
 class MLADecoder:
     """One layer's absorbed MLA decode step (KernelLib.mla_decoder): the C kernel writes the new token's
     cache row and returns the attention output before o_proj."""
@@ -737,6 +816,7 @@ moe_forward = _default.moe_forward
 linear = _default.linear
 bind_linear = _default.bind_linear
 mla_decoder = _default.mla_decoder
+attn_decoder = _default.attn_decoder
 router = _default.router
 rms_norm = _default.rms_norm
 set_threads = _default.set_threads

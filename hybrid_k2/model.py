@@ -104,6 +104,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
         self._decoder: kernels.MLADecoder | None = None
+        self._block: kernels.AttnDecoder | None = None
 
     def cpu_decoder(self, x: torch.Tensor, cache: KVCache) -> kernels.MLADecoder | None:
         """The C decode step (kernels.mla_decoder) when this layer attends in float32 on the CPU without
@@ -117,6 +118,25 @@ class MLA(nn.Module):
             self._decoder = kernels.mla_decoder(w, nw, n_heads=self.n_heads, nope=self.nope, rope=self.rope,
                                                 v_dim=self.v_dim, scale=self.scale, eps=self.kv_a_layernorm.eps)
         return self._decoder
+
+    def cpu_block(self, norm: "RMSNorm", x: torch.Tensor, cache: KVCache) -> kernels.AttnDecoder | None:
+        """The whole attention of a decode step, input norm to residual, as one C call (kernels.attn_decoder)
+        when cpu_decoder applies and every projection is GGML blocks (QuantLinear, dense_format=); else None."""
+        dec = self.cpu_decoder(x, cache)
+        lora = hasattr(self, "q_a_proj")
+        projs = (self.q_a_proj, self.q_b_proj) if lora else (self.q_proj,)
+        projs += (self.kv_a_proj_with_mqa, self.o_proj)
+        if (dec is None or not all(isinstance(p, QuantLinear) and p.blocks is not None and p.bias is None for p in projs)
+                or not kernels.plain_cpu_tensors(norm.weight, (torch.float32,))
+                or (lora and not kernels.plain_cpu_tensors(self.q_a_layernorm.weight, (torch.float32,)))):
+            return None
+        q_a_norm = self.q_a_layernorm.weight if lora else None
+        blocks = tuple(p.blocks for p in projs) if lora else (None,) + tuple(p.blocks for p in projs)
+        if self._block is None or self._block.mla is not dec or not self._block.binds(norm.weight, q_a_norm, *blocks):
+            mats = [None if b is None else (b, p.qtype) for b, p in zip(blocks, ((None,) if not lora else ()) + projs)]
+            self._block = kernels.attn_decoder(dec, norm.weight, norm.eps, q_a_norm,
+                                               self.q_a_layernorm.eps if lora else 0.0, *mats)
+        return self._block
 
     def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, cache: KVCache, absorb: bool) -> torch.Tensor:
         T = x.shape[0]
@@ -272,7 +292,12 @@ class Block(nn.Module):
         self.mlp = MoE(cfg, layer, experts) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, start_pos, rope, cache, absorb):
-        x = x + self.self_attn(self.input_layernorm(x), start_pos, rope, cache, absorb)
+        block = self.self_attn.cpu_block(self.input_layernorm, x, cache) if absorb and x.shape[0] == 1 else None
+        if block is not None:   # CPU decode: norm, projections, MLA and the residual add in one C call
+            layer = self.self_attn.layer
+            x = block(x, torch.view_as_real(rope), cache.kv[layer], cache.pe[layer], start_pos)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), start_pos, rope, cache, absorb)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

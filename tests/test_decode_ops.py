@@ -212,3 +212,67 @@ def test_router_argument_checks():
         kernels.router(w, top_k=-1)
     with pytest.raises(ValueError, match="scaling: expected a finite number"):
         kernels.router(w, top_k=2, scaling=float("nan"))
+
+
+@pytest.mark.parametrize("q_lora", [True, False], ids=["q_lora", "q_proj"])
+def test_attention_block_in_one_call_is_bit_identical(q_lora):
+    """With the projections as GGML blocks, a decode step's attention runs as one C call (MLA.cpu_block:
+    norm, projections, MLA, residual); its output equals the op-by-op C path exactly."""
+    from hybrid_k2.config import ModelConfig
+    from hybrid_k2.model import MLA, Transformer
+    from hybrid_k2.qlinear import QuantLinear
+    cfg = ModelConfig.from_dict(dict(
+        model_type="kimi_k2", vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32 if q_lora else None, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=2))
+    model = Transformer(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    for layer in model.model.layers:
+        a = layer.self_attn
+        for name in ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "o_proj"):
+            if hasattr(a, name):
+                setattr(a, name, QuantLinear.from_linear(getattr(a, name), "q8_0"))
+    ids = torch.randint(0, 64, (10,), generator=g)
+    outs = []
+    orig = MLA.cpu_block
+    try:
+        for fused in (True, False):
+            MLA.cpu_block = orig if fused else (lambda self, norm, x, cache: None)
+            with torch.no_grad():
+                cache = model.new_cache(16)
+                model(ids[:3], 0, cache)
+                outs.append(torch.cat([model(ids[i:i + 1], i, cache) for i in range(3, 10)]))
+    finally:
+        MLA.cpu_block = orig
+    assert all(layer.self_attn._block is not None for layer in model.model.layers)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_attention_block_rejects_what_does_not_fit():
+    from hybrid_k2.qlinear import QuantLinear
+    H, nope, rope, vd, R, D = 2, 16, 8, 16, 32, 64
+    dec = kernels.mla_decoder(torch.randn(H * (nope + vd), R), torch.ones(R), n_heads=H, nope=nope, rope=rope,
+                              v_dim=vd, scale=0.2, eps=1e-6)
+
+    def mat(rows, cols):
+        q = QuantLinear.from_linear(torch.nn.Linear(cols, rows, bias=False), "q8_0")
+        return q.blocks, q.qtype
+
+    norm = torch.ones(D)
+    good = [mat(H * (nope + rope), D), mat(R + rope, D), mat(D, H * vd)]
+    blk = kernels.attn_decoder(dec, norm, 1e-6, None, 0.0, None, *good)
+    out = blk(torch.randn(1, D), rope_rot(rope // 2, 0), torch.zeros(2, R), torch.zeros(2, rope), 0)
+    assert out.shape == (1, D) and torch.isfinite(out).all()
+    bad = kernels.attn_decoder(dec, norm, 1e-6, None, 0.0, None, mat(H * (nope + rope), D), mat(R + rope, D),
+                               mat(D, 64 + 32))
+    with pytest.raises(kernels.KernelError, match=r"attn_decode: o is 64 x 96, expected 64 x 32"):
+        bad(torch.randn(1, D), rope_rot(rope // 2, 0), torch.zeros(2, R), torch.zeros(2, rope), 0)
+    with pytest.raises(ValueError, match="x: 63 values, expected hidden=64"):
+        blk(torch.randn(1, 63), rope_rot(rope // 2, 0), torch.zeros(2, R), torch.zeros(2, rope), 0)
+    norm.data = torch.ones(D)
+    with pytest.raises(ValueError, match="moved to new memory"):
+        blk(torch.randn(1, D), rope_rot(rope // 2, 0), torch.zeros(2, R), torch.zeros(2, rope), 0)

@@ -432,6 +432,51 @@ static void test_decode_ops(void) {
     rt.n_group = 3;
     CHECK(hk2_route(&rt, RT, NULL, rid, rwt) == HK2_EINVAL, "route: null x");
     CHECK(hk2_route(NULL, RT, rx, rid, rwt) == HK2_EINVAL, "route: null router");
+
+    /* attention block: one call equals its pieces called one by one */
+    enum { D = 64, AH = 2, ANOPE = 16, AROPE = 8, AV = 16, AR = 32, QA = 32, AP = 3 };
+    static float wq_a[QA * D], wq_b[AH * (ANOPE + AROPE) * QA], wkv_a[(AR + AROPE) * D], wo[D * AH * AV];
+    static float wkvb[AH * (ANOPE + AV) * AR], nin[D], nqa[QA], nkv[AR], arot[AROPE];
+    float *fw[] = {wq_a, wq_b, wkv_a, wo, wkvb, nin, nqa, nkv};
+    const int fn[] = {QA * D, AH * (ANOPE + AROPE) * QA, (AR + AROPE) * D, D * AH * AV, AH * (ANOPE + AV) * AR, D, QA, AR};
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < fn[i]; j++) fw[i][j] = i < 5 ? 0.2f * nrand() : 1.0f + 0.1f * nrand();
+    for (int i = 0; i < AROPE / 2; i++) { arot[2 * i] = cosf(0.5f * (float)i); arot[2 * i + 1] = sinf(0.5f * (float)i); }
+    static uint8_t bq_a[QA * 68], bq_b[48 * 34], bkv_a[40 * 68], bo[D * 34];
+    CHECK(hk2_quantize(HK2_Q8_0, wq_a, QA, D, bq_a) == HK2_OK, "quantize q_a");
+    CHECK(hk2_quantize(HK2_Q8_0, wq_b, 48, QA, bq_b) == HK2_OK, "quantize q_b");
+    CHECK(hk2_quantize(HK2_Q8_0, wkv_a, 40, D, bkv_a) == HK2_OK, "quantize kv_a");
+    CHECK(hk2_quantize(HK2_Q8_0, wo, D, AH * AV, bo) == HK2_OK, "quantize o");
+    hk2_attn at = {.mla = {.n_heads = AH, .nope = ANOPE, .rope = AROPE, .v_dim = AV, .rank = AR, .scale = 0.2f, .eps = 1e-6f,
+                           .wkv_b = wkvb, .kv_norm = nkv},
+                   .hidden = D, .input_norm = nin, .input_eps = 1e-6f, .q_a_norm = nqa, .q_a_eps = 1e-6f,
+                   .q_a = {HK2_Q8_0, bq_a, QA, D}, .q_b = {HK2_Q8_0, bq_b, 48, QA}, .kv_a = {HK2_Q8_0, bkv_a, 40, D},
+                   .o = {HK2_Q8_0, bo, D, AH * AV}};
+    float ax[D], aout[D], kc1[AP * AR] = {0}, pc1[AP * AROPE] = {0}, kc2[AP * AR] = {0}, pc2[AP * AROPE] = {0};
+    float xn[D], qa[QA], qq[48], kva[40], att[AH * AV], dl[D];
+    for (int pos = 0; pos < AP; pos++) {
+        for (int i = 0; i < D; i++) ax[i] = nrand();
+        CHECK(hk2_attn_decode(&at, pos, ax, arot, kc1, pc1, aout) == HK2_OK, "attn_decode: %s", hk2_last_error());
+        CHECK(hk2_rms_norm(ax, nin, 1, D, 1e-6f, xn) == HK2_OK, "rms_norm");
+        CHECK(hk2_linear(HK2_Q8_0, bq_a, QA, D, 1, xn, qa) == HK2_OK, "linear q_a");
+        CHECK(hk2_rms_norm(qa, nqa, 1, QA, 1e-6f, qa) == HK2_OK, "rms_norm q_a");
+        CHECK(hk2_linear(HK2_Q8_0, bq_b, 48, QA, 1, qa, qq) == HK2_OK, "linear q_b");
+        CHECK(hk2_linear(HK2_Q8_0, bkv_a, 40, D, 1, xn, kva) == HK2_OK, "linear kv_a");
+        CHECK(hk2_mla_decode(&at.mla, pos, qq, kva, arot, kc2, pc2, att) == HK2_OK, "mla_decode");
+        CHECK(hk2_linear(HK2_Q8_0, bo, D, AH * AV, 1, att, dl) == HK2_OK, "linear o");
+        int same = 1;
+        for (int i = 0; i < D; i++) same &= aout[i] == ax[i] + dl[i];
+        CHECK(same, "attn_decode at pos %d differs from its pieces", pos);
+        CHECK(memcmp(kc1, kc2, sizeof kc1) == 0 && memcmp(pc1, pc2, sizeof pc1) == 0, "attn_decode cache rows at pos %d", pos);
+    }
+    at.o.cols = 48;
+    CHECK(hk2_attn_decode(&at, 0, ax, arot, kc1, pc1, aout) == HK2_ESHAPE, "attn_decode: o of the wrong width");
+    CHECK(strstr(hk2_last_error(), "o is 64 x 48") != NULL, "message names o: %s", hk2_last_error());
+    at.o.cols = AH * AV;
+    at.q_b.qtype = 7;
+    CHECK(hk2_attn_decode(&at, 0, ax, arot, kc1, pc1, aout) == HK2_ETYPE, "attn_decode: bad q_b type");
+    CHECK(strstr(hk2_last_error(), "q_b") != NULL, "message names q_b: %s", hk2_last_error());
+    CHECK(hk2_attn_decode(NULL, 0, ax, arot, kc1, pc1, aout) == HK2_EINVAL, "attn_decode: null block");
 }
 
 int main(void) {
