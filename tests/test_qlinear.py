@@ -106,8 +106,8 @@ def test_bad_arguments():
 
 
 def test_mlp_of_blocks_decodes_in_one_expert_call():
-    """A SwiGLU of QuantLinear matrices at decode runs as one call of the routed experts' kernel (MLP.cpu_expert);
-    it matches the float MLP on the dequantized weights at least as well as the three separate calls do."""
+    """A SwiGLU of QuantLinear matrices at decode runs as one call of the routed experts' kernel (MLP.cpu_expert),
+    with the same 8-bit inputs as the three separate calls: it matches them, and the float MLP as closely."""
     from hybrid_k2.model import MLP
     torch.manual_seed(0)
     ref = MLP(256, 512).eval()
@@ -125,7 +125,8 @@ def test_mlp_of_blocks_decodes_in_one_expert_call():
     assert mlp._expert is not None
     err_f = ((fused - want).norm() / want.norm()).item()
     err_u = ((unfused - want).norm() / want.norm()).item()
-    assert err_f < 0.01 and err_f <= err_u * 1.05, (err_f, err_u)
+    assert err_f < 0.015 and err_f <= err_u * 1.05, (err_f, err_u)
+    assert ((fused - unfused).norm() / unfused.norm()).item() < 2e-3   # same quantization; only silu's rounding
     with torch.no_grad():                                # prefill rows keep the three calls
         assert torch.equal(mlp(x.repeat(3, 1))[1:2], mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x))
                                                                     * mlp.up_proj(x)))
