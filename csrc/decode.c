@@ -38,8 +38,19 @@ typedef struct {
     _Alignas(HK2_CACHE_LINE) atomic_llong next;
 } mla_job;
 
-static float rms_scale(const hk2_kernels *k, const float *x, int64_t n, float eps) {
-    return 1.0f / sqrtf(k->dot_f32((int)n, x, x) / (float)n + eps);
+/* y = x / sqrt(mean(x^2) + eps) * w for one row of n (y may be x): every RMSNorm of the decode step */
+static void norm_row(const hk2_kernels *k, const float *x, const float *w, int64_t n, float eps, float *y) {
+    const float inv = 1.0f / sqrtf(k->dot_f32((int)n, x, x) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * inv * w[i];
+}
+
+/* v = softmax(v) over n values, in place */
+static void softmax_inplace(float *v, int64_t n) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) mx = v[i] > mx ? v[i] : mx;
+    for (int64_t i = 0; i < n; i++) { v[i] = expf(v[i] - mx); sum += v[i]; }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < n; i++) v[i] *= inv;
 }
 
 int hk2_rms_norm(const float *x, const float *w, int64_t n_rows, int64_t n, float eps, float *y) {
@@ -49,12 +60,7 @@ int hk2_rms_norm(const float *x, const float *w, int64_t n_rows, int64_t n, floa
     if (!(eps >= 0.0f) || !isfinite(eps)) return hk2_fail(HK2_EINVAL, "rms_norm: eps=%g is not a number >= 0", eps);
     if (!x || !w || !y) return hk2_fail(HK2_EINVAL, "rms_norm: %s is NULL", !x ? "x" : !w ? "w" : "y");
     const hk2_kernels *k = hk2_active_kernels();
-    for (int64_t r = 0; r < n_rows; r++) {
-        const float *xr = x + r * n;
-        float *yr = y + r * n;
-        const float inv = rms_scale(k, xr, n, eps);
-        for (int64_t i = 0; i < n; i++) yr[i] = xr[i] * inv * w[i];
-    }
+    for (int64_t r = 0; r < n_rows; r++) norm_row(k, x + r * n, w, n, eps, y + r * n);
     return HK2_OK;
 }
 
@@ -91,14 +97,10 @@ static int64_t argmax_masked(const float *v, const uint8_t *mask, int64_t n) {
 
 static void choose(const hk2_router *r, float *scores, float *choice, uint8_t *open, int32_t *ids, float *w) {
     const int64_t E = r->n_experts, K = r->top_k, G = r->n_group, per = E / G;
-    if (r->softmax) {
-        float mx = -INFINITY, sum = 0.0f;
-        for (int64_t e = 0; e < E; e++) mx = scores[e] > mx ? scores[e] : mx;
-        for (int64_t e = 0; e < E; e++) { scores[e] = expf(scores[e] - mx); sum += scores[e]; }
-        for (int64_t e = 0; e < E; e++) scores[e] /= sum;
-    } else {
+    if (r->softmax)
+        softmax_inplace(scores, E);
+    else
         for (int64_t e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
-    }
     for (int64_t e = 0; e < E; e++) choice[e] = r->bias ? scores[e] + r->bias[e] : scores[e];
     memset(open, 1, (size_t)E);
     if (G > 1) {   /* keep the topk_group best groups */
@@ -157,7 +159,7 @@ int hk2_route(const hk2_router *r, int64_t n_tokens, const float *x, int32_t *id
 
     float *logits = malloc(sizeof(float) * (size_t)(n_tokens * E + E));
     uint8_t *open = malloc((size_t)E);
-    route_job *job = aligned_alloc(HK2_CACHE_LINE, (sizeof(route_job) + HK2_CACHE_LINE - 1) & ~(size_t)(HK2_CACHE_LINE - 1));
+    route_job *job = aligned_alloc(HK2_CACHE_LINE, hk2_align_up(sizeof(route_job)));
     if (!logits || !open || !job) {
         free(logits); free(open); free(job);
         return hk2_fail(HK2_ENOMEM, "route: out of memory");
@@ -194,9 +196,7 @@ static void q_task(void *ctx, int ith, int nth) {   /* items: heads, then the ca
     HK2_UNUSED(ith); HK2_UNUSED(nth);
     for (int64_t h; (h = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
         if (h == m->n_heads) {  /* the new cache row: RMS-normalised latent, rotated shared key */
-            const float inv = rms_scale(j->k, j->kv_a, R, m->eps);
-            float *row = j->kv_cache + j->pos * R;
-            for (int64_t i = 0; i < R; i++) row[i] = j->kv_a[i] * inv * m->kv_norm[i];
+            norm_row(j->k, j->kv_a, m->kv_norm, R, m->eps, j->kv_cache + j->pos * R);
             rotate(j->kv_a + R, j->rot, rope, j->pe_cache + j->pos * rope);
             continue;
         }
@@ -229,13 +229,7 @@ static void softmax_task(void *ctx, int ith, int nth) {   /* items: heads */
     mla_job *j = ctx;
     const int64_t S = j->n_pos;
     HK2_UNUSED(ith); HK2_UNUSED(nth);
-    for (int64_t h; (h = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
-        float *ph = j->p + h * S, mx = -INFINITY, sum = 0.0f;
-        for (int64_t s = 0; s < S; s++) mx = ph[s] > mx ? ph[s] : mx;
-        for (int64_t s = 0; s < S; s++) { ph[s] = expf(ph[s] - mx); sum += ph[s]; }
-        const float inv = 1.0f / sum;
-        for (int64_t s = 0; s < S; s++) ph[s] *= inv;
-    }
+    for (int64_t h; (h = atomic_fetch_add(&j->next, 1)) < j->n_items;) softmax_inplace(j->p + h * S, S);
 }
 
 static void o_lat_task(void *ctx, int ith, int nth) {   /* items: runs of latent columns, all positions */
@@ -302,7 +296,7 @@ static int mla_locked(const hk2_mla *m, int64_t pos, const float *q, const float
     const size_t n_lat = (size_t)(H * m->rank), n_pe = (size_t)(H * m->rope), n_p = (size_t)H * (size_t)S;
     float *scratch = malloc(sizeof(float) * (2 * n_lat + n_pe + n_p));
     if (!scratch) return hk2_fail(HK2_ENOMEM, "mla_decode: cannot allocate scratch for %lld positions", (long long)S);
-    mla_job *job = aligned_alloc(HK2_CACHE_LINE, (sizeof(mla_job) + HK2_CACHE_LINE - 1) & ~(size_t)(HK2_CACHE_LINE - 1));
+    mla_job *job = aligned_alloc(HK2_CACHE_LINE, hk2_align_up(sizeof(mla_job)));
     if (!job) {
         free(scratch);
         return hk2_fail(HK2_ENOMEM, "mla_decode: out of memory");
@@ -383,14 +377,10 @@ int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float 
     }
     const hk2_kernels *k = hk2_active_kernels();
     hk2_api_lock();
-    const float inv = rms_scale(k, x, D, a->input_eps);
-    for (int64_t i = 0; i < D; i++) xn[i] = x[i] * inv * a->input_norm[i];
+    norm_row(k, x, a->input_norm, D, a->input_eps, xn);
     if (lora) {
         err = hk2_linear_locked(a->q_a.qtype, a->q_a.w, a->q_a.rows, D, 1, xn, qa);
-        if (!err) {
-            const float inv_q = rms_scale(k, qa, q_in, a->q_a_eps);
-            for (int64_t i = 0; i < q_in; i++) qa[i] = qa[i] * inv_q * a->q_a_norm[i];
-        }
+        if (!err) norm_row(k, qa, a->q_a_norm, q_in, a->q_a_eps, qa);
     }
     if (!err) err = hk2_linear_locked(a->q_b.qtype, a->q_b.w, a->q_b.rows, q_in, 1, lora ? qa : xn, q);
     if (!err) err = hk2_linear_locked(a->kv_a.qtype, a->kv_a.w, a->kv_a.rows, D, 1, xn, kva);

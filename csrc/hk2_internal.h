@@ -13,6 +13,9 @@
 #define HK2_CACHE_LINE 64
 #define HK2_UNUSED(x) ((void)(x))
 
+/* n rounded up to a whole number of cache lines (job structs with aligned atomics, workspace offsets) */
+static inline size_t hk2_align_up(size_t n) { return (n + HK2_CACHE_LINE - 1) & ~(size_t)(HK2_CACHE_LINE - 1); }
+
 /* ---- GGML block layouts (ggml-common.h), byte for byte ---- */
 typedef uint16_t hk2_half;
 
@@ -87,7 +90,7 @@ static inline size_t hk2_act_m8_bytes(int64_t n, int qb) { return qb == 32 ? siz
 static inline size_t hk2_act_row_bytes(int64_t n, int qb) {
     const size_t b = (size_t)n + hk2_act_qp_bytes(n, qb) + hk2_act_s8_bytes(n, qb) + hk2_act_m8_bytes(n, qb) +
                      sizeof(float) * (size_t)(n / qb) + sizeof(int16_t) * (size_t)(n / 16);
-    return (b + HK2_CACHE_LINE - 1) & ~(size_t)(HK2_CACHE_LINE - 1);
+    return hk2_align_up(b);
 }
 static inline hk2_arow hk2_act_row(const uint8_t *base, int64_t n, int qb) {
     hk2_arow r;

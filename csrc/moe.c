@@ -184,14 +184,13 @@ static void *workspace(size_t n) {
     if (n > g_ws_size) {
         free(g_ws);
         g_ws_size = 0;
-        g_ws = aligned_alloc(HK2_CACHE_LINE, (n + HK2_CACHE_LINE - 1) & ~(size_t)(HK2_CACHE_LINE - 1));
+        g_ws = aligned_alloc(HK2_CACHE_LINE, hk2_align_up(n));
         if (!g_ws) return NULL;
         g_ws_size = n;
     }
     return g_ws;
 }
 
-static size_t align_up(size_t n) { return (n + HK2_CACHE_LINE - 1) & ~(size_t)(HK2_CACHE_LINE - 1); }
 
 static int check_layer(const hk2_moe_layer *L) {
     if (!L) return hk2_fail(HK2_EINVAL, "layer is NULL");
@@ -263,14 +262,14 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
 
     /* workspace layout: counts[E] | grp_expert[N] | grp_start[N+1] | slot_token[N] | slot_weight[N] |
      *                   slot_of[N] | act_gate[T] | act_up[T] | act_h[hr * N] | hbuf[nth][T * ca] */
-    const size_t hbuf_stride = align_up(sizeof(float) * (size_t)T * (size_t)ca) / sizeof(float);
+    const size_t hbuf_stride = hk2_align_up(sizeof(float) * (size_t)T * (size_t)ca) / sizeof(float);
     size_t off = 0, o_cnt, o_ge, o_gs, o_st, o_sw, o_so, o_ag, o_au, o_ah, o_hb;
-    o_cnt = off; off = align_up(off + sizeof(int32_t) * (size_t)(E + 1));
-    o_ge = off; off = align_up(off + sizeof(int32_t) * (size_t)N);
-    o_gs = off; off = align_up(off + sizeof(int32_t) * (size_t)(N + 1));
-    o_st = off; off = align_up(off + sizeof(int32_t) * (size_t)N);
-    o_sw = off; off = align_up(off + sizeof(float) * (size_t)N);
-    o_so = off; off = align_up(off + sizeof(int32_t) * (size_t)N);
+    o_cnt = off; off = hk2_align_up(off + sizeof(int32_t) * (size_t)(E + 1));
+    o_ge = off; off = hk2_align_up(off + sizeof(int32_t) * (size_t)N);
+    o_gs = off; off = hk2_align_up(off + sizeof(int32_t) * (size_t)(N + 1));
+    o_st = off; off = hk2_align_up(off + sizeof(int32_t) * (size_t)N);
+    o_sw = off; off = hk2_align_up(off + sizeof(float) * (size_t)N);
+    o_so = off; off = hk2_align_up(off + sizeof(int32_t) * (size_t)N);
     o_ag = off; off += act_x_stride * (size_t)T;
     o_au = off; off += separate_up ? act_x_stride * (size_t)T : 0;
     o_ah = off; off += act_h_stride * (size_t)(hr * N);
@@ -312,7 +311,7 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
             slot_weight[s] = w;
         }
 
-    moe_job *job = aligned_alloc(HK2_CACHE_LINE, align_up(sizeof(moe_job)));
+    moe_job *job = aligned_alloc(HK2_CACHE_LINE, hk2_align_up(sizeof(moe_job)));
     if (!job) {
         hk2_api_unlock();
         return hk2_fail(HK2_ENOMEM, "moe_forward: out of memory");
@@ -446,7 +445,7 @@ int hk2_linear_locked(int qtype, const void *w, int64_t n_rows, int64_t n_cols, 
     if (!act) {
         return hk2_fail(HK2_ENOMEM, "linear: cannot allocate %zu bytes of workspace", act_stride * (size_t)T);
     }
-    linear_job *job = aligned_alloc(HK2_CACHE_LINE, align_up(sizeof(linear_job)));
+    linear_job *job = aligned_alloc(HK2_CACHE_LINE, hk2_align_up(sizeof(linear_job)));
     if (!job) return hk2_fail(HK2_ENOMEM, "linear: out of memory");
     memset(job, 0, sizeof *job);
     const hk2_kernels *k = hk2_active_kernels();

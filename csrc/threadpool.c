@@ -104,7 +104,7 @@ static void pool_destroy(pool_t *pool) {
 }
 
 static int pool_create(int n, pool_t **out) {
-    pool_t *pool = aligned_alloc(HK2_CACHE_LINE, (sizeof(pool_t) + HK2_CACHE_LINE - 1) & ~(size_t)(HK2_CACHE_LINE - 1));
+    pool_t *pool = aligned_alloc(HK2_CACHE_LINE, hk2_align_up(sizeof(pool_t)));
     if (!pool) return hk2_fail(HK2_ENOMEM, "thread pool: out of memory");
     memset(pool, 0, sizeof *pool);
     pool->n = 1;
