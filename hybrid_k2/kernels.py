@@ -516,8 +516,7 @@ class KernelLib:
         if bias is not None:
             _require_cpu_f32(bias, "bias")
         for name, v in (("top_k", top_k), ("n_group", n_group), ("topk_group", topk_group)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            _require_int(v, name, 1)
         if not np.isfinite(scaling):
             raise ValueError(f"scaling: expected a finite number, got {scaling!r}")
         if weight.dim() != 2:
@@ -532,11 +531,8 @@ class KernelLib:
         """The absorbed MLA attention of one decode token (hk2_mla_decode) for one layer's float32 CPU
         weights: wkv_b = kv_b_proj.weight [n_heads * (nope + v_dim), rank], kv_norm = kv_a_layernorm.weight
         [rank]. The decoder keeps references to both; see MLADecoder.__call__."""
-        if torch is None:
-            raise RuntimeError("mla_decoder needs torch")
         for name, v in (("n_heads", n_heads), ("nope", nope), ("rope", rope), ("v_dim", v_dim)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            _require_int(v, name, 1)
         if rope % 2:
             raise ValueError(f"rope: {rope} is odd (rope dimensions come in pairs)")
         _require_cpu_f32(wkv_b, "wkv_b")
@@ -603,6 +599,13 @@ def plain_cpu_tensors(*args) -> bool:
     return True
 
 
+def _require_int(v: Any, name: str, low: int) -> int:
+    """v as an int, or a ValueError naming `name` unless v is an int (not a bool) >= low."""
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
+        raise ValueError(f"{name}: expected {'a positive int' if low == 1 else f'an int >= {low}'}, got {v!r}")
+    return int(v)
+
+
 def _require_cpu_f32(t: Any, name: str) -> None:
     """Raise a ValueError naming `name` unless t is a contiguous float32 CPU torch tensor."""
     if not plain_cpu_tensors(t, (torch.float32,)):
@@ -621,10 +624,17 @@ class BoundLinear:
         self._w = lib.ffi.cast("const void *", blocks.ctypes.data)
 
     def __call__(self, x: Any) -> Any:
-        if not (torch is not None and isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.dim() == 2
+        return self.run(x) if self.takes(x) else self.lib.linear(self.blocks, self.qtype, x)
+
+    def takes(self, x: Any) -> bool:
+        """Whether x goes straight to the kernel (`run`): a contiguous float32 CPU tensor [T, in_features]
+        without grad."""
+        return (torch is not None and isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.dim() == 2
                 and x.device.type == "cpu" and x.shape[1] == self.in_features and x.is_contiguous()
-                and not x.requires_grad):
-            return self.lib.linear(self.blocks, self.qtype, x)
+                and not x.requires_grad)
+
+    def run(self, x: Any) -> Any:
+        """The kernel call for an x that `takes` accepts (not checked again)."""
         y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
         ffi = self.lib.ffi
         rc = self.lib.lib.hk2_linear(self.qtype.id, self._w, self.out_features, self.in_features, x.shape[0],
@@ -633,7 +643,26 @@ class BoundLinear:
         return y
 
 
-class BoundRouter:
+class _Watched:
+    """Base of the bound C objects that read torch tensors in place through raw pointers: they refuse to run
+    once one of those tensors has moved to new memory (`weight.data = ...` frees the old storage)."""
+
+    def _watch(self, *tensors) -> None:
+        self._watched = tensors
+        self._ptrs = self._current()
+
+    def _current(self) -> tuple:
+        return tuple(None if t is None else t.data_ptr() for t in self._watched)
+
+    def moved(self) -> bool:
+        return self._ptrs != self._current()
+
+    def _check_storage(self, names: str, maker: str) -> None:
+        if self.moved():
+            raise ValueError(f"{names}: moved to new memory since this was made; make a new one ({maker})")
+
+
+class BoundRouter(_Watched):
     """One MoE layer's router in C (KernelLib.router): x [T, hidden] -> (ids int32 [T, top_k] best first,
     weights float32 [T, top_k])."""
 
@@ -646,25 +675,17 @@ class BoundRouter:
         r.weight = lib.ffi.cast("const float *", weight.data_ptr())
         r.bias = lib.ffi.cast("const float *", bias.data_ptr()) if bias is not None else lib.ffi.NULL
         self._r = r
-        self._ptrs = self._current()
+        self._watch(weight, bias)
 
     def binds(self, weight, bias) -> bool:
         """Whether this router reads these tensors' current storage."""
-        return self.weight is weight and self.bias is bias and self._ptrs == self._current()
-
-    def _current(self):
-        return self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr()
-
-    def _check_storage(self) -> None:
-        if self._ptrs != self._current():   # e.g. `weight.data = ...`: the old memory may be gone
-            raise ValueError("weight/bias: moved to new memory since this router was made; make a new one "
-                             "(kernels.router)")
+        return self.weight is weight and self.bias is bias and not self.moved()
 
     def __call__(self, x):
         _require_cpu_f32(x, "x")
         if x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
             raise ValueError(f"x: shape {tuple(x.shape)}, expected [T, {self.weight.shape[1]}]")
-        self._check_storage()
+        self._check_storage("weight/bias", "kernels.router")
         T = x.shape[0]
         ids = torch.empty((T, self.top_k), dtype=torch.int32)
         w = torch.empty((T, self.top_k), dtype=torch.float32)
@@ -675,7 +696,7 @@ class BoundRouter:
         return ids, w
 
 
-class AttnDecoder:
+class AttnDecoder(_Watched):
     """A layer's whole attention for one decode token in one C call (hk2_attn_decode): out = x +
     o_proj(MLA(input_norm(x))), the projections as GGML blocks. Made by KernelLib.attn_decoder."""
 
@@ -700,31 +721,20 @@ class AttnDecoder:
             dst.qtype, dst.w, dst.rows = t.id, ffi.cast("const void *", blocks.ctypes.data), blocks.shape[0]
             dst.cols = _cols_from_row_bytes(t, blocks.shape[1], field)
         self._a = a
-        self._ptrs = self._current()
-
-    def _current(self):
-        n, qn = self.refs[0], self.refs[1]
-        return (n.data_ptr(), None if qn is None else qn.data_ptr()) + self.mla._ptrs
+        self._watch(input_norm, q_a_norm, mla.wkv_b, mla.kv_norm)   # (a.mla copied mla's pointers)
 
     def binds(self, *refs) -> bool:
         """Whether this decoder reads exactly these weights (input_norm, q_a_norm, then the q_a, q_b, kv_a, o
         blocks: the same objects, in the same memory)."""
-        return all(a is b for a, b in zip(self.refs, refs)) and self._ptrs == self._current() \
-            and self.mla._ptrs == (self.mla.wkv_b.data_ptr(), self.mla.kv_norm.data_ptr())
+        return all(a is b for a, b in zip(self.refs, refs)) and not self.moved()
 
     def __call__(self, x, rot, kv_cache, pe_cache, pos: int):
         """x [1, hidden] -> x + attention(x) [1, hidden]; rot, kv_cache, pe_cache, pos as for MLADecoder."""
-        if not isinstance(pos, (int, np.integer)) or isinstance(pos, bool) or pos < 0:
-            raise ValueError(f"pos: expected an int >= 0, got {pos!r}")
-        if self._ptrs != self._current():
-            raise ValueError("attention weights moved to new memory since this decoder was made; make a new one")
-        m = self.mla
+        self._check_storage("attention weights", "kernels.attn_decoder")
         _require_cpu_f32(x, "x")
         if x.numel() != self._a.hidden:
             raise ValueError(f"x: {x.numel()} values, expected hidden={self._a.hidden}")
-        m._check(rot, "rot", m.rope)
-        m._check(kv_cache, "kv_cache", rows=pos + 1, cols=m.rank)
-        m._check(pe_cache, "pe_cache", rows=pos + 1, cols=m.rope)
+        self.mla._check_step(rot, kv_cache, pe_cache, pos)
         out = torch.empty_like(x)
         ffi = self.lib.ffi
         self.lib._check(self.lib.lib.hk2_attn_decode(self._a, int(pos), ffi.cast("const float *", x.data_ptr()),
@@ -735,7 +745,7 @@ class AttnDecoder:
         return out
 
 
-class MLADecoder:
+class MLADecoder(_Watched):
     """One layer's absorbed MLA decode step (KernelLib.mla_decoder): the C kernel writes the new token's
     cache row and returns the attention output before o_proj."""
 
@@ -749,12 +759,12 @@ class MLADecoder:
         m.wkv_b = lib.ffi.cast("const float *", wkv_b.data_ptr())
         m.kv_norm = lib.ffi.cast("const float *", kv_norm.data_ptr())
         self._m = m
-        self._ptrs = (wkv_b.data_ptr(), kv_norm.data_ptr())
+        self._watch(wkv_b, kv_norm)
 
     def binds(self, wkv_b, kv_norm) -> bool:
         """Whether this decoder reads these weight tensors' current storage (a parameter moved or reloaded
         into new memory needs a new decoder)."""
-        return self.wkv_b is wkv_b and self.kv_norm is kv_norm and self._ptrs == (wkv_b.data_ptr(), kv_norm.data_ptr())
+        return self.wkv_b is wkv_b and self.kv_norm is kv_norm and not self.moved()
 
     def _check(self, t, name: str, numel: int | None = None, rows: int | None = None, cols: int | None = None):
         _require_cpu_f32(t, name)
@@ -763,25 +773,27 @@ class MLADecoder:
         if cols is not None and (t.dim() != 2 or t.shape[1] != cols or t.shape[0] < rows):
             raise ValueError(f"{name}: shape {tuple(t.shape)}, expected [>= {rows}, {cols}]")
 
+    def _check_step(self, rot, kv_cache, pe_cache, pos) -> None:
+        """The per-token arguments (also AttnDecoder's): one combined test for the decode loop's case, then
+        the checks that name the wrong argument."""
+        _require_int(pos, "pos", 0)
+        if not (plain_cpu_tensors(rot, kv_cache, pe_cache, (torch.float32,) * 3) and rot.numel() == self.rope
+                and kv_cache.dim() == 2 and kv_cache.shape[1] == self.rank and kv_cache.shape[0] > pos
+                and pe_cache.dim() == 2 and pe_cache.shape[1] == self.rope and pe_cache.shape[0] > pos):
+            self._check(rot, "rot", self.rope)
+            self._check(kv_cache, "kv_cache", rows=pos + 1, cols=self.rank)
+            self._check(pe_cache, "pe_cache", rows=pos + 1, cols=self.rope)
+
     def __call__(self, q, kv_a, rot, kv_cache, pe_cache, pos: int):
         """q [n_heads * (nope + rope)] (rope part unrotated), kv_a [rank + rope] (kv_a_proj's output), rot
         [rope / 2, 2] cos/sin for position pos, kv_cache [>= pos + 1, rank] and pe_cache [>= pos + 1, rope]
         (row pos is written) -> o [n_heads * v_dim]. All float32 CPU tensors."""
-        if not isinstance(pos, (int, np.integer)) or isinstance(pos, bool) or pos < 0:
-            raise ValueError(f"pos: expected an int >= 0, got {pos!r}")
-        if self._ptrs != (self.wkv_b.data_ptr(), self.kv_norm.data_ptr()):   # the old memory may be gone
-            raise ValueError("wkv_b/kv_norm: moved to new memory since this decoder was made; make a new one "
-                             "(kernels.mla_decoder)")
-        if not (plain_cpu_tensors(q, kv_a, rot, kv_cache, pe_cache, (torch.float32,) * 5)   # the decode loop's case
-                and q.numel() == self.n_heads * (self.nope + self.rope) and kv_a.numel() == self.rank + self.rope
-                and rot.numel() == self.rope and kv_cache.dim() == 2 and kv_cache.shape[1] == self.rank
-                and pe_cache.dim() == 2 and pe_cache.shape[1] == self.rope
-                and kv_cache.shape[0] > pos and pe_cache.shape[0] > pos):
+        self._check_storage("wkv_b/kv_norm", "kernels.mla_decoder")
+        if not plain_cpu_tensors(q, kv_a, (torch.float32, torch.float32)) or q.numel() != self.n_heads * (
+                self.nope + self.rope) or kv_a.numel() != self.rank + self.rope:
             self._check(q, "q", self.n_heads * (self.nope + self.rope))   # say which argument is wrong
             self._check(kv_a, "kv_a", self.rank + self.rope)
-            self._check(rot, "rot", self.rope)
-            self._check(kv_cache, "kv_cache", rows=pos + 1, cols=self.rank)
-            self._check(pe_cache, "pe_cache", rows=pos + 1, cols=self.rope)
+        self._check_step(rot, kv_cache, pe_cache, pos)
         o = torch.empty(self.n_heads * self.v_dim, dtype=torch.float32)
         ffi = self.lib.ffi
         rc = self.lib.lib.hk2_mla_decode(self._m, int(pos), ffi.cast("const float *", q.data_ptr()),

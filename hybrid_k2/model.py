@@ -18,6 +18,14 @@ from .experts import ExpertBackend
 from .qlinear import QuantLinear
 
 
+def block_weights(*mods) -> tuple | None:
+    """The GGML blocks of these modules when every one is a loaded QuantLinear without bias (what the C
+    decode calls read), else None."""
+    if not all(isinstance(m, QuantLinear) and m.blocks is not None and m.bias is None for m in mods):
+        return None
+    return tuple(m.blocks for m in mods)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -124,16 +132,16 @@ class MLA(nn.Module):
         when cpu_decoder applies and every projection is GGML blocks (QuantLinear, dense_format=); else None."""
         dec = self.cpu_decoder(x, cache)
         lora = hasattr(self, "q_a_proj")
-        projs = (self.q_a_proj, self.q_b_proj) if lora else (self.q_proj,)
-        projs += (self.kv_a_proj_with_mqa, self.o_proj)
-        if (dec is None or not all(isinstance(p, QuantLinear) and p.blocks is not None and p.bias is None for p in projs)
-                or not kernels.plain_cpu_tensors(norm.weight, (torch.float32,))
-                or (lora and not kernels.plain_cpu_tensors(self.q_a_layernorm.weight, (torch.float32,)))):
-            return None
+        projs = ((self.q_a_proj, self.q_b_proj) if lora else (self.q_proj,)) + (self.kv_a_proj_with_mqa, self.o_proj)
+        blocks = block_weights(*projs)
         q_a_norm = self.q_a_layernorm.weight if lora else None
-        blocks = tuple(p.blocks for p in projs) if lora else (None,) + tuple(p.blocks for p in projs)
+        if (dec is None or blocks is None or not kernels.plain_cpu_tensors(norm.weight, (torch.float32,))
+                or (lora and not kernels.plain_cpu_tensors(q_a_norm, (torch.float32,)))):
+            return None
+        if not lora:                     # q_a absent: q_proj takes q_b's place
+            projs, blocks = (None,) + projs, (None,) + blocks
         if self._block is None or self._block.mla is not dec or not self._block.binds(norm.weight, q_a_norm, *blocks):
-            mats = [None if b is None else (b, p.qtype) for b, p in zip(blocks, ((None,) if not lora else ()) + projs)]
+            mats = [None if p is None else (p.blocks, p.qtype) for p in projs]
             self._block = kernels.attn_decoder(dec, norm.weight, norm.eps, q_a_norm,
                                                self.q_a_layernorm.eps if lora else 0.0, *mats)
         return self._block
@@ -198,10 +206,9 @@ class MLP(nn.Module):
         calls and the ops between them. h = silu(g)·u goes into down at 8 bits, as the three QuantLinear calls (and
         llama.cpp) quantize every dense input: dense_format's numerics, ~8% faster than the routed experts' ~15 bits."""
         mats = (self.gate_proj, self.up_proj, self.down_proj)
-        if (x.shape[0] != 1 or x.dtype != torch.float32 or torch.is_grad_enabled()
-                or not all(isinstance(m, QuantLinear) and m.blocks is not None and m.bias is None for m in mats)):
+        blocks = block_weights(*mats)
+        if x.shape[0] != 1 or x.dtype != torch.float32 or torch.is_grad_enabled() or blocks is None:
             return None
-        blocks = tuple(m.blocks for m in mats)
         if self._expert is None or any(a is not b for a, b in zip(self._expert[0], blocks)):
             ew = kernels.ExpertWeights(*([b] for b in blocks), *(m.qtype for m in mats))
             self._expert = (blocks, ew, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1))

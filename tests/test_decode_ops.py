@@ -276,3 +276,8 @@ def test_attention_block_rejects_what_does_not_fit():
     norm.data = torch.ones(D)
     with pytest.raises(ValueError, match="moved to new memory"):
         blk(torch.randn(1, D), rope_rot(rope // 2, 0), torch.zeros(2, R), torch.zeros(2, rope), 0)
+    # the attention core's kv_b is read through the block's copy of the MLA pointers: its move is caught too
+    blk2 = kernels.attn_decoder(dec, torch.ones(D), 1e-6, None, 0.0, None, *good)
+    dec.wkv_b.data = torch.randn(H * (nope + vd), R)
+    with pytest.raises(ValueError, match="moved to new memory"):
+        blk2(torch.randn(1, D), rope_rot(rope // 2, 0), torch.zeros(2, R), torch.zeros(2, rope), 0)
