@@ -34,6 +34,11 @@ typedef struct {
     float *q_pe;    /* [H, rope], rotated */
     float *p;       /* [H, n_pos] scores, then probabilities */
     float *o_lat;   /* [H, rank] */
+    /* kv_b as GGML blocks (m->k_b.w set): per head, q_nope's and o_lat's 8-bit rows */
+    uint8_t *q_act, *o_act;
+    size_t q_act_stride, o_act_stride, rb_k, rb_v;
+    int qb_k, qb_v, rg_k, rg_v;
+    hk2_dot_fn dot_k, dot_v;
     int64_t n_items, chunk;  /* this phase's work items, and positions or latent columns per item */
     _Alignas(HK2_CACHE_LINE) atomic_llong next;
 } mla_job;
@@ -203,6 +208,14 @@ static void q_task(void *ctx, int ith, int nth) {   /* items: heads, then the ca
         const float *qh = j->q + h * qd;
         rotate(qh + nope, j->rot, rope, j->q_pe + h * rope);
         float *ql = j->q_lat + h * R;
+        if (m->k_b.w) {   /* q_lat[h, c] = W_k[h]^T[c] . q_nope[h], one block row per c */
+            uint8_t *row = j->q_act + (size_t)h * j->q_act_stride;
+            hk2_act_quantize_into(j->k, qh, (int)nope, j->qb_k, row, nope, 0);
+            const hk2_arow a = hk2_act_row(row, nope, j->qb_k);
+            const uint8_t *wk = (const uint8_t *)m->k_b.w + (size_t)(h * R) * j->rb_k;
+            for (int64_t c = 0; c < R; c += j->rg_k) j->dot_k((int)nope, wk + c * j->rb_k, &a, 1, ql + c);
+            continue;
+        }
         memset(ql, 0, sizeof(float) * (size_t)R);
         const float *wk = m->wkv_b + h * wd * R;
         for (int64_t d = 0; d < nope; d++) j->k->axpy_f32((int)R, qh[d], wk + d * R, ql);
@@ -252,6 +265,14 @@ static void out_task(void *ctx, int ith, int nth) {   /* items: heads */
     const int64_t R = m->rank, vd = m->v_dim, wd = m->nope + vd;
     HK2_UNUSED(ith); HK2_UNUSED(nth);
     for (int64_t h; (h = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
+        if (m->v_b.w) {
+            uint8_t *row = j->o_act + (size_t)h * j->o_act_stride;
+            hk2_act_quantize_into(j->k, j->o_lat + h * R, (int)R, j->qb_v, row, R, 0);
+            const hk2_arow a = hk2_act_row(row, R, j->qb_v);
+            const uint8_t *wv = (const uint8_t *)m->v_b.w + (size_t)(h * vd) * j->rb_v;
+            for (int64_t v = 0; v < vd; v += j->rg_v) j->dot_v((int)R, wv + v * j->rb_v, &a, 1, j->o + h * vd + v);
+            continue;
+        }
         const float *wv = m->wkv_b + (h * wd + m->nope) * R;
         for (int64_t v = 0; v < vd; v++) j->o[h * vd + v] = j->k->dot_f32((int)R, wv + v * R, j->o_lat + h * R);
     }
@@ -262,6 +283,21 @@ static int run_phase(mla_job *j, hk2_task_fn fn, int64_t n_items, int64_t chunk)
     j->chunk = chunk;
     atomic_store(&j->next, 0);
     return hk2_pool_run_dynamic(fn, j);
+}
+
+/* a weight matrix's shape (rows x cols expected) and blocks, the matrix named in the error */
+static int check_matrix(const char *who, const char *name, const hk2_matrix *mat, int64_t rows, int64_t cols) {
+    if (mat->rows != rows || mat->cols != cols)
+        return hk2_fail(HK2_ESHAPE, "%s: %s is %lld x %lld, expected %lld x %lld", who, name, (long long)mat->rows,
+                        (long long)mat->cols, (long long)rows, (long long)cols);
+    float io;   /* hk2_linear_check also looks at x and y; these are the caller's, checked elsewhere */
+    const int err = hk2_linear_check(mat->qtype, mat->w, rows, cols, 1, &io, &io);
+    if (err) {   /* the message is copied out first: hk2_fail writes the same buffer */
+        char why[256];
+        snprintf(why, sizeof why, "%s", hk2_last_error());
+        hk2_fail(err, "%s: %s: %s", who, name, why);
+    }
+    return err;
 }
 
 static int bad_dim(const char *name, int64_t v, int64_t lo) {
@@ -281,7 +317,15 @@ static int mla_check(const hk2_mla *m, int64_t pos, const float *q, const float 
         return hk2_fail(HK2_ESHAPE, "mla_decode: pos=%lld out of range [0, %lld)", (long long)pos, (long long)MLA_MAX_POS);
     if (!(m->scale > 0.0f) || !isfinite(m->scale)) return hk2_fail(HK2_EINVAL, "mla_decode: scale=%g is not a positive number", m->scale);
     if (!(m->eps >= 0.0f) || !isfinite(m->eps)) return hk2_fail(HK2_EINVAL, "mla_decode: eps=%g is not a number >= 0", m->eps);
-    const void *ptrs[] = {m->wkv_b, m->kv_norm, q, kv_a, rot, kv_cache, pe_cache, o};
+    if (m->k_b.w || m->v_b.w) {   /* kv_b as blocks: both halves, whole per-head row groups */
+        int err = check_matrix("mla_decode", "k_b", &m->k_b, m->n_heads * m->rank, m->nope);
+        if (!err) err = check_matrix("mla_decode", "v_b", &m->v_b, m->n_heads * m->v_dim, m->rank);
+        if (err) return err;
+        if (m->rank % hk2_type_row_group(m->k_b.qtype) || m->v_dim % hk2_type_row_group(m->v_b.qtype))
+            return hk2_fail(HK2_ESHAPE, "mla_decode: rank=%lld / v_dim=%lld do not fill whole row groups of k_b / v_b",
+                            (long long)m->rank, (long long)m->v_dim);
+    }
+    const void *ptrs[] = {m->k_b.w ? (const void *)m->k_b.w : m->wkv_b, m->kv_norm, q, kv_a, rot, kv_cache, pe_cache, o};
     static const char *const names[] = {"wkv_b", "kv_norm", "q", "kv_a", "rot", "kv_cache", "pe_cache", "o"};
     for (int i = 0; i < 8; i++) {
         if (!ptrs[i]) return hk2_fail(HK2_EINVAL, "mla_decode: %s is NULL", names[i]);
@@ -297,15 +341,27 @@ static int mla_locked(const hk2_mla *m, int64_t pos, const float *q, const float
     float *scratch = malloc(sizeof(float) * (2 * n_lat + n_pe + n_p));
     if (!scratch) return hk2_fail(HK2_ENOMEM, "mla_decode: cannot allocate scratch for %lld positions", (long long)S);
     mla_job *job = aligned_alloc(HK2_CACHE_LINE, hk2_align_up(sizeof(mla_job)));
-    if (!job) {
-        free(scratch);
+    const int blocks = m->k_b.w != NULL;
+    const int qb_k = blocks ? hk2_act_qb(m->k_b.qtype) : 0, qb_v = blocks ? hk2_act_qb(m->v_b.qtype) : 0;
+    const size_t q_stride = blocks ? hk2_act_row_bytes(m->nope, qb_k) : 0, o_stride = blocks ? hk2_act_row_bytes(m->rank, qb_v) : 0;
+    uint8_t *acts = blocks ? aligned_alloc(HK2_CACHE_LINE, (size_t)H * (q_stride + o_stride)) : NULL;
+    if (!job || (blocks && !acts)) {
+        free(scratch); free(job); free(acts);
         return hk2_fail(HK2_ENOMEM, "mla_decode: out of memory");
     }
+    const hk2_kernels *k = hk2_active_kernels();
     *job = (mla_job){
-        .m = m, .k = hk2_active_kernels(), .pos = pos, .n_pos = S, .q = q, .kv_a = kv_a, .rot = rot,
+        .m = m, .k = k, .pos = pos, .n_pos = S, .q = q, .kv_a = kv_a, .rot = rot,
         .kv_cache = kv_cache, .pe_cache = pe_cache, .o = o,
         .q_lat = scratch, .o_lat = scratch + n_lat, .q_pe = scratch + 2 * n_lat, .p = scratch + 2 * n_lat + n_pe,
+        .q_act = acts, .o_act = acts ? acts + (size_t)H * q_stride : NULL, .q_act_stride = q_stride, .o_act_stride = o_stride,
     };
+    if (blocks) {
+        job->qb_k = qb_k; job->qb_v = qb_v;
+        job->rb_k = (size_t)hk2_row_bytes(m->k_b.qtype, m->nope); job->rb_v = (size_t)hk2_row_bytes(m->v_b.qtype, m->rank);
+        job->rg_k = hk2_type_row_group(m->k_b.qtype); job->rg_v = hk2_type_row_group(m->v_b.qtype);
+        job->dot_k = hk2_dot_for(k, m->k_b.qtype); job->dot_v = hk2_dot_for(k, m->v_b.qtype);
+    }
     const int64_t nth = hk2_pool_threads(), R = m->rank;
     int64_t pos_chunk = (S + 4 * nth - 1) / (4 * nth), col_chunk = 16;   /* several items per thread */
     if (pos_chunk < 16) pos_chunk = 16;
@@ -316,6 +372,7 @@ static int mla_locked(const hk2_mla *m, int64_t pos, const float *q, const float
     if (!err) err = run_phase(job, o_lat_task, (R + col_chunk - 1) / col_chunk, col_chunk);
     if (!err) err = run_phase(job, out_task, H, 1);
     free(job);
+    free(acts);
     free(scratch);
     return err;
 }
@@ -331,11 +388,6 @@ int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *k
     return err;
 }
 
-static int bad_matrix(const char *name, const hk2_matrix *mat, int64_t rows, int64_t cols) {
-    return hk2_fail(HK2_ESHAPE, "attn_decode: %s is %lld x %lld, expected %lld x %lld", name, (long long)mat->rows,
-                    (long long)mat->cols, (long long)rows, (long long)cols);
-}
-
 int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float *rot, float *kv_cache,
                     float *pe_cache, float *out) {
     hk2_clear_error();
@@ -345,11 +397,11 @@ int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float 
     if (D < 1 || D > MLA_MAX_DIM) return hk2_fail(HK2_ESHAPE, "attn_decode: hidden=%lld out of range", (long long)D);
     const int lora = a->q_a.w != NULL;
     const int64_t q_in = lora ? a->q_a.rows : D;
-    if (lora && (a->q_a.cols != D)) return bad_matrix("q_a", &a->q_a, a->q_a.rows, D);
-    if (a->q_b.rows != H * (m->nope + m->rope) || a->q_b.cols != q_in)
-        return bad_matrix("q_b", &a->q_b, H * (m->nope + m->rope), q_in);
-    if (a->kv_a.rows != m->rank + m->rope || a->kv_a.cols != D) return bad_matrix("kv_a", &a->kv_a, m->rank + m->rope, D);
-    if (a->o.rows != D || a->o.cols != H * m->v_dim) return bad_matrix("o", &a->o, D, H * m->v_dim);
+    int err = lora ? check_matrix("attn_decode", "q_a", &a->q_a, q_in, D) : HK2_OK;
+    if (!err) err = check_matrix("attn_decode", "q_b", &a->q_b, H * (m->nope + m->rope), q_in);
+    if (!err) err = check_matrix("attn_decode", "kv_a", &a->kv_a, m->rank + m->rope, D);
+    if (!err) err = check_matrix("attn_decode", "o", &a->o, D, H * m->v_dim);
+    if (err) return err;
     if (!a->input_norm || (lora && !a->q_a_norm))
         return hk2_fail(HK2_EINVAL, "attn_decode: %s is NULL", !a->input_norm ? "input_norm" : "q_a_norm");
     if (!(a->input_eps >= 0.0f) || !isfinite(a->input_eps) || !(a->q_a_eps >= 0.0f) || !isfinite(a->q_a_eps))
@@ -359,18 +411,7 @@ int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float 
     float *buf = malloc(sizeof(float) * n);
     if (!buf) return hk2_fail(HK2_ENOMEM, "attn_decode: out of memory");
     float *xn = buf, *qa = xn + D, *q = qa + q_in, *kva = q + a->q_b.rows, *att = kva + a->kv_a.rows, *delta = att + H * m->v_dim;
-    const hk2_matrix *mats[] = {&a->q_a, &a->q_b, &a->kv_a, &a->o};
-    static const char *const names[] = {"q_a", "q_b", "kv_a", "o"};
-    int err = HK2_OK;
-    for (int i = lora ? 0 : 1; i < 4 && !err; i++) {
-        err = hk2_linear_check(mats[i]->qtype, mats[i]->w, mats[i]->rows, mats[i]->cols, 1, buf, buf);
-        if (err) {   /* name the matrix (the message is copied out first: hk2_fail writes the same buffer) */
-            char why[256];
-            snprintf(why, sizeof why, "%s", hk2_last_error());
-            hk2_fail(err, "attn_decode: %s: %s", names[i], why);
-        }
-    }
-    if (!err) err = mla_check(m, pos, q, kva, rot, kv_cache, pe_cache, att);
+    err = mla_check(m, pos, q, kva, rot, kv_cache, pe_cache, att);
     if (err) {
         free(buf);
         return err;

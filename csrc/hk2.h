@@ -98,16 +98,26 @@ typedef struct {
 /* x [n_tokens, hidden] -> ids [n_tokens, top_k] int32, weights [n_tokens, top_k] float32. */
 int hk2_route(const hk2_router *r, int64_t n_tokens, const float *x, int32_t *ids, float *weights);
 
+/* One weight matrix of GGML blocks: y [rows] = W x [cols]. */
+typedef struct {
+    int qtype;
+    const void *w;               /* [rows, row_bytes(qtype, cols)] */
+    int64_t rows, cols;
+} hk2_matrix;
 /* Absorbed MLA attention of one decode token (DeepSeek-V3's "absorb" mode) in one call, for a model
  * whose attention runs on the CPU: the new token's latent and rope key go into the cache, then the
  * query attends over positions 0..pos in the latent space, never expanding per-head keys or values.
- * Weights are the model's float32 tensors. All float32; rope pairs are interleaved (x[2i], x[2i+1]). */
+ * Weights are the model's float32 tensors (kv_b may be GGML blocks). All float32; rope pairs are interleaved (x[2i], x[2i+1]). */
 typedef struct {
     int64_t n_heads, nope, rope, v_dim, rank;  /* qk_nope_head_dim, qk_rope_head_dim, v_head_dim, kv_lora_rank */
     float scale;                 /* softmax scale */
     float eps;                   /* kv_a_layernorm's epsilon */
     const float *wkv_b;          /* [n_heads, nope + v_dim, rank]: kv_b_proj.weight */
     const float *kv_norm;        /* [rank]: kv_a_layernorm.weight */
+    /* kv_b as GGML blocks instead (both w set; wkv_b is then not read): a GGUF's attn_k_b [n_heads * rank, nope]
+     * (each head's W_k transposed) and attn_v_b [n_heads * v_dim, rank]. The head's q_nope and its latent
+     * output are quantized to 8 bits for them, as hk2_linear quantizes its input. */
+    hk2_matrix k_b, v_b;
 } hk2_mla;
 /* q [n_heads, nope + rope]: the token's queries, rope part not yet rotated; kv_a [rank + rope]: kv_a_proj's
  * output (latent, then the shared key's rope part, not normalised or rotated); rot [rope / 2][2]: cos and
@@ -116,12 +126,6 @@ typedef struct {
 int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
                    float *kv_cache, float *pe_cache, float *o);
 
-/* One weight matrix of GGML blocks: y [rows] = W x [cols]. */
-typedef struct {
-    int qtype;
-    const void *w;               /* [rows, row_bytes(qtype, cols)] */
-    int64_t rows, cols;
-} hk2_matrix;
 /* A decoder layer's attention for one decode token, end to end in one call (what the model does with
  * input_layernorm, the projections as hk2_linear and hk2_mla_decode): out = x + o(mla(norm(x))).
  * With q_a.w NULL, q_b is q_proj (no query LoRA) and q_a_norm is unused. */

@@ -144,6 +144,17 @@ typedef struct {
     void (*axpy_f32)(int n, float alpha, const float *x, float *y);  /* y += alpha * x */
 } hk2_kernels;
 
+/* quantize n values of v into an activation row of row_len values at column off (a multiple of qb) */
+static inline void hk2_act_quantize_into(const hk2_kernels *k, const float *v, int n, int qb, uint8_t *row,
+                                         int64_t row_len, int64_t off) {
+    hk2_arow r = hk2_act_row(row, row_len, qb);
+    int8_t *qs = (int8_t *)r.qs + off;
+    k->quantize_act(v, n, qb, qs, (float *)r.d + off / qb, (int16_t *)r.bs + off / 16);
+    if (qb == HK2_QK)
+        hk2_act_q4_0_view(r.qs, r.d, (int8_t *)r.qp, (int16_t *)r.s8, (float *)r.m8, (int)(off / HK2_QK),
+                          (int)((off + n) / HK2_QK), (int)(row_len / HK2_QK));
+}
+
 extern const hk2_kernels hk2_kernels_scalar;
 #ifndef HK2_NO_X86
 extern const hk2_kernels hk2_kernels_avx2;

@@ -62,16 +62,6 @@ typedef struct {
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
-/* quantize n values into the activation row at element offset off (a whole number of blocks) */
-static void act_quantize_into(const hk2_kernels *k, const float *v, int n, int qb, uint8_t *row, int64_t row_len, int64_t off) {
-    hk2_arow r = hk2_act_row(row, row_len, qb);
-    int8_t *qs = (int8_t *)r.qs + off;
-    k->quantize_act(v, n, qb, qs, (float *)r.d + off / qb, (int16_t *)r.bs + off / 16);
-    if (qb == HK2_QK)
-        hk2_act_q4_0_view(r.qs, r.d, (int8_t *)r.qp, (int16_t *)r.s8, (float *)r.m8, (int)(off / HK2_QK), (int)((off + n) / HK2_QK),
-                          (int)(row_len / HK2_QK));
-}
-
 /* Rows are visited in tiles of ROW_TILE so that a tile of gate+up rows stays in L2 while every
  * token of the expert passes over it, HK2_MAX_NA tokens at a time (weights unpacked once per
  * block for all of them). h for the whole chunk is kept per thread, then quantized for down. */
@@ -110,11 +100,11 @@ static void gate_up_item(const moe_job *j, int ith, int g, int64_t r0, int64_t r
     for (int s = 0; s < ns; s++) {
         uint8_t *row = j->act_h + (size_t)(j->hr * (first + s)) * j->act_h_stride;
         float *hs = h + s * cw;
-        act_quantize_into(j->k, hs, (int)cw, j->qb_down, row, j->I, r0);
+        hk2_act_quantize_into(j->k, hs, (int)cw, j->qb_down, row, j->I, r0);
         if (j->hr == 1) continue;
         const hk2_arow q = hk2_act_row(row, j->I, j->qb_down);
         for (int64_t i = 0; i < cw; i++) hs[i] -= q.d[(r0 + i) / j->qb_down] * (float)q.qs[r0 + i];
-        act_quantize_into(j->k, hs, (int)cw, j->qb_down, row + j->act_h_stride, j->I, r0);
+        hk2_act_quantize_into(j->k, hs, (int)cw, j->qb_down, row + j->act_h_stride, j->I, r0);
     }
 }
 
@@ -151,9 +141,9 @@ static void quantize_x_task(void *ctx, int ith, int nth) {
     HK2_UNUSED(ith); HK2_UNUSED(nth);
     for (int t; (t = atomic_fetch_add(&j->next_x, 1)) < j->T;) {
         const float *xt = j->x + (int64_t)t * j->H;
-        act_quantize_into(j->k, xt, (int)j->H, j->qb_gate, j->act_gate + (size_t)t * j->act_x_stride, j->H, 0);
+        hk2_act_quantize_into(j->k, xt, (int)j->H, j->qb_gate, j->act_gate + (size_t)t * j->act_x_stride, j->H, 0);
         if (j->act_up != j->act_gate)
-            act_quantize_into(j->k, xt, (int)j->H, j->qb_up, j->act_up + (size_t)t * j->act_x_stride, j->H, 0);
+            hk2_act_quantize_into(j->k, xt, (int)j->H, j->qb_up, j->act_up + (size_t)t * j->act_x_stride, j->H, 0);
     }
 }
 
@@ -402,7 +392,7 @@ static void linear_task(void *ctx, int ith, int nth) {
     linear_job *j = ctx;
     HK2_UNUSED(ith); HK2_UNUSED(nth);
     for (int64_t t; (t = atomic_fetch_add(&j->next_x, 1)) < j->T;) {
-        act_quantize_into(j->k, j->x + t * j->K, (int)j->K, j->qb, j->act + (size_t)t * j->act_stride, j->K, 0);
+        hk2_act_quantize_into(j->k, j->x + t * j->K, (int)j->K, j->qb, j->act + (size_t)t * j->act_stride, j->K, 0);
         atomic_fetch_add_explicit(&j->done_x, 1, memory_order_release);
     }
     for (unsigned spins = 0; atomic_load_explicit(&j->done_x, memory_order_acquire) < j->T;) {

@@ -70,6 +70,7 @@ def repacked_type(t: QType, rows: int) -> QType:
 # float model's (8-bit h flips ~2% of a weakly trained model's); in prefill it would cost ~60% more time.
 H_RESIDUAL_MAX_TOKENS = 16
 _BY_ID = {q.id: q for q in QTYPES.values()}
+WEIGHT_IDS = frozenset(QTYPES[n].id for n in WEIGHT_QTYPES)
 
 
 def qtype(q: str | int | GGMLQuantizationType | QType, arg: str = "qtype") -> QType:
@@ -527,22 +528,41 @@ class KernelLib:
                            bool(norm_topk), float(scaling))
 
     def mla_decoder(self, wkv_b: Any, kv_norm: Any, *, n_heads: int, nope: int, rope: int, v_dim: int,
-                    scale: float, eps: float) -> "MLADecoder":
-        """The absorbed MLA attention of one decode token (hk2_mla_decode) for one layer's float32 CPU
-        weights: wkv_b = kv_b_proj.weight [n_heads * (nope + v_dim), rank], kv_norm = kv_a_layernorm.weight
-        [rank]. The decoder keeps references to both; see MLADecoder.__call__."""
+                    scale: float, eps: float, kv_b_blocks=None) -> "MLADecoder":
+        """The absorbed MLA attention of one decode token (hk2_mla_decode) for one layer's CPU weights:
+        wkv_b = kv_b_proj.weight [n_heads * (nope + v_dim), rank] float32, kv_norm = kv_a_layernorm.weight
+        [rank]. Or kv_b as GGML blocks, kv_b_blocks = ((k_b blocks, qtype), (v_b blocks, qtype)) in a GGUF's
+        attn_k_b / attn_v_b layout ([n_heads * rank, row_bytes(nope)], [n_heads * v_dim, row_bytes(rank)]),
+        read in place of wkv_b (then None) with the head's query and output quantized to 8 bits. The decoder
+        keeps references to what it reads; see MLADecoder.__call__."""
         for name, v in (("n_heads", n_heads), ("nope", nope), ("rope", rope), ("v_dim", v_dim)):
             _require_int(v, name, 1)
         if rope % 2:
             raise ValueError(f"rope: {rope} is odd (rope dimensions come in pairs)")
-        _require_cpu_f32(wkv_b, "wkv_b")
         _require_cpu_f32(kv_norm, "kv_norm")
-        if wkv_b.dim() != 2 or wkv_b.shape[0] != n_heads * (nope + v_dim):
-            raise ValueError(f"wkv_b: shape {tuple(wkv_b.shape)}, expected [n_heads * (nope + v_dim) = "
-                             f"{n_heads * (nope + v_dim)}, rank]")
-        if tuple(kv_norm.shape) != (wkv_b.shape[1],):
-            raise ValueError(f"kv_norm: shape {tuple(kv_norm.shape)}, expected ({wkv_b.shape[1]},) (wkv_b's rank)")
-        return MLADecoder(self, wkv_b, kv_norm, int(n_heads), int(nope), int(rope), int(v_dim), float(scale), float(eps))
+        if kv_b_blocks is None:
+            _require_cpu_f32(wkv_b, "wkv_b")
+            if wkv_b.dim() != 2 or wkv_b.shape[0] != n_heads * (nope + v_dim):
+                raise ValueError(f"wkv_b: shape {tuple(wkv_b.shape)}, expected [n_heads * (nope + v_dim) = "
+                                 f"{n_heads * (nope + v_dim)}, rank]")
+        rank = wkv_b.shape[1] if kv_b_blocks is None else kv_norm.shape[0]
+        if tuple(kv_norm.shape) != (rank,):
+            raise ValueError(f"kv_norm: shape {tuple(kv_norm.shape)}, expected ({rank},) (wkv_b's rank)")
+        if kv_b_blocks is not None:
+            if wkv_b is not None:
+                raise ValueError("wkv_b: pass None with kv_b_blocks (the blocks are read instead)")
+            mats = []
+            for name, mat, rows, cols in (("k_b", kv_b_blocks[0], n_heads * rank, nope),
+                                          ("v_b", kv_b_blocks[1], n_heads * v_dim, rank)):
+                blocks, t = _as_numpy(mat[0], name), qtype(mat[1])
+                _check_linear_weights(blocks, t)
+                if blocks.shape[0] != rows or _cols_from_row_bytes(t, blocks.shape[1], name) != cols:
+                    raise ValueError(f"{name}: {blocks.shape[0]} rows of {blocks.shape[1]} bytes, expected {rows} rows "
+                                     f"of {cols} {t.name} values ({t.row_bytes(cols) if cols % t.block_size == 0 else '?'} bytes)")
+                mats.append((blocks, t))
+            kv_b_blocks = tuple(mats)
+        return MLADecoder(self, wkv_b, kv_norm, int(n_heads), int(nope), int(rope), int(v_dim), float(scale), float(eps),
+                          kv_b_blocks)
 
     def attn_decoder(self, mla: "MLADecoder", input_norm, input_eps: float, q_a_norm, q_a_eps: float,
                      q_a, q_b, kv_a, o) -> "AttnDecoder":
@@ -750,21 +770,29 @@ class MLADecoder(_Watched):
     cache row and returns the attention output before o_proj."""
 
     def __init__(self, lib: KernelLib, wkv_b, kv_norm, n_heads: int, nope: int, rope: int, v_dim: int,
-                 scale: float, eps: float):
-        self.lib, self.wkv_b, self.kv_norm = lib, wkv_b, kv_norm   # references keep the weights alive
-        self.n_heads, self.nope, self.rope, self.v_dim, self.rank = n_heads, nope, rope, v_dim, wkv_b.shape[1]
-        m = lib.ffi.new("hk2_mla *")
+                 scale: float, eps: float, kv_b_blocks=None):
+        # references keep the weights alive
+        self.lib, self.wkv_b, self.kv_norm, self.kv_b_blocks = lib, wkv_b, kv_norm, kv_b_blocks
+        self.n_heads, self.nope, self.rope, self.v_dim, self.rank = n_heads, nope, rope, v_dim, kv_norm.shape[0]
+        ffi = lib.ffi
+        m = ffi.new("hk2_mla *")
         m.n_heads, m.nope, m.rope, m.v_dim, m.rank = n_heads, nope, rope, v_dim, self.rank
         m.scale, m.eps = scale, eps
-        m.wkv_b = lib.ffi.cast("const float *", wkv_b.data_ptr())
-        m.kv_norm = lib.ffi.cast("const float *", kv_norm.data_ptr())
+        m.wkv_b = ffi.cast("const float *", wkv_b.data_ptr()) if wkv_b is not None else ffi.NULL
+        m.kv_norm = ffi.cast("const float *", kv_norm.data_ptr())
+        for field, mat, cols in zip(("k_b", "v_b"), kv_b_blocks or (), (nope, self.rank)):
+            dst = getattr(m, field)
+            dst.qtype, dst.w, dst.rows, dst.cols = mat[1].id, ffi.cast("const void *", mat[0].ctypes.data), mat[0].shape[0], cols
         self._m = m
         self._watch(wkv_b, kv_norm)
 
-    def binds(self, wkv_b, kv_norm) -> bool:
-        """Whether this decoder reads these weight tensors' current storage (a parameter moved or reloaded
-        into new memory needs a new decoder)."""
-        return self.wkv_b is wkv_b and self.kv_norm is kv_norm and not self.moved()
+    def binds(self, wkv_b, kv_norm, kv_b_blocks=None) -> bool:
+        """Whether this decoder reads these weights (kv_b_blocks: the same block arrays) in their current
+        storage (a parameter moved or reloaded into new memory needs a new decoder)."""
+        mine = self.kv_b_blocks
+        same_blocks = (mine is None and kv_b_blocks is None) or (
+            mine is not None and kv_b_blocks is not None and all(a[0] is b[0] for a, b in zip(mine, kv_b_blocks)))
+        return self.wkv_b is wkv_b and self.kv_norm is kv_norm and same_blocks and not self.moved()
 
     def _check(self, t, name: str, numel: int | None = None, rows: int | None = None, cols: int | None = None):
         _require_cpu_f32(t, name)

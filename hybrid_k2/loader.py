@@ -145,8 +145,37 @@ def build_model(cfg: ModelConfig, ckpt, device, dtype, progress: bool = False, *
                     raise
                 raise CheckpointError(f"{ckpt.path}: tensor {src!r}: {e}") from None
             bar.update(1)
+    if dense_format is not None:
+        _kv_b_blocks(net, cfg, ckpt, dense_format)
     net.eval().requires_grad_(False)   # inference; a training script turns grads back on
     return net
+
+
+def _kv_b_blocks(net: Transformer, cfg: ModelConfig, ckpt, dense_format: str) -> None:
+    """Give each attention its kv_b as GGML blocks for the CPU decode step (MLA.kv_b_blocks): a GGUF's own
+    attn_k_b / attn_v_b in place ('native'), else quantized from the loaded kv_b_proj. kv_b_proj stays a float
+    tensor for prefill. In float32, kv_b is the largest attention read of a CPU decode step with many heads
+    (Kimi K2: 32 MiB per layer; 8.5 MiB as Q8_0)."""
+    from . import kernels
+    H, nope, v, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    want = kernels.qtype("Q4_0" if dense_format == "q4_0" else "Q8_0")
+    for layer in net.model.layers:
+        attn = layer.self_attn
+        name = f"model.layers.{attn.layer}.self_attn.kv_b_proj.weight"
+        stored = ckpt.kv_b_blocks(name) if dense_format == "native" and hasattr(ckpt, "kv_b_blocks") else None
+        if stored is not None and all(t in kernels.WEIGHT_IDS for _, t in stored):   # not F16/F32 ones
+            types = [kernels.qtype(t) for _, t in stored]
+            if nope % types[0].block_size == 0 and R % types[1].block_size == 0:
+                attn.kv_b_blocks = tuple((b, t) for (b, _), t in zip(stored, types))
+                continue
+        if nope % want.block_size or R % want.block_size:
+            log.info("%s: nope=%d / kv_lora_rank=%d do not fill %s blocks; the decode step reads it as a float "
+                     "tensor", name, nope, R, want.name)
+            continue
+        w = attn.kv_b_proj.weight.detach().float().view(H, nope + v, R)
+        k_b = w[:, :nope].transpose(1, 2).reshape(H * R, nope)
+        v_b = w[:, nope:].reshape(H * v, R)
+        attn.kv_b_blocks = tuple((kernels.quantize(m.contiguous().numpy(), want), want) for m in (k_b, v_b))
 
 
 def _source(cfg: ModelConfig, ckpt, name: str) -> str:

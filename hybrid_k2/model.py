@@ -111,20 +111,26 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+        # kv_b as GGML blocks for the CPU decode step, set by the loader with a dense_format: ((k_b blocks,
+        # qtype), (v_b blocks, qtype)) in a GGUF's attn_k_b / attn_v_b layout (kernels.mla_decoder)
+        self.kv_b_blocks: tuple | None = None
         self._decoder: kernels.MLADecoder | None = None
         self._block: kernels.AttnDecoder | None = None
 
     def cpu_decoder(self, x: torch.Tensor, cache: KVCache) -> kernels.MLADecoder | None:
         """The C decode step (kernels.mla_decoder) when this layer attends in float32 on the CPU without
         autograd, else None. Bound on first use, and again if the weights move to new memory."""
-        w, nw = getattr(self.kv_b_proj, "weight", None), self.kv_a_layernorm.weight
+        blocks, nw = self.kv_b_blocks, self.kv_a_layernorm.weight
+        w = None if blocks is not None else getattr(self.kv_b_proj, "weight", None)
         if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or cache.kv.dtype != torch.float32
-                or not isinstance(self.kv_b_proj, nn.Linear)
-                or not kernels.plain_cpu_tensors(w, nw, (torch.float32, torch.float32))):
+                or not kernels.plain_cpu_tensors(nw, (torch.float32,))
+                or (blocks is None and not (isinstance(self.kv_b_proj, nn.Linear)
+                                            and kernels.plain_cpu_tensors(w, (torch.float32,))))):
             return None
-        if self._decoder is None or not self._decoder.binds(w, nw):
+        if self._decoder is None or not self._decoder.binds(w, nw, blocks):
             self._decoder = kernels.mla_decoder(w, nw, n_heads=self.n_heads, nope=self.nope, rope=self.rope,
-                                                v_dim=self.v_dim, scale=self.scale, eps=self.kv_a_layernorm.eps)
+                                                v_dim=self.v_dim, scale=self.scale, eps=self.kv_a_layernorm.eps,
+                                                kv_b_blocks=blocks)
         return self._decoder
 
     def cpu_block(self, norm: "RMSNorm", x: torch.Tensor, cache: KVCache) -> kernels.AttnDecoder | None:

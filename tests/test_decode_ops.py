@@ -1,6 +1,10 @@
-"""The C decode-step ops (kernels.rms_norm, kernels.mla_decoder) against torch re-derivations in float64."""
+"""The C decode-step ops (kernels.rms_norm, kernels.mla_decoder) against torch re-derivations in float64
+(and, for kv_b as GGML blocks, the gguf package's dequantizer)."""
+import gguf
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as GQT
 
 from hybrid_k2 import kernels
 
@@ -60,6 +64,70 @@ def test_mla_decoder_matches_expanded_attention(dims, pos):
     finally:
         kernels.set_isa(old_isa)
         kernels.set_threads(old)
+
+
+def split_kv_b(wkv_b: torch.Tensor, H: int, nope: int, vd: int) -> tuple[np.ndarray, np.ndarray]:
+    """kv_b_proj [H * (nope + vd), R] -> a GGUF's attn_k_b [H * R, nope] and attn_v_b [H * vd, R] (float)."""
+    w = wkv_b.view(H, nope + vd, -1)
+    R = w.shape[-1]
+    return (w[:, :nope].transpose(1, 2).reshape(H * R, nope).contiguous().numpy(),
+            w[:, nope:].reshape(H * vd, R).contiguous().numpy())
+
+
+@pytest.mark.parametrize("dims", [(3, 32, 8, 16, 64), (2, 128, 64, 128, 512)], ids=["small", "k2_head"])
+@pytest.mark.parametrize("qt", ["Q8_0", "Q4_0"])
+def test_mla_decoder_reads_kv_b_blocks(dims, qt):
+    """kv_b as a GGUF's attn_k_b / attn_v_b blocks: the expanded float attention on the blocks' values (the
+    gguf package's dequantizer) is matched up to the 8-bit rounding of each head's query and output."""
+    H, nope, rope, vd, R = dims
+    pos = 21
+    g = torch.Generator().manual_seed(1)
+    wkv_b = torch.randn(H * (nope + vd), R, generator=g) * R ** -0.5
+    norm = 1 + 0.1 * torch.randn(R, generator=g)
+    q, kv_a = torch.randn(H * (nope + rope), generator=g), torch.randn(R + rope, generator=g)
+    kv_cache, pe_cache = torch.randn(pos + 1, R, generator=g), torch.randn(pos + 1, rope, generator=g)
+    rot = rope_rot(rope // 2, pos)
+    scale, eps = (nope + rope) ** -0.5, 1e-6
+    k_b, v_b = (gguf.quants.quantize(m, GQT[qt]) for m in split_kv_b(wkv_b, H, nope, vd))
+    # the float weights the blocks hold, back in kv_b_proj's layout
+    k_deq = torch.from_numpy(gguf.quants.dequantize(k_b, GQT[qt])).view(H, R, nope).transpose(1, 2)
+    v_deq = torch.from_numpy(gguf.quants.dequantize(v_b, GQT[qt])).view(H, vd, R)
+    w_deq = torch.cat([k_deq, v_deq], 1).reshape(H * (nope + vd), R)
+    ref, lat, _ = expanded_attention(q, kv_a, rot, kv_cache[:pos].clone(), pe_cache[:pos].clone(), w_deq, norm,
+                                     H, nope, rope, vd, scale, eps)
+    dec = kernels.mla_decoder(None, norm, n_heads=H, nope=nope, rope=rope, v_dim=vd, scale=scale, eps=eps,
+                              kv_b_blocks=((k_b, qt), (v_b, qt)))
+    old, old_isa = kernels.get_threads(), kernels.isa()
+    try:
+        for isa in [i for i in ("scalar", "avx2", "avx512") if kernels.isa_supported(i)]:
+            kernels.set_isa(isa)
+            outs = []
+            for threads in (1, 3):
+                kernels.set_threads(threads)
+                o = dec(q, kv_a, rot, kv_cache, pe_cache, pos)
+                rel = ((o.double() - ref).norm() / ref.norm()).item()
+                assert 0 < rel < 0.02, f"isa={isa} threads={threads}: relative error {rel:.3e}"   # measured ~0.005
+                assert torch.allclose(kv_cache[pos].double(), lat, rtol=1e-5, atol=1e-6)
+                outs.append(o)
+            assert torch.equal(outs[0], outs[1]), f"isa={isa}: the thread count changed the result"
+    finally:
+        kernels.set_isa(old_isa)
+        kernels.set_threads(old)
+
+
+def test_mla_decoder_rejects_bad_kv_b_blocks():
+    H, nope, rope, vd, R = 2, 32, 8, 16, 64
+    wkv_b, norm = torch.randn(H * (nope + vd), R), torch.ones(R)
+    k_b, v_b = (gguf.quants.quantize(m, GQT.Q8_0) for m in split_kv_b(wkv_b, H, nope, vd))
+    kw = dict(n_heads=H, nope=nope, rope=rope, v_dim=vd, scale=0.3, eps=1e-6)
+    with pytest.raises(ValueError, match="wkv_b: pass None with kv_b_blocks"):
+        kernels.mla_decoder(wkv_b, norm, **kw, kv_b_blocks=((k_b, "Q8_0"), (v_b, "Q8_0")))
+    with pytest.raises(ValueError, match=r"k_b: 127 rows of 34 bytes, expected 128 rows of 32 Q8_0 values"):
+        kernels.mla_decoder(None, norm, **kw, kv_b_blocks=((k_b[:-1], "Q8_0"), (v_b, "Q8_0")))
+    with pytest.raises(ValueError, match=r"v_b: 32 rows of 34 bytes, expected 32 rows of 64 Q8_0 values \(68 bytes\)"):
+        kernels.mla_decoder(None, norm, **kw, kv_b_blocks=((k_b, "Q8_0"), (np.ascontiguousarray(v_b[:, :34]), "Q8_0")))
+    with pytest.raises(ValueError, match="k_b"):   # 32 columns are not a whole 256-value Q4_K block
+        kernels.mla_decoder(None, norm, **kw, kv_b_blocks=((np.zeros((128, 144), np.uint8), "Q4_K"), (v_b, "Q8_0")))
 
 
 def test_mla_decoder_rejects_bad_arguments():

@@ -164,8 +164,13 @@ def test_native_runs_the_gguf_blocks_in_place(gguf_q8):
         assert np.shares_memory(q.blocks, ck.raw_blocks(n + ".weight")[0]), f"{n} was copied"
         # the same weights the float model holds (gguf dequantization of the same bytes)
         assert torch.equal(q.weight, ref.model.get_submodule(n).weight), n
-    for i in range(cfg.num_hidden_layers):   # not covered: the absorbed attention reads kv_b's weight
-        assert type(native.model.get_submodule(f"model.layers.{i}.self_attn.kv_b_proj")) is nn.Linear
+    for i in range(cfg.num_hidden_layers):
+        # kv_b_proj stays a float tensor (prefill expands it); the decode step reads attn_k_b / attn_v_b in place
+        attn = native.model.get_submodule(f"model.layers.{i}.self_attn")
+        assert type(attn.kv_b_proj) is nn.Linear
+        stored = ck.kv_b_blocks(f"model.layers.{i}.self_attn.kv_b_proj.weight")
+        assert [t.name for _, t in attn.kv_b_blocks] == ["Q8_0", "Q8_0"]
+        assert all(np.shares_memory(mine, theirs) for (mine, _), (theirs, _) in zip(attn.kv_b_blocks, stored))
     assert type(native.model.model.embed_tokens) is nn.Embedding
 
     ids = torch.randint(1, 500, (64,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -179,6 +184,9 @@ def test_native_runs_the_gguf_blocks_in_place(gguf_q8):
     # Engine.generate (one-token decode steps, absorbed attention) picks what the full-sequence pass ranks first
     out = native.generate(ids[:8], max_new_tokens=6, temperature=0)
     assert out.token_ids
+    for layer in native.model.model.layers:   # the decode steps read the GGUF's blocks (not the float kv_b)
+        dec = layer.self_attn._decoder
+        assert dec.wkv_b is None and all(a[0] is b[0] for a, b in zip(dec.kv_b_blocks, layer.self_attn.kv_b_blocks))
     full = native.logits(ids[:8] + out.token_ids)[7:7 + len(out.token_ids)]
     if native.suppressed_ids is not None:
         full[:, native.suppressed_ids] = float("-inf")
@@ -196,7 +204,20 @@ def test_quantized_at_load_from_hf_checkpoint(demo_dir):
                 assert q.qtype.name == fmt.upper()
                 np.testing.assert_array_equal(q.blocks, gguf.quants.quantize(ck.get(n + ".weight").numpy(),
                                                                               GQT[fmt.upper()]))
+            check_kv_b_quantized(eng.model, ck, fmt.upper())
         eng.close()
+
+
+def check_kv_b_quantized(net, ck, qt: str) -> None:
+    """Each layer's decode-step kv_b: the checkpoint's kv_b_proj split as a GGUF splits it, quantized by gguf."""
+    cfg = net.cfg
+    H, nope, vd, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    for i, layer in enumerate(net.model.layers):
+        w = ck.get(f"model.layers.{i}.self_attn.kv_b_proj.weight").float().view(H, nope + vd, R)
+        want = (w[:, :nope].transpose(1, 2).reshape(H * R, nope), w[:, nope:].reshape(H * vd, R))
+        for (blocks, t), m in zip(layer.self_attn.kv_b_blocks, want):
+            assert t.name == qt
+            np.testing.assert_array_equal(blocks, gguf.quants.quantize(m.contiguous().numpy(), GQT[qt]))
 
 
 def test_native_falls_back_to_q8_0_for_float_tensors(demo_dir, tmp_path):
@@ -207,6 +228,7 @@ def test_native_falls_back_to_q8_0_for_float_tensors(demo_dir, tmp_path):
             q = net.get_submodule(n)
             assert q.qtype.name == "Q8_0", n
             np.testing.assert_array_equal(q.blocks, gguf.quants.quantize(ck.get(n + ".weight").numpy(), GQT.Q8_0))
+        check_kv_b_quantized(net, ck, "Q8_0")   # attn_k_b / attn_v_b stored as F32: quantized at load
         blocks, qt = ck.raw_blocks("lm_head.weight")
         assert qt == GQT.F32 and blocks.dtype == np.uint8 and blocks.shape == (ck.shape("lm_head.weight")[0],
                                                                                  4 * ck.shape("lm_head.weight")[1])

@@ -477,6 +477,23 @@ class GGUFCheckpoint(Checkpoint):
             data = data.view(np.uint8)
         return data.reshape(shape[0], -1), int(t.tensor_type)
 
+    def kv_b_blocks(self, name: str) -> tuple[tuple[np.ndarray, int], tuple[np.ndarray, int]] | None:
+        """A split kv_b_proj as stored: ((attn_k_b blocks [n_head * kv_lora, row_bytes], qtype), (attn_v_b
+        blocks [n_head * v_head, row_bytes], qtype)), read-only views into the file mapping; None when the file
+        stores kv_b_proj whole (attn_kv_b)."""
+        ent = self._entry(name)
+        if ent[0] != "kv_b":
+            return None
+        out = []
+        for t in ent[1:]:
+            shape = _np_shape(t)
+            if len(shape) != 3:
+                raise CheckpointError(f"{self.path}: tensor {t.name!r} has shape {list(shape)}, expected 3-D "
+                                      f"[n_head, rows, cols]")
+            data = t.data if t.data.dtype == np.uint8 else t.data.view(np.uint8)
+            out.append((data.reshape(shape[0] * shape[1], -1), int(t.tensor_type)))
+        return out[0], out[1]
+
     def moe_layers(self) -> list[int]:
         return sorted(self._stacks)
 

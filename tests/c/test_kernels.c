@@ -479,6 +479,83 @@ static void test_decode_ops(void) {
     CHECK(hk2_attn_decode(NULL, 0, ax, arot, kc1, pc1, aout) == HK2_EINVAL, "attn_decode: null block");
 }
 
+/* hk2_mla_decode reading kv_b as GGML blocks (a GGUF's attn_k_b / attn_v_b): against the double reference
+ * on the dequantized weights (the only difference left is q_nope's and o_lat's 8-bit rounding) */
+static void test_mla_kv_b_blocks(void) {
+    const int64_t H = 3, nope = 32, rope = 8, vd = 16, R = 64, POS = 6;
+    float *wkv_b = malloc(sizeof(float) * H * (nope + vd) * R), *norm = malloc(sizeof(float) * R);
+    float *kt = malloc(sizeof(float) * H * R * nope), *q = malloc(sizeof(float) * H * (nope + rope));
+    float *kv_a = malloc(sizeof(float) * (R + rope)), *rot = malloc(sizeof(float) * rope);
+    float *kvc = malloc(sizeof(float) * (POS + 1) * R), *pec = malloc(sizeof(float) * (POS + 1) * rope);
+    float *o = malloc(sizeof(float) * H * vd), *o1 = malloc(sizeof(float) * H * vd);
+    double *ref = malloc(sizeof(double) * H * vd);
+    for (int64_t i = 0; i < H * (nope + vd) * R; i++) wkv_b[i] = 0.2f * nrand();
+    for (int64_t i = 0; i < R; i++) norm[i] = 1.0f + 0.1f * nrand();
+    for (int64_t i = 0; i < H * (nope + rope); i++) q[i] = nrand();
+    for (int64_t i = 0; i < R + rope; i++) kv_a[i] = nrand();
+    for (int64_t i = 0; i < rope / 2; i++) { rot[2 * i] = cosf(0.3f * (float)i); rot[2 * i + 1] = sinf(0.3f * (float)i); }
+    for (int64_t i = 0; i < (POS + 1) * rope; i++) pec[i] = nrand();
+    const int types[] = {HK2_Q8_0, HK2_Q4_0};
+    for (int ti = 0; ti < 2; ti++) {
+        const int t = types[ti];
+        /* k_b [H * R, nope] = each head's W_k transposed; v_b [H * vd, R] = each head's W_v */
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t c = 0; c < R; c++)
+                for (int64_t d = 0; d < nope; d++) kt[(h * R + c) * nope + d] = wkv_b[(h * (nope + vd) + d) * R + c];
+        uint8_t *kb = malloc((size_t)(H * R * hk2_row_bytes(t, nope))), *vb = malloc((size_t)(H * vd * hk2_row_bytes(t, R)));
+        float *vt = malloc(sizeof(float) * H * vd * R);
+        for (int64_t h = 0; h < H; h++) memcpy(vt + h * vd * R, wkv_b + (h * (nope + vd) + nope) * R, sizeof(float) * vd * R);
+        CHECK(hk2_quantize(t, kt, H * R, nope, kb) == HK2_OK && hk2_quantize(t, vt, H * vd, R, vb) == HK2_OK, "quantize k_b/v_b");
+        /* the reference reads the dequantized blocks back in kv_b's layout */
+        float *deq = malloc(sizeof(float) * H * (nope + vd) * R);
+        CHECK(hk2_dequantize(t, kb, H * R, nope, kt) == HK2_OK && hk2_dequantize(t, vb, H * vd, R, vt) == HK2_OK, "dequantize");
+        for (int64_t h = 0; h < H; h++) {
+            for (int64_t c = 0; c < R; c++)
+                for (int64_t d = 0; d < nope; d++) deq[(h * (nope + vd) + d) * R + c] = kt[(h * R + c) * nope + d];
+            memcpy(deq + (h * (nope + vd) + nope) * R, vt + h * vd * R, sizeof(float) * vd * R);
+        }
+        hk2_mla m = {.n_heads = H, .nope = nope, .rope = rope, .v_dim = vd, .rank = R, .scale = 0.2f, .eps = 1e-6f,
+                     .wkv_b = deq, .kv_norm = norm};
+        for (int64_t i = 0; i < (POS + 1) * R; i++) kvc[i] = nrand();
+        mla_reference(&m, POS, q, kv_a, rot, kvc, pec, ref);
+        m.wkv_b = NULL;   /* not read when the blocks are given */
+        m.k_b = (hk2_matrix){.qtype = t, .w = kb, .rows = H * R, .cols = nope};
+        m.v_b = (hk2_matrix){.qtype = t, .w = vb, .rows = H * vd, .cols = R};
+        for (size_t ii = 0; ii < sizeof ISAS / sizeof ISAS[0]; ii++) {
+            if (hk2_isa_supported(ISAS[ii]) != 1) continue;
+            CHECK(hk2_set_isa(ISAS[ii]) == HK2_OK, "set_isa %s", ISAS[ii]);
+            for (int nt = 1; nt <= 3; nt++) {
+                CHECK(hk2_set_threads(nt) == HK2_OK, "set_threads");
+                CHECK(hk2_mla_decode(&m, POS, q, kv_a, rot, kvc, pec, nt == 1 ? o1 : o) == HK2_OK, "mla_decode blocks: %s", hk2_last_error());
+                const float *out = nt == 1 ? o1 : o;
+                double err = 0, mag = 0;
+                for (int64_t i = 0; i < H * vd; i++) {
+                    err = fmax(err, fabs(out[i] - ref[i]));
+                    mag = fmax(mag, fabs(ref[i]));
+                }
+                CHECK(err <= 2e-2 * mag && err > 0, "mla_decode type %d blocks isa=%s threads=%d: max error %g of %g",
+                      t, ISAS[ii], nt, err, mag);
+                if (nt > 1) CHECK(memcmp(o, o1, sizeof(float) * H * vd) == 0, "mla_decode blocks isa=%s: threads differ", ISAS[ii]);
+            }
+        }
+        hk2_set_isa(ISAS[1]);
+        hk2_mla bad = m;
+        bad.v_b.w = NULL;
+        CHECK(hk2_mla_decode(&bad, POS, q, kv_a, rot, kvc, pec, o) == HK2_EINVAL && strstr(hk2_last_error(), "v_b"),
+              "k_b without v_b: %s", hk2_last_error());
+        bad = m;
+        bad.k_b.cols = nope + 32;
+        CHECK(hk2_mla_decode(&bad, POS, q, kv_a, rot, kvc, pec, o) == HK2_ESHAPE && strstr(hk2_last_error(), "k_b"),
+              "k_b of the wrong width: %s", hk2_last_error());
+        bad = m;
+        bad.k_b.qtype = HK2_Q4_K;   /* 32 columns do not fill a 256-value block */
+        CHECK(hk2_mla_decode(&bad, POS, q, kv_a, rot, kvc, pec, o) == HK2_ESHAPE && strstr(hk2_last_error(), "k_b"),
+              "k_b as Q4_K: %s", hk2_last_error());
+        free(kb); free(vb); free(vt); free(deq);
+    }
+    free(wkv_b); free(norm); free(kt); free(q); free(kv_a); free(rot); free(kvc); free(pec); free(o); free(o1); free(ref);
+}
+
 int main(void) {
     printf("hk2 kernel tests, ISAs here:");
     for (size_t i = 0; i < sizeof ISAS / sizeof ISAS[0]; i++)
@@ -488,6 +565,7 @@ int main(void) {
     test_moe();
     test_bad_arguments();
     test_decode_ops();
+    test_mla_kv_b_blocks();
     test_pool_lifecycle();
     hk2_shutdown();
     if (g_failures) {
