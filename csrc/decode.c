@@ -228,13 +228,12 @@ static void score_task(void *ctx, int ith, int nth) {   /* items: runs of positi
     const int64_t H = m->n_heads, rope = m->rope, R = m->rank, S = j->n_pos;
     HK2_UNUSED(ith); HK2_UNUSED(nth);
     for (int64_t i; (i = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
-        const int64_t hi = (i + 1) * j->chunk < S ? (i + 1) * j->chunk : S;
-        for (int64_t s = i * j->chunk; s < hi; s++) {
-            const float *c = j->kv_cache + s * R, *r = j->pe_cache + s * rope;
-            for (int64_t h = 0; h < H; h++)
-                j->p[h * S + s] = m->scale * (j->k->dot_f32((int)R, j->q_lat + h * R, c) +
-                                              j->k->dot_f32((int)rope, j->q_pe + h * rope, r));
-        }
+        const int64_t s0 = i * j->chunk, n = s0 + j->chunk < S ? j->chunk : S - s0;
+        float *p = j->p + s0;   /* p[h * S + s]: latent part, then the rope part added, then scaled */
+        j->k->gemm_nt_f32((int)H, (int)n, (int)R, j->q_lat, R, j->kv_cache + s0 * R, R, p, S, 0);
+        j->k->gemm_nt_f32((int)H, (int)n, (int)rope, j->q_pe, rope, j->pe_cache + s0 * rope, rope, p, S, 1);
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t s = 0; s < n; s++) p[h * S + s] *= m->scale;
     }
 }
 
@@ -245,17 +244,13 @@ static void softmax_task(void *ctx, int ith, int nth) {   /* items: heads */
     for (int64_t h; (h = atomic_fetch_add(&j->next, 1)) < j->n_items;) softmax_inplace(j->p + h * S, S);
 }
 
-static void o_lat_task(void *ctx, int ith, int nth) {   /* items: runs of latent columns, all positions */
+static void o_lat_task(void *ctx, int ith, int nth) {   /* items: runs of latent columns, all heads and positions */
     mla_job *j = ctx;
     const int64_t H = j->m->n_heads, R = j->m->rank, S = j->n_pos;
     HK2_UNUSED(ith); HK2_UNUSED(nth);
     for (int64_t i; (i = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
-        const int64_t lo = i * j->chunk, hi = lo + j->chunk < R ? lo + j->chunk : R;
-        for (int64_t h = 0; h < H; h++) memset(j->o_lat + h * R + lo, 0, sizeof(float) * (size_t)(hi - lo));
-        for (int64_t s = 0; s < S; s++) {
-            const float *c = j->kv_cache + s * R + lo;
-            for (int64_t h = 0; h < H; h++) j->k->axpy_f32((int)(hi - lo), j->p[h * S + s], c, j->o_lat + h * R + lo);
-        }
+        const int64_t lo = i * j->chunk, n = lo + j->chunk < R ? j->chunk : R - lo;
+        j->k->gemm_nn_f32((int)H, (int)n, (int)S, j->p, S, j->kv_cache + lo, R, j->o_lat + lo, R);
     }
 }
 
@@ -290,7 +285,7 @@ static int check_matrix(const char *who, const char *name, const hk2_matrix *mat
     if (mat->rows != rows || mat->cols != cols)
         return hk2_fail(HK2_ESHAPE, "%s: %s is %lld x %lld, expected %lld x %lld", who, name, (long long)mat->rows,
                         (long long)mat->cols, (long long)rows, (long long)cols);
-    float io;   /* hk2_linear_check also looks at x and y; these are the caller's, checked elsewhere */
+    float io = 0.0f;   /* hk2_linear_check also looks at x and y; these are the caller's, checked elsewhere */
     const int err = hk2_linear_check(mat->qtype, mat->w, rows, cols, 1, &io, &io);
     if (err) {   /* the message is copied out first: hk2_fail writes the same buffer */
         char why[256];

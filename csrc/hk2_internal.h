@@ -142,6 +142,14 @@ typedef struct {
     uint64_t (*read_sum)(const void *p, size_t n);  /* bandwidth probe: touch every byte */
     float (*dot_f32)(int n, const float *a, const float *b);         /* float32 math of decode.c */
     void (*axpy_f32)(int n, float alpha, const float *x, float *y);  /* y += alpha * x */
+    /* MLA's passes over the cache. Each output's sum runs in one fixed order whatever m and n are, so
+     * splitting the work differently (another thread count) gives the same bits.
+     * gemm_nt: out[i * ldo + j] (+)= a_i . b_j, a_i = a + i * lda, b_j = b + j * ldb (K values; add: 1 adds) */
+    void (*gemm_nt_f32)(int m, int n, int K, const float *a, int64_t lda, const float *b, int64_t ldb, float *out,
+                        int64_t ldo, int add);
+    /* gemm_nn: out[i * ldo + c] = sum over k < K of p[i * ldp + k] * b[k * ldb + c], for i < m, c < n */
+    void (*gemm_nn_f32)(int m, int n, int K, const float *p, int64_t ldp, const float *b, int64_t ldb, float *out,
+                        int64_t ldo);
 } hk2_kernels;
 
 /* quantize n values of v into an activation row of row_len values at column off (a multiple of qb) */
@@ -161,6 +169,10 @@ extern const hk2_kernels hk2_kernels_avx2;
 void hk2_dot_q4_0_r8_avx2(int n, const void *w, const hk2_arow *a, int na, float *s);  /* also AVX-512 BW's */
 float hk2_dot_f32_avx2(int n, const float *a, const float *b);          /* also the AVX-512 tables' */
 void hk2_axpy_f32_avx2(int n, float alpha, const float *x, float *y);
+void hk2_gemm_nt_f32_avx2(int m, int n, int K, const float *a, int64_t lda, const float *b, int64_t ldb, float *out,
+                          int64_t ldo, int add);
+void hk2_gemm_nn_f32_avx2(int m, int n, int K, const float *p, int64_t ldp, const float *b, int64_t ldb, float *out,
+                          int64_t ldo);
 extern const hk2_kernels hk2_kernels_avx512bw;
 extern const hk2_kernels hk2_kernels_avx512vnni;
 #endif

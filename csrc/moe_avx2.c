@@ -7,6 +7,7 @@
 #else
 #pragma GCC target("avx2,fma,f16c")
 #endif
+#include <math.h>
 #include <immintrin.h>
 #include "hk2_internal.h"
 
@@ -385,6 +386,93 @@ void hk2_axpy_f32_avx2(int n, float alpha, const float *x, float *y) {
     for (; i < n; i++) y[i] += alpha * x[i];
 }
 
+/* ---- MLA's cache passes: small float32 matrix products with register tiles ---- */
+/* gemm_nt: every output is one 8-lane FMA chain over k, one fixed horizontal sum, then the k tail in order */
+#define NT_TILE_I 2
+#define NT_TILE_J 4
+INLINE float nt_finish(__m256 acc, const float *a, const float *b, int k0, int K) {
+    float s = hsum_ps(acc);
+    for (int k = k0; k < K; k++) s = fmaf(a[k], b[k], s);
+    return s;
+}
+INLINE float nt_one(const float *a, const float *b, int K8, int K) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int k = 0; k < K8; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+    return nt_finish(acc, a, b, K8, K);
+}
+INLINE void nt_store(float *o, float s, int add) { *o = add ? *o + s : s; }
+
+void hk2_gemm_nt_f32_avx2(int m, int n, int K, const float *a, int64_t lda, const float *b, int64_t ldb, float *out,
+                          int64_t ldo, int add) {
+    const int K8 = K - K % 8;
+    int j = 0;
+    for (; j + NT_TILE_J <= n; j += NT_TILE_J) {   /* b's rows outer: a tile of them stays in L1 over all of a */
+        int i = 0;
+        for (; i + NT_TILE_I <= m; i += NT_TILE_I) {
+            __m256 acc[NT_TILE_I][NT_TILE_J];
+            for (int r = 0; r < NT_TILE_I; r++)
+                for (int c = 0; c < NT_TILE_J; c++) acc[r][c] = _mm256_setzero_ps();
+            for (int k = 0; k < K8; k += 8) {
+                __m256 bv[NT_TILE_J];
+                for (int c = 0; c < NT_TILE_J; c++) bv[c] = _mm256_loadu_ps(b + (j + c) * ldb + k);
+                for (int r = 0; r < NT_TILE_I; r++) {
+                    const __m256 av = _mm256_loadu_ps(a + (i + r) * lda + k);
+                    for (int c = 0; c < NT_TILE_J; c++) acc[r][c] = _mm256_fmadd_ps(av, bv[c], acc[r][c]);
+                }
+            }
+            for (int r = 0; r < NT_TILE_I; r++)
+                for (int c = 0; c < NT_TILE_J; c++)
+                    nt_store(out + (i + r) * ldo + j + c, nt_finish(acc[r][c], a + (i + r) * lda, b + (j + c) * ldb, K8, K), add);
+        }
+        for (; i < m; i++)   /* rows of a left over: one output at a time, the same chain */
+            for (int c = 0; c < NT_TILE_J; c++) nt_store(out + i * ldo + j + c, nt_one(a + i * lda, b + (j + c) * ldb, K8, K), add);
+    }
+    for (; j < n; j++)
+        for (int i = 0; i < m; i++) nt_store(out + i * ldo + j, nt_one(a + i * lda, b + j * ldb, K8, K), add);
+}
+
+/* gemm_nn: every output lane is one FMA chain over k in order, so any tile gives the same bits */
+#define NN_TILE_I 4
+void hk2_gemm_nn_f32_avx2(int m, int n, int K, const float *p, int64_t ldp, const float *b, int64_t ldb, float *out,
+                          int64_t ldo) {
+    int c = 0;
+    for (; c + 16 <= n; c += 16) {
+        int i = 0;
+        for (; i + NN_TILE_I <= m; i += NN_TILE_I) {
+            __m256 acc[NN_TILE_I][2];
+            for (int r = 0; r < NN_TILE_I; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+            for (int k = 0; k < K; k++) {
+                const __m256 b0 = _mm256_loadu_ps(b + k * ldb + c), b1 = _mm256_loadu_ps(b + k * ldb + c + 8);
+                for (int r = 0; r < NN_TILE_I; r++) {
+                    const __m256 pv = _mm256_broadcast_ss(p + (i + r) * ldp + k);
+                    acc[r][0] = _mm256_fmadd_ps(pv, b0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(pv, b1, acc[r][1]);
+                }
+            }
+            for (int r = 0; r < NN_TILE_I; r++) {
+                _mm256_storeu_ps(out + (i + r) * ldo + c, acc[r][0]);
+                _mm256_storeu_ps(out + (i + r) * ldo + c + 8, acc[r][1]);
+            }
+        }
+        for (; i < m; i++) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            for (int k = 0; k < K; k++) {
+                const __m256 pv = _mm256_broadcast_ss(p + i * ldp + k);
+                a0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(b + k * ldb + c), a0);
+                a1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(b + k * ldb + c + 8), a1);
+            }
+            _mm256_storeu_ps(out + i * ldo + c, a0);
+            _mm256_storeu_ps(out + i * ldo + c + 8, a1);
+        }
+    }
+    for (; c < n; c++)   /* columns left over: the same chain, one lane at a time */
+        for (int i = 0; i < m; i++) {
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) s = fmaf(p[i * ldp + k], b[k * ldb + c], s);
+            out[i * ldo + c] = s;
+        }
+}
+
 const hk2_kernels hk2_kernels_avx2 = {
     .name = "avx2",
     .dot_q4_0 = dot_q4_0,
@@ -396,6 +484,8 @@ const hk2_kernels hk2_kernels_avx2 = {
     .read_sum = read_sum,
     .dot_f32 = hk2_dot_f32_avx2,
     .axpy_f32 = hk2_axpy_f32_avx2,
+    .gemm_nt_f32 = hk2_gemm_nt_f32_avx2,
+    .gemm_nn_f32 = hk2_gemm_nn_f32_avx2,
 };
 
 #if defined(__clang__)

@@ -340,6 +340,8 @@ const hk2_kernels KERNELS = {
     .read_sum = K(read_sum),
     .dot_f32 = hk2_dot_f32_avx2,   /* decode.c's float math is small next to its memory traffic */
     .axpy_f32 = hk2_axpy_f32_avx2,
+    .gemm_nt_f32 = hk2_gemm_nt_f32_avx2,
+    .gemm_nn_f32 = hk2_gemm_nn_f32_avx2,
 };
 
 #if !defined(HK2_USE_SIMDE) && defined(__clang__)

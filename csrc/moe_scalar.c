@@ -121,6 +121,24 @@ static void axpy_f32(int n, float alpha, const float *x, float *y) {
     for (int i = 0; i < n; i++) y[i] += alpha * x[i];
 }
 
+static void gemm_nt_f32(int m, int n, int K, const float *a, int64_t lda, const float *b, int64_t ldb, float *out,
+                        int64_t ldo, int add) {
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            const float s = dot_f32(K, a + i * lda, b + j * ldb);
+            out[i * ldo + j] = add ? out[i * ldo + j] + s : s;
+        }
+}
+
+static void gemm_nn_f32(int m, int n, int K, const float *p, int64_t ldp, const float *b, int64_t ldb, float *out,
+                        int64_t ldo) {
+    for (int i = 0; i < m; i++) {
+        float *o = out + i * ldo;
+        for (int c = 0; c < n; c++) o[c] = 0.0f;
+        for (int k = 0; k < K; k++) axpy_f32(n, p[i * ldp + k], b + k * ldb, o);
+    }
+}
+
 const hk2_kernels hk2_kernels_scalar = {
     .name = "scalar",
     .dot_q4_0 = dot_q4_0,
@@ -132,4 +150,6 @@ const hk2_kernels hk2_kernels_scalar = {
     .read_sum = read_sum,
     .dot_f32 = dot_f32,
     .axpy_f32 = axpy_f32,
+    .gemm_nt_f32 = gemm_nt_f32,
+    .gemm_nn_f32 = gemm_nn_f32,
 };

@@ -33,7 +33,8 @@ def expanded_attention(q, kv_a, rot, kv_prev, pe_prev, wkv_b, norm, H, nope, rop
     return torch.einsum("hs,shd->hd", scores.softmax(-1), v).reshape(-1), lat, r[-1]
 
 
-@pytest.mark.parametrize("dims", [(3, 16, 8, 12, 40), (2, 128, 64, 128, 512)], ids=["odd", "k2_head"])
+@pytest.mark.parametrize("dims", [(3, 16, 8, 12, 40), (6, 32, 8, 16, 80), (2, 128, 64, 128, 512)],
+                         ids=["odd", "tiles", "k2_head"])
 @pytest.mark.parametrize("pos", [0, 1, 37])
 def test_mla_decoder_matches_expanded_attention(dims, pos):
     H, nope, rope, vd, R = dims
@@ -51,11 +52,14 @@ def test_mla_decoder_matches_expanded_attention(dims, pos):
     try:
         for isa in [i for i in ("scalar", "avx2", "avx512") if kernels.isa_supported(i)]:
             kernels.set_isa(isa)
+            outs = []
             for threads in (1, 2, 3):
                 kernels.set_threads(threads)
                 o = dec(q, kv_a, rot, kv_cache, pe_cache, pos)
                 err = (o.double() - ref).abs().max().item()
                 assert err <= 1e-4 * ref.abs().max().item(), f"isa={isa} threads={threads}: max error {err:.3e}"
+                outs.append(o)   # work split differently over threads: the same bits
+                assert torch.equal(o, outs[0]), f"isa={isa}: {threads} threads differ from 1"
                 # the new token's cache row is written; the rows before and after it are not touched
                 assert torch.allclose(kv_cache[pos].double(), lat, rtol=1e-5, atol=1e-6)
                 assert torch.allclose(pe_cache[pos].double(), pe, rtol=1e-5, atol=1e-6)
