@@ -151,6 +151,17 @@ class HybridRunner:
         self.eng.close()
 
 
+def llama_cpp_rope_args(path: str | Path) -> dict:
+    """llama-cpp-python's Llama() passes YaRN beta_fast=32, beta_slow=1 unless told, overriding the GGUF's own
+    rope.scaling.yarn_beta_* (Kimi K2: 1 and 1), which changes the RoPE frequencies: its logits then drift from
+    the reference model's with position (top-1 agreement with HF transformers fell to ~0.5 by position 300 on the
+    demo). Pass the file's values."""
+    from hybrid_k2.checkpoint import open_checkpoint
+    with open_checkpoint(path) as ck:
+        rs = ck.config().rope_scaling
+    return dict(yarn_beta_fast=rs.beta_fast, yarn_beta_slow=rs.beta_slow) if rs.type == "yarn" else {}
+
+
 def llama_cpp_prompt_logits(path: Path, prompt: list[int], threads: int) -> torch.Tensor | None:
     """llama.cpp's logits [len(prompt), vocab] for the prompt (a separate instance: logits_all slows the timed runs)."""
     try:
@@ -159,7 +170,7 @@ def llama_cpp_prompt_logits(path: Path, prompt: list[int], threads: int) -> torc
         return None
     import numpy as np
     llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + 16,
-                n_batch=len(prompt), n_gpu_layers=0, logits_all=True, verbose=False, seed=0)
+                n_batch=len(prompt), n_gpu_layers=0, logits_all=True, verbose=False, seed=0, **llama_cpp_rope_args(path))
     llm.eval(prompt)
     out = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
     del llm
@@ -175,7 +186,7 @@ class LlamaCppRunner:
         import numpy as np
         self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
                                    n_ctx=len(prompt) + n_decode + 16, n_batch=max(len(prompt), 8), n_gpu_layers=0,
-                                   verbose=False, seed=0)
+                                   verbose=False, seed=0, **llama_cpp_rope_args(path))
         self.prompt, self.n_decode = prompt, n_decode
         n_vocab = self.llm.n_vocab()
         # llama-cpp-python >= 0.3 keeps no scores without logits_all: read the context's last logits

@@ -332,6 +332,13 @@ def test_config_roundtrip(converted, hf_dir):
         assert g.config() == got.replace(source=g.path)
 
 
+def test_bench_gives_llama_cpp_the_files_yarn_betas(converted):
+    """llama-cpp-python's Llama() defaults to YaRN beta_fast=32 over the file's own (here 1.0): the bench passes
+    the GGUF's values, or llama.cpp computes other RoPE frequencies than the model's."""
+    from hybrid_k2.bench import llama_cpp_rope_args
+    assert llama_cpp_rope_args(converted("q8_0", "q8_0")) == dict(yarn_beta_fast=1.0, yarn_beta_slow=1.0)
+
+
 def test_tokenizer_roundtrip(converted, hf_dir):
     tok = Tokenizer.from_dir(hf_dir)
     path = converted("q4_0", "q8_0")
