@@ -7,6 +7,7 @@ Shapes: x is [T, hidden] for the T new tokens; `start_pos` is the position of th
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch import nn
 
 from . import kernels
 from .config import ModelConfig, yarn_mscale
+from .decode_step import CPUDecodeStep
 from .experts import ExpertBackend
 from .qlinear import QuantLinear
 
@@ -330,8 +332,11 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg, experts)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope: torch.Tensor | None = None   # complex rotations per position (rope_tables)
+        self.decode_step = True   # one-token CPU steps as CPUDecodeStep's fixed C calls where they apply
+        self._step: tuple = (None, None)   # (weakref to a cache, CPUDecodeStep or None): the last build for it
 
     def set_experts(self, experts: ExpertBackend) -> None:
+        self._step = (None, None)
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoE):
                 layer.mlp.experts = experts
@@ -344,14 +349,29 @@ class Transformer(nn.Module):
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < self.cfg.num_experts_per_tok:
             raise ValueError(f"defer_experts: expected an int in [0, {self.cfg.num_experts_per_tok}) "
                              f"(num_experts_per_tok), got {n!r}")
+        self._step = (None, None)
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoE):
                 layer.mlp.defer = n
 
     def set_recorder(self, recorder) -> None:
+        self._step = (None, None)
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoE):
                 layer.mlp.recorder = recorder
+
+    def _cpu_step(self, cache: KVCache) -> CPUDecodeStep | None:
+        """The CPUDecodeStep for this cache, built (or found not to apply) once per cache and setting."""
+        if torch.is_grad_enabled():
+            return None
+        built_for, step = self._step
+        if step is not None and step.fits(self, cache):
+            return step
+        if step is None and built_for is not None and built_for() is cache:
+            return None
+        step = CPUDecodeStep.build(self, cache)
+        self._step = (weakref.ref(cache), step)
+        return step
 
     def new_cache(self, max_len: int) -> KVCache:
         p = self.model.embed_tokens.weight   # lm_head may be a QuantLinear; the embeddings stay float
@@ -367,6 +387,10 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the cache of {cache.max_len}")
         if absorb is None:
             absorb = T == 1
+        if T == 1 and absorb and self.decode_step and ids.device.type == "cpu":
+            step = self._cpu_step(cache)
+            if step is not None:
+                return step(int(ids[0]), start_pos)
         rope = self._rope[start_pos:start_pos + T]
         h = self.model.embed_tokens(ids)
         pending = None   # the previous MoE layer's deferred experts (set_deferral)

@@ -1,0 +1,120 @@
+"""CPUDecodeStep: a one-token CPU step as fixed C calls gives the module path's logits and cache bit for bit,
+is rebuilt when what it read changes, and stands aside where it does not apply."""
+import pytest
+import torch
+
+import hybrid_k2
+from hybrid_k2.decode_step import CPUDecodeStep
+from hybrid_k2.demo import ensure_demo
+from quant.convert import convert
+from test_model_parity import NO_Q_LORA, make_hf_model
+
+
+@pytest.fixture(scope="module")
+def demo_gguf(tmp_path_factory):
+    """The demo (query LoRA, a dense first layer, MoE layers with a shared expert) as a Q8_0 GGUF."""
+    return convert(ensure_demo(tmp_path_factory.mktemp("cache")), tmp_path_factory.mktemp("gguf") / "demo.gguf",
+                   experts="q4_0", other="q8_0", progress=False)
+
+
+def decode(model, cache, tokens, start: int, use_step: bool) -> torch.Tensor:
+    model.decode_step = use_step
+    with torch.inference_mode():
+        return torch.cat([model(torch.tensor([t]), start + i, cache, last_only=True) for i, t in enumerate(tokens)])
+
+
+def prefilled(model, prompt):
+    cache = model.new_cache(64)
+    with torch.inference_mode():
+        model(torch.tensor(prompt), 0, cache)
+    return cache
+
+
+def check_same_as_modules(model, prompt, tokens):
+    a, b = prefilled(model, prompt), prefilled(model, prompt)
+    fast = decode(model, a, tokens, len(prompt), True)
+    assert isinstance(model._step[1], CPUDecodeStep), "the fixed-call step was not taken"
+    slow = decode(model, b, tokens, len(prompt), False)
+    assert torch.equal(fast, slow)
+    assert torch.equal(a.kv, b.kv) and torch.equal(a.pe, b.pe)
+
+
+def test_demo_step_is_the_module_path_bit_for_bit(demo_gguf):
+    eng = hybrid_k2.load(demo_gguf, device="cpu", experts="cpu", dense_format="native")
+    check_same_as_modules(eng.model, list(range(5, 17)), [40, 41, 7, 300, 2])
+    # Engine.generate takes it too, and picks the same tokens as the module path
+    fast = eng.generate([5, 6, 7, 8], max_new_tokens=8, temperature=0).token_ids
+    assert isinstance(eng.model._step[1], CPUDecodeStep)
+    eng.model.decode_step = False
+    eng.reset()   # (else the prompt's KV rows would be reused from the first run)
+    assert eng.generate([5, 6, 7, 8], max_new_tokens=8, temperature=0).token_ids == fast
+    eng.close()
+
+
+def test_without_query_lora_and_with_float_kv_b(tmp_path):
+    """q_proj in place of q_a/q_b, and nope = 16 (not a Q8_0 row): kv_b stays float32 for the decode step."""
+    make_hf_model(tmp_path, NO_Q_LORA)
+    eng = hybrid_k2.load(tmp_path, device="cpu", dtype=torch.float32, experts="cpu", dense_format="q8_0")
+    assert all(layer.self_attn.kv_b_blocks is None for layer in eng.model.model.layers)
+    check_same_as_modules(eng.model, [3, 1, 4, 1, 5, 9], [2, 6, 5, 3])
+    eng.close()
+
+
+def test_rebuilt_when_what_it_read_changes(demo_gguf):
+    eng = hybrid_k2.load(demo_gguf, device="cpu", experts="cpu", dense_format="native")
+    model, prompt = eng.model, [5, 6, 7, 8]
+    check_same_as_modules(model, prompt, [9, 10])
+    first = model._step[1]
+    norm = model.model.layers[1].post_attention_layernorm
+    norm.weight.data = norm.weight.data * 1.5           # new memory: the old pointer would read freed storage
+    check_same_as_modules(model, prompt, [9, 10])
+    assert model._step[1] is not first
+    second = model._step[1]
+    head = model.lm_head                                # new blocks for a matrix
+    head.set_blocks(head.blocks.copy())
+    check_same_as_modules(model, prompt, [9, 10])
+    assert model._step[1] is not second
+    eng.close()
+
+
+def test_stands_aside_where_it_does_not_apply(demo_gguf):
+    # float matrices (no dense_format): the module path's torch ops
+    eng = hybrid_k2.load(demo_gguf, device="cpu", experts="cpu")
+    decode(eng.model, prefilled(eng.model, [5, 6, 7]), [8], 3, True)
+    assert eng.model._step[1] is None
+    eng.close()
+    # a routing recorder needs the module path's MoE.forward: it sees every decode step
+    eng = hybrid_k2.load(demo_gguf, device="cpu", experts="cpu", dense_format="native")
+    seen = []
+
+    class Recorder:
+        def record(self, layer, ids, weights, x):
+            seen.append(layer)
+
+    eng.model.set_recorder(Recorder())
+    decode(eng.model, prefilled(eng.model, [5, 6, 7]), [8, 9], 3, True)
+    assert eng.model._step[1] is None and seen.count(eng.cfg.moe_layers[0]) == 3   # prefill + 2 decode steps
+    eng.model.set_recorder(None)
+    decode(eng.model, prefilled(eng.model, [5, 6, 7]), [8], 3, True)
+    assert isinstance(eng.model._step[1], CPUDecodeStep)
+    # with autograd on, the module path (torch ops that track gradients)
+    eng.model._step = (None, None)
+    with torch.enable_grad():
+        eng.model.decode_step = True
+        cache = eng.model.new_cache(8)
+        eng.model(torch.tensor([5]), 0, cache)
+    assert eng.model._step == (None, None)
+    eng.close()
+
+
+def test_bad_token_and_position(demo_gguf):
+    eng = hybrid_k2.load(demo_gguf, device="cpu", experts="cpu", dense_format="native")
+    model = eng.model
+    cache = prefilled(model, [5, 6])
+    decode(model, cache, [7], 2, True)
+    step = model._step[1]
+    with pytest.raises(ValueError, match="token id 99999 is not in"):
+        step(99999, 3)
+    with pytest.raises(ValueError, match="position 64 is outside the cache of 64"):
+        step(7, 64)
+    eng.close()
