@@ -330,6 +330,30 @@ static void mla_reference(const hk2_mla *m, int64_t pos, const float *q, const f
     free(c); free(r); free(p); free(qp);
 }
 
+/* hk2_mla_decode on every ISA here at 1-3 threads: within tol (relative to the largest |ref|) of the reference,
+ * not exact when inexact (8-bit activations), and the same bits at every thread count */
+static void check_mla(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot, float *kvc,
+                      float *pec, const double *ref, float *o, float *o1, double tol, int inexact, const char *what) {
+    const int64_t n = m->n_heads * m->v_dim;
+    for (size_t ii = 0; ii < sizeof ISAS / sizeof ISAS[0]; ii++) {
+        if (hk2_isa_supported(ISAS[ii]) != 1) continue;
+        CHECK(hk2_set_isa(ISAS[ii]) == HK2_OK, "set_isa %s", ISAS[ii]);
+        for (int nt = 1; nt <= 3; nt++) {
+            CHECK(hk2_set_threads(nt) == HK2_OK, "set_threads");
+            CHECK(hk2_mla_decode(m, pos, q, kv_a, rot, kvc, pec, nt == 1 ? o1 : o) == HK2_OK, "%s: %s", what, hk2_last_error());
+            const float *out = nt == 1 ? o1 : o;
+            double err = 0, mag = 0;
+            for (int64_t i = 0; i < n; i++) {
+                err = fmax(err, fabs(out[i] - ref[i]));
+                mag = fmax(mag, fabs(ref[i]));
+            }
+            CHECK(err <= tol * mag && (!inexact || err > 0), "%s isa=%s threads=%d: max error %g of %g", what, ISAS[ii], nt,
+                  err, mag);
+            if (nt > 1) CHECK(memcmp(o, o1, sizeof(float) * n) == 0, "%s isa=%s: %d threads differ from 1", what, ISAS[ii], nt);
+        }
+    }
+}
+
 static void test_decode_ops(void) {
     const int64_t H = 3, nope = 16, rope = 8, vd = 12, R = 40, POS = 6;
     float *wkv_b = malloc(sizeof(float) * H * (nope + vd) * R), *norm = malloc(sizeof(float) * R);
@@ -348,21 +372,10 @@ static void test_decode_ops(void) {
     hk2_mla m = {.n_heads = H, .nope = nope, .rope = rope, .v_dim = vd, .rank = R, .scale = 0.2f, .eps = 1e-6f,
                  .wkv_b = wkv_b, .kv_norm = norm};
     mla_reference(&m, POS, q, kv_a, rot, kvc, pec, ref);
+    check_mla(&m, POS, q, kv_a, rot, kvc, pec, ref, o, o1, 1e-4, 0, "mla_decode");
     for (size_t ii = 0; ii < sizeof ISAS / sizeof ISAS[0]; ii++) {
         if (hk2_isa_supported(ISAS[ii]) != 1) continue;
         CHECK(hk2_set_isa(ISAS[ii]) == HK2_OK, "set_isa %s", ISAS[ii]);
-        for (int nt = 1; nt <= 3; nt++) {
-            CHECK(hk2_set_threads(nt) == HK2_OK, "set_threads");
-            CHECK(hk2_mla_decode(&m, POS, q, kv_a, rot, kvc, pec, nt == 1 ? o1 : o) == HK2_OK, "mla_decode: %s", hk2_last_error());
-            const float *out = nt == 1 ? o1 : o;
-            double err = 0, mag = 0;
-            for (int64_t i = 0; i < H * vd; i++) {
-                err = fmax(err, fabs(out[i] - ref[i]));
-                mag = fmax(mag, fabs(ref[i]));
-            }
-            CHECK(err <= 1e-4 * mag, "mla_decode isa=%s threads=%d: max error %g of %g", ISAS[ii], nt, err, mag);
-            if (nt > 1) CHECK(memcmp(o, o1, sizeof(float) * H * vd) == 0, "mla_decode isa=%s: %d threads differ from 1", ISAS[ii], nt);
-        }
         /* rms_norm in place on one row and out of place on three */
         float x[3 * 40], y[3 * 40];
         for (int i = 0; i < 3 * 40; i++) x[i] = nrand();
@@ -521,23 +534,7 @@ static void test_mla_kv_b_blocks(void) {
         m.wkv_b = NULL;   /* not read when the blocks are given */
         m.k_b = (hk2_matrix){.qtype = t, .w = kb, .rows = H * R, .cols = nope};
         m.v_b = (hk2_matrix){.qtype = t, .w = vb, .rows = H * vd, .cols = R};
-        for (size_t ii = 0; ii < sizeof ISAS / sizeof ISAS[0]; ii++) {
-            if (hk2_isa_supported(ISAS[ii]) != 1) continue;
-            CHECK(hk2_set_isa(ISAS[ii]) == HK2_OK, "set_isa %s", ISAS[ii]);
-            for (int nt = 1; nt <= 3; nt++) {
-                CHECK(hk2_set_threads(nt) == HK2_OK, "set_threads");
-                CHECK(hk2_mla_decode(&m, POS, q, kv_a, rot, kvc, pec, nt == 1 ? o1 : o) == HK2_OK, "mla_decode blocks: %s", hk2_last_error());
-                const float *out = nt == 1 ? o1 : o;
-                double err = 0, mag = 0;
-                for (int64_t i = 0; i < H * vd; i++) {
-                    err = fmax(err, fabs(out[i] - ref[i]));
-                    mag = fmax(mag, fabs(ref[i]));
-                }
-                CHECK(err <= 2e-2 * mag && err > 0, "mla_decode type %d blocks isa=%s threads=%d: max error %g of %g",
-                      t, ISAS[ii], nt, err, mag);
-                if (nt > 1) CHECK(memcmp(o, o1, sizeof(float) * H * vd) == 0, "mla_decode blocks isa=%s: threads differ", ISAS[ii]);
-            }
-        }
+        check_mla(&m, POS, q, kv_a, rot, kvc, pec, ref, o, o1, 2e-2, 1, t == HK2_Q8_0 ? "mla_decode Q8_0 kv_b" : "mla_decode Q4_0 kv_b");
         hk2_set_isa(ISAS[1]);
         hk2_mla bad = m;
         bad.v_b.w = NULL;
