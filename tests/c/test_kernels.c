@@ -330,6 +330,18 @@ static void mla_reference(const hk2_mla *m, int64_t pos, const float *q, const f
     free(c); free(r); free(p); free(qp);
 }
 
+/* random MLA weights and inputs: wkv_b, norm, q, kv_a, a rotation, and cache rows 0..pos */
+static void fill_mla_inputs(int64_t H, int64_t nope, int64_t rope, int64_t vd, int64_t R, int64_t pos, float *wkv_b,
+                            float *norm, float *q, float *kv_a, float *rot, float *kvc, float *pec) {
+    for (int64_t i = 0; i < H * (nope + vd) * R; i++) wkv_b[i] = 0.2f * nrand();
+    for (int64_t i = 0; i < R; i++) norm[i] = 1.0f + 0.1f * nrand();
+    for (int64_t i = 0; i < H * (nope + rope); i++) q[i] = nrand();
+    for (int64_t i = 0; i < R + rope; i++) kv_a[i] = nrand();
+    for (int64_t i = 0; i < rope / 2; i++) { rot[2 * i] = cosf(0.3f * (float)i); rot[2 * i + 1] = sinf(0.3f * (float)i); }
+    for (int64_t i = 0; i < (pos + 1) * R; i++) kvc[i] = nrand();
+    for (int64_t i = 0; i < (pos + 1) * rope; i++) pec[i] = nrand();
+}
+
 /* hk2_mla_decode on every ISA here at 1-3 threads: within tol (relative to the largest |ref|) of the reference,
  * not exact when inexact (8-bit activations), and the same bits at every thread count */
 static void check_mla(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot, float *kvc,
@@ -362,13 +374,7 @@ static void test_decode_ops(void) {
     float *pec = malloc(sizeof(float) * (POS + 1) * rope), *o = malloc(sizeof(float) * H * vd);
     float *o1 = malloc(sizeof(float) * H * vd);
     double *ref = malloc(sizeof(double) * H * vd);
-    for (int64_t i = 0; i < H * (nope + vd) * R; i++) wkv_b[i] = 0.2f * nrand();
-    for (int64_t i = 0; i < R; i++) norm[i] = 1.0f + 0.1f * nrand();
-    for (int64_t i = 0; i < H * (nope + rope); i++) q[i] = nrand();
-    for (int64_t i = 0; i < R + rope; i++) kv_a[i] = nrand();
-    for (int64_t i = 0; i < rope / 2; i++) { rot[2 * i] = cosf(0.3f * (float)i); rot[2 * i + 1] = sinf(0.3f * (float)i); }
-    for (int64_t i = 0; i < (POS + 1) * R; i++) kvc[i] = nrand();
-    for (int64_t i = 0; i < (POS + 1) * rope; i++) pec[i] = nrand();
+    fill_mla_inputs(H, nope, rope, vd, R, POS, wkv_b, norm, q, kv_a, rot, kvc, pec);
     hk2_mla m = {.n_heads = H, .nope = nope, .rope = rope, .v_dim = vd, .rank = R, .scale = 0.2f, .eps = 1e-6f,
                  .wkv_b = wkv_b, .kv_norm = norm};
     mla_reference(&m, POS, q, kv_a, rot, kvc, pec, ref);
@@ -502,12 +508,7 @@ static void test_mla_kv_b_blocks(void) {
     float *kvc = malloc(sizeof(float) * (POS + 1) * R), *pec = malloc(sizeof(float) * (POS + 1) * rope);
     float *o = malloc(sizeof(float) * H * vd), *o1 = malloc(sizeof(float) * H * vd);
     double *ref = malloc(sizeof(double) * H * vd);
-    for (int64_t i = 0; i < H * (nope + vd) * R; i++) wkv_b[i] = 0.2f * nrand();
-    for (int64_t i = 0; i < R; i++) norm[i] = 1.0f + 0.1f * nrand();
-    for (int64_t i = 0; i < H * (nope + rope); i++) q[i] = nrand();
-    for (int64_t i = 0; i < R + rope; i++) kv_a[i] = nrand();
-    for (int64_t i = 0; i < rope / 2; i++) { rot[2 * i] = cosf(0.3f * (float)i); rot[2 * i + 1] = sinf(0.3f * (float)i); }
-    for (int64_t i = 0; i < (POS + 1) * rope; i++) pec[i] = nrand();
+    fill_mla_inputs(H, nope, rope, vd, R, POS, wkv_b, norm, q, kv_a, rot, kvc, pec);
     const int types[] = {HK2_Q8_0, HK2_Q4_0};
     for (int ti = 0; ti < 2; ti++) {
         const int t = types[ti];
