@@ -316,13 +316,18 @@ static int mla_check(const hk2_mla *m, int64_t pos, const float *q, const float 
         int err = check_matrix("mla_decode", "k_b", &m->k_b, m->n_heads * m->rank, m->nope);
         if (!err) err = check_matrix("mla_decode", "v_b", &m->v_b, m->n_heads * m->v_dim, m->rank);
         if (err) return err;
-        if (m->rank % hk2_type_row_group(m->k_b.qtype) || m->v_dim % hk2_type_row_group(m->v_b.qtype))
-            return hk2_fail(HK2_ESHAPE, "mla_decode: rank=%lld / v_dim=%lld do not fill whole row groups of k_b / v_b",
-                            (long long)m->rank, (long long)m->v_dim);
+        if (m->rank % hk2_type_row_group(m->k_b.qtype))   /* a head's rows must not share a row group */
+            return hk2_fail(HK2_ESHAPE, "mla_decode: k_b: rank=%lld rows per head do not fill %s row groups of %d",
+                            (long long)m->rank, hk2_type_name(m->k_b.qtype), hk2_type_row_group(m->k_b.qtype));
+        if (m->v_dim % hk2_type_row_group(m->v_b.qtype))
+            return hk2_fail(HK2_ESHAPE, "mla_decode: v_b: v_dim=%lld rows per head do not fill %s row groups of %d",
+                            (long long)m->v_dim, hk2_type_name(m->v_b.qtype), hk2_type_row_group(m->v_b.qtype));
     }
-    const void *ptrs[] = {m->k_b.w ? (const void *)m->k_b.w : m->wkv_b, m->kv_norm, q, kv_a, rot, kv_cache, pe_cache, o};
+    /* wkv_b only without blocks (check_matrix has checked those); the blocks need 2-byte alignment, floats 4 */
+    const int first = m->k_b.w ? 1 : 0;
+    const void *ptrs[] = {m->wkv_b, m->kv_norm, q, kv_a, rot, kv_cache, pe_cache, o};
     static const char *const names[] = {"wkv_b", "kv_norm", "q", "kv_a", "rot", "kv_cache", "pe_cache", "o"};
-    for (int i = 0; i < 8; i++) {
+    for (int i = first; i < 8; i++) {
         if (!ptrs[i]) return hk2_fail(HK2_EINVAL, "mla_decode: %s is NULL", names[i]);
         if ((uintptr_t)ptrs[i] % sizeof(float)) return hk2_fail(HK2_EINVAL, "mla_decode: %s is not 4-byte aligned", names[i]);
     }

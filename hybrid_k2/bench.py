@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import os
 import sys
 import time
@@ -129,8 +130,8 @@ class HybridRunner:
         with torch.inference_mode():
             cache = model.new_cache(len(prompt) + self.n_decode + 1)
             if warm_up:   # binds the C objects (and the decode step) once, outside the timed rounds
-                model(torch.tensor(prompt[:8]), 0, cache, last_only=True)
-                model(torch.tensor(prompt[8:9]), 8, cache, last_only=True)
+                model(torch.tensor(prompt[:-1]), 0, cache, last_only=True)
+                model(torch.tensor(prompt[-1:]), len(prompt) - 1, cache, last_only=True)
                 return 0.0, 0.0
             t0 = time.perf_counter()
             logits = model(torch.tensor(prompt), 0, cache, last_only=True)[-1]
@@ -257,11 +258,13 @@ def run_transformers(hf_dir: Path, prompt: list[int], n_decode: int, threads: in
         t0 = time.perf_counter()
         out = model(ids, use_cache=True)
         prefill = len(prompt) / (time.perf_counter() - t0)
-        past, tok = out.cache, out.logits[0, -1].argmax().view(1, 1)
+        # transformers 5 names the KV cache `cache`; 4.x `past_key_values`
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        past, tok = getattr(out, key), out.logits[0, -1].argmax().view(1, 1)
         t0 = time.perf_counter()
         for _ in range(n_decode):
-            out = model(tok, cache=past, use_cache=True)
-            past, tok = out.cache, out.logits[0, -1].argmax().view(1, 1)
+            out = model(tok, use_cache=True, **{key: past})
+            past, tok = getattr(out, key), out.logits[0, -1].argmax().view(1, 1)
         decode = n_decode / (time.perf_counter() - t0)
     return prefill, decode
 

@@ -69,6 +69,11 @@ def repacked_type(t: QType, rows: int) -> QType:
 # moe_forward carries h at ~15 bits for calls of up to this many tokens: decode's top-1 tokens then match the
 # float model's (8-bit h flips ~2% of a weakly trained model's); in prefill it would cost ~60% more time.
 H_RESIDUAL_MAX_TOKENS = 16
+
+
+def h_residual_default(T: int) -> bool:
+    """Whether a moe_forward call of T tokens carries h at ~15 bits when not told (also CPUDecodeStep's rule)."""
+    return T <= H_RESIDUAL_MAX_TOKENS
 _BY_ID = {q.id: q for q in QTYPES.values()}
 WEIGHT_IDS = frozenset(QTYPES[n].id for n in WEIGHT_QTYPES)
 
@@ -411,7 +416,7 @@ class KernelLib:
                 # the engine's decode call: what numpy conversion would check is checked here, ids by the C side
                 y = torch.empty((T, layer.hidden), dtype=torch.float32)
                 if h_residual is None:
-                    h_residual = T <= H_RESIDUAL_MAX_TOKENS
+                    h_residual = h_residual_default(T)
                 ffi = self.ffi
                 rc = self.lib.hk2_moe_forward(layer._cstruct(self), T, K, ffi.cast("const float *", x.data_ptr()),
                                               ffi.cast("const int32_t *", ids.data_ptr()),
@@ -449,7 +454,7 @@ class KernelLib:
             _check_array(oa, "out", np.float32, ndim=2, shape=(T, layer.hidden), writable=True)
             result = out
         if h_residual is None:
-            h_residual = T <= H_RESIDUAL_MAX_TOKENS
+            h_residual = h_residual_default(T)
         rc = self.lib.hk2_moe_forward(layer._cstruct(self), T, K, self._ptr(xa, "const float *"),
                                       self._ptr(ia, "const int32_t *"), self._ptr(wa, "const float *"),
                                       self._ptr(oa, "float *"), self.lib.HK2_MOE_H_RESIDUAL if h_residual else 0)
@@ -545,9 +550,14 @@ class KernelLib:
             if wkv_b.dim() != 2 or wkv_b.shape[0] != n_heads * (nope + v_dim):
                 raise ValueError(f"wkv_b: shape {tuple(wkv_b.shape)}, expected [n_heads * (nope + v_dim) = "
                                  f"{n_heads * (nope + v_dim)}, rank]")
-        rank = wkv_b.shape[1] if kv_b_blocks is None else kv_norm.shape[0]
-        if tuple(kv_norm.shape) != (rank,):
-            raise ValueError(f"kv_norm: shape {tuple(kv_norm.shape)}, expected ({rank},) (wkv_b's rank)")
+        if kv_b_blocks is None:
+            rank = wkv_b.shape[1]
+            if tuple(kv_norm.shape) != (rank,):
+                raise ValueError(f"kv_norm: shape {tuple(kv_norm.shape)}, expected ({rank},) (wkv_b's rank)")
+        elif kv_norm.dim() != 1:
+            raise ValueError(f"kv_norm: shape {tuple(kv_norm.shape)}, expected (rank,)")
+        else:
+            rank = kv_norm.shape[0]
         if kv_b_blocks is not None:
             if wkv_b is not None:
                 raise ValueError("wkv_b: pass None with kv_b_blocks (the blocks are read instead)")

@@ -22,8 +22,8 @@ EXPERT_BACKENDS = ("auto", "torch", "cpu", "hybrid")
 # 'q8_0' / 'q4_0': quantized at load; 'native': a GGUF's stored blocks in place (others as q8_0).
 # The quantized forms run in the CPU kernels (hybrid_k2.qlinear), so they need device='cpu'.
 DENSE_FORMATS = (None, "native", "q8_0", "q4_0")
-# The matrices dense_format covers. Not kv_b_proj (the absorbed attention reads its weight as a tensor),
-# not the routers, norms or embeddings.
+# The matrices dense_format covers. kv_b_proj stays a float tensor for prefill (its decode-step blocks are
+# MLA.kv_b_blocks, see _kv_b_blocks); not the routers, norms or embeddings.
 DENSE_MATRICES = re.compile(r"lm_head|model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|o_proj)"
                             r"|mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj))")
 
@@ -145,7 +145,7 @@ def build_model(cfg: ModelConfig, ckpt, device, dtype, progress: bool = False, *
                     raise
                 raise CheckpointError(f"{ckpt.path}: tensor {src!r}: {e}") from None
             bar.update(1)
-    if dense_format is not None:
+    if dense_format is not None and dtype == torch.float32:   # the C decode step runs float32 models only
         _kv_b_blocks(net, cfg, ckpt, dense_format)
     net.eval().requires_grad_(False)   # inference; a training script turns grads back on
     return net
@@ -166,6 +166,11 @@ def _kv_b_blocks(net: Transformer, cfg: ModelConfig, ckpt, dense_format: str) ->
         if stored is not None and all(t in kernels.WEIGHT_IDS for _, t in stored):   # not F16/F32 ones
             types = [kernels.qtype(t) for _, t in stored]
             if nope % types[0].block_size == 0 and R % types[1].block_size == 0:
+                for (b, _), t, part, rows, cols in zip(stored, types, ("attn_k_b", "attn_v_b"), (H * R, H * v), (nope, R)):
+                    if b.shape != (rows, t.row_bytes(cols)):
+                        raise CheckpointError(f"{ckpt.path}: tensor 'blk.{attn.layer}.{part}.weight' holds {b.shape[0]} "
+                                              f"rows of {b.shape[1]} bytes; the config needs {rows} rows of {cols} "
+                                              f"{t.name} values ({t.row_bytes(cols)} bytes)")
                 attn.kv_b_blocks = tuple((b, t) for (b, _), t in zip(stored, types))
                 continue
         if nope % want.block_size or R % want.block_size:

@@ -361,11 +361,12 @@ class Transformer(nn.Module):
                 layer.mlp.recorder = recorder
 
     def _cpu_step(self, cache: KVCache) -> CPUDecodeStep | None:
-        """The CPUDecodeStep for this cache, built (or found not to apply) once per cache and setting."""
+        """The CPUDecodeStep for this model, built again when what it read changes; a failed build is
+        remembered for its cache until a set_* method changes the model's settings."""
         if torch.is_grad_enabled():
             return None
         built_for, step = self._step
-        if step is not None and step.fits(self, cache):
+        if step is not None and step.fits(self):
             return step
         if step is None and built_for is not None and built_for() is cache:
             return None
@@ -390,7 +391,7 @@ class Transformer(nn.Module):
         if T == 1 and absorb and self.decode_step and ids.device.type == "cpu":
             step = self._cpu_step(cache)
             if step is not None:
-                return step(int(ids[0]), start_pos)
+                return step(cache, int(ids[0]), start_pos)
         rope = self._rope[start_pos:start_pos + T]
         h = self.model.embed_tokens(ids)
         pending = None   # the previous MoE layer's deferred experts (set_deferral)

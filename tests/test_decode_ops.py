@@ -33,8 +33,8 @@ def expanded_attention(q, kv_a, rot, kv_prev, pe_prev, wkv_b, norm, H, nope, rop
     return torch.einsum("hs,shd->hd", scores.softmax(-1), v).reshape(-1), lat, r[-1]
 
 
-@pytest.mark.parametrize("dims", [(3, 16, 8, 12, 40), (6, 32, 8, 16, 80), (2, 128, 64, 128, 512)],
-                         ids=["odd", "tiles", "k2_head"])
+@pytest.mark.parametrize("dims", [(3, 16, 8, 12, 40), (6, 32, 8, 16, 80), (5, 16, 6, 12, 44), (2, 128, 64, 128, 512)],
+                         ids=["odd", "tiles", "k_tails", "k2_head"])
 @pytest.mark.parametrize("pos", [0, 1, 37])
 def test_mla_decoder_matches_expanded_attention(dims, pos):
     H, nope, rope, vd, R = dims
@@ -78,9 +78,13 @@ def split_kv_b(wkv_b: torch.Tensor, H: int, nope: int, vd: int) -> tuple[np.ndar
             w[:, nope:].reshape(H * vd, R).contiguous().numpy())
 
 
-@pytest.mark.parametrize("dims", [(3, 32, 8, 16, 64), (2, 128, 64, 128, 512)], ids=["small", "k2_head"])
-@pytest.mark.parametrize("qt", ["Q8_0", "Q4_0"])
-def test_mla_decoder_reads_kv_b_blocks(dims, qt):
+@pytest.mark.parametrize("dims,types", [
+    ((3, 32, 8, 16, 64), ("Q8_0", "Q8_0")), ((3, 32, 8, 16, 64), ("Q4_0", "Q4_0")),
+    ((3, 32, 8, 16, 64), ("Q4_0_R8", "Q4_0_R8")),   # 8 interleaved rows per group: whole groups per head
+    ((2, 128, 64, 128, 512), ("Q8_0", "Q8_0")), ((2, 128, 64, 128, 512), ("Q8_0", "Q6_K")),
+    ((2, 128, 64, 128, 512), ("Q4_0", "Q4_K")),     # K-quant v_b: rank 512 fills its 256-value blocks
+], ids=["q8_0", "q4_0", "q4_0_r8", "k2_head", "k2_head_q6_k", "k2_head_q4_k"])
+def test_mla_decoder_reads_kv_b_blocks(dims, types):
     """kv_b as a GGUF's attn_k_b / attn_v_b blocks: the expanded float attention on the blocks' values (the
     gguf package's dequantizer) is matched up to the 8-bit rounding of each head's query and output."""
     H, nope, rope, vd, R = dims
@@ -92,15 +96,20 @@ def test_mla_decoder_reads_kv_b_blocks(dims, qt):
     kv_cache, pe_cache = torch.randn(pos + 1, R, generator=g), torch.randn(pos + 1, rope, generator=g)
     rot = rope_rot(rope // 2, pos)
     scale, eps = (nope + rope) ** -0.5, 1e-6
-    k_b, v_b = (gguf.quants.quantize(m, GQT[qt]) for m in split_kv_b(wkv_b, H, nope, vd))
+    stored = [t.replace("_R8", "") for t in types]   # what a GGUF holds; Q4_0_R8 is Q4_0 repacked at load
+    # (gguf quantizes only the simple types; our quantizer writes the K-quants, gguf's dequantizer reads them back)
+    k_b, v_b = (gguf.quants.quantize(m, GQT[t]) if t in ("Q8_0", "Q4_0") else kernels.quantize(m, t)
+                for m, t in zip(split_kv_b(wkv_b, H, nope, vd), stored))
     # the float weights the blocks hold, back in kv_b_proj's layout
-    k_deq = torch.from_numpy(gguf.quants.dequantize(k_b, GQT[qt])).view(H, R, nope).transpose(1, 2)
-    v_deq = torch.from_numpy(gguf.quants.dequantize(v_b, GQT[qt])).view(H, vd, R)
+    k_deq = torch.from_numpy(gguf.quants.dequantize(k_b, GQT[stored[0]])).view(H, R, nope).transpose(1, 2)
+    v_deq = torch.from_numpy(gguf.quants.dequantize(v_b, GQT[stored[1]])).view(H, vd, R)
+    if types[0].endswith("_R8"):
+        k_b, v_b = kernels.repack(k_b, "Q4_0"), kernels.repack(v_b, "Q4_0")
     w_deq = torch.cat([k_deq, v_deq], 1).reshape(H * (nope + vd), R)
     ref, lat, _ = expanded_attention(q, kv_a, rot, kv_cache[:pos].clone(), pe_cache[:pos].clone(), w_deq, norm,
                                      H, nope, rope, vd, scale, eps)
     dec = kernels.mla_decoder(None, norm, n_heads=H, nope=nope, rope=rope, v_dim=vd, scale=scale, eps=eps,
-                              kv_b_blocks=((k_b, qt), (v_b, qt)))
+                              kv_b_blocks=((k_b, types[0]), (v_b, types[1])))
     old, old_isa = kernels.get_threads(), kernels.isa()
     try:
         for isa in [i for i in ("scalar", "avx2", "avx512") if kernels.isa_supported(i)]:
@@ -130,6 +139,13 @@ def test_mla_decoder_rejects_bad_kv_b_blocks():
         kernels.mla_decoder(None, norm, **kw, kv_b_blocks=((k_b[:-1], "Q8_0"), (v_b, "Q8_0")))
     with pytest.raises(ValueError, match=r"v_b: 32 rows of 34 bytes, expected 32 rows of 64 Q8_0 values \(68 bytes\)"):
         kernels.mla_decoder(None, norm, **kw, kv_b_blocks=((k_b, "Q8_0"), (np.ascontiguousarray(v_b[:, :34]), "Q8_0")))
+    # Q4_0_R8 v_b with 12 rows per head: 24 rows fill three groups of 8, but the second head's start inside one
+    wv = torch.randn(2 * (nope + 12), R)
+    kq, vq = (kernels.repack(gguf.quants.quantize(m, GQT.Q4_0), "Q4_0") for m in split_kv_b(wv, 2, nope, 12))
+    dec = kernels.mla_decoder(None, norm, **{**kw, "v_dim": 12}, kv_b_blocks=((kq, "Q4_0_R8"), (vq, "Q4_0_R8")))
+    with pytest.raises(kernels.KernelError, match="v_b: v_dim=12 rows per head do not fill Q4_0_R8 row groups of 8"):
+        dec(torch.randn(2 * (nope + rope)), torch.randn(R + rope), rope_rot(rope // 2, 0), torch.zeros(1, R),
+            torch.zeros(1, rope), 0)
     with pytest.raises(ValueError, match="k_b"):   # 32 columns are not a whole 256-value Q4_K block
         kernels.mla_decoder(None, norm, **kw, kv_b_blocks=((np.zeros((128, 144), np.uint8), "Q4_K"), (v_b, "Q8_0")))
 

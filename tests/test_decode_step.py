@@ -1,11 +1,16 @@
 """CPUDecodeStep: a one-token CPU step as fixed C calls gives the module path's logits and cache bit for bit,
 is rebuilt when what it read changes, and stands aside where it does not apply."""
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 import hybrid_k2
+from hybrid_k2 import kernels
 from hybrid_k2.decode_step import CPUDecodeStep
 from hybrid_k2.demo import ensure_demo
+from hybrid_k2.model import KVCache
 from quant.convert import convert
 from test_model_parity import NO_Q_LORA, make_hf_model
 
@@ -60,6 +65,12 @@ def test_without_query_lora_and_with_float_kv_b(tmp_path):
     eng.close()
 
 
+def same_experts(model, layer: int):
+    """A new ExpertWeights over the same blocks as the CPU backend's layer."""
+    w = model.model.layers[layer].mlp.experts.layers[layer]
+    return kernels.ExpertWeights(w.blocks("gate"), w.blocks("up"), w.blocks("down"), w.gate_type, w.up_type, w.down_type)
+
+
 def test_rebuilt_when_what_it_read_changes(demo_gguf):
     eng = hybrid_k2.load(demo_gguf, device="cpu", experts="cpu", dense_format="native")
     model, prompt = eng.model, [5, 6, 7, 8]
@@ -74,6 +85,19 @@ def test_rebuilt_when_what_it_read_changes(demo_gguf):
     head.set_blocks(head.blocks.copy())
     check_same_as_modules(model, prompt, [9, 10])
     assert model._step[1] is not second
+    # a new Parameter object (the old one stays alive, so its memory did not move), a replaced module, a
+    # replaced expert layer of the CPU backend: each makes a new step that reads what the modules read
+    for change in (lambda: setattr(norm, "weight", nn.Parameter(norm.weight.detach() * 3, requires_grad=False)),
+                   lambda: setattr(model.model.layers[0], "input_layernorm", copy.deepcopy(model.model.layers[0].input_layernorm)),
+                   lambda: model.model.layers[2].mlp.experts.layers.__setitem__(2, same_experts(model, 2))):
+        before = model._step[1]
+        keep = (norm.weight, model.model.layers[0].input_layernorm)   # alive, as a user's references would be
+        change()
+        with torch.no_grad():
+            model.model.layers[0].input_layernorm.weight.mul_(1.01)   # differs from the kept copy's values
+        check_same_as_modules(model, prompt, [9, 10])
+        assert model._step[1] is not before
+        del keep
     eng.close()
 
 
@@ -114,7 +138,14 @@ def test_bad_token_and_position(demo_gguf):
     decode(model, cache, [7], 2, True)
     step = model._step[1]
     with pytest.raises(ValueError, match="token id 99999 is not in"):
-        step(99999, 3)
-    with pytest.raises(ValueError, match="position 64 is outside the cache of 64"):
-        step(7, 64)
+        step(cache, 99999, 3)
+    with pytest.raises(ValueError, match=r"position 64 is outside the cache and RoPE table \(64 positions\)"):
+        step(cache, 7, 64)
+    # a cache longer than the model's RoPE table (made directly): the table bounds the position, as the module
+    # path's rot check does
+    long = KVCache(model.cfg, model._rope.shape[0] + 100, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="outside the cache and RoPE table"):
+        decode(model, long, [7], model._rope.shape[0] + 10, True)
+    with pytest.raises(ValueError):
+        decode(model, long, [7], model._rope.shape[0] + 10, False)
     eng.close()
