@@ -80,17 +80,17 @@ def k2_shaped_config(n_layers: int, n_experts: int, vocab: int) -> ModelConfig:
                       bos_token_id=vocab - 256, eos_token_id=vocab - 255, source="<k2-shaped bench>")
 
 
-def build_k2_gguf(n_layers: int, n_experts: int) -> Path:
+def build_k2_gguf(n_layers: int, n_experts: int, experts: str = "q4_0") -> Path:
     from quant.convert import write_gguf
     demo = ensure_demo()
     ranks = sum(1 for line in open(demo / "tiktoken.model") if line.strip())
     cfg = k2_shaped_config(n_layers, n_experts, ranks + 256)
-    out = cache_dir() / "bench" / f"k2shaped-L{n_layers}-E{n_experts}-V{cfg.vocab_size}-q4_0.gguf"
+    out = cache_dir() / "bench" / f"k2shaped-L{n_layers}-E{n_experts}-V{cfg.vocab_size}-{experts}.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"writing {out} ...", file=sys.stderr)
         write_gguf(SyntheticCheckpoint(cfg), cfg, str(out), tokenizer_dir=str(demo), name="k2-shaped-bench",
-                   experts="q4_0", other="q8_0", progress=True)
+                   experts=experts, other="q8_0", progress=True)
     return out
 
 
@@ -279,6 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=3, help="MoE layers of the K2-shaped model")
     ap.add_argument("--experts", type=int, default=32, help="routed experts per layer of the K2-shaped model")
+    ap.add_argument("--expert-format", default="q4_0", choices=["q4_0", "q4_k", "q8_0"],
+                    help="block format of the K2-shaped model's routed experts")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
     ap.add_argument("--decode", type=int, default=32, help="decoded tokens per round")
     ap.add_argument("--rounds", type=int, default=5,
@@ -311,8 +313,9 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models.split(","):
         if name == "k2-shaped":
-            path, hf_dir = build_k2_gguf(args.layers, args.experts), None
-            label = f"k2-shaped ({args.layers} MoE layers x {args.experts} experts, 7168x2048, top-8, Q4_0)"
+            path, hf_dir = build_k2_gguf(args.layers, args.experts, args.expert_format), None
+            label = (f"k2-shaped ({args.layers} MoE layers x {args.experts} experts, 7168x2048, top-8, "
+                     f"{args.expert_format.upper()})")
         elif name == "demo":
             path, hf_dir = build_demo_gguf(), ensure_demo()
             label = "demo (Q8_0 GGUF)"
