@@ -1,10 +1,10 @@
 """Kernel bench: MoE-layer decode bandwidth against the machine's own read bandwidth, and
 prefill GFLOP/s, on Kimi K2's expert shapes (H=7168, I=2048, top-8).
 
-    python bench/bench_kernels.py [--threads 2] [--types Q4_0_R8,Q4_0,Q8_0,Q4_K] [--isa avx2]
+    python bench/bench_kernels.py [--threads 2] [--types Q4_0_R8,Q4_0,Q8_0,Q4_K_R8,Q4_K] [--isa avx2]
 
-Q4_0_R8 is Q4_0 repacked to the kernels' 8-row layout, which the cpu backend runs; Q4_0 is the
-GGUF layout read in place (kept for formats loaded without repacking).
+Q4_0_R8 / Q4_K_R8 are Q4_0 / Q4_K repacked to the kernels' 8-row layouts, which the cpu backend runs; Q4_0
+and Q4_K are the GGUF layouts read in place (kept for matrices loaded without repacking).
 
 Decode (T=1) is memory-bound: each call reads 8 experts x (gate + up + down). The experts are
 drawn at random each iteration from a pool much larger than the last-level cache, so they come
@@ -38,8 +38,9 @@ def probe_bandwidth(nbytes: int, reps: int) -> float:
 
 def random_blocks(rng: np.random.Generator, t: K.QType, rows: int, cols: int) -> np.ndarray:
     """[rows, row_bytes] random quants with every fp16 scale set to a normal value."""
-    if t.name == "Q4_0_R8":
-        return K.repack(random_blocks(rng, K.qtype("Q4_0"), rows, cols), "Q4_0")
+    if t.name in K.REPACKED.values():   # a kernel layout: random blocks of its GGUF type, repacked
+        src = next(k for k, v in K.REPACKED.items() if v == t.name)
+        return K.repack(random_blocks(rng, K.qtype(src), rows, cols), src)
     rb = t.row_bytes(cols)
     a = rng.integers(0, 256, size=(rows, rb), dtype=np.uint8)
     blocks = a.reshape(-1, t.block_bytes)
@@ -92,7 +93,7 @@ def bench_prefill(layer: K.ExpertWeights, rng: np.random.Generator, T: int, iter
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--types", default="Q4_0_R8,Q4_0,Q8_0,Q4_K")
+    ap.add_argument("--types", default="Q4_0_R8,Q4_0,Q8_0,Q4_K_R8,Q4_K")
     ap.add_argument("--isa", default=None, help="force an ISA (scalar, avx2, avx512)")
     ap.add_argument("--pool-gib", type=float, default=1.5, help="expert pool size per type (>> LLC)")
     ap.add_argument("--probe-gib", type=float, default=1.0)

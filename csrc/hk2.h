@@ -34,22 +34,28 @@ extern "C" {
  * 32c + 4r), so one kernel pass computes 8 rows with the activations broadcast. Same bytes per
  * row as Q4_0; the row count must be a multiple of 8. Made from Q4_0 by hk2_repack. */
 #define HK2_Q4_0_R8 1002
+/* Ours too: Q4_K with every 8 consecutive rows interleaved per super-block (8 fp16 d, 8 fp16 dmin, the 8
+ * sub-block scales and mins unpacked to a byte each, then per 64-value chunk the 8 rows' 32 quant bytes in
+ * 4-byte runs): 148 bytes per row and super-block (Q4_K: 144). Made from Q4_K by hk2_repack_q4_K_r8. */
+#define HK2_Q4_K_R8 1003
 
 int hk2_block_size(int qtype);     /* values per block, or HK2_ETYPE */
 int hk2_block_bytes(int qtype);    /* bytes per block, or HK2_ETYPE */
 int64_t hk2_row_bytes(int qtype, int64_t ncols);  /* or an HK2_E* code */
-int hk2_row_group(int qtype);      /* rows interleaved together (8 for Q4_0_R8, else 1), or HK2_ETYPE */
+int hk2_row_group(int qtype);      /* rows interleaved together (8 for the _R8 types, else 1), or HK2_ETYPE */
 
 /* x [nrows, ncols] float32 -> out [nrows, row_bytes] blocks (Q4_0, Q8_0, Q4_K, Q6_K, Q8_K). */
 int hk2_quantize(int qtype, const float *x, int64_t nrows, int64_t ncols, void *out);
 /* Activation quantization as the MoE kernels do it, with the active ISA's code, written out as
  * standard blocks: Q8_0 (for Q4_0/Q8_0 weights) or Q8_K (for K-quant weights). */
 int hk2_quantize_act(int qtype, const float *x, int64_t nrows, int64_t ncols, void *out);
-/* blocks [nrows, row_bytes] -> out [nrows, ncols] float32 (Q4_0_R8 too: nrows a multiple of 8) */
+/* blocks [nrows, row_bytes] -> out [nrows, ncols] float32 (the _R8 types too: nrows a multiple of 8) */
 int hk2_dequantize(int qtype, const void *blocks, int64_t nrows, int64_t ncols, float *out);
 /* Q4_0 blocks [nrows, row_bytes] -> the same bytes in the Q4_0_R8 layout (nrows a multiple of 8;
  * src and dst must not overlap). */
 int hk2_repack_q4_0_r8(const void *src, int64_t nrows, int64_t ncols, void *dst);
+/* Q4_K blocks [nrows, row_bytes(Q4_K)] -> [nrows, row_bytes(Q4_K_R8)] in the Q4_K_R8 layout (as above). */
+int hk2_repack_q4_K_r8(const void *src, int64_t nrows, int64_t ncols, void *dst);
 
 /* One MoE layer's routed experts. gate[e], up[e] point at [inter, row_bytes(type, hidden)] bytes,
  * down[e] at [hidden, row_bytes(down_type, inter)] bytes. The pointer arrays have n_experts entries.

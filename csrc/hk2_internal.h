@@ -44,6 +44,11 @@ typedef struct {
 typedef struct { hk2_half d[HK2_R8]; uint8_t qs[HK2_R8 * HK2_QK / 2]; } block_q4_0x8;
 
 _Static_assert(sizeof(block_q4_0x8) == 8 * sizeof(block_q4_0), "block_q4_0x8 layout");
+/* HK2_Q4_K_R8: super-block b of 8 interleaved rows; sc[j][r], m[j][r]: row r's sub-block j scale and min;
+ * qs[256c + 32k + 4r + i] = row r's Q4_K qs[32c + 4k + i] (low nibbles: values 64c + 4k + i, high: +32) */
+#define HK2_Q4_K_R8_BYTES 148   /* per row and super-block */
+typedef struct { hk2_half d[HK2_R8]; hk2_half dmin[HK2_R8]; uint8_t sc[8][HK2_R8]; uint8_t m[8][HK2_R8]; uint8_t qs[HK2_R8 * 128]; } block_q4_Kx8;
+_Static_assert(sizeof(block_q4_Kx8) == HK2_R8 * HK2_Q4_K_R8_BYTES, "block_q4_Kx8 layout");
 _Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 layout");
 _Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 layout");
 _Static_assert(sizeof(block_q4_K) == 144, "block_q4_K layout");
@@ -138,6 +143,7 @@ typedef struct {
     hk2_dot_fn dot_q4_K;
     hk2_dot_fn dot_q6_K;
     hk2_dot_fn dot_q4_0_r8;  /* w = 8 interleaved rows; s[8 * j + r] for activation j, row r */
+    hk2_dot_fn dot_q4_K_r8;  /* the same for Q4_K_R8 */
     hk2_quantize_act_fn quantize_act;
     uint64_t (*read_sum)(const void *p, size_t n);  /* bandwidth probe: touch every byte */
     float (*dot_f32)(int n, const float *a, const float *b);         /* float32 math of decode.c */
@@ -167,6 +173,7 @@ extern const hk2_kernels hk2_kernels_scalar;
 #ifndef HK2_NO_X86
 extern const hk2_kernels hk2_kernels_avx2;
 void hk2_dot_q4_0_r8_avx2(int n, const void *w, const hk2_arow *a, int na, float *s);  /* also AVX-512 BW's */
+void hk2_dot_q4_K_r8_avx2(int n, const void *w, const hk2_arow *a, int na, float *s);  /* also the AVX-512 tables' */
 float hk2_dot_f32_avx2(int n, const float *a, const float *b);          /* also the AVX-512 tables' */
 void hk2_axpy_f32_avx2(int n, float alpha, const float *x, float *y);
 void hk2_gemm_nt_f32_avx2(int m, int n, int K, const float *a, int64_t lda, const float *b, int64_t ldb, float *out,

@@ -29,6 +29,7 @@ hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int t) {
     case HK2_Q4_K: return k->dot_q4_K;
     case HK2_Q6_K: return k->dot_q6_K;
     case HK2_Q4_0_R8: return k->dot_q4_0_r8;
+    case HK2_Q4_K_R8: return k->dot_q4_K_r8;
     default: return NULL;
     }
 }

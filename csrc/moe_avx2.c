@@ -145,6 +145,62 @@ INLINE void dot_q4_0_r8_t(int n, const block_q4_0x8 *x, const hk2_arow *a, const
     for (int j = 0; j < NA; j++) _mm256_storeu_ps(s + HK2_R8 * j, acc[j]);
 }
 
+/* ---------------- Q4_K_R8: 8 rows per pass, lane r = row r ----------------
+ * Per 64-value chunk, run k holds 4 bytes of each row: low nibbles meet activations 4k..4k+3 (sub-block 2c),
+ * high nibbles 32+4k.. (sub-block 2c+1), broadcast to every lane. 8 u8 x s8 pairs per int16 lane stay below
+ * 8 * 2 * 15 * 128 = 30720; each sub-block's sums take its 6-bit scale per lane in one madd (pairs (sc, sc)),
+ * the mins their activation sums the same way. Per super-block: acc += da * (d * sumi - dmin * summ). */
+INLINE __m256i pairs16(const uint8_t *v8) {   /* 8 bytes -> 8 lanes of (v, v) as int16 pairs */
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)v8));
+    return _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+}
+
+INLINE void dot_q4_K_r8_t(int n, const block_q4_Kx8 *x, const hk2_arow *a, const int NA, float *s) {
+    __m256 acc[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) acc[j] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const int nb = n / HK2_QK_K;
+    for (int b = 0; b < nb; b++) {
+        const block_q4_Kx8 *xb = x + b;
+        __m256i sumi[HK2_MAX_NA];
+        for (int j = 0; j < NA; j++) sumi[j] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const uint8_t *q = xb->qs + 256 * c;
+            for (int o = 0; o < 256; o += 64) PREFETCH(q + o);
+            __m256i slo[HK2_MAX_NA], shi[HK2_MAX_NA];
+            for (int j = 0; j < NA; j++) slo[j] = shi[j] = _mm256_setzero_si256();
+            for (int k = 0; k < 8; k++) {   /* one run at a time: few registers live with NA tokens */
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(q + 32 * k));
+                const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                for (int j = 0; j < NA; j++) {
+                    const int8_t *y = a[j].qs + HK2_QK_K * b + 64 * c + 4 * k;
+                    int32_t ylo, yhi;
+                    memcpy(&ylo, y, 4);
+                    memcpy(&yhi, y + 32, 4);
+                    slo[j] = _mm256_add_epi16(slo[j], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ylo)));
+                    shi[j] = _mm256_add_epi16(shi[j], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(yhi)));
+                }
+            }
+            const __m256i sc_lo = pairs16(xb->sc[2 * c]), sc_hi = pairs16(xb->sc[2 * c + 1]);
+            for (int j = 0; j < NA; j++)
+                sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(_mm256_madd_epi16(slo[j], sc_lo), _mm256_madd_epi16(shi[j], sc_hi)));
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)xb->d));
+        const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)xb->dmin));
+        for (int j = 0; j < NA; j++) {
+            __m256i summ = _mm256_setzero_si256();   /* mins: m (per lane) x the sub-block's two 16-value sums */
+            for (int sb = 0; sb < 8; sb++) {
+                int32_t bs2;
+                memcpy(&bs2, a[j].bs + 16 * b + 2 * sb, 4);
+                summ = _mm256_add_epi32(summ, _mm256_madd_epi16(pairs16(xb->m[sb]), _mm256_set1_epi32(bs2)));
+            }
+            const __m256 g = _mm256_fmsub_ps(dw, _mm256_cvtepi32_ps(sumi[j]), _mm256_mul_ps(dm, _mm256_cvtepi32_ps(summ)));
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(a[j].d[b]), g, acc[j]);
+        }
+    }
+    for (int j = 0; j < NA; j++) _mm256_storeu_ps(s + HK2_R8 * j, acc[j]);
+}
+
 /* ---------------- Q8_0 ---------------- */
 INLINE __m256i q8_0_block_dot(__m256i w, __m256i y) {
     return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));  /* |w| x (y with w's sign) */
@@ -284,7 +340,9 @@ DOT_ENTRY(dot_q8_0, block_q8_0)
 DOT_ENTRY(dot_q4_K, block_q4_K)
 DOT_ENTRY(dot_q6_K, block_q6_K)
 DOT_ENTRY(dot_q4_0_r8, block_q4_0x8)
+DOT_ENTRY(dot_q4_K_r8, block_q4_Kx8)
 void hk2_dot_q4_0_r8_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { dot_q4_0_r8(n, w, a, na, s); }
+void hk2_dot_q4_K_r8_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { dot_q4_K_r8(n, w, a, na, s); }
 
 /* ---------------- activations ---------------- */
 /* round half away from zero (C roundf), exactly: t = trunc(v); t += sign(v) if |v - t| >= 0.5 */
@@ -480,6 +538,7 @@ const hk2_kernels hk2_kernels_avx2 = {
     .dot_q4_K = dot_q4_K,
     .dot_q6_K = dot_q6_K,
     .dot_q4_0_r8 = dot_q4_0_r8,
+    .dot_q4_K_r8 = hk2_dot_q4_K_r8_avx2,
     .quantize_act = quantize_act,
     .read_sum = read_sum,
     .dot_f32 = hk2_dot_f32_avx2,

@@ -336,6 +336,7 @@ const hk2_kernels KERNELS = {
     .dot_q4_K = K(dot_q4_K),
     .dot_q6_K = K(dot_q6_K),
     .dot_q4_0_r8 = K(dot_q4_0_r8),
+    .dot_q4_K_r8 = hk2_dot_q4_K_r8_avx2,   /* memory-bound at 8 rows per pass already */
     .quantize_act = K(quantize_act),
     .read_sum = K(read_sum),
     .dot_f32 = hk2_dot_f32_avx2,   /* decode.c's float math is small next to its memory traffic */

@@ -36,6 +36,32 @@ static void dot_q4_0_r8(int n, const void *w, const hk2_arow *a, int na, float *
         }
 }
 
+/* 8 interleaved rows; the same integer sums per super-block as dot_q4_K */
+static void dot_q4_K_r8(int n, const void *w, const hk2_arow *a, int na, float *s) {
+    const block_q4_Kx8 *x = w;
+    for (int j = 0; j < na; j++)
+        for (int r = 0; r < HK2_R8; r++) {
+            float sum = 0.0f;
+            for (int b = 0; b < n / HK2_QK_K; b++) {
+                const int8_t *y = a[j].qs + b * HK2_QK_K;
+                const int16_t *bs = a[j].bs + b * (HK2_QK_K / 16);
+                int sumi = 0, summ = 0;
+                for (int c = 0; c < HK2_QK_K / 64; c++) {
+                    int s1 = 0, s2 = 0;
+                    for (int l = 0; l < 32; l++) {
+                        const uint8_t q = x[b].qs[256 * c + 32 * (l / 4) + 4 * r + l % 4];
+                        s1 += (q & 0xF) * y[64 * c + l];
+                        s2 += (q >> 4) * y[64 * c + 32 + l];
+                    }
+                    sumi += x[b].sc[2 * c][r] * s1 + x[b].sc[2 * c + 1][r] * s2;
+                    summ += x[b].m[2 * c][r] * (bs[4 * c] + bs[4 * c + 1]) + x[b].m[2 * c + 1][r] * (bs[4 * c + 2] + bs[4 * c + 3]);
+                }
+                sum += a[j].d[b] * (hk2_fp16_to_fp32(x[b].d[r]) * (float)sumi - hk2_fp16_to_fp32(x[b].dmin[r]) * (float)summ);
+            }
+            s[HK2_R8 * j + r] = sum;
+        }
+}
+
 static void dot_q8_0(int n, const void *w, const hk2_arow *a, int na, float *s) {
     const block_q8_0 *x = w;
     for (int j = 0; j < na; j++) {
@@ -146,6 +172,7 @@ const hk2_kernels hk2_kernels_scalar = {
     .dot_q4_K = dot_q4_K,
     .dot_q6_K = dot_q6_K,
     .dot_q4_0_r8 = dot_q4_0_r8,
+    .dot_q4_K_r8 = dot_q4_K_r8,
     .quantize_act = hk2_quantize_act_scalar,
     .read_sum = read_sum,
     .dot_f32 = dot_f32,

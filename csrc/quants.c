@@ -17,6 +17,7 @@ static const type_info TYPES[] = {
     {HK2_Q6_K, "Q6_K", HK2_QK_K, sizeof(block_q6_K), 1, 1},
     {HK2_Q8_K, "Q8_K", HK2_QK_K, sizeof(block_q8_K), 0, 1},
     {HK2_Q4_0_R8, "Q4_0_R8", HK2_QK, sizeof(block_q4_0), 1, HK2_R8},  /* bytes per row-block, as Q4_0 */
+    {HK2_Q4_K_R8, "Q4_K_R8", HK2_QK_K, HK2_Q4_K_R8_BYTES, 1, HK2_R8},  /* Q4_K's 144 + 4 unpacked scale bytes */
 };
 
 static const type_info *find_type(int qtype) {
@@ -28,7 +29,7 @@ static const type_info *find_type(int qtype) {
 int hk2_type_known(int qtype) { return find_type(qtype) != NULL; }
 int hk2_type_is_weight(int qtype) { const type_info *t = find_type(qtype); return t && t->weight; }
 const char *hk2_type_name(int qtype) { const type_info *t = find_type(qtype); return t ? t->name : "unknown"; }
-int hk2_act_qb(int weight_type) { return (weight_type == HK2_Q4_K || weight_type == HK2_Q6_K) ? HK2_QK_K : HK2_QK; }
+int hk2_act_qb(int weight_type) { const type_info *t = find_type(weight_type); return t ? t->block_size : HK2_QK; }
 
 int hk2_type_row_group(int qtype) { const type_info *t = find_type(qtype); return t ? t->row_group : 1; }
 int hk2_row_group(int qtype) { const type_info *t = find_type(qtype); return t ? t->row_group : hk2_fail(HK2_ETYPE, "unsupported block type %d", qtype); }
@@ -224,6 +225,24 @@ static void dequantize_rows_q4_0_r8(const block_q4_0x8 *x, float *y, int64_t n) 
         }
 }
 
+/* 8 interleaved rows: y [8, n]; the same float ops as dequantize_row_q4_K, so the same values */
+static void dequantize_rows_q4_K_r8(const block_q4_Kx8 *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n / HK2_QK_K; i++)
+        for (int r = 0; r < HK2_R8; r++) {
+            const float d = hk2_fp16_to_fp32(x[i].d[r]), dmin = hk2_fp16_to_fp32(x[i].dmin[r]);
+            float *yr = y + r * n + i * HK2_QK_K;
+            for (int c = 0; c < 4; c++) {
+                const float d1 = d * x[i].sc[2 * c][r], m1 = dmin * x[i].m[2 * c][r];
+                const float d2 = d * x[i].sc[2 * c + 1][r], m2 = dmin * x[i].m[2 * c + 1][r];
+                for (int l = 0; l < 32; l++) {
+                    const uint8_t q = x[i].qs[256 * c + 32 * (l / 4) + 4 * r + l % 4];
+                    yr[64 * c + l] = d1 * (q & 0xF) - m1;
+                    yr[64 * c + 32 + l] = d2 * (q >> 4) - m2;
+                }
+            }
+        }
+}
+
 static void dequantize_row_q4_K(const block_q4_K *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n / HK2_QK_K; i++) {
         const float d = hk2_fp16_to_fp32(x[i].d), dmin = hk2_fp16_to_fp32(x[i].dmin);
@@ -300,6 +319,7 @@ static void convert_rows(const convert_job *job, int64_t r) {
         case HK2_Q6_K: dequantize_row_q6_K(x, y, n); break;
         case HK2_Q8_K: dequantize_row_q8_K(x, y, n); break;
         case HK2_Q4_0_R8: if (r % HK2_R8 == 0) dequantize_rows_q4_0_r8(x, y, n); break;  /* the group's 8 rows */
+        case HK2_Q4_K_R8: if (r % HK2_R8 == 0) dequantize_rows_q4_K_r8(x, y, n); break;
         }
     }
 }
@@ -321,10 +341,11 @@ static int convert(int qtype, const void *src, int64_t nrows, int64_t ncols, voi
     if (nrows < 0) return hk2_fail(HK2_ESHAPE, "nrows=%lld is negative", (long long)nrows);
     const int64_t rb = hk2_row_bytes(qtype, ncols);
     if (rb < 0) return (int)rb;
-    if (qtype == HK2_Q4_0_R8 && quantize)
-        return hk2_fail(HK2_ETYPE, "quantize: Q4_0_R8 is made from Q4_0 blocks by hk2_repack_q4_0_r8");
-    if (nrows % HK2_R8 && qtype == HK2_Q4_0_R8)
-        return hk2_fail(HK2_ESHAPE, "dequantize: Q4_0_R8 needs a multiple of %d rows, got %lld", HK2_R8, (long long)nrows);
+    if (hk2_type_row_group(qtype) > 1 && quantize)
+        return hk2_fail(HK2_ETYPE, "quantize: %s is made by repacking blocks (hk2_repack_*)", hk2_type_name(qtype));
+    if (nrows % hk2_type_row_group(qtype))
+        return hk2_fail(HK2_ESHAPE, "dequantize: %s needs a multiple of %d rows, got %lld", hk2_type_name(qtype), HK2_R8,
+                        (long long)nrows);
     if (nrows == 0) return HK2_OK;
     convert_job job = {.qtype = qtype, .quantize = quantize, .nrows = nrows, .ncols = ncols, .row_bytes = rb,
                        .src = src, .dst = dst};
@@ -354,6 +375,33 @@ int hk2_repack_q4_0_r8(const void *src, int64_t nrows, int64_t ncols, void *dst)
                 const block_q4_0 *x = in + r * nb + b;
                 out[b].d[r] = x->d;
                 for (int c = 0; c < 4; c++) memcpy(out[b].qs + 32 * c + 4 * r, x->qs + 4 * c, 4);
+            }
+    }
+    return HK2_OK;
+}
+
+int hk2_repack_q4_K_r8(const void *src, int64_t nrows, int64_t ncols, void *dst) {
+    hk2_clear_error();
+    if (!src || !dst) return hk2_fail(HK2_EINVAL, "repack: null %s pointer", !src ? "input" : "output");
+    if (nrows < 0 || nrows % HK2_R8)
+        return hk2_fail(HK2_ESHAPE, "repack: nrows=%lld is not a multiple of %d", (long long)nrows, HK2_R8);
+    const int64_t rb = hk2_row_bytes(HK2_Q4_K, ncols), rb8 = hk2_row_bytes(HK2_Q4_K_R8, ncols);
+    if (rb < 0) return (int)rb;
+    const uint8_t *s = src;
+    uint8_t *d = dst;
+    if (s < d + nrows * rb8 && d < s + nrows * rb) return hk2_fail(HK2_EINVAL, "repack: src and dst overlap");
+    const int64_t nb = ncols / HK2_QK_K;
+    for (int64_t g = 0; g < nrows / HK2_R8; g++) {
+        const block_q4_K *in = (const block_q4_K *)(s + g * HK2_R8 * rb);
+        block_q4_Kx8 *out = (block_q4_Kx8 *)(d + g * HK2_R8 * rb8);
+        for (int64_t b = 0; b < nb; b++)
+            for (int r = 0; r < HK2_R8; r++) {
+                const block_q4_K *x = in + r * nb + b;
+                out[b].d[r] = x->d;
+                out[b].dmin[r] = x->dmin;
+                for (int j = 0; j < 8; j++) hk2_q4_K_scale_min(j, x->scales, &out[b].sc[j][r], &out[b].m[j][r]);
+                for (int c = 0; c < 4; c++)
+                    for (int k = 0; k < 8; k++) memcpy(out[b].qs + 256 * c + 32 * k + 4 * r, x->qs + 32 * c + 4 * k, 4);
             }
     }
     return HK2_OK;

@@ -55,10 +55,11 @@ QTYPES: dict[str, QType] = {
         QType("Q6_K", int(GGMLQuantizationType.Q6_K), 256, 210),
         QType("Q8_K", int(GGMLQuantizationType.Q8_K), 256, 292),  # activations of K-quant dots
         QType("Q4_0_R8", 1002, 32, 18, row_group=8),  # ours (csrc/hk2.h), not a GGUF type
+        QType("Q4_K_R8", 1003, 256, 148, row_group=8),  # ours too: Q4_K's 144 bytes + unpacked scales
     )
 }
-WEIGHT_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_0_R8")
-REPACKED = {"Q4_0": "Q4_0_R8"}  # GGUF type -> the kernel layout it repacks to
+WEIGHT_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_0_R8", "Q4_K_R8")
+REPACKED = {"Q4_0": "Q4_0_R8", "Q4_K": "Q4_K_R8"}  # GGUF type -> the kernel layout it repacks to
 
 
 def repacked_type(t: QType, rows: int) -> QType:
@@ -264,7 +265,7 @@ class ExpertWeights:
         for new, (kind, t, rows, cols) in zip(to, mats):
             src = self.blocks(kind)
             if new is not t:
-                dst = np.empty((self.n_experts, rows, t.row_bytes(cols)), np.uint8)
+                dst = np.empty((self.n_experts, rows, new.row_bytes(cols)), np.uint8)
                 for e in range(self.n_experts):
                     repack(src[e], t.name, out=dst[e])
                 src = dst
@@ -374,8 +375,9 @@ class KernelLib:
         return out
 
     def repack(self, blocks: Any, qtype_: Any, out: Any = None) -> np.ndarray:
-        """GGUF blocks [..., rows, row_bytes] -> the same bytes in the faster kernel layout of their type
-        (Q4_0 -> Q4_0_R8: 8 rows interleaved per block); rows must be a multiple of 8."""
+        """GGUF blocks [..., rows, row_bytes] -> the faster kernel layout of their type (Q4_0 -> Q4_0_R8, the
+        same bytes; Q4_K -> Q4_K_R8, 148 bytes per row and super-block): 8 rows interleaved per block, so rows
+        must be a multiple of 8."""
         t = qtype(qtype_)
         if t.name not in REPACKED:
             raise ValueError(f"qtype: {t.name} has no repacked layout (only {', '.join(REPACKED)})")
@@ -385,18 +387,20 @@ class KernelLib:
             raise ValueError(f"blocks: expected [..., rows, row_bytes], got shape {b.shape}")
         cols = _cols_from_row_bytes(t, b.shape[-1], "blocks")
         rows = int(np.prod(b.shape[:-1], dtype=np.int64))
-        group = QTYPES[REPACKED[t.name]].row_group
-        if b.shape[-2] % group:
-            raise ValueError(f"blocks: {b.shape[-2]} rows is not a multiple of {group}")
+        to = QTYPES[REPACKED[t.name]]
+        if b.shape[-2] % to.row_group:
+            raise ValueError(f"blocks: {b.shape[-2]} rows is not a multiple of {to.row_group}")
+        shape = b.shape[:-1] + (to.row_bytes(cols),)
         if out is None:
-            out = np.empty_like(b)
+            out = np.empty(shape, np.uint8)
         o = _as_numpy(out, "out")
-        _check_array(o, "out", np.uint8, shape=b.shape, writable=True)
-        if o.shape != b.shape:
-            raise ValueError(f"out: shape {o.shape}, expected {b.shape}")
+        _check_array(o, "out", np.uint8, shape=shape, writable=True)
+        if o.shape != shape:
+            raise ValueError(f"out: shape {o.shape}, expected {shape}")
         if np.may_share_memory(o, b):
             raise ValueError("out: overlaps blocks")
-        self._check(self.lib.hk2_repack_q4_0_r8(self._ptr(b, "const void *"), rows, cols, self._ptr(o, "void *")), "repack")
+        fn = self.lib.hk2_repack_q4_0_r8 if t.name == "Q4_0" else self.lib.hk2_repack_q4_K_r8
+        self._check(fn(self._ptr(b, "const void *"), rows, cols, self._ptr(o, "void *")), "repack")
         return out
 
     # ---- MoE

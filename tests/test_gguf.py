@@ -302,6 +302,34 @@ def test_k_quant_experts(converted, hf, experts, other, rel_err):
         assert g.format("model.layers.0.self_attn.o_proj.weight") == other
 
 
+def test_q4_k_experts_run_in_the_repacked_layout(converted, hf_dir):
+    """Q4_K experts (a GGUF's, or quantized at load) run as Q4_K_R8: the same weights, the same model."""
+    import hybrid_k2
+    path = converted("q4_k", "bf16")
+    cpu = hybrid_k2.load(path, device="cpu", experts="cpu")
+    ref = hybrid_k2.load(path, device="cpu", experts="torch")   # the same blocks dequantized, float matmuls
+    with GGUFCheckpoint(path) as g:
+        for layer, w in cpu.experts.layers.items():
+            assert (w.gate_type.name, w.up_type.name, w.down_type.name) == ("Q4_K_R8",) * 3
+            for e in range(w.n_experts):
+                name = f"model.layers.{layer}.mlp.experts.{e}.gate_proj.weight"
+                np.testing.assert_array_equal(kernels.dequantize(w.blocks("gate")[e], "Q4_K_R8"), g.get(name).numpy())
+    ids = list(range(3, 40))
+    a, b = cpu.logits(ids), ref.logits(ids)
+    rel = ((a - b).norm(dim=-1) / b.norm(dim=-1)).median().item()
+    assert rel < 0.02, rel   # 8-bit activations into the experts (measured ~0.005)
+    cpu.close(), ref.close()
+    # quantized at load from the HF checkpoint: the same Q4_K blocks as our quantizer's, repacked
+    eng = hybrid_k2.load(hf_dir, device="cpu", experts="cpu", expert_format="q4_k")
+    with HFCheckpoint(hf_dir) as hf:
+        for layer, w in eng.experts.layers.items():
+            assert w.down_type.name == "Q4_K_R8"
+            name = f"model.layers.{layer}.mlp.experts.1.down_proj.weight"
+            want = kernels.dequantize(kernels.quantize(hf.get(name).float().numpy(), "Q4_K"), "Q4_K")
+            np.testing.assert_array_equal(kernels.dequantize(w.blocks("down")[1], "Q4_K_R8"), want)
+    eng.close()
+
+
 def test_expert_blocks_are_zero_copy_views(converted, hf_dir):
     c = ModelConfig.from_json(hf_dir)
     with GGUFCheckpoint(converted("q4_0", "q8_0")) as g:

@@ -26,7 +26,7 @@ from hybrid_k2 import kernels as K
 from hybrid_k2._kernels_build import build_shared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ACT_QB = {"Q4_0": 32, "Q8_0": 32, "Q4_K": 256, "Q6_K": 256, "Q4_0_R8": 32}
+ACT_QB = {"Q4_0": 32, "Q8_0": 32, "Q4_K": 256, "Q6_K": 256, "Q4_0_R8": 32, "Q4_K_R8": 256}
 
 
 def unpack_r8(r8: np.ndarray) -> np.ndarray:
@@ -41,14 +41,20 @@ def unpack_r8(r8: np.ndarray) -> np.ndarray:
 
 
 def gguf_dequantize(blocks: np.ndarray, qt: str) -> np.ndarray:
-    """The gguf package's dequantizer (Q4_0_R8 unpacked to Q4_0 first)."""
+    """The gguf package's dequantizer (Q4_0_R8 unpacked to Q4_0 first; Q4_K_R8 through our dequantizer, which
+    test_repack_q4_k_layout_and_dequantize holds to gguf's on the Q4_K source)."""
     if qt == "Q4_0_R8":
         blocks, qt = unpack_r8(blocks), "Q4_0"
+    if qt == "Q4_K_R8":
+        return K.dequantize(blocks, qt)
     return gguf.quants.dequantize(blocks, GQT[qt])
 
 
 def quantize_as(x: np.ndarray, qt: str) -> np.ndarray:
-    return K.repack(K.quantize(x, "Q4_0"), "Q4_0") if qt == "Q4_0_R8" else K.quantize(x, qt)
+    if qt.endswith("_R8"):
+        src = qt[:-3]
+        return K.repack(K.quantize(x, src), src)
+    return K.quantize(x, qt)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -231,6 +237,9 @@ MOE_CASES = [  # gate/up type, down type, E, H, I
     ("Q4_0_R8", "Q4_0_R8", 8, 96, 64),
     ("Q4_0_R8", "Q6_K", 4, 256, 256),
     ("Q8_0", "Q4_0_R8", 6, 320, 192),
+    ("Q4_K_R8", "Q4_K_R8", 4, 256, 256),
+    ("Q4_K_R8", "Q6_K", 4, 256, 512),
+    ("Q8_0", "Q4_K_R8", 4, 512, 256),
 ]
 
 
@@ -286,7 +295,8 @@ def test_moe_forward_prefill_512_tokens(variants, gate_type):
         assert_close_to_reference(lib.moe_forward(w["layer"], x, ids, weights), ref, f"{label} T=512")
 
 
-@pytest.mark.parametrize("gate_type,down_type", [("Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("Q4_0_R8", "Q4_0_R8")])
+@pytest.mark.parametrize("gate_type,down_type", [("Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("Q4_0_R8", "Q4_0_R8"),
+                                                 ("Q4_K_R8", "Q4_K_R8")])
 def test_results_do_not_depend_on_thread_count(gate_type, down_type):
     rng = np.random.default_rng(6)
     w = make_experts(rng, gate_type, down_type, 8, 512, 512)
@@ -574,6 +584,7 @@ LINEAR_CASES = [  # type, K (row length), N (output rows, odd)
     ("Q6_K", 256, 45),
     ("Q4_0_R8", 160, 64),
     ("Q4_0_R8", 512, 24),
+    ("Q4_K_R8", 512, 24),
 ]
 
 
@@ -753,6 +764,24 @@ def test_repack_layout_and_dequantize():
     view = out[1]
     assert K.repack(q[1], "Q4_0", out=view) is view
     np.testing.assert_array_equal(out[1], r8[1])
+
+
+def test_repack_q4_k_layout_and_dequantize():
+    """Q4_K_R8 decodes to exactly what gguf decodes its Q4_K source to; its bytes are the documented layout."""
+    rng = np.random.default_rng(13)
+    q = K.quantize((rng.standard_normal((2, 16, 512)) * 0.05).astype(np.float32), "Q4_K")
+    r8 = K.repack(q, "Q4_K")
+    assert r8.shape == (2, 16, 2 * 148)
+    np.testing.assert_array_equal(K.dequantize(r8, "Q4_K_R8"), gguf.quants.dequantize(q, GQT.Q4_K))
+    g = r8.reshape(2, 2, 2, 8 * 148)                   # [matrix, row group, super-block, 1184 bytes]
+    np.testing.assert_array_equal(g[..., :16].reshape(2, 2, 2, 8, 2), q.reshape(2, 2, 8, 2, 144)[..., :2].transpose(0, 1, 3, 2, 4))
+    qs = g[..., 160:].reshape(2, 2, 2, 4, 8, 8, 4)     # [.., chunk c, run k, row r, 4 bytes]
+    want = q.reshape(2, 2, 8, 2, 144)[..., 16:].reshape(2, 2, 8, 2, 4, 8, 4)   # [.., row, block, c, k, 4]
+    np.testing.assert_array_equal(qs, want.transpose(0, 1, 3, 4, 5, 2, 6))
+    with pytest.raises(ValueError, match="12 rows is not a multiple of 8"):
+        K.repack(q[0, :12], "Q4_K")
+    with pytest.raises(ValueError, match="Q4_K_R8 is a kernel layout; quantize to Q4_K and repack"):
+        K.quantize(np.ones((8, 256), np.float32), "Q4_K_R8")
 
 
 def test_repack_bad_arguments():

@@ -1,8 +1,8 @@
 """CPU backend: routed experts as GGML blocks in RAM, run by the C kernels (hybrid_k2.kernels).
 
 Weights come from a GGUF file or from an HF checkpoint quantized at load, one expert at a time
-(compressed-tensors INT4 experts become Q4_0 without requantizing). Q4_0 is repacked to the kernels'
-Q4_0_R8 layout (8 rows interleaved, same bytes; ~1.5x faster kernels, as llama.cpp's CPU repack), the
+(compressed-tensors INT4 experts become Q4_0 without requantizing). Q4_0 and Q4_K are repacked to the kernels'
+Q4_0_R8 / Q4_K_R8 layouts (8 rows interleaved; ~1.5x / ~1.3x faster kernels, as llama.cpp's CPU repack), the
 file's pages released as each layer is copied; other formats run from the GGUF mapping in place.
 While the kernels run (they release the GIL) the accelerator computes the shared expert.
 """
@@ -113,13 +113,13 @@ def _quantize_layer(ckpt, cfg, layer: int, fmt: str | None, progress) -> kernels
     if fmt in (None, "native"):
         fmt = "q4_0" if int4 else "q8_0"
     qt = kernels.qtype(FORMATS[fmt])
-    gate = np.empty((E, I, qt.row_bytes(H)), np.uint8)
-    up = np.empty((E, I, qt.row_bytes(H)), np.uint8)
-    down = np.empty((E, H, qt.row_bytes(I)), np.uint8)
     lossless = int4 and fmt == "q4_0"
     layout = kernels.repacked_type(qt, I)
     if kernels.repacked_type(qt, H) is not layout:   # gate/up (I rows) and down (H rows) share one type here
         layout = qt
+    gate = np.empty((E, I, layout.row_bytes(H)), np.uint8)   # (Q4_K_R8 rows are longer than Q4_K's)
+    up = np.empty((E, I, layout.row_bytes(H)), np.uint8)
+    down = np.empty((E, H, layout.row_bytes(I)), np.uint8)
     for e in range(E):
         for dst, name, shape in zip((gate, up, down), expert_names(layer, e), ((I, H), (I, H), (H, I))):
             iw = ckpt.get_int4(name) if lossless else None

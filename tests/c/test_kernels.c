@@ -30,7 +30,7 @@ static float nrand(void) { return (float)(sqrt(-2.0 * log(urand() + 1e-12)) * co
 static const int WEIGHT_TYPES[] = {HK2_Q4_0, HK2_Q8_0, HK2_Q4_K, HK2_Q6_K};
 static const char *ISAS[] = {"scalar", "avx2", "avx512bw", "avx512vnni"};
 
-static int is_k(int t) { return t == HK2_Q4_K || t == HK2_Q6_K; }
+static int is_k(int t) { return t == HK2_Q4_K || t == HK2_Q6_K || t == HK2_Q4_K_R8; }
 
 /* ---------------------------------------------------------------- formats */
 static void test_formats(void) {
@@ -80,17 +80,19 @@ static void make_experts(experts *ex, int gt, int dt, int E, int H, int I) {
         for (int64_t i = 0; i < (int64_t)E * H * I; i++) tmp[i] = 0.05f * nrand();
         *dst[m] = malloc((size_t)(E * rows * rb));
         *dstf[m] = malloc(sizeof(float) * (size_t)E * rows * cols);
-        if (type == HK2_Q4_0_R8) {  /* quantize to Q4_0, repack, and check the layout decodes to the same values */
-            uint8_t *q = malloc((size_t)(E * rows * rb));
+        if (type == HK2_Q4_0_R8 || type == HK2_Q4_K_R8) {  /* quantize, repack, check it decodes to the same values */
+            const int src = type == HK2_Q4_0_R8 ? HK2_Q4_0 : HK2_Q4_K;
+            int (*repack)(const void *, int64_t, int64_t, void *) = type == HK2_Q4_0_R8 ? hk2_repack_q4_0_r8 : hk2_repack_q4_K_r8;
+            uint8_t *q = malloc((size_t)(E * rows * hk2_row_bytes(src, cols)));
             float *f = malloc(sizeof(float) * (size_t)E * rows * cols);
-            CHECK(hk2_quantize(HK2_Q4_0, tmp, (int64_t)E * rows, cols, q) == HK2_OK, "quantize experts");
-            CHECK(hk2_repack_q4_0_r8(q, (int64_t)E * rows, cols, *dst[m]) == HK2_OK, "repack experts");
-            CHECK(hk2_dequantize(HK2_Q4_0, q, (int64_t)E * rows, cols, f) == HK2_OK, "dequantize Q4_0");
+            CHECK(hk2_quantize(src, tmp, (int64_t)E * rows, cols, q) == HK2_OK, "quantize experts");
+            CHECK(repack(q, (int64_t)E * rows, cols, *dst[m]) == HK2_OK, "repack experts");
+            CHECK(hk2_dequantize(src, q, (int64_t)E * rows, cols, f) == HK2_OK, "dequantize the source");
             CHECK(hk2_dequantize(type, *dst[m], (int64_t)E * rows, cols, *dstf[m]) == HK2_OK, "dequantize experts");
-            CHECK(memcmp(f, *dstf[m], sizeof(float) * (size_t)E * rows * cols) == 0, "Q4_0_R8 decodes to its Q4_0 source");
-            CHECK(hk2_repack_q4_0_r8(q, 12, cols, *dst[m]) == HK2_ESHAPE, "repack of 12 rows");
-            CHECK(hk2_repack_q4_0_r8(q, 8, cols, q) == HK2_EINVAL, "repack in place");
-            CHECK(hk2_quantize(type, tmp, 8, cols, q) == HK2_ETYPE, "quantize straight to Q4_0_R8");
+            CHECK(memcmp(f, *dstf[m], sizeof(float) * (size_t)E * rows * cols) == 0, "type %d decodes to its source", type);
+            CHECK(repack(q, 12, cols, *dst[m]) == HK2_ESHAPE, "repack of 12 rows");
+            CHECK(repack(q, 8, cols, q) == HK2_EINVAL, "repack in place");
+            CHECK(hk2_quantize(type, tmp, 8, cols, q) == HK2_ETYPE, "quantize straight to type %d", type);
             free(q); free(f);
         } else {
             CHECK(hk2_quantize(type, tmp, (int64_t)E * rows, cols, *dst[m]) == HK2_OK, "quantize experts");
@@ -174,6 +176,7 @@ static void test_moe(void) {
         {HK2_Q4_0, HK2_Q4_0, 6, 96, 64}, {HK2_Q8_0, HK2_Q8_0, 6, 160, 96}, {HK2_Q4_0, HK2_Q6_K, 4, 256, 256},
         {HK2_Q4_K, HK2_Q6_K, 4, 256, 512}, {HK2_Q6_K, HK2_Q4_K, 4, 512, 256},
         {HK2_Q4_0_R8, HK2_Q4_0_R8, 6, 96, 64}, {HK2_Q4_0_R8, HK2_Q6_K, 4, 256, 256}, {HK2_Q8_0, HK2_Q4_0_R8, 5, 160, 96},
+        {HK2_Q4_K_R8, HK2_Q4_K_R8, 4, 256, 512}, {HK2_Q4_K_R8, HK2_Q6_K, 4, 512, 256}, {HK2_Q6_K, HK2_Q4_K_R8, 3, 256, 256},
     };
     static const int Ts[] = {1, 3, 17};
     const int K = 4;
