@@ -35,10 +35,11 @@ from .config import ModelConfig
 GiB = 1 << 30
 MiB = 1 << 20
 
-# (block weights, block bytes) for every format the engine can store.
+# (block weights, block bytes) for every format the engine can store, as it holds them: q4_k experts are held
+# as Q4_K_R8 (the GGUF's 144 bytes per super-block plus 4 of unpacked scales, kernels.REPACKED).
 FORMATS: dict[str, tuple[int, int]] = {
     "f32": (1, 4), "bf16": (1, 2), "f16": (1, 2), "fp8": (1, 1),
-    "q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 144), "q6_k": (256, 210),
+    "q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 148), "q6_k": (256, 210),
 }
 FLOAT_FORMATS = ("f32", "bf16", "f16", "fp8")
 NORM_BYTES = 4             # RMSNorm weights, routers, correction bias: fp32
