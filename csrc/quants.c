@@ -344,8 +344,8 @@ static int convert(int qtype, const void *src, int64_t nrows, int64_t ncols, voi
     if (hk2_type_row_group(qtype) > 1 && quantize)
         return hk2_fail(HK2_ETYPE, "quantize: %s is made by repacking blocks (hk2_repack_*)", hk2_type_name(qtype));
     if (nrows % hk2_type_row_group(qtype))
-        return hk2_fail(HK2_ESHAPE, "dequantize: %s needs a multiple of %d rows, got %lld", hk2_type_name(qtype), HK2_R8,
-                        (long long)nrows);
+        return hk2_fail(HK2_ESHAPE, "dequantize: %s needs a multiple of %d rows, got %lld", hk2_type_name(qtype),
+                        hk2_type_row_group(qtype), (long long)nrows);
     if (nrows == 0) return HK2_OK;
     convert_job job = {.qtype = qtype, .quantize = quantize, .nrows = nrows, .ncols = ncols, .row_bytes = rb,
                        .src = src, .dst = dst};
@@ -354,6 +354,12 @@ static int convert(int qtype, const void *src, int64_t nrows, int64_t ncols, voi
     int err = nrows > CONVERT_CHUNK ? hk2_pool_run(convert_task, &job) : (convert_task(&job, 0, 1), HK2_OK);
     hk2_api_unlock();
     return err;
+}
+
+/* whether [a, a + na) and [b, b + nb) share a byte (as integers: the buffers may be unrelated objects) */
+static int overlap(const void *a, int64_t na, const void *b, int64_t nb) {
+    const uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return x < y + (uintptr_t)nb && y < x + (uintptr_t)na;
 }
 
 int hk2_repack_q4_0_r8(const void *src, int64_t nrows, int64_t ncols, void *dst) {
@@ -365,7 +371,7 @@ int hk2_repack_q4_0_r8(const void *src, int64_t nrows, int64_t ncols, void *dst)
     if (rb < 0) return (int)rb;
     const uint8_t *s = src;
     uint8_t *d = dst;
-    if (s < d + nrows * rb && d < s + nrows * rb) return hk2_fail(HK2_EINVAL, "repack: src and dst overlap");
+    if (overlap(s, nrows * rb, d, nrows * rb)) return hk2_fail(HK2_EINVAL, "repack: src and dst overlap");
     const int64_t nb = ncols / HK2_QK;
     for (int64_t g = 0; g < nrows / HK2_R8; g++) {
         const block_q4_0 *in = (const block_q4_0 *)(s + g * HK2_R8 * rb);
@@ -389,7 +395,7 @@ int hk2_repack_q4_K_r8(const void *src, int64_t nrows, int64_t ncols, void *dst)
     if (rb < 0) return (int)rb;
     const uint8_t *s = src;
     uint8_t *d = dst;
-    if (s < d + nrows * rb8 && d < s + nrows * rb) return hk2_fail(HK2_EINVAL, "repack: src and dst overlap");
+    if (overlap(s, nrows * rb, d, nrows * rb8)) return hk2_fail(HK2_EINVAL, "repack: src and dst overlap");
     const int64_t nb = ncols / HK2_QK_K;
     for (int64_t g = 0; g < nrows / HK2_R8; g++) {
         const block_q4_K *in = (const block_q4_K *)(s + g * HK2_R8 * rb);

@@ -35,12 +35,14 @@ from .config import ModelConfig
 GiB = 1 << 30
 MiB = 1 << 20
 
-# (block weights, block bytes) for every format the engine can store, as it holds them: q4_k experts are held
-# as Q4_K_R8 (the GGUF's 144 bytes per super-block plus 4 of unpacked scales, kernels.REPACKED).
+# (block weights, block bytes) for every format the engine can store.
 FORMATS: dict[str, tuple[int, int]] = {
     "f32": (1, 4), "bf16": (1, 2), "f16": (1, 2), "fp8": (1, 1),
-    "q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 148), "q6_k": (256, 210),
+    "q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 144), "q6_k": (256, 210),
 }
+# Routed experts as the CPU backend holds them when that differs: q4_k as Q4_K_R8 (the 144 bytes per
+# super-block plus 4 of unpacked scales, kernels.REPACKED).
+EXPERT_HELD: dict[str, tuple[int, int]] = {"q4_k": (256, 148)}
 FLOAT_FORMATS = ("f32", "bf16", "f16", "fp8")
 NORM_BYTES = 4             # RMSNorm weights, routers, correction bias: fp32
 CUDA_OVERHEAD = 1 * GiB    # CUDA context, cuBLAS workspace, caching-allocator slack
@@ -150,8 +152,12 @@ def shared_expert_bytes(cfg: ModelConfig, fmt: str) -> int:
 
 
 def expert_bytes(cfg: ModelConfig, fmt: str) -> int:
-    """One routed expert (gate, up, down)."""
-    return swiglu_bytes(cfg.hidden_size, cfg.moe_intermediate_size, fmt, "mlp.experts.N")
+    """One routed expert (gate, up, down) as the CPU backend holds it (EXPERT_HELD)."""
+    stored = swiglu_bytes(cfg.hidden_size, cfg.moe_intermediate_size, fmt, "mlp.experts.N")   # checks the blocks fit
+    if fmt not in EXPERT_HELD:
+        return stored
+    (block, held), (_, nbytes) = EXPERT_HELD[fmt], FORMATS[fmt]
+    return stored // nbytes * held
 
 
 def routed_expert_bytes(cfg: ModelConfig, fmt: str) -> int:

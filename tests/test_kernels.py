@@ -40,13 +40,32 @@ def unpack_r8(r8: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(q4.transpose(0, 1, 3, 2, 4)).reshape(*lead, rows, rb)
 
 
+def unpack_k_r8(r8: np.ndarray) -> np.ndarray:
+    """Q4_K_R8 bytes [..., rows, row_bytes] back to GGUF Q4_K, from the layout's definition in csrc/hk2.h: per
+    super-block of 8 rows, 8 fp16 d, 8 fp16 dmin, sc[8 sub-blocks][8 rows], m[8][8], then per 64-value chunk c
+    byte 256c + 32k + 4r + i = row r's qs[32c + 4k + i]; the 6-bit scales and mins packed again as ggml does."""
+    *lead, rows, rb = r8.shape
+    nb = rb // 148
+    g = r8.reshape(-1, rows // 8, nb, 8 * 148).astype(np.uint16)     # [.., group, super-block, 1184]
+    d, dmin = g[..., 0:16:2] | g[..., 1:16:2] << 8, g[..., 16:32:2] | g[..., 17:32:2] << 8   # [.., sb, row]
+    sc, m = g[..., 32:96].reshape(*g.shape[:3], 8, 8), g[..., 96:160].reshape(*g.shape[:3], 8, 8)   # [.., j, row]
+    qs = g[..., 160:].reshape(*g.shape[:3], 4, 8, 8, 4)              # [.., c, k, row, i]
+    out = np.zeros((*g.shape[:3], 8, 144), np.uint16)                # [.., group, super-block, row, 144]
+    out[..., 0], out[..., 1], out[..., 2], out[..., 3] = d & 255, d >> 8, dmin & 255, dmin >> 8
+    sc, m = np.moveaxis(sc, -2, -1), np.moveaxis(m, -2, -1)         # [.., row, j]
+    out[..., 4:8] = sc[..., :4] | (sc[..., 4:] >> 4) << 6
+    out[..., 8:12] = m[..., :4] | (m[..., 4:] >> 4) << 6
+    out[..., 12:16] = (sc[..., 4:] & 15) | (m[..., 4:] & 15) << 4
+    out[..., 16:] = np.moveaxis(qs, -2, -4).reshape(*g.shape[:3], 8, 128)   # [.., row, c, k, i]
+    return np.ascontiguousarray(out.astype(np.uint8).transpose(0, 1, 3, 2, 4)).reshape(*lead, rows, nb * 144)
+
+
 def gguf_dequantize(blocks: np.ndarray, qt: str) -> np.ndarray:
-    """The gguf package's dequantizer (Q4_0_R8 unpacked to Q4_0 first; Q4_K_R8 through our dequantizer, which
-    test_repack_q4_k_layout_and_dequantize holds to gguf's on the Q4_K source)."""
+    """The gguf package's dequantizer (the _R8 layouts unpacked to their GGUF type first)."""
     if qt == "Q4_0_R8":
         blocks, qt = unpack_r8(blocks), "Q4_0"
     if qt == "Q4_K_R8":
-        return K.dequantize(blocks, qt)
+        blocks, qt = unpack_k_r8(blocks), "Q4_K"
     return gguf.quants.dequantize(blocks, GQT[qt])
 
 
@@ -772,12 +791,8 @@ def test_repack_q4_k_layout_and_dequantize():
     q = K.quantize((rng.standard_normal((2, 16, 512)) * 0.05).astype(np.float32), "Q4_K")
     r8 = K.repack(q, "Q4_K")
     assert r8.shape == (2, 16, 2 * 148)
+    np.testing.assert_array_equal(unpack_k_r8(r8), q)                      # the documented layout
     np.testing.assert_array_equal(K.dequantize(r8, "Q4_K_R8"), gguf.quants.dequantize(q, GQT.Q4_K))
-    g = r8.reshape(2, 2, 2, 8 * 148)                   # [matrix, row group, super-block, 1184 bytes]
-    np.testing.assert_array_equal(g[..., :16].reshape(2, 2, 2, 8, 2), q.reshape(2, 2, 8, 2, 144)[..., :2].transpose(0, 1, 3, 2, 4))
-    qs = g[..., 160:].reshape(2, 2, 2, 4, 8, 8, 4)     # [.., chunk c, run k, row r, 4 bytes]
-    want = q.reshape(2, 2, 8, 2, 144)[..., 16:].reshape(2, 2, 8, 2, 4, 8, 4)   # [.., row, block, c, k, 4]
-    np.testing.assert_array_equal(qs, want.transpose(0, 1, 3, 4, 5, 2, 6))
     with pytest.raises(ValueError, match="12 rows is not a multiple of 8"):
         K.repack(q[0, :12], "Q4_K")
     with pytest.raises(ValueError, match="Q4_K_R8 is a kernel layout; quantize to Q4_K and repack"):

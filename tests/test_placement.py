@@ -50,7 +50,7 @@ def test_bytes_per_weight():
     assert [bytes_per_weight(f) for f in ("f32", "bf16", "f16", "fp8")] == [4, 2, 2, 1]
     assert bytes_per_weight("q8_0") == 34 / 32
     assert bytes_per_weight("q4_0") == 18 / 32
-    assert bytes_per_weight("q4_k") == 148 / 256   # held as Q4_K_R8: 144 + 4 unpacked scale bytes
+    assert bytes_per_weight("q4_k") == 144 / 256
     assert bytes_per_weight("q6_k") == 210 / 256
     with pytest.raises(ValueError, match="q3_k"):
         bytes_per_weight("q3_k")
@@ -59,7 +59,7 @@ def test_bytes_per_weight():
 def test_component_sizes_kimi():
     assert placement.expert_bytes(K2, "q4_0") == EXPERT_Q4_0
     assert placement.expert_bytes(K2, "q8_0") == EXPERT_WEIGHTS * 34 // 32
-    assert placement.expert_bytes(K2, "q4_k") == EXPERT_WEIGHTS // 256 * 148
+    assert placement.expert_bytes(K2, "q4_k") == EXPERT_WEIGHTS // 256 * 148   # held as Q4_K_R8: 144 + 4 scale bytes
     assert placement.expert_bytes(K2, "q6_k") == EXPERT_WEIGHTS // 256 * 210
     assert placement.routed_expert_bytes(K2, "q4_0") == N_EXPERTS * EXPERT_Q4_0 == 570_760_888_320
     assert placement.embed_bytes(K2, "bf16") == placement.lm_head_bytes(K2, "bf16") == EMBED_BF16

@@ -514,15 +514,18 @@ class GGUFCheckpoint(Checkpoint):
             out[kind] = (data[:, r0:r1], int(t.tensor_type))
         return out
 
-    def release_experts(self, layer: int) -> None:
-        """Drop a layer's expert pages from this process's RSS once they have been copied out (they stay in
-        the page cache); views stay valid and fault the pages back in if read."""
+    def release_experts(self, layer: int, kinds=("gate", "up", "down")) -> None:
+        """Drop a layer's expert pages of these kinds from this process's RSS once they have been copied out
+        (they stay in the page cache); views stay valid and fault the pages back in if read. A tensor shared
+        with a kind not named (a fused gate_up) is kept."""
         r, st = self._reader, self._stacks.get(layer)
         mm = getattr(getattr(r, "data", None), "_mmap", None)
         if st is None or mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         base = r.data.ctypes.data
-        for t, _, _ in {id(v[0]): v for v in st.values()}.values():
+        tensors = {id(v[0]): v[0] for k, v in st.items() if k in kinds}
+        tensors = {i: t for i, t in tensors.items() if all(k in kinds for k, v in st.items() if id(v[0]) == i)}
+        for t in tensors.values():
             begin = t.data.ctypes.data - base
             start = begin // mmap.PAGESIZE * mmap.PAGESIZE
             mm.madvise(mmap.MADV_DONTNEED, start, begin + t.data.nbytes - start)

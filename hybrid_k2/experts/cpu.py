@@ -48,9 +48,11 @@ class CPUExperts(ExpertBackend):
         for layer in cfg.moe_layers:
             if hasattr(ckpt, "expert_blocks") and expert_format in (None, "native", *_native_names(ckpt, layer)):
                 w = _gguf_layer(ckpt, layer)
-                layers[layer] = w.repacked()
-                if layers[layer] is not w:
-                    ckpt.release_experts(layer)   # the copy replaces the mapping's pages
+                layers[layer] = r = w.repacked()
+                copied = [k for k, a, b in (("gate", w.gate_type, r.gate_type), ("up", w.up_type, r.up_type),
+                                            ("down", w.down_type, r.down_type)) if a is not b]
+                if copied:   # the copies replace those pages; matrices run in place keep theirs (Q4_K_M: Q6_K down)
+                    ckpt.release_experts(layer, copied)
                 if progress is not None:
                     progress.update(cfg.n_routed_experts)
             else:
