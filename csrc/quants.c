@@ -362,20 +362,30 @@ static int overlap(const void *a, int64_t na, const void *b, int64_t nb) {
     return x < y + (uintptr_t)nb && y < x + (uintptr_t)na;
 }
 
-int hk2_repack_q4_0_r8(const void *src, int64_t nrows, int64_t ncols, void *dst) {
+/* a repack's arguments: src rows of type `from`, dst rows of type `to` (their row bytes out) */
+static int repack_args(int from, int to, const void *src, int64_t nrows, int64_t ncols, const void *dst, int64_t *rb,
+                       int64_t *rb_to) {
     hk2_clear_error();
     if (!src || !dst) return hk2_fail(HK2_EINVAL, "repack: null %s pointer", !src ? "input" : "output");
     if (nrows < 0 || nrows % HK2_R8)
         return hk2_fail(HK2_ESHAPE, "repack: nrows=%lld is not a multiple of %d", (long long)nrows, HK2_R8);
-    const int64_t rb = hk2_row_bytes(HK2_Q4_0, ncols);
-    if (rb < 0) return (int)rb;
+    *rb = hk2_row_bytes(from, ncols);
+    if (*rb < 0) return (int)*rb;
+    *rb_to = hk2_row_bytes(to, ncols);
+    if (overlap(src, nrows * *rb, dst, nrows * *rb_to)) return hk2_fail(HK2_EINVAL, "repack: src and dst overlap");
+    return HK2_OK;
+}
+
+int hk2_repack_q4_0_r8(const void *src, int64_t nrows, int64_t ncols, void *dst) {
+    int64_t rb, rb8;
+    const int err = repack_args(HK2_Q4_0, HK2_Q4_0_R8, src, nrows, ncols, dst, &rb, &rb8);
+    if (err) return err;
     const uint8_t *s = src;
     uint8_t *d = dst;
-    if (overlap(s, nrows * rb, d, nrows * rb)) return hk2_fail(HK2_EINVAL, "repack: src and dst overlap");
     const int64_t nb = ncols / HK2_QK;
     for (int64_t g = 0; g < nrows / HK2_R8; g++) {
         const block_q4_0 *in = (const block_q4_0 *)(s + g * HK2_R8 * rb);
-        block_q4_0x8 *out = (block_q4_0x8 *)(d + g * HK2_R8 * rb);
+        block_q4_0x8 *out = (block_q4_0x8 *)(d + g * HK2_R8 * rb8);
         for (int64_t b = 0; b < nb; b++)
             for (int r = 0; r < HK2_R8; r++) {
                 const block_q4_0 *x = in + r * nb + b;
@@ -387,15 +397,11 @@ int hk2_repack_q4_0_r8(const void *src, int64_t nrows, int64_t ncols, void *dst)
 }
 
 int hk2_repack_q4_K_r8(const void *src, int64_t nrows, int64_t ncols, void *dst) {
-    hk2_clear_error();
-    if (!src || !dst) return hk2_fail(HK2_EINVAL, "repack: null %s pointer", !src ? "input" : "output");
-    if (nrows < 0 || nrows % HK2_R8)
-        return hk2_fail(HK2_ESHAPE, "repack: nrows=%lld is not a multiple of %d", (long long)nrows, HK2_R8);
-    const int64_t rb = hk2_row_bytes(HK2_Q4_K, ncols), rb8 = hk2_row_bytes(HK2_Q4_K_R8, ncols);
-    if (rb < 0) return (int)rb;
+    int64_t rb, rb8;
+    const int err = repack_args(HK2_Q4_K, HK2_Q4_K_R8, src, nrows, ncols, dst, &rb, &rb8);
+    if (err) return err;
     const uint8_t *s = src;
     uint8_t *d = dst;
-    if (overlap(s, nrows * rb, d, nrows * rb8)) return hk2_fail(HK2_EINVAL, "repack: src and dst overlap");
     const int64_t nb = ncols / HK2_QK_K;
     for (int64_t g = 0; g < nrows / HK2_R8; g++) {
         const block_q4_K *in = (const block_q4_K *)(s + g * HK2_R8 * rb);
