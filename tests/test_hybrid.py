@@ -185,10 +185,11 @@ def test_layer_outputs_against_torch_backend(eng, ref_float):
     b.close()
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_k_q6_k"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k_q6_k", "q4_k_r8_q6_k"])
 def test_fill_formats(eng, fmt):
     """Q4_0 fills (the blocks held in the kernels' Q4_0_R8 layout) dequantize on the device from the blocks;
-    K-quants dequantize on the host and move float32. Both hold the C kernels' dequantized values exactly."""
+    K-quants (Q4_K also in its Q4_K_R8 layout) dequantize on the host and move float32. Both hold the C kernels'
+    dequantized values exactly."""
     if fmt == "q4_0":
         cpu = CPUExperts.from_checkpoint(eng.checkpoint, eng.cfg, "q4_0", overlap=False)
         assert cpu.layers[1].gate_type.name == "Q4_0_R8"
@@ -197,7 +198,11 @@ def test_fill_formats(eng, fmt):
         E, H, I = 4, 256, 256
         gate, up = (kernels.quantize(rng.standard_normal((E, I, H)).astype(np.float32), "Q4_K") for _ in range(2))
         down = kernels.quantize(rng.standard_normal((E, H, I)).astype(np.float32), "Q6_K")
-        cpu = CPUExperts({1: kernels.ExpertWeights(gate, up, down, "Q4_K", down_type="Q6_K")}, overlap=False)
+        w = kernels.ExpertWeights(gate, up, down, "Q4_K", down_type="Q6_K")
+        if fmt == "q4_k_r8_q6_k":
+            w = w.repacked()
+            assert (w.gate_type.name, w.down_type.name) == ("Q4_K_R8", "Q6_K")
+        cpu = CPUExperts({1: w}, overlap=False)
     ref = dequantized(cpu)
     b = HybridExperts(cpu, "cpu", torch.float32, 6, prefetch=False, async_copies=True)
     b.preload()
