@@ -24,6 +24,28 @@
 #define MLA_MAX_DIM (1 << 16)
 #define MLA_MAX_POS ((int64_t)1 << 24)
 
+/* a matrix of GGML block rows with n values each, as the dot kernels run it */
+typedef struct {
+    hk2_dot_fn dot;
+    size_t rb, act_stride;   /* bytes per weight row and per activation row */
+    int64_t n;
+    int qb, rg;              /* activation block size, rows per dot call */
+} block_rows;
+
+static block_rows block_rows_for(const hk2_kernels *k, int qtype, int64_t n) {
+    const int qb = hk2_act_qb(qtype);
+    return (block_rows){.dot = hk2_dot_for(k, qtype), .rb = (size_t)hk2_row_bytes(qtype, n),
+                        .act_stride = hk2_act_row_bytes(n, qb), .n = n, .qb = qb, .rg = hk2_type_row_group(qtype)};
+}
+
+/* out[r] = w_r . x for `rows` block rows from w, x quantized to 8 bits into act first (as hk2_linear does) */
+static void block_rows_dot(const hk2_kernels *k, const block_rows *b, const uint8_t *w, int64_t rows, const float *x,
+                           uint8_t *act, float *out) {
+    hk2_act_quantize_into(k, x, (int)b->n, b->qb, act, b->n, 0);
+    const hk2_arow a = hk2_act_row(act, b->n, b->qb);
+    for (int64_t r = 0; r < rows; r += b->rg) b->dot((int)b->n, w + r * b->rb, &a, 1, out + r);
+}
+
 typedef struct {
     const hk2_mla *m;
     const hk2_kernels *k;
@@ -34,11 +56,9 @@ typedef struct {
     float *q_pe;    /* [H, rope], rotated */
     float *p;       /* [H, n_pos] scores, then probabilities */
     float *o_lat;   /* [H, rank] */
-    /* kv_b as GGML blocks (m->k_b.w set): per head, q_nope's and o_lat's 8-bit rows */
+    /* kv_b as GGML blocks (m->k_b.w set): how k_b and v_b run, and per head q_nope's and o_lat's 8-bit rows */
+    block_rows kb, vb;
     uint8_t *q_act, *o_act;
-    size_t q_act_stride, o_act_stride, rb_k, rb_v;
-    int qb_k, qb_v, rg_k, rg_v;
-    hk2_dot_fn dot_k, dot_v;
     int64_t n_items, chunk;  /* this phase's work items, and positions or latent columns per item */
     _Alignas(HK2_CACHE_LINE) atomic_llong next;
 } mla_job;
@@ -209,11 +229,8 @@ static void q_task(void *ctx, int ith, int nth) {   /* items: heads, then the ca
         rotate(qh + nope, j->rot, rope, j->q_pe + h * rope);
         float *ql = j->q_lat + h * R;
         if (m->k_b.w) {   /* q_lat[h, c] = W_k[h]^T[c] . q_nope[h], one block row per c */
-            uint8_t *row = j->q_act + (size_t)h * j->q_act_stride;
-            hk2_act_quantize_into(j->k, qh, (int)nope, j->qb_k, row, nope, 0);
-            const hk2_arow a = hk2_act_row(row, nope, j->qb_k);
-            const uint8_t *wk = (const uint8_t *)m->k_b.w + (size_t)(h * R) * j->rb_k;
-            for (int64_t c = 0; c < R; c += j->rg_k) j->dot_k((int)nope, wk + c * j->rb_k, &a, 1, ql + c);
+            block_rows_dot(j->k, &j->kb, (const uint8_t *)m->k_b.w + (size_t)(h * R) * j->kb.rb, R, qh,
+                           j->q_act + (size_t)h * j->kb.act_stride, ql);
             continue;
         }
         memset(ql, 0, sizeof(float) * (size_t)R);
@@ -261,11 +278,8 @@ static void out_task(void *ctx, int ith, int nth) {   /* items: heads */
     HK2_UNUSED(ith); HK2_UNUSED(nth);
     for (int64_t h; (h = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
         if (m->v_b.w) {
-            uint8_t *row = j->o_act + (size_t)h * j->o_act_stride;
-            hk2_act_quantize_into(j->k, j->o_lat + h * R, (int)R, j->qb_v, row, R, 0);
-            const hk2_arow a = hk2_act_row(row, R, j->qb_v);
-            const uint8_t *wv = (const uint8_t *)m->v_b.w + (size_t)(h * vd) * j->rb_v;
-            for (int64_t v = 0; v < vd; v += j->rg_v) j->dot_v((int)R, wv + v * j->rb_v, &a, 1, j->o + h * vd + v);
+            block_rows_dot(j->k, &j->vb, (const uint8_t *)m->v_b.w + (size_t)(h * vd) * j->vb.rb, vd, j->o_lat + h * R,
+                           j->o_act + (size_t)h * j->vb.act_stride, j->o + h * vd);
             continue;
         }
         const float *wv = m->wkv_b + (h * wd + m->nope) * R;
@@ -341,27 +355,21 @@ static int mla_locked(const hk2_mla *m, int64_t pos, const float *q, const float
     float *scratch = malloc(sizeof(float) * (2 * n_lat + n_pe + n_p));
     if (!scratch) return hk2_fail(HK2_ENOMEM, "mla_decode: cannot allocate scratch for %lld positions", (long long)S);
     mla_job *job = aligned_alloc(HK2_CACHE_LINE, hk2_align_up(sizeof(mla_job)));
+    const hk2_kernels *k = hk2_active_kernels();
     const int blocks = m->k_b.w != NULL;
-    const int qb_k = blocks ? hk2_act_qb(m->k_b.qtype) : 0, qb_v = blocks ? hk2_act_qb(m->v_b.qtype) : 0;
-    const size_t q_stride = blocks ? hk2_act_row_bytes(m->nope, qb_k) : 0, o_stride = blocks ? hk2_act_row_bytes(m->rank, qb_v) : 0;
-    uint8_t *acts = blocks ? aligned_alloc(HK2_CACHE_LINE, (size_t)H * (q_stride + o_stride)) : NULL;
+    const block_rows kb = blocks ? block_rows_for(k, m->k_b.qtype, m->nope) : (block_rows){0};
+    const block_rows vb = blocks ? block_rows_for(k, m->v_b.qtype, m->rank) : (block_rows){0};
+    uint8_t *acts = blocks ? aligned_alloc(HK2_CACHE_LINE, (size_t)H * (kb.act_stride + vb.act_stride)) : NULL;
     if (!job || (blocks && !acts)) {
         free(scratch); free(job); free(acts);
         return hk2_fail(HK2_ENOMEM, "mla_decode: out of memory");
     }
-    const hk2_kernels *k = hk2_active_kernels();
     *job = (mla_job){
         .m = m, .k = k, .pos = pos, .n_pos = S, .q = q, .kv_a = kv_a, .rot = rot,
         .kv_cache = kv_cache, .pe_cache = pe_cache, .o = o,
         .q_lat = scratch, .o_lat = scratch + n_lat, .q_pe = scratch + 2 * n_lat, .p = scratch + 2 * n_lat + n_pe,
-        .q_act = acts, .o_act = acts ? acts + (size_t)H * q_stride : NULL, .q_act_stride = q_stride, .o_act_stride = o_stride,
+        .kb = kb, .vb = vb, .q_act = acts, .o_act = acts ? acts + (size_t)H * kb.act_stride : NULL,
     };
-    if (blocks) {
-        job->qb_k = qb_k; job->qb_v = qb_v;
-        job->rb_k = (size_t)hk2_row_bytes(m->k_b.qtype, m->nope); job->rb_v = (size_t)hk2_row_bytes(m->v_b.qtype, m->rank);
-        job->rg_k = hk2_type_row_group(m->k_b.qtype); job->rg_v = hk2_type_row_group(m->v_b.qtype);
-        job->dot_k = hk2_dot_for(k, m->k_b.qtype); job->dot_v = hk2_dot_for(k, m->v_b.qtype);
-    }
     const int64_t nth = hk2_pool_threads(), R = m->rank;
     int64_t pos_chunk = (S + 4 * nth - 1) / (4 * nth), col_chunk = 16;   /* several items per thread */
     if (pos_chunk < 16) pos_chunk = 16;
