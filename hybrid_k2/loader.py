@@ -6,11 +6,13 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, fetch, open_checkpoint
+from .checkpoint.gguf import split_kv_b
 from .config import PRESETS, ModelConfig
 from .generate import Engine
 from .model import Transformer
@@ -177,10 +179,9 @@ def _kv_b_blocks(net: Transformer, cfg: ModelConfig, ckpt, dense_format: str) ->
             log.info("%s: nope=%d / kv_lora_rank=%d do not fill %s blocks; the decode step reads it as a float "
                      "tensor", name, nope, R, want.name)
             continue
-        w = attn.kv_b_proj.weight.detach().float().view(H, nope + v, R)
-        k_b = w[:, :nope].transpose(1, 2).reshape(H * R, nope)
-        v_b = w[:, nope:].reshape(H * v, R)
-        attn.kv_b_blocks = tuple((kernels.quantize(m.contiguous().numpy(), want), want) for m in (k_b, v_b))
+        k_b, v_b = split_kv_b(attn.kv_b_proj.weight.detach().float().numpy(), H, nope)
+        attn.kv_b_blocks = tuple((kernels.quantize(np.ascontiguousarray(m.reshape(-1, m.shape[-1])), want), want)
+                                 for m in (k_b, v_b))
 
 
 def _source(cfg: ModelConfig, ckpt, name: str) -> str:

@@ -30,6 +30,7 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 
+from hybrid_k2.checkpoint.gguf import split_kv_b
 from hybrid_k2.checkpoint.quantize import int4_to_q4_0
 
 log = logging.getLogger("hybrid_k2.convert")
@@ -243,9 +244,8 @@ def _plan(ck, cfg, expert_qt: QT, other_qt: QT, int4_lossless: bool, stats: dict
         need(hf, (nh * (nope + vh), kvr))
 
         def part(which: str) -> Iterator[np.ndarray]:
-            kv = load(hf).reshape(nh, nope + vh, kvr)
-            x = kv[:, :nope].transpose(0, 2, 1) if which == "k" else kv[:, nope:]
-            yield encode(x, qts[which])
+            k_b, v_b = split_kv_b(load(hf), nh, nope)
+            yield encode(k_b if which == "k" else v_b, qts[which])
 
         shapes = {"k": (nh, kvr, nope), "v": (nh, vh, kvr)}
         qts = {k: other_qt if other_qt in (QT.F32, QT.F16, QT.BF16) or s[-1] % GGML_QUANT_SIZES[other_qt][0] == 0

@@ -440,10 +440,7 @@ class GGUFCheckpoint(Checkpoint):
             arr = self._dequant(t, t.data[e, r0:r1])
         else:
             _, k, v = ent
-            kb = self._dequant(k, k.data)  # [n_head, kv_lora, nope]
-            vb = self._dequant(v, v.data)  # [n_head, v, kv_lora]
-            # inverse of convert_hf_to_gguf.py: kv_b.view(n_head, nope+v, kv_lora) -> k_b = [:, :nope].T, v_b = [:, nope:]
-            arr = np.concatenate([kb.transpose(0, 2, 1), vb], axis=1).reshape(-1, kb.shape[1])
+            arr = join_kv_b(self._dequant(k, k.data), self._dequant(v, v.data))
         return torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=dtype)
 
     def _dequant(self, t, data: np.ndarray) -> np.ndarray:
@@ -544,6 +541,18 @@ class GGUFCheckpoint(Checkpoint):
                     mm.close()
                 except BufferError:
                     pass  # views handed out are still alive; the mapping goes when they do
+
+
+def split_kv_b(kv_b: np.ndarray, n_head: int, nope: int) -> tuple[np.ndarray, np.ndarray]:
+    """kv_b_proj [n_head * (nope + v), kv_lora] -> (attn_k_b [n_head, kv_lora, nope], attn_v_b [n_head, v, kv_lora])
+    as views, the split of convert_hf_to_gguf.py's DeepseekV2Model (k part transposed)."""
+    kv = kv_b.reshape(n_head, -1, kv_b.shape[-1])
+    return kv[:, :nope].transpose(0, 2, 1), kv[:, nope:]
+
+
+def join_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
+    """split_kv_b's inverse: kv_b_proj [n_head * (nope + v), kv_lora]."""
+    return np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(-1, k_b.shape[1])
 
 
 def _np_shape(t) -> tuple[int, ...]:
