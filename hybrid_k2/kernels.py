@@ -569,8 +569,7 @@ class KernelLib:
             mats = []
             for name, mat, rows, cols in (("k_b", kv_b_blocks[0], n_heads * rank, nope),
                                           ("v_b", kv_b_blocks[1], n_heads * v_dim, rank)):
-                blocks, t = _as_numpy(mat[0], name), qtype(mat[1])
-                _check_linear_weights(blocks, t)
+                blocks, t = _block_matrix(mat, name)
                 if blocks.shape[0] != rows or _cols_from_row_bytes(t, blocks.shape[1], name) != cols:
                     raise ValueError(f"{name}: {blocks.shape[0]} rows of {blocks.shape[1]} bytes, expected {rows} rows "
                                      f"of {cols} {t.name} values ({t.row_bytes(cols) if cols % t.block_size == 0 else '?'} bytes)")
@@ -591,11 +590,7 @@ class KernelLib:
         for name, mat in (("q_a", q_a), ("q_b", q_b), ("kv_a", kv_a), ("o", o)):
             if mat is None and name != "q_a":
                 raise ValueError(f"{name}: required")
-            if mat is not None:
-                blocks, t = _as_numpy(mat[0], name), qtype(mat[1])
-                _check_linear_weights(blocks, t)
-                mat = (blocks, t)
-            mats.append(mat)
+            mats.append(None if mat is None else _block_matrix(mat, name))
         return AttnDecoder(self, mla, input_norm, float(input_eps), q_a_norm, float(q_a_eps), *mats)
 
     # ---- threads, ISA, probe
@@ -678,6 +673,23 @@ class BoundLinear:
         return y
 
 
+def _block_matrix(mat, name: str) -> tuple[np.ndarray, QType]:
+    """(blocks [rows, row_bytes], qtype) as given -> checked (numpy blocks, QType)."""
+    blocks, t = _as_numpy(mat[0], name), qtype(mat[1])
+    _check_linear_weights(blocks, t)
+    return blocks, t
+
+
+def _fill_matrix(ffi, dst, mat, name: str) -> None:
+    """An hk2_matrix from checked (blocks, QType), or w = NULL for None."""
+    if mat is None:
+        dst.w = ffi.NULL
+        return
+    blocks, t = mat
+    dst.qtype, dst.w, dst.rows = t.id, ffi.cast("const void *", blocks.ctypes.data), blocks.shape[0]
+    dst.cols = _cols_from_row_bytes(t, blocks.shape[1], name)
+
+
 class _Watched:
     """Base of the bound C objects that read torch tensors in place through raw pointers: they refuse to run
     once one of those tensors has moved to new memory (`weight.data = ...` frees the old storage)."""
@@ -748,13 +760,7 @@ class AttnDecoder(_Watched):
         a.q_a_norm = ffi.cast("const float *", q_a_norm.data_ptr()) if q_a_norm is not None else ffi.NULL
         a.q_a_eps = q_a_eps
         for field, mat in (("q_a", q_a), ("q_b", q_b), ("kv_a", kv_a), ("o", o)):
-            dst = getattr(a, field)
-            if mat is None:
-                dst.w = ffi.NULL
-                continue
-            blocks, t = mat
-            dst.qtype, dst.w, dst.rows = t.id, ffi.cast("const void *", blocks.ctypes.data), blocks.shape[0]
-            dst.cols = _cols_from_row_bytes(t, blocks.shape[1], field)
+            _fill_matrix(ffi, getattr(a, field), mat, field)
         self._a = a
         self._watch(input_norm, q_a_norm, mla.wkv_b, mla.kv_norm)   # (a.mla copied mla's pointers)
 
@@ -795,9 +801,8 @@ class MLADecoder(_Watched):
         m.scale, m.eps = scale, eps
         m.wkv_b = ffi.cast("const float *", wkv_b.data_ptr()) if wkv_b is not None else ffi.NULL
         m.kv_norm = ffi.cast("const float *", kv_norm.data_ptr())
-        for field, mat, cols in zip(("k_b", "v_b"), kv_b_blocks or (), (nope, self.rank)):
-            dst = getattr(m, field)
-            dst.qtype, dst.w, dst.rows, dst.cols = mat[1].id, ffi.cast("const void *", mat[0].ctypes.data), mat[0].shape[0], cols
+        for field, mat in zip(("k_b", "v_b"), kv_b_blocks or (None, None)):
+            _fill_matrix(ffi, getattr(m, field), mat, field)
         self._m = m
         self._watch(wkv_b, kv_norm)
 
