@@ -19,7 +19,9 @@ setup(
         "tqdm>=4.66",      # progress bars on loading and conversion
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.57", "safetensors>=0.4", "pexpect>=4.9", "jinja2>=3.1"],
+        # simde-py: SIMDe headers, so the AVX-512 kernels are tested on CPUs without AVX-512 (no system package)
+        "test": ["pytest>=8", "transformers>=4.57", "safetensors>=0.4", "pexpect>=4.9", "jinja2>=3.1",
+                 "simde-py>=0.8", "hypothesis>=6"],
         "bench": ["llama-cpp-python>=0.3.10", "transformers>=4.57"],   # llama.cpp built from source
     },
     entry_points={"console_scripts": ["hybrid-k2=hybrid_k2.cli:main"]},

@@ -1,11 +1,15 @@
 /* Fill-ins for the AVX-512 intrinsics that SIMDe 0.7.x (Debian's libsimde-dev) lacks or
- * aliases wrongly, written against its portable types. Only the SIMDe test build uses this. */
+ * aliases wrongly, written against its portable types; SIMDe 0.8 (PyPI's simde-py) has the mask
+ * types, and the same fill-ins replace its versions so both builds compute alike. Only the SIMDe
+ * test build uses this. */
 #ifndef HK2_SIMDE_SHIM_H
 #define HK2_SIMDE_SHIM_H
 #include <stdint.h>
 
+#if SIMDE_VERSION < HEDLEY_VERSION_ENCODE(0, 8, 0)
 typedef simde__mmask16 __mmask16;
 typedef simde__mmask64 __mmask64;
+#endif
 #ifndef _MM_FROUND_NO_EXC
 #define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
 #endif
@@ -73,13 +77,22 @@ static inline simde__m512i hk2s_zextsi256_si512(simde__m256i a) {
     return simde_mm512_inserti64x4(simde_mm512_setzero_si512(), a, 0);
 }
 
+#undef _mm512_cvtepi32_ps
 #define _mm512_cvtepi32_ps hk2s_cvtepi32_ps
+#undef _mm512_cvttps_epi32
 #define _mm512_cvttps_epi32 hk2s_cvttps_epi32
+#undef _mm512_cvtepi8_epi32
 #define _mm512_cvtepi8_epi32 hk2s_cvtepi8_epi32
+#undef _mm512_cvtepi32_epi8
 #define _mm512_cvtepi32_epi8 hk2s_cvtepi32_epi8
+#undef _mm512_reduce_add_epi32
 #define _mm512_reduce_add_epi32 hk2s_reduce_add_epi32
+#undef _mm512_reduce_add_epi64
 #define _mm512_reduce_add_epi64 hk2s_reduce_add_epi64
+#undef _mm512_reduce_add_ps
 #define _mm512_reduce_add_ps hk2s_reduce_add_ps
+#undef _mm512_reduce_max_ps
 #define _mm512_reduce_max_ps hk2s_reduce_max_ps
+#undef _mm512_zextsi256_si512
 #define _mm512_zextsi256_si512 hk2s_zextsi256_si512
 #endif

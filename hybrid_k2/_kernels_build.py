@@ -45,14 +45,29 @@ def cdef_text() -> str:
     return m.group(1)
 
 
-def build_shared(out_path: str | None = None, defines: Sequence[str] = (), opt: str = "-O2", cc: str | None = None) -> str:
+def simde_include() -> str | None:
+    """The directory holding `simde/x86/avx512.h`: the PyPI package simde-py (the test extra), else a system
+    copy (Debian's libsimde-dev), else None."""
+    try:
+        import simde_py
+        dirs = [simde_py.get_include()]
+    except ImportError:
+        dirs = []
+    dirs += [d for d in os.environ.get("CPATH", "").split(os.pathsep) if d] + ["/usr/local/include", "/usr/include"]
+    return next((d for d in dirs if os.path.isfile(os.path.join(d, "simde", "x86", "avx512.h"))), None)
+
+
+def build_shared(out_path: str | None = None, defines: Sequence[str] = (), opt: str = "-O2", cc: str | None = None,
+                 include_dirs: Sequence[str] = ()) -> str:
     """Compile the kernel sources into a plain shared library (opened with cffi's ABI mode).
 
-    The tests build the AVX-512 code against SIMDe this way (defines=["HK2_USE_SIMDE"]).
+    The tests build the AVX-512 code against SIMDe this way (defines=["HK2_USE_SIMDE"],
+    include_dirs=[simde_include()]).
     Objects compile in parallel. Without out_path the library is cached in the temp directory
     under a hash of the sources and flags, so repeated test runs skip the compile. Returns the path."""
     cc = cc or os.environ.get("CC", "cc")
     flags = [opt, "-fPIC", "-std=gnu11", "-pthread", "-fno-math-errno", "-ffp-contract=off", "-I" + CSRC]
+    flags += ["-I" + d for d in include_dirs]
     flags += ["-D" + d for d in defines] + ([] if is_x86() else ["-DHK2_NO_X86"])
     if out_path is None:
         h = hashlib.sha256(" ".join([cc, *flags]).encode())

@@ -23,7 +23,7 @@ import torch
 from gguf import GGMLQuantizationType as GQT
 
 from hybrid_k2 import kernels as K
-from hybrid_k2._kernels_build import build_shared
+from hybrid_k2._kernels_build import build_shared, simde_include
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACT_QB = {"Q4_0": 32, "Q8_0": 32, "Q4_K": 256, "Q6_K": 256, "Q4_0_R8": 32, "Q4_K_R8": 256}
@@ -88,9 +88,11 @@ def _restore_defaults():
 
 @pytest.fixture(scope="session")
 def simde_path() -> str:
-    if not os.path.isdir("/usr/include/simde") and not os.environ.get("CPATH"):
-        pytest.fail("SIMDe headers are needed to test the AVX-512 code here (apt-get install libsimde-dev)")
-    return build_shared(defines=["HK2_USE_SIMDE"], opt="-O1")  # cached by source hash
+    include = simde_include()
+    if include is None:
+        pytest.fail("SIMDe headers are needed to test the AVX-512 code here: pip install -e '.[test]' brings them "
+                    "(simde-py)")
+    return build_shared(defines=["HK2_USE_SIMDE"], opt="-O1", include_dirs=[include])  # cached by source hash
 
 
 @pytest.fixture(scope="session")
