@@ -8,6 +8,11 @@ everything on the GPUs; it is reported here and built later.
 Byte accounting is exact for the formats' storage (GGML blocks along each matrix row, i.e. the input
 dimension); RMSNorm weights, routers and the router correction bias are counted in fp32. FP8 is counted at
 1 byte/weight: its 128x128 fp32 block scales (1/4096 of the weight bytes) fall inside the workspace reserve.
+With --dense fp8 the embedding, lm_head and kv_b_proj stay in the bf16 compute dtype, as the engine holds them
+(FP8 checkpoints store the first two in bf16; the loader's FP8Linear covers the other projections).
+
+--dense auto (the default) picks the format by choose_dense: an FP8 checkpoint's own precision (bf16 would only
+upcast it), else the largest of bf16 / fp8 whose accelerator part fits the VRAM.
 
 Decode roofline (per token, batch 1), with hit rate h of routed-expert reads served from the VRAM cache:
     t_cpu(layer) = (1 - h) * top_k * expert_bytes / ram_gbps           routed experts run by the CPU
@@ -44,6 +49,10 @@ FORMATS: dict[str, tuple[int, int]] = {
 # super-block plus 4 of unpacked scales, kernels.REPACKED).
 EXPERT_HELD: dict[str, tuple[int, int]] = {"q4_k": (256, 148)}
 FLOAT_FORMATS = ("f32", "bf16", "f16", "fp8")
+FP8_COMPUTE = "bf16"       # what --dense fp8 keeps in float: embedding, lm_head, kv_b_proj (the compute dtype)
+DEFAULT_CTX = 32768        # context the KV cache is sized for when none is given
+# Presets whose released checkpoints store the dense matrices as FP8 (Kimi-K2-Instruct: 128x128 blocks).
+PRESET_STORED = {"kimi-k2": "fp8"}
 NORM_BYTES = 4             # RMSNorm weights, routers, correction bias: fp32
 CUDA_OVERHEAD = 1 * GiB    # CUDA context, cuBLAS workspace, caching-allocator slack
 RAM_RESERVE = 4 * GiB      # Python, torch, thread stacks, page-cache slack beside the experts
@@ -110,8 +119,14 @@ def lm_head_bytes(cfg: ModelConfig, fmt: str) -> int:
     return 0 if cfg.tie_word_embeddings else tensor_bytes(cfg.vocab_size, cfg.hidden_size, fmt, "lm_head.weight")
 
 
+def _float_part(fmt: str) -> str:
+    """The format of the matrices a dense format keeps in float (embedding, lm_head, kv_b_proj)."""
+    return FP8_COMPUTE if fmt == "fp8" else fmt
+
+
 def attention_layer_bytes(cfg: ModelConfig, fmt: str) -> int:
-    """One layer's MLA projections plus its four RMSNorms (input, post-attention, q_a, kv_a) in fp32."""
+    """One layer's MLA projections plus its four RMSNorms (input, post-attention, q_a, kv_a) in fp32
+    (kv_b_proj in the compute dtype under fp8)."""
     H, nh = cfg.hidden_size, cfg.num_attention_heads
     q_out = nh * cfg.qk_head_dim
     if cfg.q_lora_rank is None:
@@ -122,7 +137,7 @@ def attention_layer_bytes(cfg: ModelConfig, fmt: str) -> int:
              + tensor_bytes(q_out, cfg.q_lora_rank, fmt, "q_b_proj"))
         q_norm = cfg.q_lora_rank * NORM_BYTES
     kv_a = tensor_bytes(cfg.kv_lora_rank + cfg.qk_rope_head_dim, H, fmt, "kv_a_proj_with_mqa")
-    kv_b = tensor_bytes(nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, fmt, "kv_b_proj")
+    kv_b = tensor_bytes(nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, _float_part(fmt), "kv_b_proj")
     o = tensor_bytes(H, nh * cfg.v_head_dim, fmt, "o_proj")
     norms = 2 * H * NORM_BYTES + q_norm + cfg.kv_lora_rank * NORM_BYTES
     return q + kv_a + kv_b + o + norms
@@ -264,6 +279,7 @@ class Plan:
     t_gpu_parallel_s: float = 0.0
     t_gpu_serial_s: float = 0.0
     t_token_s: float = 0.0
+    dense_reason: str = "as asked"  # why dense_format (choose_dense's words under --dense auto)
 
     @property
     def vram_used(self) -> int:
@@ -303,6 +319,7 @@ class Plan:
                      f" ({self.n_gpus} GPU{'s' if self.n_gpus > 1 else ''})")
         lines.append(f"RAM   {format_size(self.ram_used):>11} of {format_size(self.ram_budget)}")
         lines.append(f"mode  {self.mode}")
+        lines.append(f"dense {self.dense_format} ({self.dense_reason})")
         src = self.bandwidth_sources
         lines.append(f"bandwidth  RAM {self.ram_gbps:.1f} GB/s ({src.get('ram', 'given')}), "
                      f"PCIe {self.pcie_gbps:.1f} GB/s ({src.get('pcie', 'given')}), "
@@ -329,7 +346,7 @@ class Plan:
 
 def _check_formats(dense_format: str, expert_format: str, kv_format: str) -> None:
     for what, fmt in (("dense_format", dense_format), ("expert_format", expert_format)):
-        if fmt not in FORMATS:
+        if fmt not in FORMATS and not (what == "dense_format" and fmt == "auto"):
             raise ValueError(f"{what}: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if kv_format not in ("f32", "bf16", "f16"):
         raise ValueError(f"kv_format: {kv_format!r} must be f32, bf16 or f16")
@@ -339,9 +356,11 @@ def _gpu_components(cfg: ModelConfig, ctx: int, dense: str, kv_format: str) -> l
     n_moe = len(cfg.moe_layers)
     n_dense = cfg.num_hidden_layers - n_moe
     L = cfg.num_hidden_layers
+    flt = _float_part(dense)
     comps = [
-        Component("embed_tokens", "gpu", embed_bytes(cfg, dense), f"{cfg.vocab_size}x{cfg.hidden_size} {dense}"),
-        Component("attention", "gpu", L * attention_layer_bytes(cfg, dense), f"{L} layers, {dense}, norms fp32"),
+        Component("embed_tokens", "gpu", embed_bytes(cfg, flt), f"{cfg.vocab_size}x{cfg.hidden_size} {flt}"),
+        Component("attention", "gpu", L * attention_layer_bytes(cfg, dense),
+                  f"{L} layers, {dense}" + (f" (kv_b {flt})" if flt != dense else "") + ", norms fp32"),
         Component("dense_ffn", "gpu", n_dense * dense_ffn_bytes(cfg, dense) if n_dense else 0,
                   f"{n_dense} layers x 3x{cfg.hidden_size}x{cfg.intermediate_size} {dense}"),
         Component("routers", "gpu", n_moe * router_bytes(cfg),
@@ -349,8 +368,8 @@ def _gpu_components(cfg: ModelConfig, ctx: int, dense: str, kv_format: str) -> l
         Component("shared_experts", "gpu", n_moe * shared_expert_bytes(cfg, dense),
                   f"{n_moe} x {cfg.n_shared_experts} shared, {dense}"),
         Component("final_norm", "gpu", cfg.hidden_size * NORM_BYTES, "fp32"),
-        Component("lm_head", "gpu", lm_head_bytes(cfg, dense),
-                  "tied to embed_tokens" if cfg.tie_word_embeddings else f"{cfg.vocab_size}x{cfg.hidden_size} {dense}"),
+        Component("lm_head", "gpu", lm_head_bytes(cfg, flt),
+                  "tied to embed_tokens" if cfg.tie_word_embeddings else f"{cfg.vocab_size}x{cfg.hidden_size} {flt}"),
         Component("kv_cache", "gpu", kv_cache_bytes(cfg, ctx, kv_format),
                   f"{ctx} tokens x {L} layers x ({cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}) {kv_format}"),
         Component("workspace", "gpu", workspace_bytes(cfg, ctx, int(bytes_per_weight(kv_format))),
@@ -374,7 +393,7 @@ def _max_ctx_fitting(cfg, vram, dense, kv_format) -> int:
     return lo
 
 
-def _vram_error(cfg, ctx, dense, kv_format, vram, n_gpus) -> PlacementError:
+def _vram_error(cfg, ctx, dense, kv_format, vram, n_gpus, *, can_fp8: bool = True, tried: str = "") -> PlacementError:
     comps = _gpu_components(cfg, ctx, dense, kv_format)
     need = sum(c.nbytes for c in comps)
     weights = sum(c.nbytes for c in comps if c.name not in ("kv_cache", "workspace"))
@@ -384,12 +403,12 @@ def _vram_error(cfg, ctx, dense, kv_format, vram, n_gpus) -> PlacementError:
     max_ctx = _max_ctx_fitting(cfg, vram, dense, kv_format)
     if max_ctx >= 1:
         fixes.append(f"lower --ctx to {max_ctx}")
-    for smaller in ("fp8",) if dense in ("f32", "bf16", "f16") else ():
+    for smaller in ("fp8",) if dense in ("f32", "bf16", "f16") and can_fp8 and not tried else ():
         if sum(c.nbytes for c in _gpu_components(cfg, ctx, smaller, kv_format)) <= vram:
             fixes.append(f"use --dense {smaller}")
     fixes.append(f"add {format_size(need - vram)} of VRAM")
     return PlacementError(
-        f"needs {format_size(need)} of VRAM for the non-expert weights ({format_size(weights)} {dense}), "
+        tried + f"needs {format_size(need)} of VRAM for the non-expert weights ({format_size(weights)} {dense}), "
         f"a {ctx}-token KV cache ({format_size(kv)}) and workspace ({format_size(ws)}); budget is "
         f"{format_size(vram)} over {n_gpus} GPU{'s' if n_gpus > 1 else ''}, {format_size(need - vram)} over: "
         + ", or ".join(fixes))
@@ -414,13 +433,57 @@ def _resolve_vram(vram_budget, n_gpus, gpu_vram_each) -> tuple[int, int]:
     return total, n_gpus
 
 
-def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense_format: str = "bf16",
+def choose_dense(cfg: ModelConfig, *, vram: int, ctx: int, stored: str | None = None, compute: str = "bf16",
+                 kv_format: str = "bf16") -> tuple[str, str, bool]:
+    """(format, why, fits) for the accelerator's dense weights under `vram` bytes (KV cache for ctx and the
+    workspace included). `stored` is what the checkpoint holds (stored_dense): 'fp8' keeps it (bf16 would only
+    upcast it), 'gguf' the compute dtype (a GGUF has no FP8), None (float or unknown) the compute dtype when it
+    fits, else fp8. When none fits: the smallest, fits=False, and why says what each needs."""
+    cands = ["fp8"] if stored == "fp8" else [compute] if stored == "gguf" or compute == "fp8" else [compute, "fp8"]
+    need = {f: sum(c.nbytes for c in _gpu_components(cfg, ctx, f, kv_format)) for f in cands}
+    budget = format_size(vram)
+    for f in cands:
+        if need[f] <= vram:
+            fit = f"{format_size(need[f])} of {budget} VRAM with a {ctx}-token KV cache"
+            if stored == "fp8":
+                return f, f"the checkpoint's own precision: its matrices are FP8, {compute} would only upcast them; {fit}", True
+            if f == cands[0]:
+                gguf = ", a GGUF holds no FP8" if stored == "gguf" else ""
+                return f, f"the largest precision that fits: {fit}{gguf}", True
+            first = cands[0]
+            return f, (f"{first} needs {format_size(need[first])}, {format_size(need[first] - vram)} over the {budget} "
+                       f"VRAM budget; fp8 fits: {fit}"), True
+    tried = ", ".join(f"{f} needs {format_size(need[f])}" for f in cands)
+    return cands[-1], f"none fits the {budget} VRAM budget: {tried}", False
+
+
+def stored_dense(model: str) -> str | None:
+    """What a model argument's dense matrices are stored as: 'fp8' (a preset released in FP8, or an HF
+    checkpoint whose config.json says quant_method fp8), 'gguf' (a .gguf file), else None (float or unknown)."""
+    if model in PRESET_STORED:
+        return PRESET_STORED[model]
+    if model == "demo":
+        return "fp8"   # the demo checkpoints are written in Kimi-K2-Instruct's FP8 layout
+    if model.endswith(".gguf"):
+        return "gguf"
+    import json
+    path = model if model.endswith(".json") else os.path.join(model, "config.json")
+    try:
+        with open(path) as f:
+            qc = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return "fp8" if isinstance(qc, dict) and qc.get("quant_method") == "fp8" else None
+
+
+def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense_format: str = "auto",
          expert_format: str = "q4_0", kv_format: str = "bf16", n_gpus: int = 1, gpu_vram_each=None,
          ram_gbps: float | None = None, pcie_gbps: float | None = None, gpu_gbps: float | None = None,
-         hit_rate: float | None = None, mode: str = "auto") -> Plan:
+         hit_rate: float | None = None, mode: str = "auto", stored: str | None = None) -> Plan:
     """Place the model; see the module docstring for the byte accounting and the roofline.
 
-    vram_budget is the total over all GPUs (or pass gpu_vram_each); None reads torch.cuda.
+    dense_format 'auto' asks choose_dense, with `stored` the checkpoint's own (stored_dense; None: float or
+    unknown). vram_budget is the total over all GPUs (or pass gpu_vram_each); None reads torch.cuda.
     ram_budget None reads /proc/meminfo MemTotal. ram_gbps None runs `measure_ram_gbps()`.
     hit_rate None assumes uniform routing: cache_slots / (n_moe_layers * n_experts).
     """
@@ -431,8 +494,18 @@ def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense
         raise ValueError(f"ctx: must be a positive number of tokens, got {ctx!r}")
     if hit_rate is not None and not 0.0 <= hit_rate <= 1.0:
         raise ValueError(f"hit_rate: must be in [0, 1], got {hit_rate!r}")
+    if stored not in (None, "fp8", "gguf"):
+        raise ValueError(f"stored: expected None, 'fp8' or 'gguf', got {stored!r}")
+    if dense_format == "fp8" and stored == "gguf":
+        raise ValueError("dense_format fp8: a GGUF stores no FP8 matrices (its blocks are dequantized to bf16 on "
+                         "an accelerator); use --dense bf16")
     vram, n_gpus = _resolve_vram(vram_budget, n_gpus, gpu_vram_each)
     ram = parse_size(ram_budget, "ram_budget") if ram_budget is not None else total_ram_bytes()
+    tried, dense_reason = "", "as asked"
+    if dense_format == "auto":
+        dense_format, dense_reason, fits = choose_dense(cfg, vram=vram, ctx=ctx, stored=stored, kv_format=kv_format)
+        if not fits and stored is None:   # both were tried: say so before the smaller one's shortfall
+            tried = f"no dense format fits ({dense_reason}); with {dense_format} it "
     sources = {}
     for name, v in (("ram_gbps", ram_gbps), ("pcie_gbps", pcie_gbps), ("gpu_gbps", gpu_gbps)):
         if v is not None and not (isinstance(v, (int, float)) and v > 0):
@@ -453,7 +526,7 @@ def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense
     if mode == "auto":
         mode = "tp" if (n_gpus >= 16 or fits_all) else "hybrid"
 
-    kw = dict(vram_budget=vram, ram_budget=ram, ctx=ctx, n_gpus=n_gpus, dense_format=dense_format,
+    kw = dict(vram_budget=vram, ram_budget=ram, ctx=ctx, n_gpus=n_gpus, dense_format=dense_format, dense_reason=dense_reason,
               expert_format=expert_format, kv_format=kv_format, expert_bytes=one_expert, n_moe_layers=n_moe,
               n_experts=E, top_k=K, ram_gbps=float(ram_gbps), pcie_gbps=float(pcie_gbps),
               gpu_gbps=float(gpu_gbps), bandwidth_sources=sources)
@@ -474,8 +547,10 @@ def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense
         return Plan(mode="tp", components=comps, cache_slots=0, hit_rate=1.0, hit_rate_source="all in VRAM",
                     t_cpu_s=0.0, t_gpu_parallel_s=0.0, t_gpu_serial_s=t, t_token_s=t, **kw)
 
+    errors = []   # a plan that fits neither budget says both shortfalls
     if gpu_need > vram:
-        raise _vram_error(cfg, ctx, dense_format, kv_format, vram, n_gpus)
+        errors.append(str(_vram_error(cfg, ctx, dense_format, kv_format, vram, n_gpus, can_fp8=stored != "gguf",
+                                      tried=tried)))
     ram_need = all_experts + RAM_RESERVE
     if ram_need > ram:
         fits = [f for f in ("q8_0", "q6_k", "q4_k", "q4_0")
@@ -484,11 +559,13 @@ def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense
                 and routed_expert_bytes(cfg, f) < all_experts]
         fixes = [f"use --experts {f} ({format_size(routed_expert_bytes(cfg, f))})" for f in fits[:1]]
         fixes.append(f"add {format_size(ram_need - ram)} of RAM")
-        raise PlacementError(
+        errors.append(
             f"needs {format_size(ram_need)} of RAM for the routed experts ({n_moe} layers x {E} experts x "
             f"{one_expert / MiB:.1f} MiB {expert_format} = {format_size(all_experts)}) plus a "
             f"{format_size(RAM_RESERVE)} reserve; budget is {format_size(ram)}, {format_size(ram_need - ram)} over: "
             + ", or ".join(fixes))
+    if errors:
+        raise PlacementError("; and it ".join(errors))
 
     # hybrid slots hold experts dequantized to the compute dtype (bf16); copies move the quantized bytes
     slot = expert_bytes(cfg, "bf16") if n_moe else 0
@@ -525,11 +602,11 @@ def _gpu_bytes_read_per_token(cfg: ModelConfig, gpu: list[Component], dense: str
     """Accelerator bytes read per decode token: everything resident except the embedding table (one row is
     read) and the workspace; the KV cache is read in full (context assumed full)."""
     by = {c.name: c.nbytes for c in gpu}
-    row = tensor_bytes(1, cfg.hidden_size, dense, "embed row")
+    row = tensor_bytes(1, cfg.hidden_size, _float_part(dense), "embed row")
     shared = by["shared_experts"]
     serial = sum(by.values()) - by["embed_tokens"] - by["workspace"] - shared + row
     if cfg.tie_word_embeddings:
-        serial += embed_bytes(cfg, dense)   # the tied table is read in full as lm_head
+        serial += by["embed_tokens"]   # the tied table is read in full as lm_head
     return {"serial": serial, "shared": shared}
 
 
@@ -563,13 +640,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="preset (kimi-k2, demo), HF checkpoint dir, or .gguf file")
     p.add_argument("--vram", default=None, help="VRAM budget per GPU, e.g. 24GiB (default: what torch.cuda reports)")
     p.add_argument("--ram", default=None, help="RAM budget, e.g. 768GiB (default: MemTotal)")
-    p.add_argument("--ctx", type=int, default=32768, help="context length the KV cache is sized for")
+    p.add_argument("--ctx", type=int, default=DEFAULT_CTX, help="context length the KV cache is sized for")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs, each with --vram")
     p.add_argument("--ram-gbps", type=float, default=None, help="RAM read bandwidth (default: measured)")
     p.add_argument("--pcie-gbps", type=float, default=None, help=f"host->GPU bandwidth (default {PCIE_GBPS_ASSUMED})")
     p.add_argument("--gpu-gbps", type=float, default=None, help=f"GPU memory bandwidth (default {GPU_GBPS_ASSUMED})")
     p.add_argument("--experts", default="q4_0", choices=list(FORMATS), help="routed-expert format")
-    p.add_argument("--dense", default="bf16", choices=list(FORMATS), help="format of the accelerator weights")
+    p.add_argument("--dense", default="auto", choices=["auto", *FORMATS],
+                   help="format of the accelerator weights (default auto: an FP8 checkpoint's own precision, else "
+                        "the largest of bf16 / fp8 that fits --vram; the plan says which and why)")
     p.add_argument("--kv", default="bf16", choices=["f32", "bf16", "f16"], help="KV cache dtype")
     p.add_argument("--hit-rate", type=float, default=None, help="expert-cache hit rate (default: uniform routing)")
     p.add_argument("--mode", default="auto", choices=["auto", "hybrid", "tp"])
@@ -582,7 +661,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.model)
         p = plan(cfg, gpu_vram_each=args.vram, ram_budget=args.ram, ctx=args.ctx, n_gpus=args.gpus,
                  dense_format=args.dense, expert_format=args.experts, kv_format=args.kv, ram_gbps=args.ram_gbps,
-                 pcie_gbps=args.pcie_gbps, gpu_gbps=args.gpu_gbps, hit_rate=args.hit_rate, mode=args.mode)
+                 pcie_gbps=args.pcie_gbps, gpu_gbps=args.gpu_gbps, hit_rate=args.hit_rate, mode=args.mode,
+                 stored=stored_dense(args.model))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ ATTN_WEIGHTS = (1536 * 7168                             # q_a_proj
                 + (512 + 64) * 7168                     # kv_a_proj_with_mqa
                 + 64 * (128 + 128) * 512                # kv_b_proj
                 + 7168 * 64 * 128)                      # o_proj
+KV_B_WEIGHTS = 64 * (128 + 128) * 512
 ATTN_NORMS = (7168 + 7168 + 1536 + 512) * 4             # input, post-attn, q_a, kv_a norms in fp32
 DENSE_WEIGHTS = 3 * 7168 * 18432                        # layer 0
 ROUTERS = 60 * (384 * 7168 + 384) * 4                   # fp32 gate + correction bias
@@ -34,8 +35,15 @@ WORKSPACE = (2**30                                      # CUDA context / cuBLAS 
              + 128 * 163840 * 4)                        # fp32 logits of the chunk
 
 
+def float_bpw(bpw):
+    """Under fp8 the embedding, lm_head and kv_b_proj stay in the bf16 compute dtype."""
+    return 2 if bpw == 1 else bpw
+
+
 def gpu_total(bpw):
-    weights = (2 * 163840 * 7168 + 61 * ATTN_WEIGHTS + DENSE_WEIGHTS + SHARED_WEIGHTS) * bpw
+    flt = float_bpw(bpw)
+    weights = ((2 * 163840 * 7168 + 61 * KV_B_WEIGHTS) * flt
+               + (61 * (ATTN_WEIGHTS - KV_B_WEIGHTS) + DENSE_WEIGHTS + SHARED_WEIGHTS) * bpw)
     return int(weights) + 61 * ATTN_NORMS + ROUTERS + FINAL_NORM + CTX * KV_PER_TOKEN + WORKSPACE
 
 
@@ -97,7 +105,8 @@ def test_kimi_hybrid_plan(vram, dense):
     active = 60 * 8 * EXPERT_Q4_0
     t_cpu = (1 - h) * active / 200e9
     t_par = (SHARED_WEIGHTS * bpw + h * 60 * 8 * SLOT) / 1000e9     # cached experts are read as bf16
-    serial_bytes = gpu - EMBED_BF16 * bpw // 2 - WORKSPACE - SHARED_WEIGHTS * bpw + 7168 * bpw
+    flt = float_bpw(bpw)
+    serial_bytes = gpu - EMBED_BF16 * flt // 2 - WORKSPACE - SHARED_WEIGHTS * bpw + 7168 * flt
     t = serial_bytes / 1000e9 + max(t_cpu, t_par)
     assert p.t_token_s == pytest.approx(t, rel=1e-12)
     assert p.decode_tok_s == pytest.approx(1 / t, rel=1e-12)
@@ -117,16 +126,17 @@ def test_more_vram_more_slots_and_speed():
 
 def test_vram_too_small_reports_shortfall_and_fixes():
     need = gpu_total(2)
+    bf16 = dict(ram_budget="768GiB", ram_gbps=200.0, dense_format="bf16")
     with pytest.raises(PlacementError) as ei:
-        plan(K2, vram_budget="24GiB", ram_budget="768GiB", ctx=CTX, ram_gbps=200.0)
+        plan(K2, vram_budget="24GiB", ctx=CTX, **bf16)
     msg = str(ei.value)
     assert f"{need / GiB:.1f} GiB of VRAM" in msg and "budget is 24.0 GiB" in msg
     assert f"{(need - 24 * GiB) / GiB:.1f} GiB over" in msg
     assert "--dense fp8" in msg
     n = int(msg.split("lower --ctx to ")[1].split(",")[0])
-    plan(K2, vram_budget="24GiB", ram_budget="768GiB", ctx=n, ram_gbps=200.0)       # fits exactly
+    plan(K2, vram_budget="24GiB", ctx=n, **bf16)       # fits exactly
     with pytest.raises(PlacementError):
-        plan(K2, vram_budget="24GiB", ram_budget="768GiB", ctx=n + 1, ram_gbps=200.0)
+        plan(K2, vram_budget="24GiB", ctx=n + 1, **bf16)
     with pytest.raises(PlacementError, match="add .* of VRAM"):
         plan(K2, vram_budget="4GiB", ram_budget="768GiB", ctx=CTX, ram_gbps=200.0)
 
@@ -202,13 +212,82 @@ def test_measure_ram_gbps_reads_memory():
 def test_cli(tmp_path, capsys):
     assert placement.main(["kimi-k2", "--vram", "48GiB", "--ram", "768GiB", "--ctx", "32768",
                            "--ram-gbps", "200", "--pcie-gbps", "25", "--gpu-gbps", "1000"]) == 0
-    out = capsys.readouterr().out
-    assert "mode  hybrid" in out and f"{(48 * GiB - gpu_total(2)) // SLOT} slots" in out
-    (tmp_path / "config.json").write_text(json.dumps({**KIMI_K2, "hidden_act": "silu"}))
-    assert placement.main([str(tmp_path), "--vram", "24GiB", "--ram", "768GiB", "--ram-gbps", "200"]) == 2
+    out = capsys.readouterr().out    # the preset's checkpoint is FP8: auto keeps it
+    assert "mode  hybrid" in out and f"{(48 * GiB - gpu_total(1)) // SLOT} slots" in out
+    assert "dense fp8 (the checkpoint's own precision" in out
+    (tmp_path / "config.json").write_text(json.dumps({**KIMI_K2, "hidden_act": "silu"}))   # no FP8 in it
+    assert placement.main([str(tmp_path), "--vram", "24GiB", "--ram", "768GiB", "--ram-gbps", "200",
+                           "--dense", "bf16"]) == 2
     err = capsys.readouterr().err
     assert "error: needs" in err and "--dense fp8" in err
     assert placement.main(["demo", "--vram", "2GiB", "--ram", "8GiB", "--ctx", "4096", "--ram-gbps", "10"]) == 0
     assert "tp" in capsys.readouterr().out      # the demo fits in 2 GiB: everything on the GPU
     assert placement.main(["no-such-model", "--vram", "2GiB", "--ram", "8GiB", "--ram-gbps", "10"]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+# ---- --dense auto ---------------------------------------------------------------------------------------
+def run_plan(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "hybrid_k2", "plan", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_plan_kimi_k2_on_24_gib_keeps_its_fp8():
+    """The issue's command: exited 2 ("needs 28.4 GiB ... use --dense fp8") although the checkpoint is FP8."""
+    r = run_plan("kimi-k2", "--vram", "24GiB", "--ram", "768GiB", "--ctx", "32768")
+    assert r.returncode == 0, r.stderr
+    slots = (24 * GiB - gpu_total(1)) // SLOT
+    assert slots == 45      # the embedding, lm_head and kv_b stay bf16 beside the FP8 matrices
+    assert "mode  hybrid" in r.stdout and f"expert cache  {slots} slots" in r.stdout
+    assert (f"dense fp8 (the checkpoint's own precision: its matrices are FP8, bf16 would only upcast them; "
+            f"{gpu_total(1) / GiB:.1f} GiB of 24.0 GiB VRAM") in r.stdout
+
+
+def test_plan_that_fits_nothing_says_by_how_much():
+    r = run_plan("kimi-k2", "--vram", "8GiB", "--ram", "128GiB", "--ram-gbps", "100")
+    assert r.returncode == 2 and r.stdout == ""
+    vram_over = (gpu_total(1) - 8 * GiB) / GiB
+    ram_over = (N_EXPERTS * EXPERT_Q4_0 + 4 * GiB - 128 * GiB) / GiB
+    assert r.stderr.startswith(f"error: needs {gpu_total(1) / GiB:.1f} GiB of VRAM")
+    assert f"{vram_over:.1f} GiB over: add {vram_over:.1f} GiB of VRAM" in r.stderr
+    assert f"{ram_over:.1f} GiB over: " in r.stderr and f"add {ram_over:.1f} GiB of RAM" in r.stderr
+
+
+def test_auto_for_a_float_checkpoint_picks_the_largest_that_fits(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({**KIMI_K2, "hidden_act": "silu"}))   # no FP8 in it
+    kw = ["--ram", "768GiB", "--ram-gbps", "200"]
+    assert placement.main([str(tmp_path), "--vram", "40GiB", *kw]) == 0
+    out = capsys.readouterr().out
+    assert (f"dense bf16 (the largest precision that fits: {gpu_total(2) / GiB:.1f} GiB of 40.0 GiB VRAM"
+            in out) and f"{(40 * GiB - gpu_total(2)) // SLOT} slots" in out
+    assert placement.main([str(tmp_path), "--vram", "24GiB", *kw]) == 0
+    out = capsys.readouterr().out
+    assert (f"dense fp8 (bf16 needs {gpu_total(2) / GiB:.1f} GiB, {(gpu_total(2) - 24 * GiB) / GiB:.1f} GiB over "
+            f"the 24.0 GiB VRAM budget; fp8 fits") in out
+    assert placement.main([str(tmp_path), "--vram", "8GiB", *kw]) == 2
+    err = capsys.readouterr().err
+    assert (f"no dense format fits (none fits the 8.0 GiB VRAM budget: bf16 needs {gpu_total(2) / GiB:.1f} GiB, "
+            f"fp8 needs {gpu_total(1) / GiB:.1f} GiB)") in err
+    # explicit formats are kept, and said to be
+    assert placement.main([str(tmp_path), "--vram", "40GiB", "--dense", "fp8", *kw]) == 0
+    assert "dense fp8 (as asked)" in capsys.readouterr().out
+
+
+def test_stored_dense(tmp_path):
+    assert placement.stored_dense("kimi-k2") == "fp8" and placement.stored_dense("demo") == "fp8"
+    assert placement.stored_dense("x.gguf") == "gguf"
+    (tmp_path / "config.json").write_text(json.dumps({**KIMI_K2, "quantization_config": {"quant_method": "fp8"}}))
+    assert placement.stored_dense(str(tmp_path)) == "fp8"
+    assert placement.stored_dense(str(tmp_path / "config.json")) == "fp8"
+    (tmp_path / "config.json").write_text(json.dumps(KIMI_K2))
+    assert placement.stored_dense(str(tmp_path)) is None
+    assert placement.stored_dense(str(tmp_path / "missing")) is None
+    kw = dict(vram_budget="24GiB", ram_budget="768GiB", ctx=CTX, ram_gbps=200.0)
+    with pytest.raises(ValueError, match="a GGUF stores no FP8"):
+        plan(K2, dense_format="fp8", stored="gguf", **kw)
+    with pytest.raises(PlacementError, match="needs 28.4 GiB of VRAM .* bf16"):
+        plan(K2, stored="gguf", **kw)         # a GGUF's blocks become bf16 on the accelerator: no fp8 to fall to
+    assert plan(K2, stored="fp8", vram_budget="80GiB", ram_budget="768GiB", ctx=CTX, ram_gbps=200.0
+                ).dense_format == "fp8"       # even where bf16 fits: it would only upcast

@@ -1,7 +1,7 @@
 """QuantLinear and dense_format: the non-expert matrices as GGML blocks in the C kernels.
 
 References: the `gguf` package's quantizers/dequantizers and float torch linears; the whole model with
-dense_format=None (float matmuls on the same GGUF weights)."""
+dense_format="float" (float matmuls on the same GGUF weights)."""
 import gguf
 import numpy as np
 import pytest
@@ -151,7 +151,7 @@ def covered_names(net) -> list[str]:
 
 def test_native_runs_the_gguf_blocks_in_place(gguf_q8):
     native = hybrid_k2.load(gguf_q8, device="cpu", experts="torch", dense_format="native")
-    ref = hybrid_k2.load(gguf_q8, device="cpu", experts="torch")
+    ref = hybrid_k2.load(gguf_q8, device="cpu", experts="torch", dense_format="float")
     ck, cfg = native.checkpoint, native.cfg
     names = covered_names(native.model)
     # per layer: q_a, q_b, kv_a, o + gate/up/down (dense FFN or shared experts); and lm_head
@@ -247,7 +247,8 @@ def test_raw_blocks_refuses_what_is_not_one_matrix(gguf_q8):
 def test_bad_dense_format(gguf_q8):
     with pytest.raises(ValueError, match="dense_format='q8_0' .* needs device='cpu' \\(got device='cuda'\\)"):
         hybrid_k2.load(gguf_q8, device="cuda", dense_format="q8_0")
-    with pytest.raises(ValueError, match="dense_format='q5_k': expected None, 'native', 'q8_0' or 'q4_0'"):
+    with pytest.raises(ValueError, match="dense_format='q5_k': expected one of 'auto', 'float', 'native', 'q8_0', "
+                                         "'q4_0', 'fp8', 'bf16'"):
         hybrid_k2.load(gguf_q8, device="cpu", dense_format="q5_k")
     with open_checkpoint(gguf_q8) as ck:
         with pytest.raises(ValueError, match="needs device='cpu'"):
