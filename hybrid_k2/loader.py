@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, fetch, open_checkpoint
+from .checkpoint import CheckpointError, check_config_against, fetch, open_checkpoint
 from .checkpoint.gguf import split_kv_b
 from .config import PRESETS, ModelConfig
 from .generate import Engine
@@ -90,6 +90,7 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
     try:
         cfg = (ModelConfig.from_dict(ckpt.config_dict(), source=str(path)) if hasattr(ckpt, "config_dict")
                else ModelConfig.from_json(path))
+        check_config_against(ckpt, cfg)   # from the headers, before anything the config sizes is allocated
         if ctx is not None and not 0 < ctx:
             raise ValueError(f"ctx must be positive, got {ctx}")
         dense, dense_why = resolve_dense_format(dense_format, ckpt, cfg, device, dtype, experts=experts,

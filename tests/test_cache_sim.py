@@ -237,7 +237,8 @@ def test_predictor_rescales_by_norm_weights():
     assert normed.recall(hidden, ids, 1) == 1.0 and normed.recall(hidden, ids, 2) == 1.0
 
 
-def test_predictor_from_model():
+def test_predictor_from_model(device):
+    """The engine's predictor from a model on the test device: routers (and their rescaled copies) stay there."""
     from hybrid_k2.config import ModelConfig
     from hybrid_k2.model import Transformer
     cfg = ModelConfig.from_dict(dict(
@@ -250,17 +251,25 @@ def test_predictor_from_model():
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    model.to(device)
     rp = RoutingPredictor.from_model(model)
     assert rp.layers == [1, 2, 3] and rp.target(1, 2) == 3 and rp.target(2, 2) is None
     x = torch.randn(10, 32, generator=g)
-    w1, w3 = (model.model.layers[i].post_attention_layernorm.weight.detach().numpy() for i in (1, 3))
+    w1, w3 = (model.model.layers[i].post_attention_layernorm.weight.detach().cpu().numpy() for i in (1, 3))
     gate3 = model.model.layers[3].mlp.gate
-    ref = np_route(x.numpy() / w1 * w3, gate3.weight.detach().numpy(), gate3.e_score_correction_bias.detach().numpy(),
-                   4, n_group=4, topk_group=2)
-    assert np.array_equal(rp.predict(1, x, 2).numpy(), ref)
+    ref = np_route(x.numpy() / w1 * w3, gate3.weight.detach().cpu().numpy(),
+                   gate3.e_score_correction_bias.detach().cpu().numpy(), 4, n_group=4, topk_group=2)
+    got = rp.predict(1, x.to(device), 2)
+    assert got.device == device and rp.base_router(1, 3).weight.device == device
+    assert np.array_equal(got.cpu().numpy(), ref)
+    uses = rp.predict_uses(1, x.to(device), 2)        # what the Prefetcher reads (expected uses [T, E])
+    ids, n = Prefetcher._uses(uses)
+    assert np.array_equal(n, np.bincount(ref.ravel(), minlength=16)[ids])
 
 
-def test_fit_correction_learns_linear_drift():
+def test_fit_correction_learns_linear_drift(device):
+    """Routers on the test device: the fit is solved there (float32 on an accelerator, float64 on the CPU)."""
+    from hybrid_k2.experts.prefetch import _router_from_weights
     rng = np.random.default_rng(4)
     H, E, K, N = 24, 16, 4, 3000
     W = rng.standard_normal((2, E, H)).astype(np.float32) / np.sqrt(H)
@@ -268,14 +277,34 @@ def test_fit_correction_learns_linear_drift():
     h0 = rng.standard_normal((N, H))
     h1 = h0 @ drift + 0.01 * rng.standard_normal((N, H))
     true = np_route(h1[N // 2:], W[1], np.zeros(E), K)
-    rp = RoutingPredictor.from_weights(W, np.zeros((2, E)), top_k=K)
-    test_h = torch.tensor(h0[N // 2:], dtype=torch.float32)
-    plain = recall_at_k(rp.predict(0, test_h, 1).numpy(), true)
+    rp = RoutingPredictor([_router_from_weights(torch.from_numpy(w).to(device), np.zeros(E, np.float32), top_k=K)
+                           for w in W])
+    test_h = torch.tensor(h0[N // 2:], dtype=torch.float32, device=device)
+    plain = recall_at_k(rp.predict(0, test_h, 1).cpu().numpy(), true)
     rp.fit_correction(0, 1, h0[:N // 2], h1[:N // 2])
-    fitted = recall_at_k(rp.predict(0, test_h, 1).numpy(), true)
+    assert rp._corrected[(0, 1)].weight.device == device
+    fitted = recall_at_k(rp.predict(0, test_h, 1).cpu().numpy(), true)
     assert plain < 0.8 and fitted > 0.95
     rp.clear_corrections()
-    assert recall_at_k(rp.predict(0, test_h, 1).numpy(), true) == plain
+    assert recall_at_k(rp.predict(0, test_h, 1).cpu().numpy(), true) == plain
+
+
+def test_fit_correction_keeps_float32_with_bf16_routers():
+    """A bf16 model's routers (the accelerator default): the fitted B + C^T is kept in float32, as the plain
+    predictor's rescaled routers are, not rounded to the routers' bf16 (~3 significant digits)."""
+    from hybrid_k2.experts.prefetch import _router_from_weights
+    rng = np.random.default_rng(5)
+    H, E, K, N = 24, 16, 4, 400
+    W = rng.standard_normal((2, E, H)).astype(np.float32) / np.sqrt(H)
+    rp = RoutingPredictor([_router_from_weights(w, None, top_k=K).to(torch.bfloat16) for w in W])
+    x = rng.standard_normal((N, H))
+    y = x @ (np.eye(H) + 0.3 * rng.standard_normal((H, H)) / np.sqrt(H))
+    rp.fit_correction(0, 1, x, y, ridge=0.1)
+    B = rp.routers[1].weight.detach().double().numpy()        # the bf16 router's values, exactly
+    C = np.linalg.solve(x.T @ x + 0.1 * N * np.eye(H), x.T @ (y @ B.T - x @ B.T))
+    got = rp._corrected[(0, 1)].weight.detach()
+    assert got.dtype == torch.float32
+    assert np.abs(got.double().numpy() - (B + C.T)).max() <= 1e-6 * np.abs(B + C.T).max()
 
 
 # ---- simulator ------------------------------------------------------------------------------------
@@ -391,11 +420,17 @@ def test_next_token_by_many_tokens_matches_single_steps():
         a.next_token(0)
 
 
-def test_predictor_routers_stay_on_the_weights_device():
+def test_predictor_routers_stay_on_the_weights_device(device):
     """Routers built for prediction live where their weights do (the accelerator), not on the CPU."""
     from hybrid_k2.experts.prefetch import _router_from_weights
     r = _router_from_weights(torch.zeros(8, 4, device="meta"), np.zeros(8, np.float32), top_k=2)
     assert r.weight.device.type == "meta" and r.e_score_correction_bias.device.type == "meta"
+    bias = np.zeros(8, np.float32)
+    bias[[2, 6]] = 1.0
+    r = _router_from_weights(torch.zeros(8, 4, device=device), bias, top_k=2)
+    assert r.weight.device == device and r.e_score_correction_bias.device == device
+    ids, w = r(torch.randn(3, 4, device=device))
+    assert ids.device == device and sorted(ids.cpu()[0].tolist()) == [2, 6]
 
 
 def test_prefetcher_gates_uses_and_link_backlog():

@@ -1,4 +1,5 @@
-"""The `cpu` expert backend (C kernels) inside the whole model, against the `torch` reference backend."""
+"""The `cpu` expert backend (C kernels) inside the whole model, against the `torch` reference backend. The
+model-level comparison runs on the test device (conftest): on CUDA the experts' inputs come from the GPU."""
 import numpy as np
 import pytest
 import torch
@@ -35,11 +36,12 @@ def gguf_path(tmp_path_factory):
 def greedy_decode(model, prompt: list[int], n: int) -> list[int]:
     """n greedy tokens, one absorbed decode step at a time, no stop tokens."""
     cache = model.new_cache(len(prompt) + n)
-    logits = model(torch.tensor(prompt), 0, cache, last_only=True)[-1]
+    dev = model.model.embed_tokens.weight.device
+    logits = model(torch.tensor(prompt, device=dev), 0, cache, last_only=True)[-1]
     out = []
     for i in range(n):
         out.append(int(logits.argmax()))
-        logits = model(torch.tensor(out[-1:]), len(prompt) + i, cache)[-1]
+        logits = model(torch.tensor(out[-1:], device=dev), len(prompt) + i, cache)[-1]
     return out
 
 
@@ -48,11 +50,11 @@ def greedy_decode(model, prompt: list[int], n: int) -> list[int]:
 # is 1.000 for q8_0 and q4_0; with h at 8 bits alone it was 0.973-0.984 / 0.988. Per MoE layer the relative
 # error on random inputs is 0.51-0.65% (q8_0 and q4_0 alike: it is x's rounding).
 @pytest.mark.parametrize("fmt,min_agree,layer_err", [("q8_0", 0.99, 0.01), ("q4_0", 0.99, 0.01)])
-def test_cpu_backend_matches_torch_on_same_gguf_weights(gguf_path, fmt, min_agree, layer_err):
+def test_cpu_backend_matches_torch_on_same_gguf_weights(gguf_path, fmt, min_agree, layer_err, device):
     """Both engines read the same GGUF; torch dequantizes with the gguf package, cpu runs the blocks."""
     path = gguf_path(fmt)
-    cpu = hybrid_k2.load(path, device="cpu", experts="cpu", threads=2)
-    ref = hybrid_k2.load(path, device="cpu", experts="torch")
+    cpu = hybrid_k2.load(path, device=device, dtype=torch.float32, experts="cpu", threads=2)
+    ref = hybrid_k2.load(path, device=device, dtype=torch.float32, experts="torch")
     assert isinstance(cpu.experts, CPUExperts)
     prompt = cpu.tokenizer.encode("import os\nimport sys\n\n\ndef ")
     gen = greedy_decode(cpu.model, prompt, 256)
@@ -65,9 +67,10 @@ def test_cpu_backend_matches_torch_on_same_gguf_weights(gguf_path, fmt, min_agre
     x = torch.randn(9, cpu.cfg.hidden_size, generator=g)
     ids = torch.randint(0, cpu.cfg.n_routed_experts, (9, cpu.cfg.num_experts_per_tok), generator=g)
     w = torch.rand(9, cpu.cfg.num_experts_per_tok, generator=g)
+    x, ids, w = x.to(device), ids.to(device), w.to(device)
     for layer in cpu.cfg.moe_layers:
         y, y_ref = cpu.experts.forward(layer, x, ids, w), ref.experts.forward(layer, x, ids, w)
-        assert (y - y_ref).norm() <= layer_err * y_ref.norm(), f"layer {layer}"
+        assert y.device == device and (y - y_ref).norm() <= layer_err * y_ref.norm(), f"layer {layer}"
     cpu.close(), ref.close()
 
 

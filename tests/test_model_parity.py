@@ -48,25 +48,28 @@ def assert_close_logits(ours: torch.Tensor, ref: torch.Tensor):
 
 
 @pytest.mark.parametrize("variant", [K2_LIKE, V3_LIKE, NO_Q_LORA], ids=["k2_like", "v3_like", "no_q_lora"])
-def test_full_sequence_and_decode_match_hf(tmp_path, variant):
+def test_full_sequence_and_decode_match_hf(tmp_path, variant, device):
+    """The reference runs on the CPU; our model on the test device (float32; TF32 off on CUDA, see conftest)."""
     hf = make_hf_model(tmp_path, variant)
     ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids[None]).logits[0].float()
 
-    engine = hybrid_k2.load(tmp_path, device="cpu", dtype=torch.float32, experts="torch")
+    engine = hybrid_k2.load(tmp_path, device=device, dtype=torch.float32, experts="torch")
+    assert engine.device == device
     assert_close_logits(engine.logits(ids.tolist()), ref)
 
     # token-by-token through the latent cache and the absorbed attention: in torch ops (autograd on) and in
-    # the C decode step (hk2_mla_decode, taken when autograd is off)
+    # the C decode step (hk2_mla_decode, taken when autograd is off on the CPU)
     model = engine.model
     attn = model.model.layers[0].self_attn
-    for mode, fused in ((torch.enable_grad, False), (torch.no_grad, True)):
+    ids = ids.to(device)
+    for mode, fused in ((torch.enable_grad, False), (torch.no_grad, device.type == "cpu")):
         attn._decoder = None
         with mode():
             cache = model.new_cache(len(ids))
             steps = [model(ids[i:i + 1], i, cache) for i in range(len(ids))]
-        assert_close_logits(torch.cat(steps).detach(), ref)
+        assert_close_logits(torch.cat(steps).detach().cpu(), ref)
         assert (attn._decoder is not None) == fused
 
     # chunked prefill (expanded path over cached latents) then absorbed decode
@@ -74,7 +77,7 @@ def test_full_sequence_and_decode_match_hf(tmp_path, variant):
         cache = model.new_cache(len(ids))
         first = model(ids[:25], 0, cache)
         rest = [model(ids[i:i + 1], i, cache) for i in range(25, len(ids))]
-    assert_close_logits(torch.cat([first] + rest), ref)
+    assert_close_logits(torch.cat([first] + rest).cpu(), ref)
 
 
 def test_router_selects_with_bias_but_weights_without(tmp_path):

@@ -1,5 +1,6 @@
 """Learned routing-predictor heads: fitted on a real routing trace of the demo model, saved/loaded as .npz, replayed
-by the simulator and used by the hybrid backend (the same Prefetcher code)."""
+by the simulator and used by the hybrid backend (the same Prefetcher code). Traces are recorded on the CPU; the
+engines that use the heads run on the test device (conftest)."""
 import sysconfig
 from pathlib import Path
 
@@ -67,11 +68,16 @@ def test_heads_beat_the_plain_routers_on_other_text(traces):
     assert learned.recall(ev.hidden, ev.ids, 1) == plain.recall(ev.hidden, ev.ids, 1)
 
 
-def test_heads_file_loads_into_the_engines_predictor(traces):
+def dev_engine(device):
+    return hybrid_k2.load("demo", device=device, dtype=torch.float32, experts="cpu", progress=False, threads=2)
+
+
+def test_heads_file_loads_into_the_engines_predictor(traces, device):
     """Heads are stored by MoE index and lookahead: a file fitted on a trace (keys 0..n-1) drives the
-    engine's predictor (keys = model layer numbers) to the same predictions."""
+    engine's predictor (keys = model layer numbers, its routers and heads on the engine's device) to the same
+    predictions."""
     fit, ev, heads = traces
-    eng = hybrid_k2.load("demo", device="cpu", experts="cpu", progress=False, threads=2)
+    eng = dev_engine(device)
     try:
         model_rp = RoutingPredictor.from_model(eng.model)
         model_rp.load_heads(heads)
@@ -83,8 +89,8 @@ def test_heads_file_loads_into_the_engines_predictor(traces):
         assert model_rp.head_depth() == 2 and RoutingPredictor.from_model(eng.model).head_depth() == 0
         x = torch.from_numpy(ev.hidden[:64, 1])
         for d in (1, 2):
-            a, b = model_rp.predict_uses(L[1], x, d), trace_rp.predict_uses(1, x, d)
-            assert torch.allclose(a, b, atol=1e-5)
+            a, b = model_rp.predict_uses(L[1], x.to(device), d), trace_rp.predict_uses(1, x, d)
+            assert a.device == device and torch.allclose(a.cpu(), b, atol=1e-5)
     finally:
         eng.close()
 
@@ -147,16 +153,18 @@ def test_sim_replays_heads_and_counts_honestly(traces):
         simulate(ev, heads=heads, predictor="oracle", **kw)
 
 
-def test_hybrid_backend_uses_loaded_heads(traces):
+def test_hybrid_backend_uses_loaded_heads(traces, device):
     """The engine's hybrid backend builds its predictor from the model and loads the heads file; decoding
     prefetches by the heads' probabilities and matches the cpu engine's greedy output on this prompt."""
     fit, ev, heads = traces
-    eng = hybrid_k2.load("demo", device="cpu", experts="cpu", progress=False, threads=2)
+    eng = dev_engine(device)
     try:
         prompt = "def parse_args(self, args=None):\n    "
         want = eng.generate(prompt, max_new_tokens=12, temperature=0).token_ids
-        b = HybridExperts(eng.experts, "cpu", torch.float32, 24, prefetch=True, lookahead=2, predictor_heads=heads,
-                          min_uses=0.3)
+        # no copy-cost gate (the CPU device's default; on CUDA its roofline guess wants 2 expected uses per copy
+        # until the kernels' time is measured): this test is about the heads driving prefetch
+        b = HybridExperts(eng.experts, device, torch.float32, 24, prefetch=True, lookahead=2, predictor_heads=heads,
+                          min_uses=0.3, cost_model=None)
         b.attach(eng.model)
         assert b.predictor is not None and len(b.predictor.heads) == 7
         eng.model.set_experts(b)
@@ -172,13 +180,13 @@ def test_hybrid_backend_uses_loaded_heads(traces):
         eng.close()
 
 
-def test_heads_shallower_than_the_lookahead_are_reported(traces, caplog):
+def test_heads_shallower_than_the_lookahead_are_reported(traces, caplog, device):
     """Depth-2 heads with prefetch looking 3 layers ahead: the third layer ahead falls back to the plain
     routers, and the user is told so."""
     fit, ev, heads = traces
-    eng = hybrid_k2.load("demo", device="cpu", experts="cpu", progress=False, threads=2)
+    eng = dev_engine(device)
     try:
-        b = HybridExperts(eng.experts, "cpu", torch.float32, 24, prefetch=True, lookahead=3, predictor_heads=heads)
+        b = HybridExperts(eng.experts, device, torch.float32, 24, prefetch=True, lookahead=3, predictor_heads=heads)
         with caplog.at_level("WARNING", logger="hybrid_k2.experts.hybrid"):
             b.attach(eng.model)
         b.close()
@@ -200,13 +208,13 @@ def test_ridge_dual_form_matches_primal():
     assert np.allclose(got, W[1] + C.T, atol=1e-4)
 
 
-def test_prefill_fit_engine_and_simulator(traces):
+def test_prefill_fit_engine_and_simulator(traces, device):
     """A prompt's prefill calibrates the plain predictor (ridge corrections, no files): the hybrid backend fits
     on a long forward; the simulator replays the same fit on its warm-up tokens and predicts better after."""
     fit, ev, heads = traces
-    eng = hybrid_k2.load("demo", device="cpu", experts="cpu", progress=False, threads=2)
+    eng = dev_engine(device)
     try:
-        b = HybridExperts(eng.experts, "cpu", torch.float32, 24, prefetch=True, lookahead=2, fit_on_prefill=256)
+        b = HybridExperts(eng.experts, device, torch.float32, 24, prefetch=True, lookahead=2, fit_on_prefill=256)
         b.attach(eng.model)
         eng.model.set_experts(b)
         try:
@@ -214,6 +222,7 @@ def test_prefill_fit_engine_and_simulator(traces):
         finally:
             eng.model.set_experts(eng.experts)
         assert b.stats()["prefill_fits"] == 1 and len(b.predictor._corrected) == 4 + 3
+        assert all(r.weight.device == device for r in b.predictor._corrected.values())
         b.close()
     finally:
         eng.close()

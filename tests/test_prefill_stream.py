@@ -1,7 +1,7 @@
-"""Prefill streaming in the `hybrid` backend (HybridExperts(prefill_stream=...)) on the CPU device: a large
-forward's non-resident experts are streamed through the staging ring and run with torch matmuls. Checked
-against the torch backend on the same dequantized weights, the cpu engine, hand arithmetic for the cost model,
-and exact counters."""
+"""Prefill streaming in the `hybrid` backend (HybridExperts(prefill_stream=...)) on the test device (conftest: the
+GPU when there is one, else the CPU): a large forward's non-resident experts are streamed through the staging ring
+and run with torch matmuls. Checked against the torch backend on the same dequantized weights, the cpu engine,
+hand arithmetic for the cost model, and exact counters."""
 import numpy as np
 import pytest
 import torch
@@ -12,17 +12,17 @@ import hybrid_k2
 from hybrid_k2 import kernels
 from hybrid_k2.demo import ensure_demo
 from hybrid_k2.experts.cpu import CPUExperts
-from hybrid_k2.experts.hybrid import (CPU_GFLOPS_GUESS, HybridExperts, PrefillStreamModel, STREAM_MIN_TOKENS,
-                                      dequantize_torch)
-from test_hybrid import (assert_slots_hold_their_experts, dequantized, eng,  # noqa: F401  (eng: shared fixture)
-                         gate_copies, with_backend)
+from hybrid_k2.experts.hybrid import (ACCEL_GFLOPS_GUESS, CPU_GFLOPS_GUESS, HybridExperts, PrefillStreamModel,
+                                      STREAM_MIN_TOKENS, dequantize_torch)
+from test_hybrid import (assert_slots_hold_their_experts, dequantized, dev_eng, eng,  # noqa: F401  (shared fixtures)
+                         gate_copies, on, with_backend)
 
 PROMPT = "Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex. " * 4
 
 
 @pytest.fixture(scope="module")
-def ref_float(eng):
-    return dequantized(eng.experts)
+def ref_float(eng, device):
+    return dequantized(eng.experts, device)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +46,13 @@ def routed_logits(eng, backend, ids):
 
 
 # ---- the device dequantizer for the kernels' repacked layout --------------------------------------
-def test_dequantize_torch_q4_0_r8_matches_gguf():
+def test_dequantize_torch_q4_0_r8_matches_gguf(device):
     """Q4_0 experts live in RAM repacked to Q4_0_R8; the device dequantizes that layout directly."""
     x = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32) * 3
     blocks = kernels.quantize(x, "Q4_0")
-    got = dequantize_torch(torch.from_numpy(kernels.repack(blocks, "Q4_0")), "Q4_0_R8", 256)
-    assert np.array_equal(got.numpy(), quants.dequantize(blocks, QT.Q4_0))     # the gguf package, independently
+    got = dequantize_torch(torch.from_numpy(kernels.repack(blocks, "Q4_0")).to(device), "Q4_0_R8", 256)
+    assert got.device == device
+    assert np.array_equal(got.cpu().numpy(), quants.dequantize(blocks, QT.Q4_0))     # the gguf package, independently
     with pytest.raises(ValueError, match="multiple of the Q4_0_R8 row group"):
         dequantize_torch(torch.from_numpy(blocks[:12]), "Q4_0_R8", 256)
 
@@ -79,28 +80,29 @@ def test_stream_model_hand_arithmetic():
         PrefillStreamModel(1, 1, 1, pcie_gbps=0)
 
 
-def test_backend_stream_model_figures(eng):
+def test_backend_stream_model_figures(eng, device):
     """The backend's model: one Q8_0 expert's blocks over the link (dequantized there), 6*H*I flops per pair,
     the CPU rate given, else measured on its own prefill-sized kernel calls, else the documented guess."""
     cpu = eng.experts
     w = cpu.layers[1]
-    b = HybridExperts(cpu, "cpu", torch.float32, 0, overlap=False, pcie_gbps=10, ram_gbps=20, accel_gflops=500)
+    b = HybridExperts(cpu, device, torch.float32, 0, overlap=False, pcie_gbps=10, ram_gbps=20, accel_gflops=500)
     m = b.stream_model(1)
     assert (m.copy_bytes, m.ram_bytes, m.flops_per_pair) == (w.expert_nbytes(), w.expert_nbytes(), 6 * 256 * 128)
     assert (m.pcie_gbps, m.ram_gbps, m.accel_gflops, m.cpu_gflops) == (10, 20, 500, CPU_GFLOPS_GUESS)
     g = torch.Generator().manual_seed(0)
-    x, ids, wt = torch.randn(40, 256, generator=g), torch.randint(0, 16, (40, 4), generator=g), torch.rand(40, 4)
+    x, ids, wt = on(device, torch.randn(40, 256, generator=g), torch.randint(0, 16, (40, 4), generator=g),
+                    torch.rand(40, 4))
     b.prefill_stream = False
     b.forward(1, x, ids, wt)                           # 40 tokens >= MEASURE_MIN_TOKENS: a measured rate
     measured = b.measured_cpu_gflops()
     assert measured > 0 and b.stream_model(1).cpu_gflops == measured == b.stats()["cpu_gflops"]
     b.close()
-    fixed = HybridExperts(cpu, "cpu", torch.float32, 0, cpu_gflops=123.0)
+    fixed = HybridExperts(cpu, device, torch.float32, 0, cpu_gflops=123.0)
     assert fixed.stream_model().cpu_gflops == 123.0
     fixed.close()
 
 
-def test_auto_decision_follows_the_cost_model(eng, ref_float):
+def test_auto_decision_follows_the_cost_model(eng, ref_float, device):
     """prefill_stream=None with the rates given: a large layer call streams exactly when
     stream_model(layer).wins(distinct non-resident experts, their pairs); declined calls run in the kernels
     (bit-exact), streamed ones in float. Rates in units of one pair's CPU time p (CPU 1 GFLOP/s, memory and
@@ -112,7 +114,7 @@ def test_auto_decision_follows_the_cost_model(eng, ref_float):
     F = 6 * 256 * 128
     # CPU 1 GFLOP/s: a pair costs F/1e9 s. Link: one expert's copy = 4 pairs' CPU time.
     pcie = w.expert_nbytes() / (4 * F)                  # GB/s
-    b = HybridExperts(cpu, "cpu", torch.float32, 0, overlap=False, prefill_stream=None, prefill_stream_min_tokens=8,
+    b = HybridExperts(cpu, device, torch.float32, 0, overlap=False, prefill_stream=None, prefill_stream_min_tokens=8,
                       cpu_gflops=1.0, accel_gflops=1e6, pcie_gbps=pcie, ram_gbps=1e6)
     g = torch.Generator().manual_seed(1)
     T, K = 32, 4
@@ -121,30 +123,36 @@ def test_auto_decision_follows_the_cost_model(eng, ref_float):
     many = torch.stack([torch.randperm(16, generator=g)[:K] for _ in range(T)])
     many[:16, 0] = torch.arange(16)                     # all 16 experts over 128 pairs
     assert b.stream_model(layer).wins(2, 128) and b.stream_model(layer).wins(16, 128)   # 8p, 64p < 128p
-    y = b.forward(layer, x, few, wt)
-    assert torch.allclose(y, ref_float.forward(layer, x, few, wt), rtol=1e-5, atol=1e-5)
+    y = b.forward(layer, *on(device, x, few, wt))
+    assert torch.allclose(y, ref_float.forward(layer, *on(device, x, few, wt)), rtol=1e-5, atol=1e-5)
     s = b.stats()
     assert (s["stream_layers"], s["stream_declined"], s["stream_experts"], s["stream_pairs"]) == (1, 0, 2, T * K)
     b.pcie_gbps = pcie / 3                              # 16 experts x 12 pair-times = 192 > 128 pair-times
     assert not b.stream_model(layer).wins(16, 128)
-    y = b.forward(layer, x, many, wt)
-    assert torch.equal(y, kernels.moe_forward(w, x, many.int(), wt))
+    y = b.forward(layer, *on(device, x, many, wt))
+    assert torch.equal(y.cpu(), kernels.moe_forward(w, x, many.int(), wt))
     s = b.stats()
     assert (s["stream_layers"], s["stream_declined"], s["cpu_pairs"]) == (1, 1, T * K)
-    small = b.forward(layer, x[:4], few[:4], wt[:4])   # under prefill_stream_min_tokens: the kernels, not counted
-    assert torch.equal(small, kernels.moe_forward(w, x[:4], few[:4].int(), wt[:4]))
+    small = b.forward(layer, *on(device, x[:4], few[:4], wt[:4]))   # under prefill_stream_min_tokens: the kernels
+    assert torch.equal(small.cpu(), kernels.moe_forward(w, x[:4], few[:4].int(), wt[:4]))   # (and not counted)
     assert b.stats()["stream_declined"] == 1
     b.close()
-    # auto on a CPU device without an accelerator rate: off
-    off = HybridExperts(cpu, "cpu", torch.float32, 0, overlap=False, prefill_stream_min_tokens=8)
-    off.forward(layer, x, few, wt)
-    assert (off.stats()["stream_layers"], off.stats()["stream_declined"]) == (0, 0)
-    off.close()
+    # auto without an accelerator rate: off on a CPU device; on CUDA the documented guess decides
+    auto = HybridExperts(cpu, device, torch.float32, 0, overlap=False, prefill_stream_min_tokens=8)
+    wins = auto.stream_model(layer).wins(2, T * K)
+    auto.forward(layer, *on(device, x, few, wt))
+    s = auto.stats()
+    if device.type == "cpu":
+        assert (s["stream_layers"], s["stream_declined"]) == (0, 0)
+    else:
+        assert auto.stream_model(layer).accel_gflops == ACCEL_GFLOPS_GUESS
+        assert (s["stream_layers"], s["stream_declined"]) == ((1, 0) if wins else (0, 1))
+    auto.close()
 
 
 # ---- layers and the whole model -------------------------------------------------------------------
 @pytest.mark.parametrize("fmt,buffers", [("q8_0", 2), ("q4_0", 3), ("q4_k_q6_k", 2)])
-def test_streamed_layer_with_resident_slots(eng, fmt, buffers):
+def test_streamed_layer_with_resident_slots(eng, fmt, buffers, device):
     """Resident pairs run from their slots, every other pair's expert is streamed once through the ring; the
     sum equals the torch backend on the same dequantized weights. Q4_0 (held as Q4_0_R8) and Q8_0 move blocks,
     K-quants move the compute dtype (dequantized on the host). Small calls still go to the kernels."""
@@ -160,13 +168,14 @@ def test_streamed_layer_with_resident_slots(eng, fmt, buffers):
         down = kernels.quantize(rng.standard_normal((E, H, I)).astype(np.float32), "Q6_K")
         layers = {1: kernels.ExpertWeights(gate, up, down, "Q4_K", down_type="Q6_K")}
         cpu, owned = CPUExperts(layers, overlap=False), True
-    ref = dequantized(cpu)
+    ref = dequantized(cpu, device)
     layer = min(cpu.layers)
     w = cpu.layers[layer]
     E, H = w.n_experts, w.hidden
-    b = HybridExperts(cpu, "cpu", torch.float32, 3, prefetch=False, prefill_stream=True, prefill_stream_min_tokens=16,
-                      prefill_stream_buffers=buffers, policy="lru")
+    b = HybridExperts(cpu, device, torch.float32, 3, prefetch=False, prefill_stream=True, prefill_stream_min_tokens=16,
+                      prefill_stream_buffers=buffers, policy="lru", cost_model=None)
     b.preload([(layer, 0), (layer, 1), (layer, 2)])
+    b.close()                                          # landed (async fills on CUDA)
     g = torch.Generator().manual_seed(2)
     T, K = 24, 4
     x = torch.randn(T, H, generator=g)
@@ -174,8 +183,8 @@ def test_streamed_layer_with_resident_slots(eng, fmt, buffers):
     ids[0] = torch.tensor([0, 1, 2, 3])
     wt = torch.rand(T, K, generator=g)
     resident = b.cache.lookup(0, ids.numpy()).reshape(T, K)
-    y = b.forward(layer, x, ids, wt)
-    assert torch.allclose(y, ref.forward(layer, x, ids, wt), rtol=1e-5, atol=1e-4)
+    y = b.forward(layer, *on(device, x, ids, wt))
+    assert torch.allclose(y, ref.forward(layer, *on(device, x, ids, wt)), rtol=1e-5, atol=1e-4)
     s = b.stats()
     n_res, away = int(resident.sum()), ids.numpy()[~resident]
     copy_bytes = b._layer_copy_bytes[layer]
@@ -192,8 +201,8 @@ def test_streamed_layer_with_resident_slots(eng, fmt, buffers):
     ids1 = torch.tensor([[5, 6, 7, 0]]) % E
     res1 = torch.from_numpy(b.cache.lookup(0, ids1.numpy()).reshape(1, K))
     cpu_before = b.stats()["cpu_pairs"]
-    d = b.forward(layer, x[:1], ids1, wt[:1])
-    want = (ref.forward(layer, x[:1], ids1, wt[:1] * res1)
+    d = b.forward(layer, *on(device, x[:1], ids1, wt[:1])).cpu()
+    want = (ref.forward(layer, *on(device, x[:1], ids1, wt[:1] * res1)).cpu()
             + kernels.moe_forward(w, x[:1], ids1.int(), (wt[:1] * ~res1).contiguous()))
     assert torch.allclose(d, want, rtol=1e-5, atol=1e-4)
     assert b.stats()["stream_layers"] == 1 and b.stats()["cpu_pairs"] - cpu_before == K - int(res1.sum())
@@ -202,11 +211,12 @@ def test_streamed_layer_with_resident_slots(eng, fmt, buffers):
         cpu.close()
 
 
-def test_prefill_logits_streamed_match_torch_and_cpu_engines(eng, ref_float, prompt):
+def test_prefill_logits_streamed_match_torch_and_cpu_engines(dev_eng, ref_float, prompt, device):
     """A 128-token prompt with streaming forced on and no slots: every MoE layer streams each expert its tokens
     use, once; the logits equal the torch backend's on the same dequantized weights (float rounding) and sit
     within test_hybrid's tolerance of the cpu engine (which adds 8-bit activation rounding)."""
-    b = HybridExperts(eng.experts, "cpu", torch.float32, 0, prefill_stream=True)
+    eng = dev_eng
+    b = HybridExperts(eng.experts, device, torch.float32, 0, prefill_stream=True)
     got, chosen = routed_logits(eng, b, prompt)
     flt, chosen_f = routed_logits(eng, ref_float, prompt)
     ref = with_backend(eng, eng.experts, lambda: eng.logits(prompt))
@@ -223,35 +233,42 @@ def test_prefill_logits_streamed_match_torch_and_cpu_engines(eng, ref_float, pro
     assert np.median(rel) < 0.03 and np.mean(rel < 0.05) >= 0.75 and agree >= 0.8
 
 
-def test_decode_after_streamed_prefill_is_unchanged(eng, prompt):
+def test_decode_after_streamed_prefill_is_unchanged(dev_eng, prompt, device):
     """Prefill (128 tokens) then 8 teacher-forced decode steps, 8 slots with the score policy and prefetch.
     Streaming forced on streams the prefill's three layers and nothing in decode (exact counters), its logits
     within tolerance of streaming off; streaming off is the previous behaviour: bit-identical to the default
-    on a CPU device (auto, off there) with the same counters, none streamed."""
+    on a CPU device (auto, off there) with the same counters, none streamed. On CUDA auto asks the cost model
+    once per prefill layer (and copies land when they land, so runs are compared within tolerance)."""
+    eng = dev_eng
     tokens = prompt + eng.tokenizer.encode(" Flat is better than nested.")[:8]
     n, K = len(prompt), eng.cfg.num_experts_per_tok
     steps = len(tokens) - n
     runs = {}
     for mode in (True, False, None):
-        b = HybridExperts(eng.experts, "cpu", torch.float32, 8, policy="score", prefetch=True, overlap=True,
+        b = HybridExperts(eng.experts, device, torch.float32, 8, policy="score", prefetch=True, overlap=True,
                           **({} if mode is None else dict(prefill_stream=mode)))
         b.attach(eng.model)
         eng.model.set_experts(b)
         try:
             cache = eng.model.new_cache(len(tokens))
             with torch.inference_mode():
-                out = [eng.model(torch.tensor(tokens[:n]), 0, cache, last_only=True)[-1]]
+                out = [eng.model(torch.tensor(tokens[:n], device=device), 0, cache, last_only=True)[-1]]
                 after_prefill = b.stats()
                 for i in range(n, len(tokens)):
-                    out.append(eng.model(torch.tensor(tokens[i:i + 1]), i, cache)[-1])
+                    out.append(eng.model(torch.tensor(tokens[i:i + 1], device=device), i, cache)[-1])
         finally:
             eng.model.set_experts(eng.experts)
-        runs[mode] = torch.stack(out).clone(), after_prefill, b.stats()
+        runs[mode] = torch.stack(out).cpu().clone(), after_prefill, b.stats()
         b.close()
     (on, p_on, s_on), (off, _, s_off), (auto, _, s_auto) = runs[True], runs[False], runs[None]
-    assert torch.equal(off, auto)
-    drop = {"cpu_expert_ms", "cpu_gflops"}     # timings
-    assert {k: v for k, v in s_off.items() if k not in drop} == {k: v for k, v in s_auto.items() if k not in drop}
+    if device.type == "cpu":
+        assert torch.equal(off, auto)
+        drop = {"cpu_expert_ms", "cpu_gflops"}     # timings
+        assert {k: v for k, v in s_off.items() if k not in drop} == {k: v for k, v in s_auto.items() if k not in drop}
+    else:
+        assert s_auto["stream_layers"] + s_auto["stream_declined"] == 3
+        rel = ((auto - off).norm(dim=1) / off.norm(dim=1)).numpy()
+        assert np.median(rel) < 0.03
     assert (s_off["stream_layers"], s_off["stream_pairs"], s_off["stream_bytes"]) == (0, 0, 0)
     assert p_on["stream_layers"] == 3 and p_on["cpu_pairs"] == 0
     assert p_on["gpu_pairs"] + p_on["stream_pairs"] == p_on["hits"] + p_on["misses"] == 3 * K * n
@@ -262,7 +279,7 @@ def test_decode_after_streamed_prefill_is_unchanged(eng, prompt):
     assert np.median(rel) < 0.03 and float((on.argmax(1) == off.argmax(1)).float().mean()) >= 0.75
 
 
-def test_streamed_expert_admitted_to_the_cache_crosses_the_link_once(eng, ref_float):
+def test_streamed_expert_admitted_to_the_cache_crosses_the_link_once(eng, ref_float, device):
     """A streamed layer whose experts the cache admits: each is filled from its staging buffer on the device, not
     copied from the host again (bytes over the link = the streamed bytes); a fill still queued for a streamed
     expert goes stale instead of copying it a second time. The slots then hold exactly those experts and a
@@ -272,9 +289,10 @@ def test_streamed_expert_admitted_to_the_cache_crosses_the_link_once(eng, ref_fl
     g = torch.Generator().manual_seed(7)
     x, wt = torch.randn(T, 256, generator=g), torch.rand(T, K, generator=g)
     ids = torch.stack([torch.tensor(experts)[torch.randperm(K, generator=g)] for _ in range(T)])
+    x, wt, ids = on(device, x, wt, ids)
     copy_bytes = eng.experts.layers[layer].expert_nbytes()
-    b = HybridExperts(eng.experts, "cpu", torch.float32, 4, policy="lru", prefetch=False, overlap=False,
-                      prefill_stream=True, prefill_stream_min_tokens=16)
+    b = HybridExperts(eng.experts, device, torch.float32, 4, policy="lru", prefetch=False, overlap=False,
+                      prefill_stream=True, prefill_stream_min_tokens=16, cost_model=None)
     y = b.forward(layer, x, ids, wt)
     assert torch.allclose(y, ref_float.forward(layer, x, ids, wt), rtol=1e-5, atol=1e-4)
     s = b.stats()
@@ -282,14 +300,14 @@ def test_streamed_expert_admitted_to_the_cache_crosses_the_link_once(eng, ref_fl
     assert (s["demand_fills"], s["stage_fills"], s["fills_done"], s["bytes_copied"]) == (4, 4, 4, 0)
     assert sorted(b.cache.residents()) == [(0, e) for e in experts]
     assert assert_slots_hold_their_experts(b, ref_float) == 4
-    one = torch.tensor([experts])
+    one = torch.tensor([experts], device=device)
     d = b.forward(layer, x[:1], one, wt[:1])
     assert torch.allclose(d, ref_float.forward(layer, x[:1], one, wt[:1]), rtol=1e-5, atol=1e-5)
     assert (b.stats()["gpu_pairs"] - s["gpu_pairs"], b.stats()["cpu_pairs"]) == (K, 0)
     b.close()
     # the queued case: expert 2's fill waits on the copier when its layer streams
-    q = HybridExperts(eng.experts, "cpu", torch.float32, 4, policy="lru", prefetch=False, overlap=False,
-                      prefill_stream=True, prefill_stream_min_tokens=16, async_copies=True)
+    q = HybridExperts(eng.experts, device, torch.float32, 4, policy="lru", prefetch=False, overlap=False,
+                      prefill_stream=True, prefill_stream_min_tokens=16, async_copies=True, cost_model=None)
     gate = gate_copies(q)
     q.preload([(layer, 2)])
     y = q.forward(layer, x, ids, wt)
@@ -302,9 +320,25 @@ def test_streamed_expert_admitted_to_the_cache_crosses_the_link_once(eng, ref_fl
     q.close()
 
 
-def test_staging_host_copy_in_chunks(eng):
+def test_stage_buffers_serve_calls_in_and_out_of_inference_mode(eng, ref_float, device):
+    """The staging ring, allocated at the first streamed layer (here inside torch.inference_mode(), as Engine
+    calls run), is written again by a streamed call outside it."""
+    b = HybridExperts(eng.experts, device, torch.float32, 0, prefill_stream=True, prefill_stream_min_tokens=16)
+    g = torch.Generator().manual_seed(8)
+    x, ids, wt = on(device, torch.randn(24, 256, generator=g), torch.randint(0, 16, (24, 4), generator=g),
+                    torch.rand(24, 4, generator=g))
+    with torch.inference_mode():
+        first = b.forward(1, x, ids, wt)
+    with torch.no_grad():
+        again = b.forward(1, x, ids, wt)               # raised "Inplace update to inference tensor outside ..."
+    assert torch.equal(first, again) and b.stats()["stream_layers"] == 2
+    assert torch.allclose(again, ref_float.forward(1, x, ids, wt), rtol=1e-5, atol=1e-4)
+    b.close()
+
+
+def test_staging_host_copy_in_chunks(eng, device):
     """The host side of a stage: a large expert's bytes are copied into the staging buffer on several threads."""
-    b = HybridExperts(eng.experts, "cpu", torch.float32, 0, prefill_stream_copy_threads=3)
+    b = HybridExperts(eng.experts, device, torch.float32, 0, prefill_stream_copy_threads=3)
     src = np.random.default_rng(0).integers(0, 256, 9 << 20, dtype=np.uint8)
     dst = np.zeros_like(src)
     b._host_copy(dst, src)

@@ -277,9 +277,10 @@ class HybridExperts(ExpertBackend):
                                  predict_weight=predict_weight, expert_bytes=self.copy_bytes, profile=profile)
         self.cache.set_landed(self._landed_keys)
         S, E, H, I = n_slots, self.n_experts, self.hidden, self.inter
-        self.gate = torch.empty(S, I, H, device=self.device, dtype=dtype)
-        self.up = torch.empty(S, I, H, device=self.device, dtype=dtype)
-        self.down = torch.empty(S, H, I, device=self.device, dtype=dtype)
+        with torch.inference_mode(False):   # written in place by the copier, which is never in inference mode
+            self.gate = torch.empty(S, I, H, device=self.device, dtype=dtype)
+            self.up = torch.empty(S, I, H, device=self.device, dtype=dtype)
+            self.down = torch.empty(S, H, I, device=self.device, dtype=dtype)
         # Slot state. The main thread owns the cache and _gen/_content; the copier writes _ready/_event.
         # A slot is usable for key k iff _content == k and _ready == _gen (its latest fill is done/enqueued).
         self._gen = [0] * S
@@ -656,8 +657,9 @@ class HybridExperts(ExpertBackend):
     def _stage_buffers(self) -> list[_StageBuffer]:
         if not self._stage:    # allocated at the first streamed layer, then kept: in-flight copies use them
             nbytes = self.copy_bytes + 3 * 16
-            self._stage = [_StageBuffer(nbytes, self.hidden, self.inter, self.device, self.dtype)
-                           for _ in range(self.prefill_stream_buffers)]
+            with torch.inference_mode(False):   # normal tensors: later calls may run outside inference mode
+                self._stage = [_StageBuffer(nbytes, self.hidden, self.inter, self.device, self.dtype)
+                               for _ in range(self.prefill_stream_buffers)]
         return self._stage
 
     def _stage_load(self, b: _StageBuffer, layer: int, e: int) -> None:
@@ -951,9 +953,10 @@ class HybridExperts(ExpertBackend):
         n = src.nbytes
         if not self._pinned:                             # allocated once: in-flight copies read them
             size = self._stage_bytes
-            self._pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(self._n_staging)]
+            with torch.inference_mode(False):            # normal tensors: fills run in and out of inference mode
+                self._pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(self._n_staging)]
+                self._dev_stage = torch.empty(size, dtype=torch.uint8, device=self.device)
             self._pinned_done = [None] * self._n_staging
-            self._dev_stage = torch.empty(size, dtype=torch.uint8, device=self.device)
         i = self._next_pinned
         self._next_pinned = (i + 1) % len(self._pinned)
         if self._pinned_done[i] is not None:

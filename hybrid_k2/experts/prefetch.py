@@ -314,7 +314,8 @@ class RoutingPredictor:
             C = x.T @ torch.linalg.solve(x @ x.T + lam * torch.eye(n, dtype=dt, device=dev), resid)
         else:
             C = torch.linalg.solve(x.T @ x + lam * torch.eye(H, dtype=dt, device=dev), x.T @ resid)   # [H, E]
-        self._corrected[(layer, tgt)] = _clone_router(base, (B + C.T).to(base.weight.dtype))
+        # float32 like the rescaled base routers: a bf16 model's routers (accelerator default) would round the fit
+        self._corrected[(layer, tgt)] = _clone_router(base, (B + C.T).float())
 
     def clear_corrections(self) -> None:
         """Drop fitted linear corrections and learned heads: back to the plain routers."""
