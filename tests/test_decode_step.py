@@ -104,8 +104,8 @@ def test_rebuilt_when_what_it_read_changes(demo_gguf):
 
 
 def test_stands_aside_where_it_does_not_apply(demo_gguf):
-    # float matrices (no dense_format): the module path's torch ops
-    eng = hybrid_k2.load(demo_gguf, device="cpu", experts="cpu")
+    # float matrices: the module path's torch ops
+    eng = hybrid_k2.load(demo_gguf, device="cpu", experts="cpu", dense_format="float")
     decode(eng.model, prefilled(eng.model, [5, 6, 7]), [8], 3, True)
     assert eng.model._step[1] is None
     eng.close()
@@ -141,7 +141,7 @@ def test_model_on_the_test_device_decodes_through_the_modules(tmp_path, device):
     the random-weight demo's flat logits would make this 0.78 and 8%)."""
     path = convert(ensure_demo(), tmp_path / "trained.gguf", experts="q4_0", other="q8_0", progress=False)
     ref = hybrid_k2.load(path, device="cpu", experts="cpu", dense_format="native")
-    eng = hybrid_k2.load(path, device=device, dtype=torch.float32, experts="cpu", dense_format=None)
+    eng = hybrid_k2.load(path, device=device, dtype=torch.float32, experts="cpu", dense_format="float")
     prompt = ref.tokenizer.encode("def main(args):\n    ")
     tokens = ref.generate(prompt, max_new_tokens=24, temperature=0).token_ids
     want = decode(ref.model, prefilled(ref.model, prompt), tokens, len(prompt), True)
