@@ -24,6 +24,29 @@ FLOAT_FORMATS = {"F32": "f32", "BF16": "bf16", "F16": "f16", "F64": "f64"}
 INT4_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 DEFAULT_FP8_BLOCK = (128, 128)
 DEFAULT_INT4_GROUP = 32
+MAX_QUANT_BLOCK = 1 << 20   # no matrix side is larger (config.MAX_FFN); bigger blocks mean nothing
+
+
+def _size(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_QUANT_BLOCK
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _in_hf_blob_store(real: str) -> bool:
+    """`real` is a file in a Hugging Face hub cache: .../models--ORG--NAME/blobs/HASH."""
+    blobs = os.path.dirname(real)
+    return os.path.basename(blobs) == "blobs" and os.path.basename(os.path.dirname(blobs)).startswith("models--")
+
+
+def _finite_scales(s: torch.Tensor, path: str, name: str) -> torch.Tensor:
+    """Block scales are read whole anyway; one that is NaN or infinite would turn its block into NaNs."""
+    if not bool(torch.isfinite(s).all()):
+        bad = int((~torch.isfinite(s)).sum())
+        raise CheckpointError(f"{path}: tensor {name!r} holds {bad} scale(s) that are not finite (NaN or infinity)")
+    return s
 
 
 class HFCheckpoint(Checkpoint):
@@ -52,6 +75,8 @@ class HFCheckpoint(Checkpoint):
                     raise CheckpointError(f"{path}: no {INDEX_FILE}, model.safetensors or *.safetensors files")
             self._where = {}
             for shard in shards:
+                if os.path.isdir(path):   # found by listing the directory (a file named by the caller is theirs)
+                    self._confine(shard, f"{os.path.join(self.dir, shard)}")
                 for n in self._file(shard).names():
                     if n in self._where:
                         raise CheckpointError(f"{path}: tensor {n!r} is in both {self._where[n]} and {shard}")
@@ -63,13 +88,39 @@ class HFCheckpoint(Checkpoint):
         try:
             with open(index_path) as f:
                 weight_map = json.load(f)["weight_map"]
-            assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise CheckpointError(f"{index_path}: unreadable index (needs a weight_map of name -> shard): {e!r}") from e
-        for shard in sorted(set(weight_map.values())):
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None) \
+                if isinstance(weight_map, dict) else None
+            raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names"
+                                  + (f"; entry {bad!r} is {weight_map[bad]!r}" if bad is not None else
+                                     f", got {type(weight_map).__name__}"))
+        first = {}
+        for name, shard in weight_map.items():
+            first.setdefault(shard, name)
+        for shard, name in sorted(first.items()):
+            self._confine(shard, f"{index_path}: weight_map entry {name!r} -> {shard!r}")
             if not os.path.isfile(os.path.join(self.dir, shard)):
                 raise CheckpointError(f"{index_path}: shard {shard!r} named in the index is missing from {self.dir}")
         return weight_map
+
+    def _confine(self, shard: str, where: str) -> None:
+        """A shard must be a file of this directory: a relative name without '..' (so an index cannot point
+        at /etc/passwd or ../other), whose real path (symlinks resolved) is inside the directory, or in a
+        Hugging Face hub cache's blob store (the snapshot and --local-dir layouts of huggingface_hub link
+        their files there)."""
+        parts = shard.replace("\\", "/").split("/")
+        if (not shard or "\0" in shard or os.path.isabs(shard) or shard.startswith(("/", "\\"))
+                or any(p in ("", ".", "..") for p in parts) or os.path.splitdrive(shard)[0]):
+            raise CheckpointError(f"{where}: a shard must be a relative path inside {self.dir} "
+                                  f"(no absolute path, no '..')")
+        root = os.path.realpath(self.dir)
+        real = os.path.realpath(os.path.join(self.dir, shard))
+        if _inside(real, root) or _in_hf_blob_store(real):
+            return
+        raise CheckpointError(f"{where}: the shard resolves to {real}, outside {root} (a symbolic link out of the "
+                              f"checkpoint directory); copy the file into the directory instead")
 
     def _file(self, shard: str) -> SafetensorsFile:
         f = self._files.get(shard)
@@ -166,17 +217,31 @@ class HFCheckpoint(Checkpoint):
                 raise CheckpointError(f"{self.path}: tensor {name!r} is stored as {sdtype}, not a float weight")
         return w.to(dtype)
 
+    def check_tensor(self, name: str) -> None:
+        """Check from the headers (no data is read) that `name` is stored in a form `get` can read: a float
+        dtype, FP8 with a block scale of the right shape, or INT4 with its packed words and group scales."""
+        self._check(name)
+        if name in self._int4:
+            self._int4_layout(name)
+            return
+        sdtype, _ = self.raw_info(name)
+        if sdtype in ("F8_E4M3", "F8_E5M2"):
+            self._fp8_layout(name, sdtype)
+        elif sdtype not in FLOAT_FORMATS:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is stored as {sdtype}, not a float weight")
+
     # ---- FP8 block ------------------------------------------------------------------------
-    def _fp8_get(self, name: str, sdtype: str, device) -> torch.Tensor:
+    def _fp8_layout(self, name: str, sdtype: str) -> tuple[int, int, int, int, str]:
+        """(out, in, block rows, block cols, scale tensor name), checked from the headers."""
         scale_name = name + "_scale_inv"
-        w8 = self.raw(name)
         if sdtype != "F8_E4M3" or scale_name not in self._where:
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} is {sdtype} without a {scale_name!r} block scale; "
                 "only F8_E4M3 with weight_scale_inv is supported")
-        if w8.ndim != 2:
-            raise CheckpointError(f"{self.path}: FP8 tensor {name!r} has shape {tuple(w8.shape)}, expected 2-D")
-        out, inp = w8.shape
+        _, shape = self.raw_info(name)
+        if len(shape) != 2:
+            raise CheckpointError(f"{self.path}: FP8 tensor {name!r} has shape {shape}, expected 2-D")
+        out, inp = shape
         bo, bi = self._quant_config()["fp8_block"]
         s_dtype, s_shape = self.raw_info(scale_name)
         want = (math.ceil(out / bo), math.ceil(inp / bi))
@@ -184,8 +249,13 @@ class HFCheckpoint(Checkpoint):
             raise CheckpointError(
                 f"{self.path}: {scale_name!r} is {s_dtype}{list(s_shape)}, expected float {list(want)} "
                 f"for {name!r} [{out}, {inp}] with {bo}x{bi} blocks")
-        w = w8.to(device).to(torch.float32)
-        s = self.raw(scale_name).to(device=device, dtype=torch.float32)
+        return out, inp, bo, bi, scale_name
+
+    def _fp8_get(self, name: str, sdtype: str, device) -> torch.Tensor:
+        out, inp, bo, bi, scale_name = self._fp8_layout(name, sdtype)
+        s = _finite_scales(self.raw(scale_name).to(device=device, dtype=torch.float32), self.path, scale_name)
+        w = self.raw(name).to(device).to(torch.float32)
+        bo, bi = min(bo, out), min(bi, inp)   # a block larger than the matrix: one scale covers it
         s_cols = s.repeat_interleave(bi, dim=1)[:, :inp]  # [row blocks, in], small
         full = out // bo
         w[: full * bo].view(full, bo, inp).mul_(s_cols[:full, None, :])
@@ -206,11 +276,8 @@ class HFCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.path}: {shape_name!r} holds a bad shape ({out}, {inp})")
         return out, inp
 
-    def get_int4(self, name: str) -> Int4Weight:
-        """Unsigned nibbles q uint8 [out, in] (value = q - 8), scale f32 [out, ngroups], group size."""
-        self._check(name)
-        if name not in self._int4:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is {self.format(name)}, not INT4 pack-quantized")
+    def _int4_layout(self, name: str) -> tuple[int, int, int]:
+        """(out, in, group size) of an INT4 tensor, its packed words and scales checked from the headers."""
         out, inp = self._int4_shape(name)
         packed_name, scale_name = name + "_packed", name + "_scale"
         pdtype, pshape = self.raw_info(packed_name)
@@ -232,17 +299,27 @@ class HFCheckpoint(Checkpoint):
             raise CheckpointError(
                 f"{self.path}: {scale_name!r} is {sdtype}{list(sshape)}, expected float [{out}, ceil({inp}/group)] "
                 f"for group size in {q['int4_groups']}")
+        return out, inp, group
+
+    def get_int4(self, name: str) -> Int4Weight:
+        """Unsigned nibbles q uint8 [out, in] (value = q - 8), scale f32 [out, ngroups], group size."""
+        self._check(name)
+        if name not in self._int4:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {self.format(name)}, not INT4 pack-quantized")
+        out, inp, group = self._int4_layout(name)
+        packed_name, scale_name = name + "_packed", name + "_scale"
         # pack_to_int32 (compressed-tensors, pack_quantized.py): q + 8 as an unsigned nibble, columns
         # zero-padded to a multiple of 8, nibble i of word j (bits 4i..4i+3) = column 8j + i. On a
         # little-endian host byte k of word j therefore holds columns 8j+2k (low) and 8j+2k+1 (high).
         # Groups: scale has ceil(in/g) columns (compressed-tensors' strategy_cdiv; older versions
         # required in % g == 0), so a last partial group is allowed.
+        scale = _finite_scales(self.raw(scale_name).to(torch.float32), self.path, scale_name)
         b = self.raw(packed_name).view(torch.uint8)  # [out, 4 * words]
         nib = torch.empty(out, b.shape[1] * 2, dtype=torch.uint8)
         torch.bitwise_and(b, 0x0F, out=nib[:, 0::2])
         torch.bitwise_right_shift(b, 4, out=nib[:, 1::2])
         nib = nib[:, :inp].contiguous() if nib.shape[1] != inp else nib
-        return Int4Weight(nib, self.raw(scale_name).to(torch.float32), group)
+        return Int4Weight(nib, scale, group)
 
     def _int4_get(self, name: str, device) -> torch.Tensor:
         q, s, g = self.get_int4(name)
@@ -263,17 +340,26 @@ class HFCheckpoint(Checkpoint):
                 try:
                     with open(cfg_path) as f:
                         qc = json.load(f).get("quantization_config") or {}
-                except (OSError, ValueError, AttributeError) as e:
+                except (OSError, ValueError, AttributeError, RecursionError) as e:
                     raise CheckpointError(f"{cfg_path}: unreadable config: {e!r}") from e
             try:
-                block = tuple(int(b) for b in qc.get("weight_block_size") or DEFAULT_FP8_BLOCK)
-                weights = [g.get("weights") or {} for g in (qc.get("config_groups") or {}).values()]
-                groups = [w.get("group_size") for w in weights if w.get("type", "int") == "int"]
-                bits = {int(w.get("num_bits", 4)) for w in weights if w.get("type", "int") == "int"} or {4}
+                if not isinstance(qc, dict):
+                    raise TypeError(f"quantization_config is {type(qc).__name__}, not an object")
+                block = tuple(qc.get("weight_block_size") or DEFAULT_FP8_BLOCK)
+                groups_cfg = qc.get("config_groups") or {}
+                weights = [g.get("weights") or {} for g in groups_cfg.values()]
+                ints = [w for w in weights if w.get("type", "int") == "int"]
+                groups = [w.get("group_size") for w in ints]
+                bits = {w.get("num_bits", 4) for w in ints} or {4}
             except (AttributeError, TypeError, ValueError) as e:
                 raise CheckpointError(f"{cfg_path}: malformed quantization_config: {e!r}") from e
-            if len(block) != 2 or min(block) <= 0:
-                raise CheckpointError(f"{cfg_path}: bad weight_block_size {block}")
+            if len(block) != 2 or not all(_size(b) for b in block):
+                raise CheckpointError(f"{cfg_path}: quantization_config.weight_block_size must be two integers in "
+                                      f"1..{MAX_QUANT_BLOCK}, got {list(block)}")
+            if not all(g is None or _size(g) for g in groups) or not all(_size(b) for b in bits):
+                raise CheckpointError(f"{cfg_path}: quantization_config.config_groups: group_size must be null or an "
+                                      f"integer in 1..{MAX_QUANT_BLOCK} and num_bits an integer, got group sizes "
+                                      f"{groups}, num_bits {sorted(bits, key=repr)}")
             self._quant = {"fp8_block": block, "int4_groups": groups or [DEFAULT_INT4_GROUP],
                            "int4_bits": bits.pop() if len(bits) == 1 else sorted(bits)}
         return self._quant

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import CheckpointError
+from . import CheckpointError, mapped
 
 # safetensors dtype string -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -37,6 +37,7 @@ class SafetensorsFile:
         if sys.byteorder != "little":
             raise CheckpointError(f"{path}: safetensors data is little-endian; this host is not")
         self.path = os.fspath(path)
+        self._mmap, self._mapped = None, None
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -50,10 +51,12 @@ class SafetensorsFile:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read safetensors file: {e}") from e
+        self._size = size
+        self._mapped = mapped.register(self.path, size)
         self._data_start = 8 + n
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:   # bad UTF-8 or JSON, ints past 4300 digits, deep nesting
             self.close()
             raise CheckpointError(f"{self.path}: safetensors header is not valid JSON: {e}") from e
         try:
@@ -66,8 +69,8 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: safetensors header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{self.path}: __metadata__ is not a JSON object")
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise CheckpointError(f"{self.path}: __metadata__ is not a JSON object of strings")
         self.metadata: dict[str, str] = meta
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         spans = []
@@ -93,10 +96,22 @@ class SafetensorsFile:
             self._entries[name] = (dtype, tuple(shape), offs[0], offs[1])
             if nbytes:
                 spans.append((offs[0], offs[1], name))
+        # As the reference reader (safetensors' Metadata::validate) requires: the tensors tile the data section
+        # exactly, in offset order from byte 0 to its end. A header length off by a byte, an entry pointing
+        # into another tensor or a retyped entry therefore cannot shift or alias data silently.
         spans.sort()
-        for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
-            if begin < end:
-                raise CheckpointError(f"{self.path}: tensors {a!r} and {b!r} overlap in the data section")
+        end, prev = 0, None
+        for begin, stop, name in spans:
+            if begin != end:
+                what = f"overlap in the data section" if begin < end else \
+                    f"leave bytes {end}..{begin} of the data section unclaimed (gap)"
+                first = f"tensors {prev!r} and {name!r}" if prev is not None else f"the data section start and {name!r}"
+                raise CheckpointError(f"{self.path}: {first} {what}")
+            end, prev = stop, name
+        if end != data_len:
+            raise CheckpointError(
+                f"{self.path}: the tensors end at byte {end} of the data section but it has {data_len} bytes "
+                f"(header length {self._data_start - 8} is wrong, or bytes were appended)")
 
     def _entry(self, name: str):
         try:
@@ -124,6 +139,7 @@ class SafetensorsFile:
         tdtype, size = DTYPES[dtype]
         if self._mmap is None:
             raise CheckpointError(f"{self.path}: file is closed (reading {name!r})")
+        mapped.check_size(self.path, self._mmap, self._size, f"tensor {name!r}")
         offset = self._data_start + begin
         if end == begin:
             return torch.empty(shape, dtype=tdtype)
@@ -152,8 +168,10 @@ class SafetensorsFile:
         if mm is not None:
             try:
                 mm.close()
-            except BufferError:  # views still alive: the mapping goes when the last one does
-                pass
+            except BufferError:  # views still alive: the mapping goes when the last one does (and stays named)
+                return
+        mapped.unregister(getattr(self, "_mapped", None))
+        self._mapped = None
 
     def __enter__(self):
         return self
