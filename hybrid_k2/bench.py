@@ -291,6 +291,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.decode < 1 or args.prompt < 8:
         ap.error("--rounds and --decode must be at least 1, --prompt at least 8")
+    # checked here, before the bandwidth probe and the model build (minutes), not by what they would raise
+    if not 1 <= args.threads <= 1024:
+        ap.error(f"--threads must be in [1, 1024], got {args.threads}")
+    if args.layers < 1:
+        ap.error(f"--layers must be at least 1, got {args.layers}")
+    top_k = preset("kimi-k2").num_experts_per_tok
+    if args.experts < top_k:
+        ap.error(f"--experts must be at least Kimi K2's top-{top_k}, got {args.experts}")
+    unknown = [m for m in args.models.split(",") if m not in ("k2-shaped", "demo")]
+    if unknown:
+        ap.error(f"--models: unknown model {unknown[0]!r}; expected k2-shaped and/or demo, comma-separated")
     dense = None if args.dense_format == "none" else args.dense_format
     kernels.set_threads(args.threads)
 

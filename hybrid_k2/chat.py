@@ -26,6 +26,15 @@ SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, 
             "max_new_tokens": int, "seed": int}
 
 
+def _check_sampling(opts: dict) -> None:
+    """ValueError naming the setting that generate() would refuse."""
+    from .generate import SamplingParams
+    SamplingParams(opts["temperature"], opts["top_p"], opts["top_k"], opts["min_p"],
+                   opts["repetition_penalty"]).validate()
+    if opts["max_new_tokens"] < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {opts['max_new_tokens']}")
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -70,10 +79,16 @@ class ChatSession:
                 self.say(f"[unknown setting {key!r}; one of {', '.join(SETTINGS)}]")
                 return
             try:
-                self.sampling[key] = None if value.strip() == "none" and key == "seed" else SETTINGS[key](value)
+                v = None if value.strip() == "none" and key == "seed" else SETTINGS[key](value)
             except ValueError:
                 self.say(f"[{key} needs a {SETTINGS[key].__name__}, got {value!r}]")
                 return
+            try:
+                _check_sampling(dict(self.sampling, **{key: v}))
+            except ValueError as e:
+                self.say(f"[{e}; {key} stays {self.sampling[key]}]")
+                return
+            self.sampling[key] = v
             self.say(f"[{key} = {self.sampling[key]}]")
         elif name == "stats":
             self.say(self.stats_text())
@@ -120,6 +135,17 @@ class ChatSession:
 
     # ---- a turn --------------------------------------------------------------------------------
     def answer(self, text: str) -> None:
+        """One turn. A turn that fails (a conversation past the context window, a bad setting) prints
+        `error: ...` and is taken back: the conversation stays as it was before it."""
+        n = len(self.messages)
+        try:
+            self._answer(text)
+        except Exception as e:   # noqa: BLE001  (one bad turn must not end the session and lose the conversation)
+            del self.messages[n:]
+            self.out.write("\n")
+            self.say(f"error: {e}")
+
+    def _answer(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
         opts = dict(self.sampling)
         max_new = opts.pop("max_new_tokens")
@@ -206,6 +232,8 @@ class ChatSession:
                 self.say("[stopped]")
                 if self.messages and self.messages[-1]["role"] == "user":
                     self.messages.append({"role": "assistant", "content": ""})
+            except Exception as e:   # noqa: BLE001  (a failed command, e.g. /save to a bad path, keeps the session)
+                self.say(f"error: {e}")
 
 
 def _enable_history() -> None:

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
 import sys
+import threading
 
 MODEL_HELP = "an HF checkpoint directory, a .gguf file, or the preset 'demo' (written on first use, no download)"
 
@@ -17,9 +21,10 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
                         "torch (reference, dequantized on the device), auto (= cpu)")
     p.add_argument("--expert-format", default=None,
                    help="quantisation of routed experts at load: q4_0, q8_0, q4_k, q6_k, or native")
-    p.add_argument("--dense-format", default=None, choices=["native", "q8_0", "q4_0"],
-                   help="device cpu only: keep attention / dense FFN / shared-expert / lm_head matrices quantized "
-                        "and run them in the CPU kernels (native = a GGUF's stored blocks in place; default: float)")
+    p.add_argument("--dense-format", default="auto", choices=["auto", "float", "native", "q8_0", "q4_0", "fp8", "bf16"],
+                   help="attention / dense FFN / shared-expert / lm_head matrices. CPU device: auto = GGML blocks "
+                        "(a GGUF's own, an HF checkpoint's quantized to Q8_0), float = float tensors in torch; "
+                        "accelerator: auto = the checkpoint's FP8 when it fits, else bf16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the expert kernels")
     p.add_argument("--ctx", type=int, default=None, help="context window in tokens (default: the model's)")
     p.add_argument("--vram", default=None, help="VRAM budget for the hybrid expert cache, e.g. 24GiB")
@@ -37,12 +42,68 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
                         "bench/bench_deferral.py measures the accuracy cost)")
 
 
-def _load(args):
-    import hybrid_k2
-    vram = None
+class UsageError(ValueError):
+    """An argument (or a model) the command cannot work with: an `error:` line and exit 2. The arguments are
+    checked before anything is loaded (a load can take minutes)."""
+
+
+def _check_device(name: str | None) -> None:
+    if name is None:
+        return
+    import torch
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: torch sees no CUDA device (torch {torch.__version__}, CUDA build "
+                         f"{torch.version.cuda}); use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
+
+
+def _check_load_args(args) -> None:
+    """Everything about the load flags that can be known without reading the model (a load can take minutes)."""
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise UsageError(f"--threads must be in [1, 1024], got {args.threads}")
+    if args.ctx is not None and args.ctx < 1:
+        raise UsageError(f"--ctx must be >= 1, got {args.ctx}")
+    for flag, v in (("--cache-slots", args.cache_slots), ("--lookahead", args.lookahead),
+                    ("--defer-experts", args.defer_experts)):
+        if v is not None and v < 0:
+            raise UsageError(f"{flag} must be >= 0, got {v}")
+    _check_device(args.device)
+    args.vram_bytes = None
     if args.vram is not None:
         from .placement import parse_size
-        vram = parse_size(args.vram, "--vram")
+        try:
+            vram = parse_size(args.vram, "--vram")
+        except OverflowError:
+            vram = math.inf
+        if not 0 <= vram < 2**63:
+            raise UsageError(f"--vram {args.vram!r}: not a size this machine can have")
+        args.vram_bytes = vram
+
+
+def _check_sampling_args(args) -> None:
+    from .generate import SamplingParams
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    try:
+        SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p, args.repetition_penalty).validate()
+    except ValueError as e:
+        raise UsageError(f"--{str(e).replace('_', '-')}") from None
+    if args.stop is not None and "" in args.stop:
+        raise UsageError("--stop: a stop string must be non-empty")
+
+
+def _load(args):
+    import hybrid_k2
+    vram = args.vram_bytes
     engine = hybrid_k2.load(args.model, device=args.device, dtype=args.dtype, experts=args.experts,
                             expert_format=args.expert_format, dense_format=args.dense_format, threads=args.threads,
                             ctx=args.ctx, progress=True,
@@ -50,8 +111,10 @@ def _load(args):
                             prefetch=not args.no_prefetch, lookahead=args.lookahead, defer_experts=args.defer_experts,
                             prefill_stream=None if args.experts != "hybrid" or args.prefill_stream == "auto"
                             else args.prefill_stream == "on")
-    if engine.device.type == "cpu" and (args.dense_format is not None or engine.experts is not None
-                                        and engine.experts.name != "torch"):
+    dense = getattr(engine, "dense_format", None)   # what the loader chose for args.dense_format
+    dense_torch = dense in ("float", "bf16", "fp8") or dense is None and args.dense_format in ("auto", "float")
+    torch_experts = engine.experts is not None and engine.experts.name == "torch"
+    if engine.device.type == "cpu" and not (torch_experts and dense_torch):
         # The C kernels' pool owns the cores. torch's OpenMP team spinning beside it makes both crawl (the
         # demo decodes at ~3 tok/s instead of ~120 when anything else runs on a 2-core machine), and what
         # torch is left with at decode is small.
@@ -78,26 +141,43 @@ def _sampling(args) -> dict:
 
 
 def cmd_generate(args) -> int:
+    _check_load_args(args)
+    _check_sampling_args(args)
+    if not args.chat and not args.prompt:
+        raise UsageError("--prompt is empty")
     engine = _load(args)
-    if engine.tokenizer is None:
-        raise SystemExit(f"error: {args.model} has no tokenizer (tiktoken.model); cannot generate text")
-    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    for piece in engine.generate(prompt, stream=True, **_sampling(args)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    print(f"[{engine.stats}]", file=sys.stderr)
+    try:
+        if engine.tokenizer is None:
+            raise UsageError(f"{args.model} has no tokenizer (tiktoken.model); cannot generate text")
+        prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+        stream = engine.generate(prompt, stream=True, **_sampling(args))
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:
+            stream.close()      # an interrupted stream lets go of the engine now, not when the traceback dies
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        print(f"[{engine.stats}]", file=sys.stderr)
+    finally:
+        engine.close()
     return 0
 
 
 def cmd_chat(args) -> int:
     from .chat import ChatSession
+    _check_load_args(args)
+    _check_sampling_args(args)
     engine = _load(args)
-    if engine.tokenizer is None:
-        raise SystemExit(f"error: {args.model} has no tokenizer (tiktoken.model); cannot chat")
-    sampling = _sampling(args)
-    sampling.pop("stop")
-    return ChatSession(engine, system=args.system, **sampling).loop()
+    try:
+        if engine.tokenizer is None:
+            raise UsageError(f"{args.model} has no tokenizer (tiktoken.model); cannot chat")
+        sampling = _sampling(args)
+        sampling.pop("stop")
+        return ChatSession(engine, system=args.system, **sampling).loop()
+    finally:
+        engine.close()
 
 
 def cmd_convert(args) -> int:
@@ -144,19 +224,40 @@ def build_parser() -> argparse.ArgumentParser:
 PASSTHROUGH = {"plan": "hybrid_k2.placement", "bench": "hybrid_k2.bench"}   # commands with their own parsers
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so the command unwinds (streams closed, files removed) as on Ctrl-C.
+    A BaseException, like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> int:
+    as_command = argv is None and threading.current_thread() is threading.main_thread()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASSTHROUGH:   # argparse.REMAINDER would not pass `--help` through
         import importlib
         return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
+    restore = signal.signal(signal.SIGTERM, _on_sigterm) if as_command else None
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, MemoryError) as e:   # CheckpointError and ConfigError are ValueErrors
+        if isinstance(e, BrokenPipeError):   # `hybrid-k2 generate ... | head`: the reader left; say nothing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+        print(f"error: {str(e) or type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("hybrid-k2: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("hybrid-k2: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
 
 
 if __name__ == "__main__":

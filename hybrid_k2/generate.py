@@ -1,6 +1,10 @@
 """Engine: prompt in, tokens out. Sampling, stop conditions, streaming and throughput stats."""
 from __future__ import annotations
 
+import logging
+import math
+import numbers
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -11,8 +15,24 @@ from .model import Transformer
 from .tokenizer import parse_tool_calls
 
 
+log = logging.getLogger(__name__)
+
+CACHE_CHUNK = 256   # the KV cache grows with the sequence in multiples of this (and at least doubles)
+
+
 class ContextOverflowError(ValueError):
     """The prompt (plus the tokens asked for) does not fit the context window."""
+
+
+class StreamAbandonedError(RuntimeError):
+    """A streaming generation was resumed after another caller took the engine over (see Engine)."""
+
+
+def _number(name: str, v, kind=float):
+    """An int (kind=int) or a real number (kind=float), numpy's included, never a bool or a string."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral if kind is int else numbers.Real):
+        raise TypeError(f"{name} must be {'an int' if kind is int else 'a number'}, got {type(v).__name__} {v!r}")
+    return v
 
 
 @dataclass
@@ -24,16 +44,19 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def validate(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            _number(name, getattr(self, name))
+        _number("top_k", self.top_k, int)
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], gen: torch.Generator | None,
@@ -89,57 +112,145 @@ class Stats:
 
 @dataclass
 class Generation:
-    text: str                          # everything generated, tool-call markup included
+    text: str | None                   # everything generated, tool-call markup included (None: no tokenizer)
     token_ids: list[int]
     finish_reason: str                 # "stop" (EOS / <|im_end|> / stop string) or "length"
     stats: Stats = field(default_factory=Stats)
-    content: str = ""                  # text without the tool-call section
+    content: str | None = ""           # text without the tool-call section (None: no tokenizer)
     tool_calls: list[dict] = field(default_factory=list)   # OpenAI-style, parsed from Kimi K2's markup
 
     def __str__(self) -> str:
-        return self.text
+        return self.text or ""
 
 
-def _inference(gen: Iterator) -> Iterator:
-    """Run a generator's steps under inference_mode (a `with` around a yield would leak the mode to the caller)."""
-    while True:
-        with torch.inference_mode():
-            try:
-                item = next(gen)
-            except StopIteration:
-                return
-        yield item
+class _Turn:
+    """One caller's hold on an Engine (a whole generate()/logits() call, or a stream from first step to end)."""
+    __slots__ = ("idle_since", "revoked")
+
+    def __init__(self):
+        self.idle_since: float | None = None   # monotonic time a stream last yielded; None while it computes
+        self.revoked = False
+
+
+class _EngineLock:
+    """Serialises the callers of one Engine (its KV cache, prefix and stats are per engine).
+
+    A stream holds the engine from its first step until it ends, is closed, or is garbage-collected (its
+    finally runs). A stream left open and un-iterated would otherwise block every later caller forever, so
+    a stream that has sat at a yield for `idle_timeout` seconds while another caller waits loses the engine:
+    the waiter proceeds and the stream raises StreamAbandonedError when next resumed. A stream that is being
+    consumed (or a blocking call, which never yields) is waited for, however long it takes."""
+
+    def __init__(self, idle_timeout: float):
+        self.idle_timeout = idle_timeout
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: _Turn | None = None
+
+    def acquire(self, take_idle: bool = False) -> _Turn:
+        """Wait for the engine. take_idle (close()): an idle stream is taken over at once, not after the timeout."""
+        with self._cond:
+            while self._owner is not None:
+                idle = self._owner.idle_since
+                if idle is None:
+                    self._cond.wait()
+                    continue
+                left = 0 if take_idle else idle + self.idle_timeout - time.monotonic()
+                if left <= 0:
+                    self._owner.revoked = True
+                    if not take_idle:
+                        log.warning("an open generate(stream=True) iterator sat unread %.0f s while another call "
+                                    "waited; it was abandoned (close() streams you stop reading)", self.idle_timeout)
+                    break
+                self._cond.wait(left)
+            self._owner = turn = _Turn()
+            return turn
+
+    def release(self, turn: _Turn) -> None:
+        with self._cond:
+            if self._owner is turn:
+                self._owner = None
+                self._cond.notify_all()
+
+    def suspend(self, turn: _Turn) -> None:
+        with self._cond:
+            turn.idle_since = time.monotonic()
+            self._cond.notify_all()      # waiters start timing the idle stream
+
+    def resume(self, turn: _Turn) -> None:
+        with self._cond:
+            if turn.revoked:
+                raise StreamAbandonedError(
+                    f"this generate(stream=True) iterator sat unread while another call waited for the engine "
+                    f"(over {self.idle_timeout:g} s) or the engine was closed; the stream cannot continue")
+            turn.idle_since = None
+
+
+class _Hold:
+    def __init__(self, lock: _EngineLock, take_idle: bool = False):
+        self.lock, self.take_idle = lock, take_idle
+
+    def __enter__(self):
+        self.turn = self.lock.acquire(self.take_idle)
+
+    def __exit__(self, *exc):
+        self.lock.release(self.turn)
 
 
 class Engine:
+    """Generation over one loaded model.
+
+    Thread-safe: callers are served one at a time, in full (one KV cache and cached prefix per engine). A
+    generate(stream=True) iterator holds the engine from its first step until it is exhausted, closed or
+    garbage-collected; one that is left open and unread for `stream_idle_timeout` seconds while another caller
+    waits is taken over (it raises StreamAbandonedError if read again), so an abandoned stream cannot block the
+    engine forever; close() takes over an unread stream at once."""
+
+    stream_idle_timeout = 60.0   # seconds an open, un-iterated stream may keep a waiting caller out
+
     def __init__(self, model: Transformer, tokenizer, *, ctx: int | None = None, experts=None, checkpoint=None,
                  recorder=None):
         self.model = model
         self.cfg = model.cfg
         self.tokenizer = tokenizer
-        self.ctx = min(ctx or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
+        limit = self.cfg.max_position_embeddings
+        if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
+            raise ValueError(f"ctx must be a positive int (tokens), got {ctx!r}")
+        self.ctx = min(ctx or limit, limit)
         self.experts = experts
         self.checkpoint = checkpoint
         self.recorder = recorder     # routing trace, saved after each generate() and on close()
         self.stats = Stats()
+        self._lock = _EngineLock(self.stream_idle_timeout)
         self._cache = None
         self._cached_ids: list[int] = []   # tokens whose latents sit in self._cache (reused as a prompt prefix)
-        # reserved special ids carry no meaning: a trained model never emits them, an untrained one must not
-        reserved = [i for n, i in (tokenizer.special_tokens.items() if tokenizer else ())
-                    if n.startswith("<|reserved_token_") and i < self.cfg.vocab_size]
-        self.suppressed_ids = torch.tensor(sorted(reserved), dtype=torch.long) if reserved else None
+        V = self.cfg.vocab_size
+        suppressed = []
+        if tokenizer is not None:
+            if tokenizer.vocab_size > V:   # its special ids (the chat template's) would not embed
+                raise ValueError(f"{tokenizer.path}: the tokenizer has {tokenizer.vocab_size} ids "
+                                 f"({tokenizer.num_base_tokens} BPE + 256 special) but the model's vocab_size is {V}")
+            # reserved special ids carry no meaning: a trained model never emits them, an untrained one must not;
+            # ids past a smaller tokenizer (padding rows of the embedding) have no text and are never sampled
+            suppressed = [i for n, i in tokenizer.special_tokens.items() if n.startswith("<|reserved_token_")]
+            suppressed += range(tokenizer.vocab_size, V)
+            self.stop_ids = frozenset(tokenizer.stop_ids)
+        else:   # ids in, ids out: stop at the config's EOS
+            eos = self.cfg.eos_token_id
+            self.stop_ids = frozenset([eos] if isinstance(eos, int) and 0 <= eos < V else [])
+        self.suppressed_ids = torch.tensor(sorted(suppressed), dtype=torch.long) if suppressed else None
 
     @property
     def device(self) -> torch.device:
         return self.model.model.embed_tokens.weight.device
 
     def close(self) -> None:
-        if self.recorder is not None and self.recorder.tokens:
-            self.recorder.save()
-        if self.experts is not None:
-            self.experts.close()
-        if self.checkpoint is not None:
-            self.checkpoint.close()
+        with _Hold(self._lock, take_idle=True):   # not under a generation running in another thread
+            if self.recorder is not None and self.recorder.tokens:
+                self.recorder.save()
+            if self.experts is not None:
+                self.experts.close()
+            if self.checkpoint is not None:
+                self.checkpoint.close()
 
     def __enter__(self):
         return self
@@ -148,11 +259,17 @@ class Engine:
         self.close()
 
     # ---- prompts ---------------------------------------------------------------------------------
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise ValueError(f"this checkpoint has no tokenizer (no tiktoken.model), so {what} cannot be encoded; "
+                             f"pass the prompt as a list of token ids")
+        return self.tokenizer
+
     def encode_prompt(self, prompt) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self._need_tokenizer("a text prompt").encode(prompt)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            return self.tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
+            return self._need_tokenizer("a chat prompt").encode_chat(list(prompt), add_generation_prompt=True)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
@@ -171,55 +288,104 @@ class Engine:
                 f"or load with a larger ctx (the model allows up to {self.cfg.max_position_embeddings})")
 
     def _cache_for(self, n: int, keep: int = 0):
-        """A cache of at least n positions; the first `keep` positions survive a resize."""
+        """A cache of at least n positions (n <= ctx); the first `keep` positions survive a resize.
+
+        The cache grows with the sequence, not with max_new_tokens: to n rounded up to CACHE_CHUNK and at least
+        double the old size (so a long generation copies its prefix O(log n) times), capped at ctx."""
         old = self._cache
         if old is None or old.max_len < n:
-            self._cache = self.model.new_cache(n)
+            size = max(n, 2 * old.max_len if old is not None else 0)
+            size = min(self.ctx, -(-size // CACHE_CHUNK) * CACHE_CHUNK)
+            if not keep:                # nothing to copy: let the old cache go before the new one is allocated
+                self._cache = old = None
+            new = self.model.new_cache(size)
             if keep:
-                self._cache.kv[:, :keep] = old.kv[:, :keep]
-                self._cache.pe[:, :keep] = old.pe[:, :keep]
+                new.kv[:, :keep] = old.kv[:, :keep]
+                new.pe[:, :keep] = old.pe[:, :keep]
+            self._cache = new
         return self._cache
 
     def reset(self) -> None:
         """Forget the cached prefix (the next prompt is prefilled from scratch)."""
-        self._cached_ids = []
+        with _Hold(self._lock):
+            self._cached_ids = []
 
     # ---- evaluation ------------------------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """fp32 logits [T, vocab] for a whole sequence, computed with a fresh cache."""
         ids = self.encode_prompt(list(token_ids))
         self._check_len(len(ids), 0)
-        self._cached_ids = []
-        cache = self._cache_for(len(ids))
-        with torch.inference_mode():
-            out = self.model(torch.tensor(ids, device=self.device), 0, cache)
-        return out.cpu().clone()   # a normal tensor, not an inference one
+        with _Hold(self._lock):
+            self._cached_ids = []
+            cache = self._cache_for(len(ids))
+            with torch.inference_mode():
+                out = self.model(torch.tensor(ids, device=self.device), 0, cache)
+            return out.cpu().clone()   # a normal tensor, not an inference one
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompt, *, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 1.0,
                  top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  stop: str | Sequence[str] | None = None, seed: int | None = None, stream: bool = False):
-        """Generate a continuation. Returns a `Generation`, or with stream=True an iterator of text pieces."""
+        """Generate a continuation. Returns a `Generation`, or with stream=True an iterator of text pieces.
+
+        Without a tokenizer the prompt must be token ids; the Generation then has token_ids and text None
+        (stop strings and stream=True need text, so they are refused)."""
         params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
         params.validate()
+        _number("max_new_tokens", max_new_tokens, int)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if seed is not None:
+            _number("seed", seed, int)
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is None:
+            stops = []
+        elif not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+            raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
+        if "" in stops:
+            raise ValueError("stop strings must be non-empty (an empty one would match before the first token)")
+        stops = list(stops)
+        if self.tokenizer is None:
+            if stream:
+                raise ValueError("stream=True yields text, and this checkpoint has no tokenizer (no tiktoken.model); "
+                                 "call generate(token_ids) without stream for the generated ids")
+            if stops:
+                raise ValueError("stop strings need a tokenizer, and this checkpoint has none (no tiktoken.model)")
         ids = self.encode_prompt(prompt)
         self._check_len(len(ids), max_new_tokens)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        it = _inference(self._run(ids, max_new_tokens, params, stops, seed))
+        run = self._run(ids, max_new_tokens, params, stops, seed)
         if stream:
-            return (piece for piece in it if isinstance(piece, str))
-        for item in it:
-            if isinstance(item, Generation):
-                return item
+            return self._stream(run)
+        with _Hold(self._lock), torch.inference_mode():
+            for item in run:
+                if isinstance(item, Generation):
+                    return item
         raise AssertionError("generation ended without a result")
+
+    def _stream(self, run: Iterator) -> Iterator[str]:
+        """The text pieces of `run`, holding the engine from the first step until the end (or close/GC)."""
+        lock = self._lock
+        turn = lock.acquire()
+        try:
+            while True:
+                lock.resume(turn)
+                with torch.inference_mode():   # per step: a `with` around the yield would leak into the caller
+                    try:
+                        item = next(run)
+                    except StopIteration:
+                        return
+                if isinstance(item, str):
+                    lock.suspend(turn)
+                    yield item
+        finally:
+            run.close()
+            lock.release(turn)
 
     def _run(self, ids: list[int], max_new: int, params: SamplingParams, stops: list[str],
              seed: int | None) -> Iterator[str | Generation]:
         tok = self.tokenizer
         max_new = min(max_new, self.ctx - len(ids))
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         # multi-turn chat resends the conversation: reuse the latents of the longest common prefix
         reuse = 0
         for a, b in zip(self._cached_ids, ids[:-1]):
@@ -227,15 +393,16 @@ class Engine:
                 break
             reuse += 1
         self._cached_ids = []        # invalid until this run has written its tokens
-        cache = self._cache_for(min(self.ctx, len(ids) + max_new), keep=reuse)
-        stop_ids = set(tok.stop_ids)
+        cache = self._cache_for(len(ids) + 1, keep=reuse)   # grown below as the sequence does
+        stop_ids = self.stop_ids
         stats = Stats()
         self.stats = stats
-        decoder = tok.stream_decoder()
+        decoder = tok.stream_decoder() if tok is not None else None
         out: list[int] = []
         text = ""
         emitted = 0          # chars of `text` already yielded (held back while a stop string may be forming)
-        hold = max((len(s) for s in stops), default=1) - 1
+        longest = max((len(s) for s in stops), default=1)
+        hold = longest - 1
         finish, cut = "length", -1
 
         t0 = time.perf_counter()
@@ -252,20 +419,24 @@ class Engine:
                 break
             out.append(nxt)
             stats.generated_tokens = len(out)
-            text += decoder.push(nxt)
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-                break
-            if len(text) - hold > emitted:
-                yield text[emitted:len(text) - hold]
-                emitted = len(text) - hold
+            if decoder is not None:
+                start = max(0, len(text) - longest + 1)    # a new match ends in the new text
+                text += decoder.push(nxt)
+                cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+                    break
+                if len(text) - hold > emitted:
+                    yield text[emitted:len(text) - hold]
+                    emitted = len(text) - hold
             if len(out) >= max_new:
                 break
+            if pos >= cache.max_len:
+                cache = self._cache_for(pos + 1, keep=pos)
             logits = self.model(torch.tensor([nxt], device=self.device), pos, cache, last_only=True)[-1].cpu()
             self._cached_ids.append(nxt)
             pos += 1
-        if cut < 0:
+        if decoder is not None and cut < 0:
             text += decoder.flush()
         stats.decode_s = time.perf_counter() - t1
         stats.experts = self.experts.stats() if hasattr(self.experts, "stats") else None
@@ -273,6 +444,9 @@ class Engine:
             yield text[emitted:]
         if self.recorder is not None:
             self.recorder.save()
+        if decoder is None:
+            yield Generation(text=None, token_ids=out, finish_reason=finish, stats=stats, content=None)
+            return
         content, calls = parse_tool_calls(text)
         yield Generation(text=text, token_ids=out, finish_reason=finish, stats=stats, content=content,
                          tool_calls=calls)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,8 +155,11 @@ def load_trace(path: str | os.PathLike) -> Trace:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError) as e:
-        raise TraceError(f"{path}: not a readable .npz trace ({e})") from None
+    # what a damaged .npz raises from zipfile, zlib and numpy's .npy reader: a bad header, CRC or deflate
+    # stream, a truncated member, an unsupported or encrypted entry, a shape larger than memory
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError,
+            MemoryError) as e:
+        raise TraceError(f"{path}: not a readable .npz trace ({type(e).__name__}: {e})") from None
     return validate_trace(arrays, source=path)
 
 

@@ -19,7 +19,11 @@ import json
 import logging
 import math
 import os
+import signal
+import stat
 import sys
+import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -327,7 +331,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, experts: str
     experts: format of the routed experts ('q4_0', 'q8_0', 'q4_k', 'q6_k'); INT4 (compressed-tensors,
       group 32) experts become q4_0 without requantization. other: format of the remaining matrices
       ('q8_0', 'bf16', 'f16', 'f32'); norms, router and biases are always F32. The file is written
-      to `out_path + '.part'` and renamed when complete."""
+      to a temp file beside `out_path` and renamed over it only when complete (check_output)."""
     from hybrid_k2.checkpoint import HFCheckpoint
     from hybrid_k2.config import ModelConfig
 
@@ -344,12 +348,56 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, experts: str
                           other=other, progress=progress)
 
 
+def _input_files(*paths) -> list[str]:
+    """The files a conversion reads: each path, or a directory's files (shards, config, tokenizer)."""
+    out = []
+    for p in paths:
+        if p is None:
+            continue
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            out += [os.path.join(p, n) for n in os.listdir(p)]
+        elif os.path.exists(p):
+            out.append(p)
+    return out
+
+
+def check_output(out_path: str, inputs) -> None:
+    """Refuse, before any work, an OUT the conversion must not replace: a directory, anything but a regular
+    file (a device node, a FIFO, a socket), or one of the files it reads (by path or inode: hard and symbolic
+    links included); and an OUT whose directory does not exist."""
+    parent = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{out_path}: the directory {parent} does not exist")
+    try:
+        st = os.stat(out_path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{out_path}: is a directory; OUT names the .gguf file to write")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{out_path}: exists and is not a regular file (a device, FIFO or socket); refusing to "
+                         f"replace it")
+    for f in inputs:
+        try:
+            same = os.path.samefile(f, out_path)
+        except OSError:
+            continue
+        if same:
+            raise ValueError(f"{out_path}: is an input of this conversion ({f}); write the GGUF elsewhere")
+
+
 def write_gguf(ck, cfg, out_path: str, *, tokenizer_dir: str, name: str, experts: str = "q4_0",
                other: str = "q8_0", progress: bool = True) -> str:
-    """Write any Checkpoint (logical HF names) as a deepseek2 GGUF, tensor by tensor."""
+    """Write any Checkpoint (logical HF names) as a deepseek2 GGUF, tensor by tensor, into a temp file beside
+    out_path that replaces it only once complete (a failed or interrupted run leaves neither)."""
+    out_path = os.fspath(out_path)
+    check_output(out_path, _input_files(getattr(ck, "path", None), tokenizer_dir))
     stats = {"int4_repacked": 0, "int4_inexact_scales": 0}
-    tmp = out_path + ".part"
     plan = _plan(ck, cfg, EXPERT_FORMATS[experts], OTHER_FORMATS[other], experts == "q4_0", stats)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out_path)}.", suffix=".part",
+                               dir=os.path.dirname(os.path.abspath(out_path)))
+    os.close(fd)
     w = gguf.GGUFWriter(tmp, ARCH)
     try:
         _write_metadata(w, cfg, name, experts)
@@ -374,11 +422,17 @@ def write_gguf(ck, cfg, out_path: str, *, tokenizer_dir: str, name: str, experts
             if bar is not None:
                 bar.close()
         w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)           # mkstemp's 0600 -> what open() would have made
+        check_output(out_path, ())               # OUT may have been replaced by a directory meanwhile
         os.replace(tmp, out_path)
     except BaseException:
-        w.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        try:
+            w.close()
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
     if stats["int4_inexact_scales"]:
         log.warning("%d INT4 group scales are not exactly representable in fp16 (Q4_0's d); those groups "
@@ -396,6 +450,14 @@ def _model_name(hf_dir: str) -> str:
         os.path.basename(os.path.abspath(hf_dir))
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so a conversion unwinds (its temp file removed) as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hybrid-k2 convert",
                                 description="Convert an HF DeepSeek-V3 / Kimi K2 checkpoint to a llama.cpp deepseek2 GGUF.")
@@ -408,11 +470,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         out = convert(a.hf_dir, a.out, experts=a.experts, other=a.other, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"hybrid-k2 convert: error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"hybrid-k2 convert: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing "
+              f"written", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(out)
     return 0
 

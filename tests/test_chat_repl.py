@@ -82,3 +82,33 @@ def test_ctrl_c_stops_answer_and_keeps_session(demo, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_bad_setting_and_failed_turn_keep_the_session(demo, tmp_path):
+    child = spawn(demo, tmp_path, "-n", "4", "--temperature", "0", "--ctx", "160")
+    child.sendline("/set temperature -1")                # refused: the next message would fail with it
+    child.expect(r"temperature must be finite and >= 0, got -1\.0; temperature stays 0")
+    child.expect(">>> ")
+    child.sendline("/set max_new_tokens 0")
+    child.expect(r"max_new_tokens must be >= 1, got 0; max_new_tokens stays 4")
+    child.expect(">>> ")
+    child.sendline("Hello there")
+    child.expect(">>> ")
+    child.sendline("word " * 120)                        # past the 160-token context: this turn fails ...
+    child.expect(r"error: prompt has \d+ tokens but the context window is 160")
+    child.expect(">>> ")
+    child.sendline("Again")                              # ... and is taken back; the conversation goes on
+    child.expect(">>> ")
+    transcript = tmp_path / "t.json"
+    child.sendline(f"/save {transcript}")
+    child.expect("saved 4 messages")                     # Hello there + answer, Again + answer
+    child.expect(">>> ")
+    child.sendline(f"/save {tmp_path}/no/such/dir/t.md")  # a failed command keeps the session too
+    child.expect("error: .*No such file or directory")
+    child.expect(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    import json
+    assert [m["content"] for m in json.loads(transcript.read_text()) if m["role"] == "user"] == ["Hello there", "Again"]
