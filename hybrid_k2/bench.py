@@ -6,9 +6,10 @@ Models:
              (random weights, Q4_0 experts, Q8_0 elsewhere) through quant.convert.write_gguf.
   demo       the demo checkpoint converted to GGUF (also run through HF transformers from its HF dir).
 Prints prefill/decode tok/s for each engine (medians over rounds in which the engines take turns, so a drift in the
-machine's memory bandwidth lands on both) and the ratios, plus the machine's read bandwidth. hybrid_k2 runs
-with dense_format="native" (attention, dense FFN, shared experts and lm_head from the GGUF's own Q8_0 blocks in
-the C kernels, as llama.cpp runs them; torch then gets 1 thread for what is left), and when llama-cpp-python is present the bench also prints how often our
+machine's memory bandwidth lands on both) and the ratios, plus the machine's read bandwidth. hybrid_k2 is loaded
+with load()'s defaults, as a user gets them (attention, dense FFN, shared experts and lm_head from the GGUF's own
+Q8_0 blocks in the C kernels, as llama.cpp runs them; torch then gets 1 thread for what is left), and when
+llama-cpp-python is present the bench also prints how often our
 top-1 token on the prompt agrees with llama.cpp's (both engines quantize activations to 8 bits, in different
 places, so a flat random-weight model agrees less than a trained one would).
 
@@ -113,13 +114,11 @@ def prompt_ids(vocab_base: int, n: int) -> list[int]:
 class HybridRunner:
     """hybrid_k2 on a GGUF, timed a round at a time (Rounds alternate with llama.cpp's, see main)."""
 
-    def __init__(self, path: Path, prompt: list[int], n_decode: int, threads: int, dense_format: str | None = "native"):
-        self.eng = hybrid_k2.load(path, device="cpu", experts="cpu", threads=threads, progress=False,
-                                  dense_format=dense_format)
-        # With the dense matrices in the kernels' pool, torch is left with small ops (norms, RoPE, attention over
-        # the cache); its own spinning OpenMP team would fight the pool for the same cores, so it gets one thread
-        # (the caller, which is also the pool's thread 0): `threads` threads in all, as llama.cpp gets.
-        self.torch_threads = threads if dense_format is None else 1
+    def __init__(self, path: Path, prompt: list[int], n_decode: int, threads: int, dense_format: str = "auto"):
+        # load()'s defaults, as a user gets them; with the kernels running the model, load() leaves torch one
+        # thread (the caller, which is also the pool's thread 0): `threads` threads in all, as llama.cpp gets.
+        self.eng = hybrid_k2.load(path, device="cpu", threads=threads, progress=False, dense_format=dense_format)
+        self.torch_threads = torch.get_num_threads()   # restored each round (the other engines set their own)
         self.prompt, self.n_decode = prompt, n_decode
         self.round(warm_up=True)
 
@@ -286,8 +285,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds per engine, taking turns (tok/s are medians over the rounds)")
     ap.add_argument("--models", default="k2-shaped,demo")
-    ap.add_argument("--dense-format", default="native", choices=["native", "q8_0", "none"],
-                    help="hybrid_k2's non-expert matrices: native = the GGUF's blocks (default), none = float32 torch")
+    ap.add_argument("--dense-format", default="auto", choices=["auto", "native", "q8_0", "float"],
+                    help="hybrid_k2's non-expert matrices: auto = load()'s default (the GGUF's own blocks), "
+                         "float = float32 torch")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.decode < 1 or args.prompt < 8:
         ap.error("--rounds and --decode must be at least 1, --prompt at least 8")
@@ -302,7 +302,6 @@ def main(argv=None) -> int:
     unknown = [m for m in args.models.split(",") if m not in ("k2-shaped", "demo")]
     if unknown:
         ap.error(f"--models: unknown model {unknown[0]!r}; expected k2-shaped and/or demo, comma-separated")
-    dense = None if args.dense_format == "none" else args.dense_format
     kernels.set_threads(args.threads)
 
     import numpy as np
@@ -334,7 +333,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown model {name!r}")
         base = sum(1 for line in open(ensure_demo() / "tiktoken.model") if line.strip())
         prompt = prompt_ids(base, args.prompt)
-        runners = [HybridRunner(path, prompt, args.decode, args.threads, dense)]
+        runners = [HybridRunner(path, prompt, args.decode, args.threads, args.dense_format)]
         try:
             runners.append(LlamaCppRunner(path, prompt, args.decode, args.threads))
         except ImportError:
@@ -357,7 +356,7 @@ def main(argv=None) -> int:
         hf = run_transformers(hf_dir, prompt, args.decode, args.threads) if hf_dir is not None else None
         rows.append((label, ours, ref, hf, agree, round_ratios))
 
-    print(f"\nhybrid_k2 dense matrices: {args.dense_format}")
+    print(f"\nhybrid_k2 dense matrices: {runners[0].eng.dense_format if runners else args.dense_format}")
     print(f"{'model':<72} {'engine':<14} {'prefill tok/s':>13} {'decode tok/s':>12}")
     for label, ours, ref, hf, agree, round_ratios in rows:
         print(f"{label:<72} {'hybrid_k2':<14} {fmt(ours[0]):>13} {fmt(ours[1]):>12}")

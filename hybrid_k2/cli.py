@@ -111,15 +111,6 @@ def _load(args):
                             prefetch=not args.no_prefetch, lookahead=args.lookahead, defer_experts=args.defer_experts,
                             prefill_stream=None if args.experts != "hybrid" or args.prefill_stream == "auto"
                             else args.prefill_stream == "on")
-    dense = getattr(engine, "dense_format", None)   # what the loader chose for args.dense_format
-    dense_torch = dense in ("float", "bf16", "fp8") or dense is None and args.dense_format in ("auto", "float")
-    torch_experts = engine.experts is not None and engine.experts.name == "torch"
-    if engine.device.type == "cpu" and not (torch_experts and dense_torch):
-        # The C kernels' pool owns the cores. torch's OpenMP team spinning beside it makes both crawl (the
-        # demo decodes at ~3 tok/s instead of ~120 when anything else runs on a 2-core machine), and what
-        # torch is left with at decode is small.
-        import torch
-        torch.set_num_threads(1)
     return engine
 
 

@@ -91,8 +91,8 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
         cfg = (ModelConfig.from_dict(ckpt.config_dict(), source=str(path)) if hasattr(ckpt, "config_dict")
                else ModelConfig.from_json(path))
         check_config_against(ckpt, cfg)   # from the headers, before anything the config sizes is allocated
-        if ctx is not None and not 0 < ctx:
-            raise ValueError(f"ctx must be positive, got {ctx}")
+        if ctx is not None and not (isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0):
+            raise ValueError(f"ctx must be a positive number of tokens, got {ctx!r}")
         dense, dense_why = resolve_dense_format(dense_format, ckpt, cfg, device, dtype, experts=experts,
                                                 vram_budget=vram_budget, ctx=ctx)
         tokenizer = _load_tokenizer(ckpt, path)
@@ -115,6 +115,10 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
         raise
     engine = Engine(net, tokenizer, ctx=ctx, experts=backend, checkpoint=ckpt, recorder=recorder)
     engine.dense_format = dense
+    if device.type == "cpu" and (dense in BLOCK_FORMATS or backend is not None and backend.name != "torch"):
+        # The C kernels' pool owns the cores. torch's OpenMP team spinning beside it slows both (by an order of
+        # magnitude when anything else runs on the machine), and what is left to torch here is small.
+        torch.set_num_threads(1)
     engine.summary = loading_summary("demo" if str(model) == "demo" else path.name, net, backend, device, dtype,
                                      dense, dense_why)
     log.info("%s", engine.summary)
@@ -229,6 +233,8 @@ def loading_summary(name: str, net: Transformer, backend, device, dtype, dense: 
     cpu_work = dense in BLOCK_FORMATS or (backend is not None and backend.name != "torch")
     threads = (f"{kernels.get_threads()} threads, {kernels.isa()}" if cpu_work
                else f"torch {torch.get_num_threads()} threads")
+    if cpu_work and str(device) == "cpu":
+        threads += " (torch 1 thread beside them)"
     return f"loaded {name}: {device} device; {held}; {experts}; {threads}"
 
 

@@ -87,6 +87,8 @@ def parse_size(value, what: str = "size") -> int:
     # 'GB' is decimal; 'GiB' and a bare 'G' are binary (as `free -g`, `ls -h` use them).
     base = 1000 if (prefix and b and not binary) else 1024
     n = float(num) * base ** power
+    if not math.isfinite(n):
+        raise ValueError(f"{what}: {value!r} is too large to be a size")
     return int(round(n))
 
 

@@ -78,7 +78,8 @@ def test_summary_says_what_runs_where(demo_gguf, caplog, capsys):
     s = eng.summary
     assert s.startswith("loaded demo-q8_0.gguf: cpu device; dense native blocks Q8_0, C kernels")
     assert f"experts cpu Q8_0 ({eng.cfg.n_routed_experts} x {len(eng.cfg.moe_layers)} layers)" in s
-    assert s.endswith(f"; 2 threads, {kernels.isa()}")
+    assert s.endswith(f"; 2 threads, {kernels.isa()} (torch 1 thread beside them)")
+    assert torch.get_num_threads() == 1            # the kernels' pool owns the cores
     assert [r.getMessage() for r in caplog.records if r.name == "hybrid_k2.loader"] == [s]
     assert s not in capsys.readouterr().err        # progress off: logged only
     eng.close()
