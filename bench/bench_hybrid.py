@@ -22,6 +22,7 @@ A configuration that fails is reported in the table (and its traceback on stderr
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -300,6 +301,7 @@ def main(argv=None) -> int:
             if backend is not None and backend is not cpu:
                 backend.close()
             del backend
+            gc.collect()                # HybridExperts sits in a reference cycle: free its VRAM slots now
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
