@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -299,3 +300,23 @@ def test_thousand_generations_leave_rss_and_threads_flat(demo):
     # 900 more generations (measured: +40 KiB): under about 2 KiB each, less than any leaked cache, tensor,
     # Generation or generator frame would hold
     assert last["rss_kb"] - first["rss_kb"] < 2 * 1024, m
+
+
+def test_closed_hybrid_engine_frees_its_slots_without_a_collection(demo):
+    """close() and the last reference free the hybrid backend and its VRAM slots at once, with the garbage
+    collector off: a reference cycle through the backend kept them until a collection, so on an accelerator
+    the next backend ran out of memory beside the finished one's slots."""
+    hybrid_k2.load(demo, device="cpu", experts="torch").close()   # first-load imports leave frame cycles of their own
+    gc.collect()
+    gc.disable()
+    try:
+        e = hybrid_k2.load(demo, device="cpu", experts="hybrid", cache_slots=6, threads=2, prefill_stream=True)
+        e.generate(" ".join(PROMPTS * 4), max_new_tokens=4, temperature=0)   # fills, copier, streamed prefill
+        "".join(e.generate(PROMPTS[1], max_new_tokens=3, stream=True))
+        assert e.experts.fills_done > 0
+        backend, slots = weakref.ref(e.experts), weakref.ref(e.experts.gate)
+        e.close()
+        del e
+        assert backend() is None and slots() is None
+    finally:
+        gc.enable()

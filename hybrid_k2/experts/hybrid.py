@@ -37,6 +37,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -207,6 +208,15 @@ class _Fill:
     after: Any               # CUDA event: the compute stream's last read of the slot's previous expert
 
 
+def _weak_call(method):
+    """A callable forwarding to the bound `method` without keeping its object alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args):
+        return ref()(*args)
+    return call
+
+
 class HybridExperts(ExpertBackend):
     """VRAM expert cache + CPU kernels. `cpu` holds every routed expert in RAM (the CPU path); `n_slots` whole
     experts fit on `device`. policy: 'score' | 'lru' | 'static' (needs `profile`, use counts [moe_layers, E]).
@@ -275,7 +285,9 @@ class HybridExperts(ExpertBackend):
         n_slots = min(int(n_slots), n_keys)
         self.cache = ExpertCache(n_slots, len(self.layers), self.n_experts, policy, decay=decay, margin=margin,
                                  predict_weight=predict_weight, expert_bytes=self.copy_bytes, profile=profile)
-        self.cache.set_landed(self._landed_keys)
+        # through a weak method: a bound one held by the cache is a cycle, so the VRAM slots below would outlive
+        # the backend's last reference until a garbage collection
+        self.cache.set_landed(_weak_call(self._landed_keys))
         S, E, H, I = n_slots, self.n_experts, self.hidden, self.inter
         with torch.inference_mode(False):   # written in place by the copier, which is never in inference mode
             self.gate = torch.empty(S, I, H, device=self.device, dtype=dtype)
