@@ -301,7 +301,7 @@ def main(argv=None) -> int:
             if backend is not None and backend is not cpu:
                 backend.close()
             del backend
-            gc.collect()                # HybridExperts sits in a reference cycle: free its VRAM slots now
+            gc.collect()                # anything else in a cycle (torch, tracebacks) goes before the next slots
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
