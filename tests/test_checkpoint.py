@@ -320,3 +320,38 @@ def test_wrong_dtypes_and_scale_shapes(tmp_path):
             with pytest.raises(CheckpointError, match=match) as e:
                 ck.get(name)
             assert str(tmp_path) in str(e.value)
+
+
+def _mtp_checkpoint(d, mark: bool):
+    """A 2-layer model's tensors plus a third layer past the trunk (as DeepSeek-V3 / Kimi K2 store their MTP layer
+    after layer 60), with or without the MTP layer's eh_proj; config.json says 2 layers and no MTP layers."""
+    from test_hardening_readers import TINY
+    from hybrid_k2.checkpoint import expected_tensors
+    from hybrid_k2.config import ModelConfig
+    cfg = dict(TINY, vocab_size=64, num_nextn_predict_layers=0)
+    cfg.pop("quantization_config")
+    full = ModelConfig.from_dict(dict(cfg, num_hidden_layers=3))
+    t = {n: torch.zeros(s, dtype=torch.bfloat16) for n, s, _, _ in expected_tensors(full)}
+    if mark:
+        H = full.hidden_size
+        t.update({"model.layers.2.eh_proj.weight": torch.zeros(H, 2 * H, dtype=torch.bfloat16),
+                  "model.layers.2.enorm.weight": torch.ones(H, dtype=torch.bfloat16),
+                  "model.layers.2.hnorm.weight": torch.ones(H, dtype=torch.bfloat16)})
+    os.makedirs(d)
+    save_safetensors(os.path.join(d, "model.safetensors"), t)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return d
+
+
+def test_mtp_layer_past_the_trunk_is_allowed_when_the_config_does_not_count_it(tmp_path):
+    """A layer past num_hidden_layers holding eh_proj is an MTP layer (not run here) even with
+    num_nextn_predict_layers 0; the same layer without it is a trunk layer the config would leave out."""
+    from hybrid_k2.checkpoint import CheckpointConfigError, check_config_against
+    from hybrid_k2.config import ModelConfig
+    ok = _mtp_checkpoint(tmp_path / "mtp", mark=True)
+    with HFCheckpoint(ok) as ck:
+        check_config_against(ck, ModelConfig.from_json(ok))
+    bad = _mtp_checkpoint(tmp_path / "trunk", mark=False)
+    with HFCheckpoint(bad) as ck, pytest.raises(CheckpointConfigError, match=r"model\.layers\.2\..*num_hidden_layers"):
+        check_config_against(ck, ModelConfig.from_json(bad))

@@ -145,6 +145,9 @@ def expected_tensors(cfg) -> list[tuple[str, tuple[int, ...], tuple[str, ...], s
 
 
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# The tensor only a DeepSeek-V3 multi-token-prediction layer has: a layer past the trunk holding it is an MTP
+# layer even where config.json's num_nextn_predict_layers leaves it out
+MTP_MARK = "eh_proj.weight"
 _EXPERT_PART = re.compile(r"mlp\.experts\.(\d+)\..+")
 _DENSE_MLP = re.compile(r"mlp\.(gate|up|down)_proj\..+")
 
@@ -157,9 +160,9 @@ def _index(digits: str) -> int:
 def check_config_against(ckpt: Checkpoint, cfg) -> None:
     """Check, from the headers alone (no tensor data is read, nothing is allocated), that `ckpt` holds every
     tensor the config implies (expected_tensors) with the expected shape and a readable storage form, and
-    nothing the config would silently leave out: layers past num_hidden_layers (+ num_nextn_predict_layers,
-    the MTP layers), experts past n_routed_experts, experts in layers the config makes dense (or dense FFNs in
-    MoE layers), shared experts or a correction bias the config does not use. Raises CheckpointConfigError
+    nothing the config would silently leave out: layers past num_hidden_layers (other than MTP layers: those
+    num_nextn_predict_layers counts, and any holding MTP_MARK), experts past n_routed_experts, experts in layers
+    the config makes dense (or dense FFNs in MoE layers), shared experts or a correction bias the config does not use. Raises CheckpointConfigError
     naming the file, the tensor and the config field. Run it after the config is parsed and before the model
     is built: what the loader then allocates is sized by tensors that exist, not by what a config asks for."""
     src, L, mtp = cfg.source, cfg.num_hidden_layers, cfg.num_nextn_predict_layers
@@ -172,19 +175,20 @@ def check_config_against(ckpt: Checkpoint, cfg) -> None:
     def fail(msg, fld):
         raise CheckpointConfigError(f"{ckpt.path}: {msg}", fld)
 
-    layers = set()
+    layers, beyond, mtp_marked = set(), {}, set()
     for name in ckpt.names():
         m = _LAYER_NAME.fullmatch(name)
         if m is None:
             continue
         layer, rest = _index(m.group(1)), m.group(2)
         layers.add(layer)
-        if layer >= L + mtp:
-            fail(f"tensor {named(name)} is in layer {layer}, but field 'num_hidden_layers' is {L} "
-                 f"(num_nextn_predict_layers {mtp}) in {src}: the model would silently leave out layers of the "
-                 f"checkpoint", "num_hidden_layers")
-        if layer >= L or not rest.startswith("mlp."):
-            continue   # layers past L are multi-token-prediction layers: not run here
+        if layer >= L:   # multi-token-prediction layers, not run here; anything else past L is refused below
+            beyond.setdefault(layer, name)
+            if rest == MTP_MARK:
+                mtp_marked.add(layer)
+            continue
+        if not rest.startswith("mlp."):
+            continue
         moe = cfg.is_moe_layer(layer)
         if moe == bool(_DENSE_MLP.fullmatch(rest)):
             fail(f"tensor {named(name)} is {'a dense-FFN' if moe else 'a mixture-of-experts'} tensor in layer {layer}, "
@@ -201,6 +205,11 @@ def check_config_against(ckpt: Checkpoint, cfg) -> None:
         if rest == "mlp.gate.e_score_correction_bias" and cfg.topk_method != "noaux_tc":
             fail(f"tensor {named(name)} is a routing correction bias, which field 'topk_method' "
                  f"{cfg.topk_method!r} in {src} does not use (noaux_tc does)", "topk_method")
+    for layer, name in sorted(beyond.items()):
+        if layer >= L + mtp and layer not in mtp_marked:
+            fail(f"tensor {named(name)} is in layer {layer}, but field 'num_hidden_layers' is {L} "
+                 f"(num_nextn_predict_layers {mtp}) in {src}, and the layer is no multi-token-prediction layer "
+                 f"(no {MTP_MARK}): the model would silently leave out layers of the checkpoint", "num_hidden_layers")
     missing_layers = sorted(set(range(L)) - layers)
     if missing_layers:
         fail(f"field 'num_hidden_layers' is {L} in {src}, but the checkpoint has no tensors for layer "
