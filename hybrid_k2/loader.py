@@ -29,8 +29,8 @@ EXPERT_BACKENDS = ("auto", "torch", "cpu", "hybrid")
 #   'native' / 'q8_0' / 'q4_0': GGML blocks run by the CPU kernels (hybrid_k2.qlinear), device='cpu' only;
 #       'native' reads a GGUF's stored blocks in place (others as q8_0), the rest quantize at load.
 #   'fp8': FP8 with block scales (hybrid_k2.fp8linear): an FP8 checkpoint's matrices as stored, a float
-#       checkpoint's quantized at load; lm_head stays float unless stored FP8 (as Kimi K2 stores it). Not for a
-#       GGUF. Meant for accelerators; also runs on a CPU device (exact, but dequantizes per use).
+#       checkpoint's quantized at load; lm_head stays float unless stored FP8 (Kimi K2 and DeepSeek-V3 store it
+#       BF16). Not for a GGUF. Meant for accelerators; also runs on a CPU device (exact, but dequantizes per use).
 DENSE_FORMATS = ("auto", "float", "native", "q8_0", "q4_0", "fp8", "bf16")
 BLOCK_FORMATS = ("native", "q8_0", "q4_0")
 # The matrices dense_format covers. kv_b_proj stays a float tensor for prefill (its decode-step blocks are
@@ -293,8 +293,8 @@ def _fp8_block(ckpt) -> tuple[int, int]:
 def _swap_fp8(net: Transformer, cfg: ModelConfig, ckpt, dtype) -> dict:
     """Replace the covered nn.Linear modules of a meta-device model by empty FP8Linear modules; returns
     {module name: (FP8Linear, stored as FP8 in the checkpoint)}. An FP8 checkpoint's FP8 matrices are kept as
-    stored, its float ones (lm_head, as DeepSeek-V3 / Kimi K2 store it) stay float; a float checkpoint's are
-    quantized at load to 128x128 blocks (DeepSeek-V3's quantizer), lm_head again excepted."""
+    stored; every other covered matrix is quantized at load to 128x128 blocks (DeepSeek-V3's quantizer), except
+    a float lm_head (as DeepSeek-V3 / Kimi K2 store it), which stays float."""
     from .fp8linear import FP8Linear
     stored = set(_fp8_matrices(ckpt, cfg))
     block = _fp8_block(ckpt) if stored else (128, 128)

@@ -252,8 +252,9 @@ _SCALES = {
 def nonfinite_scales(blocks: np.ndarray, qtype: int, chunk: int = 1 << 22) -> int:
     """How many of the block scales in `blocks` (raw bytes of whole blocks of `qtype`) are NaN or infinite;
     0 for types without a table entry (float types, exotic ones). A float16 is NaN/inf when its exponent bits,
-    0x7C of its high byte, are all set: that byte is copied out in chunks and tested in place (~6 GB/s of
-    blocks on one core: memory-bound, the pages are read by the repack or the first token right after)."""
+    0x7C of its high byte, are all set: that byte is copied out in chunks and tested in place (memory-bound).
+    Every page of `blocks` is read: for tensors copied at load (dequantized, repacked) they are read anyway; for
+    blocks the kernels run in place from the mapping this is what makes the load read the whole tensor."""
     qt = GGMLQuantizationType(qtype)
     fields = _SCALES.get(qt)
     if not fields:
