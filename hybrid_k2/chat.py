@@ -35,6 +35,113 @@ def _check_sampling(opts: dict) -> None:
         raise ValueError(f"max_new_tokens must be >= 1, got {opts['max_new_tokens']}")
 
 
+# ---- the chat layer the REPL and the server share: templating, tool-call parsing, reasoning split ----------
+
+THINK_BEGIN, THINK_END = "<think>", "</think>"   # thinking models (K2-Thinking, K2.5+) wrap reasoning in these
+
+
+def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The prompt ids of a conversation through the checkpoint's chat template (tool declarations included)."""
+    return tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools or None)
+
+
+def count_tool_calls(messages) -> int:
+    """Tool calls already in the history: a new call's id is functions.NAME:IDX with IDX counting on from here."""
+    return sum(len(m.get("tool_calls") or ()) for m in messages
+               if isinstance(m, dict) and m.get("role") == "assistant")
+
+
+def _held(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that could be the start of `marker` (held back while streaming)."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class ReplySplitter:
+    """Splits an assistant reply, streamed piece by piece, into reasoning, content and tool calls.
+
+    push() returns ("reasoning" | "content", text) deltas as soon as they cannot be part of a marker; the
+    tool-call section is held until it is complete, then finish() parses it (tokenizer.parse_tool_calls) and
+    numbers the calls on from `first_index`. Malformed or truncated markup comes back as content, with a
+    ToolCallWarning (the conversation goes on)."""
+
+    def __init__(self, first_index: int = 0):
+        self.first_index = first_index
+        self.state = "start"     # start -> (reasoning ->) content -> tools
+        self.buf = ""
+        self.after_think = False   # the newlines after </think> separate; they are not content
+
+    def push(self, piece: str) -> list[tuple[str, str]]:
+        self.buf += piece
+        out: list[tuple[str, str]] = []
+        while True:
+            if self.state == "start":
+                lead = self.buf.lstrip()
+                if lead.startswith(THINK_BEGIN):
+                    self.buf, self.state = lead[len(THINK_BEGIN):], "reasoning"
+                elif THINK_BEGIN.startswith(lead) and self.buf:
+                    return out                    # could still become <think>
+                else:
+                    self.state = "content"
+                continue
+            if self.state == "reasoning":
+                end = self.buf.find(THINK_END)
+                if end >= 0:
+                    if end:
+                        out.append(("reasoning", self.buf[:end]))
+                    self.buf, self.state = self.buf[end + len(THINK_END):], "content"
+                    self.after_think = True
+                    continue
+                keep = _held(self.buf, THINK_END)
+            elif self.state == "content":
+                from .tokenizer import _SECTION_BEGIN
+                if self.after_think:
+                    self.buf = self.buf.lstrip("\n")
+                    if not self.buf:
+                        return out
+                    self.after_think = False
+                begin = self.buf.find(_SECTION_BEGIN)
+                if begin >= 0:
+                    if begin:
+                        out.append(("content", self.buf[:begin]))
+                    self.buf, self.state = self.buf[begin:], "tools"
+                    return out
+                keep = _held(self.buf, _SECTION_BEGIN)
+            else:   # tools: held until finish()
+                return out
+            if len(self.buf) > keep:
+                out.append((self.state, self.buf[:len(self.buf) - keep]))
+                self.buf = self.buf[len(self.buf) - keep:]
+            return out
+
+    def finish(self) -> tuple[list[tuple[str, str]], list[dict]]:
+        """The last deltas and the tool calls (OpenAI form, ids numbered across the conversation)."""
+        from .tokenizer import parse_tool_calls
+        rest, self.buf = self.buf, ""
+        if self.state == "tools":
+            content, calls = parse_tool_calls(rest)
+        else:
+            content, calls = rest, []
+        kind = "reasoning" if self.state == "reasoning" else "content"
+        deltas = [(kind, content)] if content else []
+        for i, c in enumerate(calls):
+            c["id"] = f"functions.{c['function']['name']}:{self.first_index + i}"
+        return deltas, calls
+
+
+def split_reply(text: str, history=()) -> tuple[str, str, list[dict]]:
+    """A whole assistant reply -> (reasoning, content, tool_calls), call ids counting on from `history`."""
+    sp = ReplySplitter(count_tool_calls(history))
+    deltas = sp.push(text)
+    more, calls = sp.finish()
+    parts = {"reasoning": [], "content": []}
+    for kind, t in deltas + more:
+        parts[kind].append(t)
+    return "".join(parts["reasoning"]), "".join(parts["content"]), calls
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -169,10 +276,9 @@ class ChatSession:
         self.out.write("\n")
         if interrupted:
             self.say("[stopped]")
-        from .tokenizer import parse_tool_calls
         with warnings.catch_warnings(record=True) as tool_warnings:
             warnings.simplefilter("always")
-            content, calls = parse_tool_calls(reply)
+            _, content, calls = split_reply(reply, self.messages)
         for w in list(caught) + list(tool_warnings):
             self.say(f"[warning: {w.message}]")
         for c in calls:

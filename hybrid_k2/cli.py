@@ -1,4 +1,4 @@
-"""`hybrid-k2` command line: generate | chat | plan | bench | convert."""
+"""`hybrid-k2` command line: generate | chat | serve | plan | bench | convert."""
 from __future__ import annotations
 
 import argparse
@@ -171,6 +171,32 @@ def cmd_chat(args) -> int:
         engine.close()
 
 
+def cmd_serve(args) -> int:
+    _check_load_args(args)
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue < 0:
+        raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.api_key is not None and not args.api_key:
+        raise UsageError("--api-key is empty")
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise UsageError(f"serve needs the server extra: pip install 'hybrid_k2[server]' ({e})") from None
+    holder = {}
+
+    def loader():   # in a thread: the port answers (/health 503) while the model loads
+        holder["engine"] = _load(args)
+        return holder["engine"]
+    try:
+        serve(loader=loader, host=args.host, port=args.port, served_model_name=args.served_model_name,
+              api_key=args.api_key, max_queue=args.max_queue)
+    finally:
+        if "engine" in holder:
+            holder["engine"].close()
+    return 0
+
+
 def cmd_convert(args) -> int:
     from quant.convert import convert
     convert(args.hf_dir, args.out, experts=args.experts, other=args.other, progress=True)
@@ -194,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     _add_sampling_flags(c, 512)
     c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, tools, streaming, JSON)",
+                       description="Serve the model over the OpenAI API: /v1/chat/completions, /v1/completions, "
+                                   "/v1/models, /health, /metrics, /tokenize, /detokenize.")
+    _add_load_flags(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (else 401)")
+    s.add_argument("--served-model-name", default="hybrid-k2", help="the model id clients name (default hybrid-k2)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for the engine; more get 429 (default 64)")
+    s.set_defaults(func=cmd_serve)
 
     pl = sub.add_parser("plan", add_help=False, help="placement under VRAM/RAM budgets and predicted tok/s",
                         description="See `hybrid-k2 plan --help`.")

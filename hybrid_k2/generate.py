@@ -42,9 +42,11 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0     # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0    # OpenAI's: subtracted per occurrence in the generated tokens
 
     def validate(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             _number(name, getattr(self, name))
         _number("top_k", self.top_k, int)
         if not 0 <= self.temperature < math.inf:
@@ -57,14 +59,21 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if not 0 < self.repetition_penalty < math.inf:
             raise ValueError(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], gen: torch.Generator | None,
-           suppress: torch.Tensor | None = None) -> int:
-    """logits [vocab] fp32 -> token id. temperature 0 is greedy. `suppress` ids are never sampled."""
+           suppress: torch.Tensor | None = None, generated: Sequence[int] = ()) -> int:
+    """logits [vocab] fp32 -> token id. temperature 0 is greedy. `suppress` ids are never sampled.
+    `generated` (the tokens of this completion) is what the presence/frequency penalties count."""
     logits = logits.float().clone()
     if suppress is not None:
         logits[suppress] = float("-inf")
+    if (p.presence_penalty or p.frequency_penalty) and len(generated):
+        ids, counts = torch.tensor(list(generated)).unique(return_counts=True)
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.float()
     if p.repetition_penalty != 1.0 and len(history):
         prev = torch.tensor(sorted(set(history)))
         vals = logits[prev]
@@ -114,10 +123,13 @@ class Stats:
 class Generation:
     text: str | None                   # everything generated, tool-call markup included (None: no tokenizer)
     token_ids: list[int]
-    finish_reason: str                 # "stop" (EOS / <|im_end|> / stop string) or "length"
+    finish_reason: str                 # "stop" (EOS / <|im_end|> / stop string), "length" or "cancelled"
     stats: Stats = field(default_factory=Stats)
     content: str | None = ""           # text without the tool-call section (None: no tokenizer)
     tool_calls: list[dict] = field(default_factory=list)   # OpenAI-style, parsed from Kimi K2's markup
+    # with generate(logprobs=K): per generated token (id, logprob, [(id, logprob)] * K), from the distribution
+    # the token was drawn from before temperature/top-p (the model's, less suppressed and masked ids)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
     def __str__(self) -> str:
         return self.text or ""
@@ -325,12 +337,20 @@ class Engine:
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompt, *, max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 1.0,
                  top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 stop: str | Sequence[str] | None = None, seed: int | None = None, stream: bool = False):
+                 stop: str | Sequence[str] | None = None, seed: int | None = None, stream: bool = False,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logprobs: int | None = None,
+                 logits_processor=None, cancel=None):
         """Generate a continuation. Returns a `Generation`, or with stream=True an iterator of text pieces.
 
         Without a tokenizer the prompt must be token ids; the Generation then has token_ids and text None
-        (stop strings and stream=True need text, so they are refused)."""
-        params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
+        (stop strings and stream=True need text, so they are refused).
+
+        logprobs=K: Generation.logprobs with the K most likely alternatives of each token. logits_processor:
+        called before each sample as f(generated_ids, logits) -> logits (e.g. a grammar's token mask; it may
+        edit logits in place). cancel: a callable checked before each step; when it returns true the
+        generation ends with finish_reason "cancelled"."""
+        params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
+                                frequency_penalty)
         params.validate()
         _number("max_new_tokens", max_new_tokens, int)
         if max_new_tokens < 1:
@@ -351,9 +371,18 @@ class Engine:
                                  "call generate(token_ids) without stream for the generated ids")
             if stops:
                 raise ValueError("stop strings need a tokenizer, and this checkpoint has none (no tiktoken.model)")
+        if logprobs is not None:
+            _number("logprobs", logprobs, int)
+            if not 0 <= logprobs <= 20:
+                raise ValueError(f"logprobs must be in [0, 20], got {logprobs}")
+        for name, f in (("logits_processor", logits_processor), ("cancel", cancel)):
+            if f is not None and not callable(f):
+                raise TypeError(f"{name} must be callable, got {type(f).__name__}")
         ids = self.encode_prompt(prompt)
         self._check_len(len(ids), max_new_tokens)
-        run = self._run(ids, max_new_tokens, params, stops, seed)
+        run = self._run(ids, max_new_tokens, params, stops, seed, logprobs, logits_processor, cancel)
+        if stream == "events":   # generate_events(): the text pieces, then the Generation
+            return self._stream(run, events=True)
         if stream:
             return self._stream(run)
         with _Hold(self._lock), torch.inference_mode():
@@ -362,7 +391,13 @@ class Engine:
                     return item
         raise AssertionError("generation ended without a result")
 
-    def _stream(self, run: Iterator) -> Iterator[str]:
+    def generate_events(self, prompt, **kw) -> Iterator[str | Generation]:
+        """generate(stream=True) that ends with the Generation (finish reason, token ids, stats, tool calls)."""
+        if "stream" in kw:
+            raise TypeError("generate_events() always streams; do not pass stream")
+        return self.generate(prompt, stream="events", **kw)
+
+    def _stream(self, run: Iterator, events: bool = False) -> Iterator[str]:
         """The text pieces of `run`, holding the engine from the first step until the end (or close/GC)."""
         lock = self._lock
         turn = lock.acquire()
@@ -374,7 +409,7 @@ class Engine:
                         item = next(run)
                     except StopIteration:
                         return
-                if isinstance(item, str):
+                if events or isinstance(item, str):
                     lock.suspend(turn)
                     yield item
         finally:
@@ -382,7 +417,8 @@ class Engine:
             lock.release(turn)
 
     def _run(self, ids: list[int], max_new: int, params: SamplingParams, stops: list[str],
-             seed: int | None) -> Iterator[str | Generation]:
+             seed: int | None, n_logprobs: int | None = None, processor=None,
+             cancel=None) -> Iterator[str | Generation]:
         tok = self.tokenizer
         max_new = min(max_new, self.ctx - len(ids))
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
@@ -412,11 +448,19 @@ class Engine:
         pos = len(ids)
         self._cached_ids = list(ids)
         t1 = time.perf_counter()
+        lps = [] if n_logprobs is not None else None
         while True:
-            nxt = sample(logits, params, ids + out, gen, self.suppressed_ids)
+            if cancel is not None and cancel():
+                finish = "cancelled"
+                break
+            if processor is not None:
+                logits = processor(out, logits)
+            nxt = sample(logits, params, ids + out, gen, self.suppressed_ids, out)
             if nxt in stop_ids:
                 finish = "stop"
                 break
+            if lps is not None:
+                lps.append(self._logprobs(logits, nxt, n_logprobs))
             out.append(nxt)
             stats.generated_tokens = len(out)
             if decoder is not None:
@@ -445,8 +489,19 @@ class Engine:
         if self.recorder is not None:
             self.recorder.save()
         if decoder is None:
-            yield Generation(text=None, token_ids=out, finish_reason=finish, stats=stats, content=None)
+            yield Generation(text=None, token_ids=out, finish_reason=finish, stats=stats, content=None,
+                             logprobs=lps)
             return
         content, calls = parse_tool_calls(text)
         yield Generation(text=text, token_ids=out, finish_reason=finish, stats=stats, content=content,
-                         tool_calls=calls)
+                         tool_calls=calls, logprobs=lps)
+
+    def _logprobs(self, logits: torch.Tensor, token: int, k: int) -> tuple[int, float, list[tuple[int, float]]]:
+        lp = logits.float()
+        if self.suppressed_ids is not None:
+            lp = lp.clone()
+            lp[self.suppressed_ids] = float("-inf")
+        lp = lp.log_softmax(-1)
+        top = lp.topk(k) if k else None
+        alts = [(int(i), float(v)) for v, i in zip(*top)] if top is not None else []
+        return token, float(lp[token]), alts

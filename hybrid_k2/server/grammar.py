@@ -1,0 +1,85 @@
+"""Grammar-constrained sampling with llguidance over the checkpoint's tiktoken vocabulary.
+
+A `GrammarMask` is an Engine.generate logits_processor: before each sample it feeds the matcher the tokens
+generated since its last call and sets every token the grammar forbids to -inf, so the output parses by
+construction (JSON matching a schema, or Kimi K2's tool-call markup around such JSON). Once the grammar is
+complete only the stop tokens stay allowed and the turn ends."""
+from __future__ import annotations
+
+import json
+import threading
+
+import torch
+
+_TOKENIZERS: dict[int, tuple[object, object]] = {}   # id(Tokenizer) -> (Tokenizer, LLTokenizer); built once (~1 s)
+_LOCK = threading.Lock()
+# the JSON llguidance writes: compact (no free whitespace, which a small model can spin in forever)
+_JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class GrammarError(ValueError):
+    """A schema (response_format or a tool's parameters) the grammar compiler refuses."""
+
+
+def _lltokenizer(tokenizer, n_vocab: int):
+    import llguidance
+    with _LOCK:
+        hit = _TOKENIZERS.get(id(tokenizer))
+        if hit is None or hit[0] is not tokenizer:
+            enc = tokenizer._enc
+            llt = llguidance.LLTokenizer.from_tiktoken(
+                encoder=enc._mergeable_ranks, special_tokens=tokenizer.special_tokens, pattern=enc._pat_str,
+                eos_token=list(tokenizer.stop_ids), n_vocab=n_vocab)
+            hit = _TOKENIZERS[id(tokenizer)] = (tokenizer, llt)
+        return hit[1]
+
+
+def json_grammar(schema: dict) -> str:
+    import llguidance
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+    except ValueError as e:
+        raise GrammarError(f"the JSON schema is not usable: {e}") from None
+
+
+def tool_call_grammar(functions: list[tuple[str, dict]], index: int) -> str:
+    """Exactly one Kimi K2 tool call to one of `functions` ((name, parameters schema) pairs), id IDX `index`."""
+    import llguidance
+    calls, rules = [], []
+    for k, (name, params) in enumerate(functions):
+        calls.append(f"c{k}")
+        rules.append(f'c{k}: <|tool_call_begin|> "functions.{name}:{index}" <|tool_call_argument_begin|> a{k} '
+                     f"<|tool_call_end|>")
+        compact = dict(params, **{"x-guidance": _JSON_OPTIONS})   # the schema's own compiler options
+        rules.append(f"a{k}: %json {json.dumps(compact, ensure_ascii=False)}")
+    lark = ("start: <|tool_calls_section_begin|> call <|tool_calls_section_end|>\n"
+            f"call: {' | '.join(calls)}\n" + "\n".join(rules) + "\n")
+    return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+class GrammarMask:
+    """logits_processor(generated_ids, logits) that keeps only the tokens the grammar allows next."""
+
+    def __init__(self, engine, grammar: str):
+        import llguidance
+        self._llg = llguidance
+        self.tokenizer = _lltokenizer(engine.tokenizer, engine.cfg.vocab_size)
+        self.matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if self.matcher.is_error():
+            raise GrammarError(f"the grammar does not compile: {self.matcher.get_error()}")
+        self.vocab = engine.cfg.vocab_size
+        self.words = torch.empty((self.vocab + 31) // 32, dtype=torch.int32)
+        self._shifts = torch.arange(32, dtype=torch.int32)
+        self.fed = 0
+
+    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        m = self.matcher
+        for t in generated[self.fed:]:
+            if not m.consume_token(t):
+                raise RuntimeError(f"grammar rejected token {t}: {m.get_error()}")
+        self.fed = len(generated)
+        m.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
+        if m.is_error():
+            raise RuntimeError(f"grammar error: {m.get_error()}")
+        allowed = ((self.words.unsqueeze(1) >> self._shifts) & 1).view(-1)[:self.vocab].bool()
+        return logits.masked_fill_(~allowed, float("-inf"))
