@@ -1,0 +1,106 @@
+"""Server overhead and grammar cost.
+
+1. Time to first token and decode tok/s of one prompt through `hybrid-k2 serve` (real HTTP, the `openai`
+   client, streaming) vs Engine.generate directly, same prompt, same greedy tokens.
+2. Decode time per token with the grammar mask (response_format json_object) vs without, through the engine.
+
+    python bench/bench_server.py [MODEL] [--tokens 128] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import threading
+import time
+
+
+def _direct(engine, ids, n):
+    t0 = time.perf_counter()
+    first = None
+    gen = None
+    for ev in engine.generate_events(ids, max_new_tokens=n, temperature=0):
+        if first is None and isinstance(ev, str):
+            first = time.perf_counter()
+        gen = ev
+    end = time.perf_counter()
+    return first - t0, (gen.stats.generated_tokens - 1) / (end - first), gen.stats.generated_tokens
+
+
+def _served(client, model, ids, n):
+    t0 = time.perf_counter()
+    first = None
+    usage = None
+    for ch in client.completions.create(model=model, prompt=ids, max_tokens=n, temperature=0, stream=True,
+                                        stream_options={"include_usage": True}):
+        if first is None and ch.choices and ch.choices[0].text:
+            first = time.perf_counter()
+        if ch.usage is not None:
+            usage = ch.usage
+    end = time.perf_counter()
+    return first - t0, (usage.completion_tokens - 1) / (end - first), usage.completion_tokens
+
+
+def _per_token(engine, ids, n, proc):
+    kw = {"logits_processor": proc} if proc is not None else {}
+    g = engine.generate(ids, max_new_tokens=n, temperature=0, **kw)
+    return g.stats.decode_s / max(g.stats.generated_tokens - 1, 1), g.stats.generated_tokens
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", nargs="?", default="demo")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ctx", type=int, default=4096)
+    args = ap.parse_args(argv)
+    import openai
+    import uvicorn
+
+    import hybrid_k2
+    from hybrid_k2.server import Server
+    from hybrid_k2.server.grammar import GrammarMask, json_grammar
+
+    engine = hybrid_k2.load(args.model, ctx=args.ctx)
+    ids = engine.tokenizer.encode("Beautiful is better than ugly. Explicit is better than implicit. Simple is")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = Server(engine, served_model_name="bench")
+    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=uv.run, daemon=True).start()
+    while not uv.started:
+        time.sleep(0.02)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    rows = {"direct": [], "server": []}
+    for r in range(args.repeats + 1):            # the first round warms up
+        for name, fn in (("direct", lambda: _direct(engine, ids, args.tokens)),
+                         ("server", lambda: _served(client, "bench", ids, args.tokens))):
+            engine.reset()                          # both prefill the whole prompt
+            out = fn()
+            if r:
+                rows[name].append(out)
+    print(f"{args.model}: {len(ids)}-token prompt, {rows['direct'][0][2]} tokens, median of {args.repeats}")
+    med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in rows.items()}
+    for k, (ttft, tps) in med.items():
+        print(f"  {k:7s} TTFT {ttft * 1e3:7.2f} ms   decode {tps:8.1f} tok/s")
+    print(f"  server overhead: TTFT {(med['server'][0] / med['direct'][0] - 1):+.1%}, "
+          f"decode {(1 - med['server'][1] / med['direct'][1]):+.1%} slower")
+
+    free, masked = [], []
+    for r in range(args.repeats + 1):
+        engine.reset()
+        f = _per_token(engine, ids, args.tokens, None)
+        engine.reset()
+        m = _per_token(engine, ids, args.tokens, GrammarMask(engine, json_grammar({"type": "object"})))
+        if r:
+            free.append(f[0])
+            masked.append(m[0])
+    a, b = statistics.median(free), statistics.median(masked)
+    print(f"  decode per token: unconstrained {a * 1e3:.3f} ms, json_object grammar {b * 1e3:.3f} ms "
+          f"({b / a - 1:+.1%}; the mask costs {(b - a) * 1e3:.3f} ms a token)")
+    uv.should_exit = True
+
+
+if __name__ == "__main__":
+    main()
