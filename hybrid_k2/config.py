@@ -293,7 +293,7 @@ class ModelConfig:
             # 0..1000 keeps yarn_mscale >= 1 and the softmax scale (mscale squared) finite; models use ~0.7..1
             number("rope_scaling.mscale", rs.mscale, 0, lo_open=False, hi=1e3)
             number("rope_scaling.mscale_all_dim", rs.mscale_all_dim, 0, lo_open=False, hi=1e3)
-            number("rope_scaling.attention_factor", rs.attention_factor, 0, optional=True)
+            number("rope_scaling.attention_factor", rs.attention_factor, 0, optional=True, hi=1e3)   # cos/sin factor
             if not isinstance(rs.truncate, bool):
                 bad("rope_scaling.truncate", "must be true/false", rs.truncate)
             if not 0 < self.softmax_scale < math.inf:

@@ -438,6 +438,8 @@ def test_unindexed_shard_symlink_out_of_the_dir_is_refused_but_hf_cache_layout_w
     ({}, {"mscale_all_dim": float("inf")}, "rope_scaling.mscale_all_dim"),
     ({}, {"factor": 0.5}, "rope_scaling.factor"),
     ({}, {"truncate": "no"}, "rope_scaling.truncate"),
+    ({}, {"attention_factor": 1e30}, "rope_scaling.attention_factor"),   # found by the fuzzer: inf logits
+    ({}, {"mscale": 1e300}, "rope_scaling.mscale"),
     ({"routed_scaling_factor": float("nan")}, {}, "routed_scaling_factor"),
     ({"routed_scaling_factor": float("inf")}, {}, "routed_scaling_factor"),
     ({"rms_norm_eps": float("nan")}, {}, "rms_norm_eps"),
