@@ -163,15 +163,59 @@ def llama_cpp_rope_args(path: str | Path) -> dict:
     return dict(yarn_beta_fast=rs.beta_fast, yarn_beta_slow=rs.beta_slow) if rs.type == "yarn" else {}
 
 
+# llama.cpp's extra weight buffer types (its repacked CPU layouts, AMX) abort in its scheduler on some CPUs for a
+# deepseek2 GGUF (GGML_ASSERT(*cur_backend_id != -1), seen on an AMX Xeon). A probe in a child process says whether
+# they work for a file; where they abort, llama.cpp runs with them off and the bench says so.
+_EXTRA_BUFTS_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_threads=1, n_ctx=64, n_batch=32, n_gpu_layers=0, verbose=False)
+llm.eval(list(range(1, 33)))
+"""
+_extra_bufts_ok: dict[str, bool] = {}
+
+
+def llama_cpp_extra_bufts(path: Path) -> bool:
+    key = str(path)
+    if key not in _extra_bufts_ok:
+        import subprocess
+        r = subprocess.run([sys.executable, "-c", _EXTRA_BUFTS_PROBE, key], capture_output=True, text=True)
+        _extra_bufts_ok[key] = r.returncode == 0
+        if r.returncode:
+            cause = next((l for l in r.stderr.splitlines() if "GGML_ASSERT" in l), f"exit {r.returncode}")
+            print(f"llama.cpp: its extra buffer types (repack/AMX) fail on this CPU for {path.name} "
+                  f"({cause.strip()[-80:]}): running llama.cpp with use_extra_bufts=False", flush=True)
+    return _extra_bufts_ok[key]
+
+
+def llama_cpp_llama(path: Path, **kw):
+    """llama_cpp.Llama on `path`, with llama.cpp's extra buffer types off where they abort (see above)."""
+    import llama_cpp
+    import llama_cpp.llama as mod
+    if llama_cpp_extra_bufts(path):
+        return llama_cpp.Llama(model_path=str(path), **kw)
+    default = mod.llama_cpp.llama_model_default_params
+
+    def without_extra_bufts():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    mod.llama_cpp.llama_model_default_params = without_extra_bufts   # Llama() takes no such argument
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kw)
+    finally:
+        mod.llama_cpp.llama_model_default_params = default
+
+
 def llama_cpp_prompt_logits(path: Path, prompt: list[int], threads: int) -> torch.Tensor | None:
     """llama.cpp's logits [len(prompt), vocab] for the prompt (a separate instance: logits_all slows the timed runs)."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError:
         return None
     import numpy as np
-    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + 16,
-                n_batch=len(prompt), n_gpu_layers=0, logits_all=True, verbose=False, seed=0, **llama_cpp_rope_args(path))
+    llm = llama_cpp_llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + 16,
+                          n_batch=len(prompt), n_gpu_layers=0, logits_all=True, verbose=False, seed=0,
+                          **llama_cpp_rope_args(path))
     llm.eval(prompt)
     out = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
     del llm
@@ -185,7 +229,7 @@ class LlamaCppRunner:
     def __init__(self, path: Path, prompt: list[int], n_decode: int, threads: int):
         import llama_cpp
         import numpy as np
-        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
+        self.llm = llama_cpp_llama(path, n_threads=threads, n_threads_batch=threads,
                                    n_ctx=len(prompt) + n_decode + 16, n_batch=max(len(prompt), 8), n_gpu_layers=0,
                                    verbose=False, seed=0, **llama_cpp_rope_args(path))
         self.prompt, self.n_decode = prompt, n_decode
