@@ -59,19 +59,33 @@ def _held(text: str, marker: str) -> int:
     return 0
 
 
+CALL_BEGIN, ARG_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+
+
 class ReplySplitter:
     """Splits an assistant reply, streamed piece by piece, into reasoning, content and tool calls.
 
-    push() returns ("reasoning" | "content", text) deltas as soon as they cannot be part of a marker; the
-    tool-call section is held until it is complete, then finish() parses it (tokenizer.parse_tool_calls) and
-    numbers the calls on from `first_index`. Malformed or truncated markup comes back as content, with a
-    ToolCallWarning (the conversation goes on)."""
+    push() returns ("reasoning" | "content", text) deltas as soon as they cannot be part of a marker. By
+    default the tool-call section is held until it is complete, then finish() parses it
+    (tokenizer.parse_tool_calls) and numbers the calls on from `first_index`; malformed or truncated markup
+    comes back as content, with a ToolCallWarning (the conversation goes on).
 
-    def __init__(self, first_index: int = 0):
+    stream_tools=True parses the section as it arrives: ("tool_call", i) once call i's header has parsed
+    (self.calls[i] holds its id and name), then ("tool_args", (i, fragment)) as the arguments are generated.
+    Fragments already sent cannot be taken back, so this is for output whose markup a grammar enforces (the
+    server's constrained tool_choice), where only truncation can go wrong: a cut call stays as far as it got
+    (finish_reason "length", as OpenAI does) with a ToolCallWarning. Markup that breaks before any call has
+    streamed still falls back to text; after one has, the rest is content."""
+
+    def __init__(self, first_index: int = 0, stream_tools: bool = False):
         self.first_index = first_index
-        self.state = "start"     # start -> (reasoning ->) content -> tools
+        self.state = "start"     # start -> (reasoning ->) content -> tools (-> tail, with stream_tools)
         self.buf = ""
         self.after_think = False   # the newlines after </think> separate; they are not content
+        self.stream_tools = stream_tools
+        self.calls: list[dict] = []   # stream_tools: the calls streamed so far (arguments as far as they got)
+        self.part = "between"         # stream_tools, in the section: between -> header -> args -> between ...
+        self.pos = 0                  # stream_tools: how far into buf (the section's text) has been parsed
 
     def push(self, piece: str) -> list[tuple[str, str]]:
         self.buf += piece
@@ -107,18 +121,122 @@ class ReplySplitter:
                     if begin:
                         out.append(("content", self.buf[:begin]))
                     self.buf, self.state = self.buf[begin:], "tools"
-                    return out
+                    self.pos = len(_SECTION_BEGIN)
+                    continue
                 keep = _held(self.buf, _SECTION_BEGIN)
-            else:   # tools: held until finish()
+            elif self.state == "tools":   # held until finish(), or parsed as it comes with stream_tools
+                if self.stream_tools:
+                    self._section(out)
+                    if self.state == "tail":
+                        continue
                 return out
+            else:   # tail: what follows a streamed section is content
+                keep = 0
             if len(self.buf) > keep:
-                out.append((self.state, self.buf[:len(self.buf) - keep]))
+                out.append(("content" if self.state == "tail" else self.state, self.buf[:len(self.buf) - keep]))
                 self.buf = self.buf[len(self.buf) - keep:]
             return out
 
+    def _section(self, out: list) -> None:
+        """stream_tools: parse the tool-call section in self.buf from self.pos as far as it is complete."""
+        from .tokenizer import _CALL_ID_RE, _SECTION_END
+        buf = self.buf
+        while True:
+            if self.part == "between":
+                while self.pos < len(buf) and buf[self.pos].isspace():
+                    self.pos += 1
+                rest = buf[self.pos:]
+                if rest.startswith(CALL_BEGIN):
+                    self.pos += len(CALL_BEGIN)
+                    self.part = "header"
+                elif rest.startswith(_SECTION_END):
+                    self._close(out, buf[self.pos + len(_SECTION_END):])
+                    return
+                elif not rest or CALL_BEGIN.startswith(rest) or _SECTION_END.startswith(rest):
+                    return
+                else:
+                    return self._broken(out, f"has unexpected text {rest[:40]!r} between calls")
+            elif self.part == "header":
+                end = buf.find(ARG_BEGIN, self.pos)
+                head = buf[self.pos:end if end >= 0 else len(buf)]
+                lt = head.find("<")
+                if end < 0:
+                    if lt >= 0 and not ARG_BEGIN.startswith(head[lt:]):
+                        return self._broken(out, f"has a bad call id {head[:40]!r}")
+                    return
+                m = _CALL_ID_RE.fullmatch(head.strip())
+                if m is None or lt >= 0:
+                    return self._broken(out, f"has a bad call id {head.strip()[:40]!r}")
+                name = m.group("name")
+                self.calls.append({"id": f"functions.{name}:{self.first_index + len(self.calls)}",
+                                   "type": "function", "function": {"name": name, "arguments": ""}})
+                out.append(("tool_call", len(self.calls) - 1))
+                self.pos, self.part = end + len(ARG_BEGIN), "args"
+            else:   # args: sent as they come, less what may be <|tool_call_end|> or whitespace around them
+                end = buf.find(CALL_END, self.pos)
+                done = end >= 0
+                stop = end if done else len(buf) - _held(buf[self.pos:], CALL_END)
+                call = self.calls[-1]["function"]
+                seg = buf[self.pos:stop]
+                if not call["arguments"]:          # leading whitespace is not part of the arguments
+                    lead = len(seg) - len(seg.lstrip())
+                    self.pos += lead
+                    seg = seg[lead:]
+                frag = seg.rstrip()                # trailing whitespace waits: more arguments follow, or the end
+                if frag:
+                    call["arguments"] += frag
+                    out.append(("tool_args", (len(self.calls) - 1, frag)))
+                    self.pos += len(frag)
+                if not done:
+                    return
+                self.pos, self.part = end + len(CALL_END), "between"
+                self._check_args(call)
+
+    def _check_args(self, call: dict) -> None:
+        try:
+            ok = isinstance(json.loads(call["arguments"]), dict)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:   # already sent: it stays (a grammar rules this out); the client is told by the log
+            from .tokenizer import ToolCallWarning
+            warnings.warn(f"tool call {call['name']!r} has arguments that are not a JSON object",
+                          ToolCallWarning, stacklevel=4)
+
+    def _close(self, out: list, rest: str) -> None:
+        if not self.calls:
+            return self._broken(out, "has an incomplete or empty tool call")
+        self.buf, self.state = rest, "tail"
+
+    def _broken(self, out: list, why: str) -> None:
+        """Markup gone wrong mid-stream: all of it is text if no call has been sent, else what is left is."""
+        from .tokenizer import ToolCallWarning
+        warnings.warn(f"tool-call markup {why}; returned as text", ToolCallWarning, stacklevel=4)
+        self.buf, self.state = (self.buf if not self.calls else self.buf[self.pos:]), "tail"
+
     def finish(self) -> tuple[list[tuple[str, str]], list[dict]]:
-        """The last deltas and the tool calls (OpenAI form, ids numbered across the conversation)."""
+        """The last deltas and the tool calls (OpenAI form, ids numbered across the conversation).
+        With stream_tools the calls are those already streamed (push() sent them); a cut one is kept."""
         from .tokenizer import parse_tool_calls
+        if self.state == "tools" and self.stream_tools:
+            from .tokenizer import ToolCallWarning
+            deltas = []
+            if self.calls:
+                warnings.warn("tool-call markup is truncated; the last call is cut", ToolCallWarning, stacklevel=2)
+                if self.part == "args" and self.pos < len(self.buf):   # what was held back: sent as it is
+                    rest = self.buf[self.pos:]
+                    if not self.calls[-1]["function"]["arguments"]:
+                        rest = rest.lstrip()
+                    if rest:
+                        self.calls[-1]["function"]["arguments"] += rest
+                        deltas.append(("tool_args", (len(self.calls) - 1, rest)))
+                self.buf = ""
+                return deltas, self.calls
+            parse_tool_calls(self.buf)   # nothing sent yet: the section is text, as without stream_tools (warns)
+            rest, self.buf = self.buf, ""
+            return ([("content", rest)] if rest else []), []
+        if self.state == "tail":
+            rest, self.buf = self.buf, ""
+            return ([("content", rest)] if rest else []), self.calls
         rest, self.buf = self.buf, ""
         if self.state == "tools":
             content, calls = parse_tool_calls(rest)

@@ -143,6 +143,30 @@ def test_required_tool_streamed_ids_count_on_from_history(client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_named_tool_call_streams_argument_fragments(client):
+    kw = dict(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+              temperature=1.0, seed=2)
+    r = chat(client, max_tokens=80, **kw)
+    whole = r.choices[0].message.tool_calls[0]
+    chunks = list(chat(client, max_tokens=80, stream=True, **kw))
+    deltas = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
+    head = deltas[0]     # id and name once (arguments ""), then fragments as the tokens come
+    assert (head.index, head.id, head.function.name, head.function.arguments) == (0, whole.id, "get_weather", "")
+    frags = [d.function.arguments for d in deltas[1:]]
+    assert all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:])
+    assert len(frags) > 3 and all(frags)
+    assert "".join(frags) == whole.function.arguments
+    check_call(whole, 0)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # cut by max_tokens mid-arguments: the fragments sent stand (a prefix of the whole), finish_reason "length"
+    cut = list(chat(client, max_tokens=r.usage.completion_tokens - 4, stream=True, **kw))
+    cut_deltas = [d for ch in cut if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
+    assert cut_deltas[0].id == whole.id
+    got = "".join(d.function.arguments for d in cut_deltas)
+    assert got and whole.function.arguments.startswith(got) and got != whole.function.arguments
+    assert cut[-1].choices[0].finish_reason == "length"
+
+
 def test_tool_result_round_trip_goes_through_the_template(client, engine):
     first = chat(client, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
                  temperature=0.7, seed=9, max_tokens=80)
@@ -337,6 +361,61 @@ def test_reply_splitter_streams_like_the_whole(n):
     assert joined == {"reasoning": "plan it", "content": "Sure."}
     assert [c["id"] for c in calls] == ["functions.get_time:2"] and calls[0]["function"]["arguments"] == '{"tz": "UTC"}'
     assert split_reply(text, [{"role": "assistant", "tool_calls": [{}, {}]}]) == ("plan it", "Sure.", calls)
+
+
+def stream_split(text, n, first_index=0):
+    sp = ReplySplitter(first_index, stream_tools=True)
+    out = [d for p in pieces(text, n) for d in sp.push(p)]
+    more, calls = sp.finish()
+    return out + more, calls
+
+
+def args_of(items, i):
+    return "".join(v[1] for k, v in items if k == "tool_args" and v[0] == i)
+
+
+TWO = ("<|tool_calls_section_begin|> <|tool_call_begin|> functions.get_time:0 <|tool_call_argument_begin|>"
+       ' {"tz": "UTC",  "x": 1} \n<|tool_call_end|>\n<|tool_call_begin|>functions.get_weather:1'
+       '<|tool_call_argument_begin|>{"city": "Oslo"}<|tool_call_end|><|tool_calls_section_end|>')
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 1000])
+def test_reply_splitter_streams_tool_arguments(n):
+    text = "<think>hm</think>\nOk." + TWO
+    _, want_content, want = split_reply(text, [{"role": "assistant", "tool_calls": [{}]}])
+    items, calls = stream_split(text, n, first_index=1)
+    assert calls == want and [c["id"] for c in calls] == ["functions.get_time:1", "functions.get_weather:2"]
+    assert "".join(v for k, v in items if k == "content") == want_content == "Ok."
+    kinds = [(k, v if k == "tool_call" else v[0]) for k, v in items if k.startswith("tool")]
+    first_args = kinds.index(("tool_args", 0))
+    assert kinds.index(("tool_call", 0)) < first_args < kinds.index(("tool_call", 1)) < kinds.index(("tool_args", 1))
+    for i, c in enumerate(want):    # the fragments make up exactly the arguments the whole text parses to
+        assert args_of(items, i) == c["function"]["arguments"]
+    if n < 5:    # small pieces: the arguments go out as they come, not once the call is complete
+        assert sum(1 for k, v in items if k == "tool_args" and v[0] == 0) > 3
+
+
+def test_reply_splitter_streamed_tools_cut_or_broken():
+    cut = "Hi" + CALL[:-len('"}<|tool_call_end|><|tool_calls_section_end|>')]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        items, calls = stream_split(cut, 3)
+    assert any(issubclass(x.category, ToolCallWarning) for x in w)
+    assert calls[0]["function"]["arguments"] == args_of(items, 0) == '{"tz": "UTC'   # sent as far as it got
+    # broken before any call went out: all of it is text, as without stream_tools
+    broken = "Hi<|tool_calls_section_begin|>oops" + CALL
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        items, calls = stream_split(broken, 4)
+    assert calls == [] and "".join(v for k, v in items if k == "content") == broken
+    assert any(issubclass(x.category, ToolCallWarning) for x in w)
+    # broken after a call went out: the call stands, the rest is text
+    after = CALL.replace("<|tool_calls_section_end|>", "junk<|tool_calls_section_end|>")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        items, calls = stream_split(after, 2)
+    assert [c["function"]["arguments"] for c in calls] == ['{"tz": "UTC"}']
+    assert "".join(v for k, v in items if k == "content") == "junk<|tool_calls_section_end|>"
 
 
 def test_reply_splitter_malformed_markup_is_text():

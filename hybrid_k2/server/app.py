@@ -353,8 +353,22 @@ class Server:
                 c["usage"] = None
             return f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
 
-        splitter = ReplySplitter(count_tool_calls(req.messages))
+        # Argument fragments stream as they are generated only where a grammar enforces the markup (required or
+        # named tool_choice): a fragment cannot be taken back, and only there is the section sure to parse.
+        # Under `auto` the section is held until it has parsed, so malformed markup can still become text.
+        splitter = ReplySplitter(count_tool_calls(req.messages), stream_tools=req.grammar == "tool")
         key = {"content": "content", "reasoning": "reasoning_content"}
+
+        def deltas(items):
+            for kind, v in items:
+                if kind == "tool_call":   # id and name once, then the argument fragments
+                    c = splitter.calls[v]
+                    yield chunk({"tool_calls": [{"index": v, "id": c["id"], "type": "function",
+                                                 "function": {"name": c["function"]["name"], "arguments": ""}}]})
+                elif kind == "tool_args":
+                    yield chunk({"tool_calls": [{"index": v[0], "function": {"arguments": v[1]}}]})
+                else:
+                    yield chunk({key[kind]: v})
         try:
             yield chunk({"role": "assistant", "content": ""})
             gen = None
@@ -370,21 +384,27 @@ class Server:
                 if isinstance(ev, Generation):
                     gen = ev
                     continue
-                for kind, text in splitter.push(ev):
-                    yield chunk({key[kind]: text})
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    items = splitter.push(ev)
+                for w in caught:
+                    log.warning("%s", w.message)
+                for c in deltas(items):
+                    yield c
             if gen is not None:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    deltas, calls = splitter.finish()
+                    last, calls = splitter.finish()
                 for w in caught:
                     log.warning("%s", w.message)
-                for kind, text in deltas:
-                    yield chunk({key[kind]: text})
-                for i, c in enumerate(calls):   # id and name once, then the arguments
-                    yield chunk({"tool_calls": [{"index": i, "id": c["id"], "type": "function",
-                                                 "function": {"name": c["function"]["name"], "arguments": ""}}]})
-                    yield chunk({"tool_calls": [{"index": i, "function": {"arguments": c["function"]["arguments"]}}]})
-                yield chunk({}, "tool_calls" if calls else gen.finish_reason)
+                if not splitter.stream_tools:    # a held section: its calls come whole, once it has parsed
+                    last += [x for i, c in enumerate(calls)
+                             for x in (("tool_call", i), ("tool_args", (i, c["function"]["arguments"])))]
+                    splitter.calls = calls
+                for c in deltas(last):
+                    yield c
+                cut = splitter.state == "tools"    # a streamed call cut short: "length" (or "cancelled"), as OpenAI
+                yield chunk({}, "tool_calls" if calls and not cut else gen.finish_reason)
                 if req.include_usage:
                     yield f"data: {json.dumps(_usage_chunk(rid, created, self.name, gen))}\n\n"
             yield "data: [DONE]\n\n"
