@@ -9,7 +9,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import socket
+import subprocess
+import sys
 import statistics
 import threading
 import time
@@ -27,10 +30,17 @@ def _direct(engine, ids, n):
     return first - t0, (gen.stats.generated_tokens - 1) / (end - first), gen.stats.generated_tokens
 
 
-def _served(client, model, ids, n):
+# The client runs in its own process, as a real one does: in the server's process it would share the GIL
+# with the engine's thread and the event loop, and its SSE parsing would be counted as server overhead.
+_CLIENT = r"""
+import json, sys, time
+import openai
+url, model, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ids = json.loads(sys.argv[4])
+client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+for line in sys.stdin:
     t0 = time.perf_counter()
-    first = None
-    usage = None
+    first = usage = None
     for ch in client.completions.create(model=model, prompt=ids, max_tokens=n, temperature=0, stream=True,
                                         stream_options={"include_usage": True}):
         if first is None and ch.choices and ch.choices[0].text:
@@ -38,7 +48,15 @@ def _served(client, model, ids, n):
         if ch.usage is not None:
             usage = ch.usage
     end = time.perf_counter()
-    return first - t0, (usage.completion_tokens - 1) / (end - first), usage.completion_tokens
+    print(json.dumps([first - t0, (usage.completion_tokens - 1) / (end - first), usage.completion_tokens]),
+          flush=True)
+"""
+
+
+def _served(client):
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    return tuple(json.loads(client.stdout.readline()))
 
 
 def _per_token(engine, ids, n, proc):
@@ -53,37 +71,45 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--stream-interval", type=float, default=0.005, help="the server's stream_interval (s)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="kernel threads (default: all cores; fewer leave a core to the event loop and the client)")
     args = ap.parse_args(argv)
-    import openai
     import uvicorn
 
     import hybrid_k2
     from hybrid_k2.server import Server
     from hybrid_k2.server.grammar import GrammarMask, json_grammar
 
-    engine = hybrid_k2.load(args.model, ctx=args.ctx)
+    engine = hybrid_k2.load(args.model, ctx=args.ctx, threads=args.threads)
     ids = engine.tokenizer.encode("Beautiful is better than ugly. Explicit is better than implicit. Simple is")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = Server(engine, served_model_name="bench")
+    server = Server(engine, served_model_name="bench", stream_interval=args.stream_interval)
     uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=uv.run, daemon=True).start()
     while not uv.started:
         time.sleep(0.02)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    client = subprocess.Popen([sys.executable, "-c", _CLIENT, f"http://127.0.0.1:{port}/v1", "bench",
+                               str(args.tokens), json.dumps(ids)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
     rows = {"direct": [], "server": []}
     for r in range(args.repeats + 1):            # the first round warms up
         for name, fn in (("direct", lambda: _direct(engine, ids, args.tokens)),
-                         ("server", lambda: _served(client, "bench", ids, args.tokens))):
+                         ("server", lambda: _served(client))):
             engine.reset()                          # both prefill the whole prompt
             out = fn()
+            if name == "server":    # the engine's own decode speed inside the server (CPU contention shows here)
+                out = out + (server.metrics.decode_tok_s,)
             if r:
                 rows[name].append(out)
     print(f"{args.model}: {len(ids)}-token prompt, {rows['direct'][0][2]} tokens, median of {args.repeats}")
     med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in rows.items()}
     for k, (ttft, tps) in med.items():
         print(f"  {k:7s} TTFT {ttft * 1e3:7.2f} ms   decode {tps:8.1f} tok/s")
+    inner = statistics.median(x[3] for x in rows["server"])
+    print(f"  the engine's own decode inside the server {inner:8.1f} tok/s (the rest is the HTTP path)")
     print(f"  server overhead: TTFT {(med['server'][0] / med['direct'][0] - 1):+.1%}, "
           f"decode {(1 - med['server'][1] / med['direct'][1]):+.1%} slower")
 
@@ -99,6 +125,8 @@ def main(argv=None):
     a, b = statistics.median(free), statistics.median(masked)
     print(f"  decode per token: unconstrained {a * 1e3:.3f} ms, json_object grammar {b * 1e3:.3f} ms "
           f"({b / a - 1:+.1%}; the mask costs {(b - a) * 1e3:.3f} ms a token)")
+    client.stdin.close()
+    client.wait()
     uv.should_exit = True
 
 

@@ -56,7 +56,8 @@ def engine():
 
 @pytest.fixture(scope="module")
 def base(engine):
-    with running(Server(engine, served_model_name="k2-demo", max_queue=8)) as url:
+    # stream_interval=0: one SSE chunk per piece, so the tests see what each token brings
+    with running(Server(engine, served_model_name="k2-demo", max_queue=8, stream_interval=0)) as url:
         yield url
 
 
@@ -238,6 +239,22 @@ def test_completions_text_and_stream(client, engine):
     assert streamed == g.text
 
 
+def test_stream_interval_merges_pieces_into_fewer_writes(engine):
+    g = engine.generate("Beautiful is better than", max_new_tokens=40, temperature=0)
+    assert len(g.token_ids) == 40
+    with running(Server(engine, served_model_name="k2-demo", stream_interval=0.25)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        t0 = time.monotonic()
+        chunks = [ch.choices[0].text for ch in c.completions.create(
+            model="k2-demo", prompt="Beautiful is better than", max_tokens=40, temperature=0, stream=True)]
+        took = time.monotonic() - t0
+    assert "".join(chunks) == g.text
+    texts = [t for t in chunks if t]
+    # the first piece at once, then at most one write per 0.25 s (40 tokens take ~50 ms here)
+    assert len(texts[0]) <= len(engine.tokenizer.decode(g.token_ids[:2]))
+    assert len(texts) <= 2 + took / 0.25 and len(texts) < 20
+
+
 def test_tokenize_detokenize_metrics(base, engine):
     r = httpx.post(base + "/tokenize", json={"prompt": "hello world"}).json()
     assert r["tokens"] == engine.tokenizer.encode("hello world") and r["count"] == len(r["tokens"])
@@ -339,6 +356,65 @@ def test_429_when_queue_full_and_dropped_stream_frees_engine(engine):
                 time.sleep(0.02)
         assert r.choices[0].message.content is not None and time.monotonic() - t0 < 1.5
         assert engine.stats.generated_tokens <= 4
+
+
+def test_grammar_mask_bans_exactly_what_the_matcher_refuses(engine):
+    import torch
+    from hybrid_k2.server.grammar import GrammarMask, json_grammar
+    vocab = engine.cfg.vocab_size
+    gm = GrammarMask(engine, json_grammar({"type": "object", "properties": {"a": {"type": "integer"}},
+                                           "required": ["a"], "additionalProperties": False}))
+    prefix = engine.tokenizer.encode('{"a":')
+    for n in (0, len(prefix)):
+        out = gm(prefix[:n], torch.zeros(vocab))
+        probe = gm.matcher.deep_copy()
+        allowed = {t for t in range(vocab) if probe.validate_tokens([t]) == 1}
+        assert 0 < len(allowed) < vocab
+        assert set(torch.nonzero(out == 0).flatten().tolist()) == allowed
+        assert bool(torch.isneginf(out).all().item()) is False and int(torch.isneginf(out).sum()) == vocab - len(allowed)
+
+
+class FaultyEngine:
+    """The real engine with a fault injected inside its decode loop (at the 3rd token) for the next request:
+    the exception rises from within Engine.generate, as a kernel or backend failure would."""
+
+    def __init__(self, engine):
+        self.engine, self.fail_next = engine, False
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate_events(self, prompt, **kw):
+        if self.fail_next:
+            self.fail_next = False
+
+            def boom(generated, logits):
+                if len(generated) >= 3:
+                    raise RuntimeError("injected fault in the decode loop")
+                return logits
+            kw["logits_processor"] = boom
+        return self.engine.generate_events(prompt, **kw)
+
+
+def test_engine_failure_is_a_500_and_the_server_goes_on(engine):
+    faulty = FaultyEngine(engine)
+    with running(Server(faulty, served_model_name="k2-demo")) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        want = chat(c, temperature=0, max_tokens=10).choices[0].message.content
+        faulty.fail_next = True
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 10, "temperature": 0})
+        assert r.status_code == 500, r.text
+        e = err(r)
+        assert e["type"] == "server_error" and "RuntimeError" in e["message"]
+        faulty.fail_next = True     # mid-stream: an error event, then [DONE]; the stream is not left hanging
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
+                          json={"messages": USER, "max_tokens": 10, "temperature": 0, "stream": True}) as s:
+            events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+        # the engine is free and its cached prefix sound: the same request gives the same answer
+        assert chat(c, temperature=0, max_tokens=10).choices[0].message.content == want
+        assert httpx.get(url + "/health").status_code == 200
+        assert 'path="/v1/chat/completions",status="500"} 1' in httpx.get(url + "/metrics").text
 
 
 # ---- the chat layer the REPL and the server share ---------------------------------------------------------------

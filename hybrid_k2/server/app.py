@@ -6,6 +6,7 @@ before every decode step, so the next request starts within one step."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -33,13 +34,49 @@ _STARTED, _DONE = object(), object()
 
 
 class Job:
-    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop):
-        self.req, self.loop = req, loop
-        self.events: asyncio.Queue = asyncio.Queue()
+    """A request's events, from the engine's thread to its handler. The handler takes everything pending at
+    once (a handler that fell behind sends it as one SSE write) and the engine's thread wakes the event loop
+    only when the handler is asleep waiting, not once per token."""
+
+    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop, interval: float = 0.0):
+        self.req, self.loop, self.interval = req, loop, interval
+        self.send_at = 0.0          # loop.time() before which the handler lets pieces gather (stream_interval)
+        self.items: collections.deque = collections.deque()
+        self.ready = asyncio.Event()
+        self.sleeping = False
+        self.check_at = loop.time() + 0.05
         self.cancelled = threading.Event()
 
     def put(self, item) -> None:   # from the worker thread
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        self.items.append(item)
+        if self.sleeping:           # set before the handler's last look at items (the GIL orders the two)
+            self.loop.call_soon_threadsafe(self.ready.set)
+
+    async def take(self, request: Request, paced: bool = True) -> list | None:
+        """All pending events (at least one); None when the client has gone away (the job is then cancelled).
+        paced: at most one batch per interval (the first goes at once)."""
+        while True:
+            now = self.loop.time()
+            if now >= self.check_at:    # a client gone mid-generation is seen within 50 ms, events or not
+                self.check_at = now + 0.05
+                if await request.is_disconnected():
+                    self.cancelled.set()
+                    return None
+            if self.items:
+                if paced:
+                    if now < self.send_at:      # the engine's thread keeps adding, without waking the loop
+                        await asyncio.sleep(self.send_at - now)
+                        continue
+                    self.send_at = now + self.interval
+                items = self.items
+                return [items.popleft() for _ in range(len(items))]
+            self.sleeping = True
+            if not self.items:
+                timer = self.loop.call_later(0.05, self.ready.set)
+                await self.ready.wait()
+                timer.cancel()
+                self.ready.clear()
+            self.sleeping = False
 
 
 class Metrics:
@@ -67,7 +104,7 @@ class Metrics:
 
 class Server:
     def __init__(self, engine=None, *, loader=None, served_model_name: str = "hybrid-k2", api_key: str | None = None,
-                 max_queue: int = 64, max_body: int = MAX_BODY):
+                 max_queue: int = 64, max_body: int = MAX_BODY, stream_interval: float = 0.005):
         if engine is None and loader is None:
             raise ValueError("Server needs an engine or a loader")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -77,6 +114,12 @@ class Server:
         self.name, self.api_key, self.max_queue = served_model_name, api_key, max_queue
         self.metrics = Metrics()
         self.max_body = max_body
+        # A stream writes at most once per stream_interval s: pieces generated meanwhile go out as one SSE
+        # write. At a real model's 10-100 ms a token this never merges; at the demo's 1 ms it spares the
+        # engine's thread an event-loop wakeup (and the GIL it takes) per token.
+        if not (isinstance(stream_interval, (int, float)) and 0 <= stream_interval <= 1):
+            raise ValueError(f"stream_interval must be seconds in [0, 1], got {stream_interval!r}")
+        self.stream_interval = float(stream_interval)
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting = 0               # jobs queued, not yet started
         self.running = 0
@@ -245,29 +288,46 @@ class Server:
 
     async def _submit(self, request: Request, req: GenRequest) -> Job:
         self._check(req)
-        job = Job(req, asyncio.get_running_loop())
+        job = Job(req, asyncio.get_running_loop(), self.stream_interval)
         with self.count_lock:
             if self.waiting + self.running > self.max_queue:   # one on the engine, max_queue waiting
                 raise ApiError(429, f"the server is busy ({self.waiting} requests waiting); retry later",
                                code="queue_full")
             self.waiting += 1
         self.jobs.put(job)
-        first = await self._next(request, job)
-        if isinstance(first, Exception):
-            raise _shape(first)
-        if first is _DONE:                  # cancelled before it started: later reads see the end too
-            job.events.put_nowait(_DONE)
-        return job
+        while True:       # up to _STARTED: argument errors are a plain error response, not a broken stream
+            first = await job.take(request, paced=False)
+            if first is None:
+                job.items.append(_DONE)
+                return job
+            if isinstance(first[0], Exception):
+                raise _shape(first[0])
+            if first[0] is _STARTED or first[0] is _DONE:   # cancelled before it started: the end stays there
+                job.items.extendleft(reversed(first[first[0] is _STARTED:]))
+                return job
 
-    async def _next(self, request: Request, job: Job):
-        """The job's next event; a client that has gone away cancels the job (None comes back)."""
+    async def _batches(self, job: Job, request: Request):
+        """The job's events a batch at a time (the text pieces in a batch joined) up to its end; stops early
+        when the client has gone away."""
         while True:
-            try:
-                return await asyncio.wait_for(job.events.get(), 0.05)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancelled.set()
-                    return None
+            evs = await job.take(request)
+            if evs is None:
+                return
+            out, text = [], []
+            for ev in evs:
+                if isinstance(ev, str):
+                    text.append(ev)
+                    continue
+                if text:
+                    out.append("".join(text))
+                    text = []
+                if ev is _DONE:
+                    yield out
+                    return
+                out.append(ev)
+            if text:
+                out.append("".join(text))
+            yield out
 
     # ---- endpoints -----------------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
@@ -318,17 +378,16 @@ class Server:
 
     async def _result(self, request: Request, job: Job):
         """The Generation of a non-streaming job (or an error response)."""
-        gen = None
-        while True:
-            ev = await self._next(request, job)
-            if ev is None:
-                return Response(status_code=499)      # the client is gone; nobody reads this
-            if ev is _DONE:
-                break
-            if isinstance(ev, Exception):
-                return self._error(_shape(ev), request)
-            if isinstance(ev, Generation):
-                gen = ev
+        gen, done = None, False
+        async for batch in self._batches(job, request):
+            for ev in batch:
+                if isinstance(ev, Exception):
+                    return self._error(_shape(ev), request)
+                if isinstance(ev, Generation):
+                    gen = ev
+            done = gen is not None
+        if not done and job.cancelled.is_set():
+            return Response(status_code=499)          # the client is gone; nobody reads this
         if gen is None:
             return self._error(ApiError(500, "the generation ended without a result"), request)
         return gen
@@ -345,13 +404,10 @@ class Server:
         req = job.req
         created = int(time.time())
 
-        def chunk(delta: dict, finish=None, usage=False) -> str:
-            c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
-                 "system_fingerprint": f"hybrid_k2-{__version__}",
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            if req.include_usage:
-                c["usage"] = None
-            return f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+        head, tail = _chunk_template(rid, "chat.completion.chunk", created, self.name, req.include_usage)
+
+        def chunk(delta: dict, finish=None) -> str:
+            return f'{head}{_dumps(delta)},"logprobs":null,"finish_reason":{_dumps(finish)}{tail}'
 
         # Argument fragments stream as they are generated only where a grammar enforces the markup (required or
         # named tool_choice): a fragment cannot be taken back, and only there is the section sure to parse.
@@ -359,38 +415,40 @@ class Server:
         splitter = ReplySplitter(count_tool_calls(req.messages), stream_tools=req.grammar == "tool")
         key = {"content": "content", "reasoning": "reasoning_content"}
 
-        def deltas(items):
+        def deltas(items) -> str:
+            out = []
             for kind, v in items:
                 if kind == "tool_call":   # id and name once, then the argument fragments
                     c = splitter.calls[v]
-                    yield chunk({"tool_calls": [{"index": v, "id": c["id"], "type": "function",
-                                                 "function": {"name": c["function"]["name"], "arguments": ""}}]})
+                    out.append(chunk({"tool_calls": [{"index": v, "id": c["id"], "type": "function", "function": {
+                        "name": c["function"]["name"], "arguments": ""}}]}))
                 elif kind == "tool_args":
-                    yield chunk({"tool_calls": [{"index": v[0], "function": {"arguments": v[1]}}]})
+                    out.append(chunk({"tool_calls": [{"index": v[0], "function": {"arguments": v[1]}}]}))
                 else:
-                    yield chunk({key[kind]: v})
+                    out.append(f'{head}{{"{key[kind]}":{_dumps(v)}}},"logprobs":null,"finish_reason":null{tail}')
+            return "".join(out)
         try:
             yield chunk({"role": "assistant", "content": ""})
             gen = None
-            while True:
-                ev = await self._next(request, job)
-                if ev is None:
-                    return
-                if ev is _DONE:
-                    break
-                if isinstance(ev, Exception):
-                    yield f"data: {json.dumps(_shape(ev).body())}\n\n"
-                    break
-                if isinstance(ev, Generation):
-                    gen = ev
-                    continue
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    items = splitter.push(ev)
-                for w in caught:
-                    log.warning("%s", w.message)
-                for c in deltas(items):
-                    yield c
+            async for batch in self._batches(job, request):   # one write per batch of pieces
+                sse = ""
+                for ev in batch:
+                    if isinstance(ev, Exception):
+                        sse += f"data: {json.dumps(_shape(ev).body())}\n\n"
+                        break
+                    if isinstance(ev, Generation):
+                        gen = ev
+                        continue
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        items = splitter.push(ev)
+                    for w in caught:
+                        log.warning("%s", w.message)
+                    sse += deltas(items)
+                if sse:
+                    yield sse
+            if job.cancelled.is_set() and gen is None:
+                return
             if gen is not None:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -401,8 +459,7 @@ class Server:
                     last += [x for i, c in enumerate(calls)
                              for x in (("tool_call", i), ("tool_args", (i, c["function"]["arguments"])))]
                     splitter.calls = calls
-                for c in deltas(last):
-                    yield c
+                yield deltas(last)
                 cut = splitter.state == "tools"    # a streamed call cut short: "length" (or "cancelled"), as OpenAI
                 yield chunk({}, "tool_calls" if calls and not cut else gen.finish_reason)
                 if req.include_usage:
@@ -449,27 +506,24 @@ class Server:
     async def _completion_stream(self, request: Request, job: Job, rid: str):
         created = int(time.time())
 
+        head, tail = _chunk_template(rid, "text_completion", created, self.name, job.req.include_usage, "text")
+
         def chunk(text: str, finish=None) -> str:
-            c = {"id": rid, "object": "text_completion", "created": created, "model": self.name,
-                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-            if job.req.include_usage:
-                c["usage"] = None
-            return f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+            return f'{head}{_dumps(text)},"logprobs":null,"finish_reason":{_dumps(finish)}{tail}'
         try:
             gen = None
-            while True:
-                ev = await self._next(request, job)
-                if ev is None:
-                    return
-                if ev is _DONE:
-                    break
-                if isinstance(ev, Exception):
-                    yield f"data: {json.dumps(_shape(ev).body())}\n\n"
-                    break
-                if isinstance(ev, Generation):
-                    gen = ev
-                else:
-                    yield chunk(ev)
+            async for batch in self._batches(job, request):   # one write per batch of pieces
+                sse = ""
+                for ev in batch:
+                    if isinstance(ev, Exception):
+                        sse += f"data: {json.dumps(_shape(ev).body())}\n\n"
+                        break
+                    if isinstance(ev, Generation):
+                        gen = ev
+                    else:
+                        sse += chunk(ev)
+                if sse:
+                    yield sse
             if gen is not None:
                 yield chunk("", gen.finish_reason)
                 if job.req.include_usage:
@@ -585,6 +639,17 @@ def _shape(e: Exception) -> ApiError:
         return ApiError(400, msg, param if param.isidentifier() else None, "invalid_value")
     log.error("generation failed: %s: %s", type(e).__name__, e, exc_info=e)
     return ApiError(500, f"the generation failed ({type(e).__name__})")
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _chunk_template(rid: str, obj: str, created: int, model: str, usage: bool, field: str = "delta"):
+    """The fixed text around a streamed chunk's one variable field (encoded once per stream, not per token)."""
+    head = _dumps({"id": rid, "object": obj, "created": created, "model": model,
+                   "system_fingerprint": f"hybrid_k2-{__version__}"})[:-1]
+    return (f'data: {head},"choices":[{{"index":0,"{field}":',
+            "}]" + (',"usage":null' if usage else "") + "}\n\n")
 
 
 def _usage(g: Generation) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 
+import numpy as np
 import torch
 
 _TOKENIZERS: dict[int, tuple[object, object]] = {}   # id(Tokenizer) -> (Tokenizer, LLTokenizer); built once (~1 s)
@@ -68,8 +69,9 @@ class GrammarMask:
         if self.matcher.is_error():
             raise GrammarError(f"the grammar does not compile: {self.matcher.get_error()}")
         self.vocab = engine.cfg.vocab_size
-        self.words = torch.empty((self.vocab + 31) // 32, dtype=torch.int32)
-        self._shifts = torch.arange(32, dtype=torch.int32)
+        # buffers reused every token: the matcher's bitmask (bit i of word w = token 32w+i) and its inverse
+        self.words = np.empty((self.vocab + 31) // 32, dtype=np.uint32)
+        self._banned_words = np.empty_like(self.words)
         self.fed = 0
 
     def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -78,8 +80,11 @@ class GrammarMask:
             if not m.consume_token(t):
                 raise RuntimeError(f"grammar rejected token {t}: {m.get_error()}")
         self.fed = len(generated)
-        m.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
+        m.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
         if m.is_error():
             raise RuntimeError(f"grammar error: {m.get_error()}")
-        allowed = ((self.words.unsqueeze(1) >> self._shifts) & 1).view(-1)[:self.vocab].bool()
-        return logits.masked_fill_(~allowed, float("-inf"))
+        np.invert(self.words, out=self._banned_words)
+        # little-endian words, bytes unpacked low bit first: one byte per token, in token order
+        banned = np.unpackbits(self._banned_words.astype("<u4", copy=False).view(np.uint8), count=self.vocab,
+                               bitorder="little").view(np.bool_)
+        return logits.masked_fill_(torch.from_numpy(banned), float("-inf"))
