@@ -44,6 +44,7 @@ class Job:
         self.items: collections.deque = collections.deque()
         self.ready = asyncio.Event()
         self.sleeping = False
+        self.stream_tools = False   # set by the engine's thread before _STARTED (see Server._processor)
         self.check_at = loop.time() + 0.05
         self.cancelled = threading.Event()
 
@@ -165,7 +166,7 @@ class Server:
         req, engine = job.req, self.engine
         try:
             kw = dict(req.kwargs, cancel=job.cancelled.is_set, logprobs=req.logprobs)
-            proc = self._processor(req)
+            proc = self._processor(job)
             if proc is not None:
                 kw["logits_processor"] = proc
             with warnings.catch_warnings(record=True) as caught:
@@ -181,12 +182,27 @@ class Server:
         except Exception as e:   # noqa: BLE001  (delivered to the request's handler, which shapes the error)
             job.put(e)
 
-    def _processor(self, req: GenRequest):
-        from .grammar import GrammarMask, json_grammar, tool_call_grammar
+    def _processor(self, job: Job):
+        """The request's logits processor, and whether its tool-call arguments can stream as they come
+        (job.stream_tools: only where a grammar enforces the section, since a sent fragment cannot be taken
+        back; an unconstrained section is held until it has parsed, so malformed markup can become text)."""
+        from .grammar import GrammarError, GrammarMask, LazyToolMask, json_grammar, tool_call_grammar
+        req = job.req
         if req.grammar == "json":
             return GrammarMask(self.engine, json_grammar(req.schema))
         if req.grammar == "tool":
+            job.stream_tools = True
             return GrammarMask(self.engine, tool_call_grammar(req.forced_functions, count_tool_calls(req.messages)))
+        if req.tools and req.tool_choice == "auto" and req.messages:
+            functions = [(t["function"]["name"], t["function"].get("parameters") or {"type": "object"})
+                         for t in req.tools]
+            try:
+                mask = LazyToolMask(self.engine, functions, count_tool_calls(req.messages))
+            except (GrammarError, ValueError) as e:   # auto worked without a grammar: keep it so, sections held
+                log.warning("tool_choice auto runs unconstrained: %s", e)
+                return None
+            job.stream_tools = True
+            return mask
         if req.tool_choice == "none" and req.messages:
             banned = self.engine.tokenizer.special_tokens["<|tool_calls_section_begin|>"]
 
@@ -409,10 +425,9 @@ class Server:
         def chunk(delta: dict, finish=None) -> str:
             return f'{head}{_dumps(delta)},"logprobs":null,"finish_reason":{_dumps(finish)}{tail}'
 
-        # Argument fragments stream as they are generated only where a grammar enforces the markup (required or
-        # named tool_choice): a fragment cannot be taken back, and only there is the section sure to parse.
-        # Under `auto` the section is held until it has parsed, so malformed markup can still become text.
-        splitter = ReplySplitter(count_tool_calls(req.messages), stream_tools=req.grammar == "tool")
+        # Argument fragments stream as they are generated only where a grammar enforces the markup (required,
+        # named, and auto's lazy grammar, see Server._processor): a fragment cannot be taken back.
+        splitter = ReplySplitter(count_tool_calls(req.messages), stream_tools=job.stream_tools)
         key = {"content": "content", "reasoning": "reasoning_content"}
 
         def deltas(items) -> str:

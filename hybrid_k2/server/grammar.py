@@ -43,25 +43,27 @@ def json_grammar(schema: dict) -> str:
         raise GrammarError(f"the JSON schema is not usable: {e}") from None
 
 
-def tool_call_grammar(functions: list[tuple[str, dict]], index: int) -> str:
-    """Exactly one Kimi K2 tool call to one of `functions` ((name, parameters schema) pairs), id IDX `index`."""
+def tool_call_grammar(functions: list[tuple[str, dict]], index: int, max_calls: int = 1) -> str:
+    """A Kimi K2 tool-call section of 1..max_calls calls to `functions` ((name, parameters schema) pairs), the
+    calls' ids counting on from IDX `index`."""
     import llguidance
-    calls, rules = [], []
-    for k, (name, params) in enumerate(functions):
-        calls.append(f"c{k}")
-        rules.append(f'c{k}: <|tool_call_begin|> "functions.{name}:{index}" <|tool_call_argument_begin|> a{k} '
-                     f"<|tool_call_end|>")
+    rules = []
+    for k, (_, params) in enumerate(functions):
         compact = dict(params, **{"x-guidance": _JSON_OPTIONS})   # the schema's own compiler options
         rules.append(f"a{k}: %json {json.dumps(compact, ensure_ascii=False)}")
-    lark = ("start: <|tool_calls_section_begin|> call <|tool_calls_section_end|>\n"
-            f"call: {' | '.join(calls)}\n" + "\n".join(rules) + "\n")
+    for i in range(max_calls):    # call i has id IDX index+i; the next call is optional
+        alts = [f'<|tool_call_begin|> "functions.{name}:{index + i}" <|tool_call_argument_begin|> a{k} '
+                f"<|tool_call_end|>" for k, (name, _) in enumerate(functions)]
+        more = f" call{i + 1}?" if i + 1 < max_calls else ""
+        rules.append(f"call{i}: ({' | '.join(alts)}){more}")
+    lark = "start: <|tool_calls_section_begin|> call0 <|tool_calls_section_end|>\n" + "\n".join(rules) + "\n"
     return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
 class GrammarMask:
     """logits_processor(generated_ids, logits) that keeps only the tokens the grammar allows next."""
 
-    def __init__(self, engine, grammar: str):
+    def __init__(self, engine, grammar: str, fed: int = 0):
         import llguidance
         self._llg = llguidance
         self.tokenizer = _lltokenizer(engine.tokenizer, engine.cfg.vocab_size)
@@ -72,7 +74,7 @@ class GrammarMask:
         # buffers reused every token: the matcher's bitmask (bit i of word w = token 32w+i) and its inverse
         self.words = np.empty((self.vocab + 31) // 32, dtype=np.uint32)
         self._banned_words = np.empty_like(self.words)
-        self.fed = 0
+        self.fed = fed      # generated tokens before the grammar's first (a lazy mask starts mid-reply)
 
     def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
         m = self.matcher
@@ -88,3 +90,27 @@ class GrammarMask:
         banned = np.unpackbits(self._banned_words.astype("<u4", copy=False).view(np.uint8), count=self.vocab,
                                bitorder="little").view(np.bool_)
         return logits.masked_fill_(torch.from_numpy(banned), float("-inf"))
+
+
+class LazyToolMask:
+    """tool_choice auto: free text until the model opens a tool-call section, then the tool-call grammar.
+
+    Before <|tool_calls_section_begin|> it costs one comparison a token; from it on, the section is
+    constrained like a required tool_choice's (the declared functions, ids counted on, arguments matching
+    their schemas), so it parses by construction and its arguments can stream as they are generated. The
+    matcher is built up front (a schema it cannot compile is known before the first token)."""
+
+    MAX_CALLS = 8    # parallel calls in one section
+
+    def __init__(self, engine, functions: list[tuple[str, dict]], index: int):
+        self.trigger = engine.tokenizer.special_tokens["<|tool_calls_section_begin|>"]
+        self.mask = GrammarMask(engine, tool_call_grammar(functions, index, self.MAX_CALLS))
+        self.on = False
+
+    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if not self.on:
+            if not generated or generated[-1] != self.trigger:
+                return logits
+            self.on = True
+            self.mask.fed = len(generated) - 1     # the matcher starts at the section's first token
+        return self.mask(generated, logits)
