@@ -1,19 +1,24 @@
 """Server overhead and grammar cost.
 
 1. Time to first token and decode tok/s of one prompt through `hybrid-k2 serve` (real HTTP, the `openai`
-   client, streaming) vs Engine.generate directly, same prompt, same greedy tokens.
-2. Decode time per token with the grammar mask (response_format json_object) vs without, through the engine.
+   client in its own process, streaming) vs Engine.generate directly, same prompt, same greedy tokens; and
+   the engine's own decode speed inside the server (what CPU and GIL sharing with the HTTP side cost it).
+2. Decode time per token with the grammar mask (response_format json_object) vs without, and with
+   tool_choice auto's tool grammar waiting for a section, through the engine.
 
-    python bench/bench_server.py [MODEL] [--tokens 128] [--repeats 5]
+    python bench/bench_server.py [MODEL] [--tokens 128] [--repeats 5] [--threads N] [--stream-interval S]
+
+MODEL is anything load() takes with a tokenizer, e.g. the K2-shaped GGUF `hybrid-k2 bench` writes
+(~/.cache/hybrid_k2/bench/k2shaped-L3-E32-V4352-q4_0.gguf), whose per-token cost is a real model's.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import socket
+import statistics
 import subprocess
 import sys
-import statistics
 import threading
 import time
 
@@ -62,7 +67,20 @@ def _served(client):
 def _per_token(engine, ids, n, proc):
     kw = {"logits_processor": proc} if proc is not None else {}
     g = engine.generate(ids, max_new_tokens=n, temperature=0, **kw)
-    return g.stats.decode_s / max(g.stats.generated_tokens - 1, 1), g.stats.generated_tokens
+    return g.stats.decode_s / max(g.stats.generated_tokens - 1, 1), g.token_ids
+
+
+def _replay(tokens):
+    """A processor that makes the model write `tokens` again, without a grammar: a constrained run writes other
+    tokens than a free one, and those cost their own (other experts, other text), which is not the mask's."""
+    import torch
+
+    def f(generated, logits):
+        t = tokens[len(generated)] if len(generated) < len(tokens) else tokens[-1]
+        out = torch.full_like(logits, float("-inf"))
+        out[t] = 0.0
+        return out
+    return f
 
 
 def main(argv=None):
@@ -71,7 +89,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ctx", type=int, default=4096)
-    ap.add_argument("--stream-interval", type=float, default=0.005, help="the server's stream_interval (s)")
+    ap.add_argument("--stream-interval", type=float, default=None,
+                    help="the server's stream_interval in s (default: the server's own)")
     ap.add_argument("--threads", type=int, default=None,
                     help="kernel threads (default: all cores; fewer leave a core to the event loop and the client)")
     args = ap.parse_args(argv)
@@ -79,14 +98,15 @@ def main(argv=None):
 
     import hybrid_k2
     from hybrid_k2.server import Server
-    from hybrid_k2.server.grammar import GrammarMask, json_grammar
+    from hybrid_k2.server.grammar import GrammarMask, LazyToolMask, json_grammar
 
     engine = hybrid_k2.load(args.model, ctx=args.ctx, threads=args.threads)
     ids = engine.tokenizer.encode("Beautiful is better than ugly. Explicit is better than implicit. Simple is")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = Server(engine, served_model_name="bench", stream_interval=args.stream_interval)
+    server = Server(engine, served_model_name="bench",
+                    **({} if args.stream_interval is None else {"stream_interval": args.stream_interval}))
     uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=uv.run, daemon=True).start()
     while not uv.started:
@@ -113,18 +133,27 @@ def main(argv=None):
     print(f"  server overhead: TTFT {(med['server'][0] / med['direct'][0] - 1):+.1%}, "
           f"decode {(1 - med['server'][1] / med['direct'][1]):+.1%} slower")
 
-    free, masked = [], []
+    tools = [("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})]
+    free, masked, replayed, idle = [], [], [], []
     for r in range(args.repeats + 1):
         engine.reset()
         f = _per_token(engine, ids, args.tokens, None)
         engine.reset()
         m = _per_token(engine, ids, args.tokens, GrammarMask(engine, json_grammar({"type": "object"})))
+        engine.reset()      # the constrained run's tokens, without the mask
+        p = _per_token(engine, ids, args.tokens, _replay(m[1]))
+        engine.reset()      # tool_choice auto: the tool grammar waits for a section the model does not open
+        i = _per_token(engine, ids, args.tokens, LazyToolMask(engine, tools, 0))
         if r:
             free.append(f[0])
             masked.append(m[0])
-    a, b = statistics.median(free), statistics.median(masked)
+            replayed.append(p[0])
+            idle.append(i[0])
+    a, b, p, c = (statistics.median(x) for x in (free, masked, replayed, idle))
     print(f"  decode per token: unconstrained {a * 1e3:.3f} ms, json_object grammar {b * 1e3:.3f} ms "
-          f"({b / a - 1:+.1%}; the mask costs {(b - a) * 1e3:.3f} ms a token)")
+          f"({b / a - 1:+.1%}), its tokens replayed without the mask {p * 1e3:.3f} ms (the mask itself "
+          f"{b / p - 1:+.1%}, {(b - p) * 1e3:.3f} ms a token); auto's idle tool grammar {c * 1e3:.3f} ms "
+          f"({c / a - 1:+.1%})")
     client.stdin.close()
     client.wait()
     uv.should_exit = True

@@ -73,9 +73,10 @@ class ReplySplitter:
     stream_tools=True parses the section as it arrives: ("tool_call", i) once call i's header has parsed
     (self.calls[i] holds its id and name), then ("tool_args", (i, fragment)) as the arguments are generated.
     Fragments already sent cannot be taken back, so this is for output whose markup a grammar enforces (the
-    server's constrained tool_choice), where only truncation can go wrong: a cut call stays as far as it got
-    (finish_reason "length", as OpenAI does) with a ToolCallWarning. Markup that breaks before any call has
-    streamed still falls back to text; after one has, the rest is content."""
+    server's required/named tool_choice, and auto's grammar that starts at the section), where only
+    truncation can go wrong: a cut call stays as far as it got (finish_reason "length", as OpenAI does) with
+    a ToolCallWarning. Markup that breaks before any call has streamed still falls back to text; after one
+    has, the rest is content."""
 
     def __init__(self, first_index: int = 0, stream_tools: bool = False):
         self.first_index = first_index

@@ -35,27 +35,32 @@ _STARTED, _DONE = object(), object()
 
 class Job:
     """A request's events, from the engine's thread to its handler. The handler takes everything pending at
-    once (a handler that fell behind sends it as one SSE write) and the engine's thread wakes the event loop
-    only when the handler is asleep waiting, not once per token."""
+    once (one SSE write), at most once per `interval` s while text flows; the end (the Generation, an error,
+    _DONE) goes at once. The engine's thread wakes the event loop only when the handler sleeps waiting for
+    what it just put, not once per token."""
 
     def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop, interval: float = 0.0):
         self.req, self.loop, self.interval = req, loop, interval
-        self.send_at = 0.0          # loop.time() before which the handler lets pieces gather (stream_interval)
+        self.send_at = 0.0          # loop.time() before which pieces gather (the first goes at once)
         self.items: collections.deque = collections.deque()
+        self.final = False          # the end is among the items
+        self.wake_on = None         # what the sleeping handler waits for: "any" item, or the "final" one
         self.ready = asyncio.Event()
-        self.sleeping = False
         self.stream_tools = False   # set by the engine's thread before _STARTED (see Server._processor)
         self.check_at = loop.time() + 0.05
         self.cancelled = threading.Event()
 
     def put(self, item) -> None:   # from the worker thread
+        final = not isinstance(item, str) and item is not _STARTED
         self.items.append(item)
-        if self.sleeping:           # set before the handler's last look at items (the GIL orders the two)
+        if final:
+            self.final = True
+        wake = self.wake_on        # read after the append: the handler sets it before its last look (GIL order)
+        if wake == "any" or (final and wake == "final"):
             self.loop.call_soon_threadsafe(self.ready.set)
 
     async def take(self, request: Request, paced: bool = True) -> list | None:
-        """All pending events (at least one); None when the client has gone away (the job is then cancelled).
-        paced: at most one batch per interval (the first goes at once)."""
+        """All pending events (at least one); None when the client has gone away (the job is then cancelled)."""
         while True:
             now = self.loop.time()
             if now >= self.check_at:    # a client gone mid-generation is seen within 50 ms, events or not
@@ -63,21 +68,23 @@ class Job:
                 if await request.is_disconnected():
                     self.cancelled.set()
                     return None
-            if self.items:
+            if self.items and (not paced or self.final or now >= self.send_at):
                 if paced:
-                    if now < self.send_at:      # the engine's thread keeps adding, without waking the loop
-                        await asyncio.sleep(self.send_at - now)
-                        continue
                     self.send_at = now + self.interval
                 items = self.items
                 return [items.popleft() for _ in range(len(items))]
-            self.sleeping = True
-            if not self.items:
-                timer = self.loop.call_later(0.05, self.ready.set)
+            if self.items:     # pacing: the engine's thread keeps adding without waking the loop, until the end
+                self.wake_on, until = "final", min(self.send_at, self.check_at)
+                asleep = not self.final
+            else:
+                self.wake_on, until = "any", self.check_at
+                asleep = not self.items
+            if asleep:
+                timer = self.loop.call_at(until, self.ready.set)
                 await self.ready.wait()
                 timer.cancel()
                 self.ready.clear()
-            self.sleeping = False
+            self.wake_on = None
 
 
 class Metrics:
@@ -105,7 +112,7 @@ class Metrics:
 
 class Server:
     def __init__(self, engine=None, *, loader=None, served_model_name: str = "hybrid-k2", api_key: str | None = None,
-                 max_queue: int = 64, max_body: int = MAX_BODY, stream_interval: float = 0.005):
+                 max_queue: int = 64, max_body: int = MAX_BODY, stream_interval: float = 0.02):
         if engine is None and loader is None:
             raise ValueError("Server needs an engine or a loader")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -115,9 +122,9 @@ class Server:
         self.name, self.api_key, self.max_queue = served_model_name, api_key, max_queue
         self.metrics = Metrics()
         self.max_body = max_body
-        # A stream writes at most once per stream_interval s: pieces generated meanwhile go out as one SSE
-        # write. At a real model's 10-100 ms a token this never merges; at the demo's 1 ms it spares the
-        # engine's thread an event-loop wakeup (and the GIL it takes) per token.
+        # A stream writes at most once per stream_interval s (the first piece and the end at once): pieces
+        # generated meanwhile go out as one SSE write. At a K2's 30-100 ms a token this never merges; at the
+        # demo's 1 ms it spares the engine's thread an event-loop wakeup (and the GIL it takes) per token.
         if not (isinstance(stream_interval, (int, float)) and 0 <= stream_interval <= 1):
             raise ValueError(f"stream_interval must be seconds in [0, 1], got {stream_interval!r}")
         self.stream_interval = float(stream_interval)
