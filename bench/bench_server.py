@@ -3,8 +3,8 @@
 1. Time to first token and decode tok/s of one prompt through `hybrid-k2 serve` (real HTTP, the `openai`
    client in its own process, streaming) vs Engine.generate directly, same prompt, same greedy tokens; and
    the engine's own decode speed inside the server (what CPU and GIL sharing with the HTTP side cost it).
-2. Decode time per token with the grammar mask (response_format json_object) vs without, and with
-   tool_choice auto's tool grammar waiting for a section, through the engine.
+2. Decode time per token with a JSON schema's grammar mask (an answer as long as --tokens) vs without, vs
+   the same tokens replayed without it, and with tool_choice auto's tool grammar waiting for a section.
 
     python bench/bench_server.py [MODEL] [--tokens 128] [--repeats 5] [--threads N] [--stream-interval S]
 
@@ -134,12 +134,15 @@ def main(argv=None):
           f"decode {(1 - med['server'][1] / med['direct'][1]):+.1%} slower")
 
     tools = [("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})]
+    # a schema whose answer runs to --tokens (json_object lets a model stop after "{}")
+    long_json = {"type": "object", "properties": {"text": {"type": "string", "minLength": 16 * args.tokens}},
+                 "required": ["text"]}
     free, masked, replayed, idle = [], [], [], []
     for r in range(args.repeats + 1):
         engine.reset()
         f = _per_token(engine, ids, args.tokens, None)
         engine.reset()
-        m = _per_token(engine, ids, args.tokens, GrammarMask(engine, json_grammar({"type": "object"})))
+        m = _per_token(engine, ids, args.tokens, GrammarMask(engine, json_grammar(long_json)))
         engine.reset()      # the constrained run's tokens, without the mask
         p = _per_token(engine, ids, args.tokens, _replay(m[1]))
         engine.reset()      # tool_choice auto: the tool grammar waits for a section the model does not open
@@ -150,7 +153,7 @@ def main(argv=None):
             replayed.append(p[0])
             idle.append(i[0])
     a, b, p, c = (statistics.median(x) for x in (free, masked, replayed, idle))
-    print(f"  decode per token: unconstrained {a * 1e3:.3f} ms, json_object grammar {b * 1e3:.3f} ms "
+    print(f"  decode per token: unconstrained {a * 1e3:.3f} ms, a JSON schema's grammar {b * 1e3:.3f} ms "
           f"({b / a - 1:+.1%}), its tokens replayed without the mask {p * 1e3:.3f} ms (the mask itself "
           f"{b / p - 1:+.1%}, {(b - p) * 1e3:.3f} ms a token); auto's idle tool grammar {c * 1e3:.3f} ms "
           f"({c / a - 1:+.1%})")
