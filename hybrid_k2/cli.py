@@ -190,7 +190,7 @@ def cmd_serve(args) -> int:
         return holder["engine"]
     try:
         serve(loader=loader, host=args.host, port=args.port, served_model_name=args.served_model_name,
-              api_key=args.api_key, max_queue=args.max_queue)
+              api_key=args.api_key, max_queue=args.max_queue, stream_interval=args.stream_interval)
     finally:
         if "engine" in holder:
             holder["engine"].close()
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default="hybrid-k2", help="the model id clients name (default hybrid-k2)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for the engine; more get 429 (default 64)")
+    s.add_argument("--stream-interval", type=float, default=0.02,
+                   help="seconds between a stream's writes (pieces generated meanwhile go out together; default 0.02)")
     s.set_defaults(func=cmd_serve)
 
     pl = sub.add_parser("plan", add_help=False, help="placement under VRAM/RAM budgets and predicted tok/s",
