@@ -164,6 +164,9 @@ uint64_t hk2_read_probe(const void *buf, size_t n);
  * it released a waiter, 0 when none was waiting. */
 int hk2_debug_wait(int timeout_ms);
 int hk2_debug_signal(void);
+/* The mapped checkpoint files (paths, sizes when mapped) a SIGBUS message names (csrc/sigbus.c); the first
+ * call installs the handler. Returns 0, or -1 on bad arguments or no memory. */
+int hk2_sigbus_watch(const char *const *paths, const long long *sizes, int n);
 /* CDEF END */
 
 #ifdef __cplusplus

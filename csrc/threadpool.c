@@ -120,9 +120,15 @@ static int pool_create(int n, pool_t **out) {
     atomic_init(&pool->stop, 0);
     /* Workers block every signal (the mask is inherited), so a process-directed SIGINT reaches a thread that
      * can act on it: Python runs handlers on its main thread only, and a Ctrl-C taken by a worker would not
-     * interrupt the main thread's wait for terminal input. */
+     * interrupt the main thread's wait for terminal input. Not the signals of a fault in the worker itself:
+     * a blocked SIGBUS/SIGSEGV is fatal at once, bypassing every handler (a truncated checkpoint's message,
+     * faulthandler's traceback). */
     sigset_t all, old;
     sigfillset(&all);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGFPE);
+    sigdelset(&all, SIGILL);
     pthread_sigmask(SIG_BLOCK, &all, &old);
     for (int i = 1; i < n; i++) {
         worker_arg *arg = malloc(sizeof *arg);

@@ -1,35 +1,27 @@
 """Which checkpoint files this process has mapped, so a SIGBUS names them.
 
 Reading a page of a memory-mapped file that was truncated (or whose storage failed) after it was mapped
-raises SIGBUS in whichever thread touches it, usually deep inside numpy, torch or the C kernels. Python
-cannot turn that into an exception: a `signal.signal` handler only runs after the faulting C code returns,
-which it never does (the access faults again, forever). So the readers register each mapping here, and the
-first registration installs a process-wide SIGBUS handler (libc `signal`, through ctypes) that writes one
-message naming the mapped files, and which of them changed size since they were mapped, and the Python
-traceback (faulthandler), then puts the previous handler back and returns: the access faults again and the
-previous handler (faulthandler's, or the default action: the process dies of SIGBUS) runs as before.
-Nothing is "recovered"; the process dies, but it says why. (faulthandler alone cannot add the file names;
-a C handler could map the fault address to its file, but would need the kernels' C build: here comparing
-each mapped file's size with its size at open names the truncated one.)
+raises SIGBUS in whichever thread touches it, usually deep inside numpy, torch or the C kernels' workers.
+Python cannot turn that into an exception (a `signal.signal` handler only runs after the faulting C code
+returns, which it never does). So the readers register each mapping here, and the list goes to a C handler
+(csrc/sigbus.c, installed on the first registration) that writes one message naming the mapped files and
+which of them changed size, then hands over to the previous handler (faulthandler's, or the default: the
+process dies of SIGBUS). It runs without Python, so a fault in a thread that lacks the GIL cannot stall it.
+Nothing is recovered; the process dies, but it says why.
 
 The readers also compare the file size before each tensor they read at load time (`check_size`), so a
 truncation between open and load is a CheckpointError, not a SIGBUS.
 """
 from __future__ import annotations
 
-import ctypes
-import faulthandler
 import itertools
 import os
-import signal
-import sys
 import threading
 
 _lock = threading.Lock()
 _ids = itertools.count()
 _files: dict[int, tuple[str, int]] = {}     # registration id -> (path, size when mapped)
-_snapshot: tuple[tuple[str, int], ...] = ()  # what the handler reads: replaced whole, never mutated
-_state: dict = {}                           # 'libc', 'handler' (kept alive), 'previous' once installed
+_snapshot: tuple[tuple[str, int], ...] = ()
 
 
 def register(path: str, size: int) -> int:
@@ -39,8 +31,7 @@ def register(path: str, size: int) -> int:
         i = next(_ids)
         _files[i] = (os.path.abspath(path), size)
         _snapshot = tuple(_files.values())
-        if "handler" not in _state:
-            _install()
+        _publish()
     return i
 
 
@@ -51,6 +42,7 @@ def unregister(i: int | None) -> None:
     with _lock:
         if _files.pop(i, None) is not None:
             _snapshot = tuple(_files.values())
+            _publish()
 
 
 def mapped_files() -> list[tuple[str, int]]:
@@ -58,18 +50,17 @@ def mapped_files() -> list[tuple[str, int]]:
 
 
 def message() -> str:
-    """The text the SIGBUS handler writes (also used by the tests)."""
+    """What the SIGBUS handler writes for the files mapped now (csrc/sigbus.c writes the same text)."""
     changed, others = [], []
     for path, size in _snapshot:
         try:
             now = os.stat(path).st_size
-        except OSError as e:
-            now = f"gone ({e.strerror})"
-        (changed if now != size else others).append((path, size, now))
+        except OSError:
+            now = None
+        (others if now == size else changed).append((path, size, "gone" if now is None else f"{now} bytes"))
     lines = ["hybrid_k2: SIGBUS (bus error) reading a memory-mapped checkpoint file: it was truncated or replaced "
              "while in use, or its storage failed."]
-    for path, size, now in changed:
-        lines.append(f"  {path}: {size} bytes when opened, now {now}{' bytes' if isinstance(now, int) else ''}")
+    lines += [f"  {path}: {size} bytes when opened, now {now}" for path, size, now in changed]
     if others:
         lines.append(("  other mapped files (unchanged size): " if changed else "  mapped files: ")
                      + ", ".join(p for p, _, _ in others))
@@ -78,31 +69,16 @@ def message() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _on_sigbus(signum: int) -> None:
-    # Runs in the faulting thread; ctypes takes the GIL for it. Keep it short: write, restore, return.
+def _publish() -> None:
+    """Hand the C handler the current list (called under _lock)."""
     try:
-        os.write(2, message().encode("utf-8", "replace"))
-        if not faulthandler.is_enabled():   # (when it is, its handler prints the traceback next)
-            faulthandler.dump_traceback(all_threads=True)
-    except BaseException:   # nothing may escape into the signal context
-        pass
-    _state["libc"].signal(signal.SIGBUS, _state["previous"])
-
-
-def _install() -> None:
-    if not hasattr(signal, "SIGBUS") or sys.platform == "win32":
-        _state["handler"] = None
+        from hybrid_k2 import _kernels
+    except ImportError:   # kernels not built (a reader used alone): no message, the default action stays
         return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.signal.restype = ctypes.c_void_p
-        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    except (OSError, AttributeError):
-        _state["handler"] = None
-        return
-    handler = ctypes.CFUNCTYPE(None, ctypes.c_int)(_on_sigbus)
-    _state.update(libc=libc, handler=handler)
-    _state["previous"] = libc.signal(signal.SIGBUS, ctypes.cast(handler, ctypes.c_void_p).value)
+    ffi, lib = _kernels.ffi, _kernels.lib
+    paths = [ffi.new("char[]", os.fsencode(p)) for p, _ in _snapshot]
+    lib.hk2_sigbus_watch(ffi.new("const char *[]", paths) if paths else ffi.NULL,
+                         ffi.new("long long[]", [s for _, s in _snapshot]) if paths else ffi.NULL, len(paths))
 
 
 def check_size(path: str, mm, size: int, what: str) -> None:
