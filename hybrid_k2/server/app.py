@@ -423,6 +423,22 @@ class Server:
             return {"token": b.decode("utf-8", errors="replace"), "logprob": v, "bytes": list(b)}
         return dict(one(token, lp), top_logprobs=[one(t, v) for t, v in alts])
 
+    async def _sse(self, request: Request, job: Job, render, done: list):
+        """A job's text pieces as SSE, one write per batch (`render`: piece -> SSE text); the final Generation
+        goes into `done`; an engine error becomes an error event and ends the pieces."""
+        async for batch in self._batches(job, request):
+            sse = ""
+            for ev in batch:
+                if isinstance(ev, Exception):
+                    sse += f"data: {json.dumps(_shape(ev).body())}\n\n"
+                    break
+                if isinstance(ev, Generation):
+                    done.append(ev)
+                else:
+                    sse += render(ev)
+            if sse:
+                yield sse
+
     async def _chat_stream(self, request: Request, job: Job, rid: str):
         req = job.req
         created = int(time.time())
@@ -449,26 +465,19 @@ class Server:
                 else:
                     out.append(f'{head}{{"{key[kind]}":{_dumps(v)}}},"logprobs":null,"finish_reason":null{tail}')
             return "".join(out)
+        def render(piece: str) -> str:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                items = splitter.push(piece)
+            for w in caught:
+                log.warning("%s", w.message)
+            return deltas(items)
         try:
             yield chunk({"role": "assistant", "content": ""})
-            gen = None
-            async for batch in self._batches(job, request):   # one write per batch of pieces
-                sse = ""
-                for ev in batch:
-                    if isinstance(ev, Exception):
-                        sse += f"data: {json.dumps(_shape(ev).body())}\n\n"
-                        break
-                    if isinstance(ev, Generation):
-                        gen = ev
-                        continue
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        items = splitter.push(ev)
-                    for w in caught:
-                        log.warning("%s", w.message)
-                    sse += deltas(items)
-                if sse:
-                    yield sse
+            done: list[Generation] = []
+            async for sse in self._sse(request, job, render, done):
+                yield sse
+            gen = done[0] if done else None
             if job.cancelled.is_set() and gen is None:
                 return
             if gen is not None:
@@ -533,19 +542,10 @@ class Server:
         def chunk(text: str, finish=None) -> str:
             return f'{head}{_dumps(text)},"logprobs":null,"finish_reason":{_dumps(finish)}{tail}'
         try:
-            gen = None
-            async for batch in self._batches(job, request):   # one write per batch of pieces
-                sse = ""
-                for ev in batch:
-                    if isinstance(ev, Exception):
-                        sse += f"data: {json.dumps(_shape(ev).body())}\n\n"
-                        break
-                    if isinstance(ev, Generation):
-                        gen = ev
-                    else:
-                        sse += chunk(ev)
-                if sse:
-                    yield sse
+            done: list[Generation] = []
+            async for sse in self._sse(request, job, chunk, done):
+                yield sse
+            gen = done[0] if done else None
             if gen is not None:
                 yield chunk("", gen.finish_reason)
                 if job.req.include_usage:
