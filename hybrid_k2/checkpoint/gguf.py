@@ -717,6 +717,14 @@ class GGUFCheckpoint(Checkpoint):
     def moe_layers(self) -> list[int]:
         return sorted(self._stacks)
 
+    def expert_types(self, layer: int) -> dict[str, tuple[str, int]]:
+        """{'gate' | 'up' | 'down': (GGUF tensor name, qtype)} for one MoE layer, from the header alone."""
+        st = self._stacks.get(layer)
+        if st is None:
+            raise CheckpointError(f"{self.path}: layer {layer} has no routed experts "
+                                  f"(MoE layers: {self.moe_layers()})")
+        return {kind: (st[kind][0].name, int(st[kind][0].tensor_type)) for kind in ("gate", "up", "down")}
+
     def expert_blocks(self, layer: int) -> dict[str, tuple[np.ndarray, int]]:
         """{'gate' | 'up' | 'down': (blocks, qtype)} for one MoE layer. `blocks` is a read-only uint8
         view [n_experts, rows, row_bytes] straight into the file mapping (no copy); each expert's

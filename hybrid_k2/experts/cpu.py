@@ -16,6 +16,7 @@ import torch
 
 from .. import kernels
 from ..checkpoint import CheckpointError, fetch
+from ..checkpoint.gguf import qtype_name
 from ..checkpoint.quantize import int4_to_q4_0
 from . import ExpertBackend, block_signals, expert_names
 
@@ -92,18 +93,28 @@ class CPUExperts(ExpertBackend):
 
 def _native_names(ckpt, layer: int) -> tuple[str, ...]:
     """The format names of a GGUF layer's experts, so asking for the stored format keeps them in place."""
-    kinds = {kernels.qtype(q).name for _, q in ckpt.expert_blocks(layer).values()}
-    return tuple(k.lower() for k in kinds) if len(kinds) == 1 else ()
+    kinds = {qtype_name(q) for _, q in ckpt.expert_types(layer).values()}
+    return tuple(kinds) if len(kinds) == 1 else ()
+
+
+def _gguf_types(ckpt, layer: int) -> dict[str, "kernels.QType"]:
+    """{'gate' | 'up' | 'down': the kernels' type} of a GGUF layer's experts, from the header; a type the CPU
+    kernels do not run is refused naming the file, the tensor and its type."""
+    types = {}
+    for kind, (name, q) in ckpt.expert_types(layer).items():
+        t = kernels.QTYPES.get(qtype_name(q).upper())
+        if t is None or t.name not in kernels.WEIGHT_QTYPES:
+            raise CheckpointError(
+                f"{ckpt.path}: tensor {name!r} is {qtype_name(q).upper()}, which the CPU expert kernels do not run "
+                f"(they run {', '.join(n for n in kernels.WEIGHT_QTYPES if '_R' not in n)}); pass expert_format= "
+                f"one of {', '.join(FORMATS)} to requantize at load, or use a GGUF with those expert types")
+        types[kind] = t
+    return types
 
 
 def _gguf_layer(ckpt, layer: int) -> kernels.ExpertWeights:
+    types = _gguf_types(ckpt, layer)
     blocks = ckpt.expert_blocks(layer)
-    types = {k: kernels.qtype(q) for k, (_, q) in blocks.items()}
-    unsupported = [f"{k}={t.name}" for k, t in types.items() if t.name not in kernels.WEIGHT_QTYPES]
-    if unsupported:
-        raise CheckpointError(f"{ckpt.path}: layer {layer} experts are stored as {', '.join(unsupported)}, which the "
-                              f"CPU kernels do not run in place; pass expert_format= one of {', '.join(FORMATS)} "
-                              "to requantize at load")
     return kernels.ExpertWeights(blocks["gate"][0], blocks["up"][0], blocks["down"][0], types["gate"],
                                  types["up"], types["down"])
 
