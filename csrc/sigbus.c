@@ -75,7 +75,12 @@ static void report(void) {
 }
 
 static void on_sigbus(int sig, siginfo_t *info, void *ctx) {
-    (void)sig; (void)info; (void)ctx;
+    (void)sig; (void)ctx;
+    if (info && info->si_code <= 0) {   /* sent by kill(), not a fault: deliver it as if we were not here */
+        sigaction(SIGBUS, &g_prev, NULL);
+        raise(SIGBUS);
+        return;
+    }
     int expect = 0;
     if (atomic_compare_exchange_strong(&g_writer, &expect, 1)) {
         report();
@@ -110,7 +115,10 @@ int hk2_sigbus_watch(const char *const *paths, const long long *sizes, int n) {
         sa.sa_sigaction = on_sigbus;
         sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
         sigemptyset(&sa.sa_mask);
-        if (sigaction(SIGBUS, &sa, &g_prev) != 0) return -1;
+        if (sigaction(SIGBUS, &sa, &g_prev) != 0) {
+            atomic_store(&g_installed, 0);
+            return -1;
+        }
     }
     return 0;
 }

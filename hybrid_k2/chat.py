@@ -78,8 +78,12 @@ class ReplySplitter:
     a ToolCallWarning. Markup that breaks before any call has streamed still falls back to text; after one
     has, the rest is content."""
 
-    def __init__(self, first_index: int = 0, stream_tools: bool = False):
+    def __init__(self, first_index: int = 0, stream_tools: bool = False, collect_warnings: bool = False):
         self.first_index = first_index
+        # collect_warnings: ToolCallWarning texts go to self.warnings instead of warnings.warn (the server reads
+        # them on its event loop; warnings.catch_warnings is process-global, so it cannot be used beside a thread)
+        self.collect_warnings = collect_warnings
+        self.warnings: list[str] = []
         self.state = "start"     # start -> (reasoning ->) content -> tools (-> tail, with stream_tools)
         self.buf = ""
         self.after_think = False   # the newlines after </think> separate; they are not content
@@ -199,9 +203,14 @@ class ReplySplitter:
         except json.JSONDecodeError:
             ok = False
         if not ok:   # already sent: it stays (a grammar rules this out); the client is told by the log
+            self._warn(f"tool call {call['name']!r} has arguments that are not a JSON object")
+
+    def _warn(self, message: str) -> None:
+        if self.collect_warnings:
+            self.warnings.append(message)
+        else:
             from .tokenizer import ToolCallWarning
-            warnings.warn(f"tool call {call['name']!r} has arguments that are not a JSON object",
-                          ToolCallWarning, stacklevel=4)
+            warnings.warn(message, ToolCallWarning, stacklevel=3)
 
     def _close(self, out: list, rest: str) -> None:
         if not self.calls:
@@ -210,8 +219,7 @@ class ReplySplitter:
 
     def _broken(self, out: list, why: str) -> None:
         """Markup gone wrong mid-stream: all of it is text if no call has been sent, else what is left is."""
-        from .tokenizer import ToolCallWarning
-        warnings.warn(f"tool-call markup {why}; returned as text", ToolCallWarning, stacklevel=4)
+        self._warn(f"tool-call markup {why}; returned as text")
         self.buf, self.state = (self.buf if not self.calls else self.buf[self.pos:]), "tail"
 
     def finish(self) -> tuple[list[tuple[str, str]], list[dict]]:
@@ -219,10 +227,9 @@ class ReplySplitter:
         With stream_tools the calls are those already streamed (push() sent them); a cut one is kept."""
         from .tokenizer import parse_tool_calls
         if self.state == "tools" and self.stream_tools:
-            from .tokenizer import ToolCallWarning
             deltas = []
             if self.calls:
-                warnings.warn("tool-call markup is truncated; the last call is cut", ToolCallWarning, stacklevel=2)
+                self._warn("tool-call markup is truncated; the last call is cut")
                 if self.part == "args" and self.pos < len(self.buf):   # what was held back: sent as it is
                     rest = self.buf[self.pos:]
                     if not self.calls[-1]["function"]["arguments"]:

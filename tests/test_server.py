@@ -269,6 +269,29 @@ def test_tokenize_detokenize_metrics(base, engine):
     assert 'path="/v1/chat/completions",status="200"' in text
 
 
+def test_metrics_count_unknown_paths_as_one_label(base):
+    """Paths outside the API count as "other": a client cannot grow the metrics without bound or write into
+    the Prometheus text through a path."""
+    for i in range(3):
+        assert httpx.get(base + f"/nope-{i}%22%7D%209999").status_code == 404
+    text = httpx.get(base + "/metrics").text
+    assert 'path="other",status="404"' in text and "nope" not in text and "9999" not in text
+
+
+def test_server_leaves_the_process_warning_filters_alone(base, client):
+    """The server never swaps the process-global warning filters (warnings.catch_warnings is not thread-safe:
+    the engine thread and the event loop used it at once, and left simplefilter('always') recording into a
+    dead list, so later warnings vanished)."""
+    before = list(warnings.filters)
+    for _ in range(3):
+        list(chat(client, USER, max_tokens=8, stream=True))
+    assert warnings.filters == before
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        warnings.warn("still shown", UserWarning)
+    assert [str(x.message) for x in w] == ["still shown"]
+
+
 def err(resp) -> dict:
     body = resp.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body

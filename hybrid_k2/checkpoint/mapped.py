@@ -73,9 +73,10 @@ def _publish() -> None:
     """Hand the C handler the current list (called under _lock)."""
     try:
         from hybrid_k2 import _kernels
-    except ImportError:   # kernels not built (a reader used alone): no message, the default action stays
+        ffi, lib = _kernels.ffi, _kernels.lib
+        lib.hk2_sigbus_watch
+    except (ImportError, AttributeError):   # kernels not built, or built before sigbus.c: no message
         return
-    ffi, lib = _kernels.ffi, _kernels.lib
     paths = [ffi.new("char[]", os.fsencode(p)) for p, _ in _snapshot]
     lib.hk2_sigbus_watch(ffi.new("const char *[]", paths) if paths else ffi.NULL,
                          ffi.new("long long[]", [s for _, s in _snapshot]) if paths else ffi.NULL, len(paths))

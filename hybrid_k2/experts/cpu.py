@@ -93,8 +93,13 @@ class CPUExperts(ExpertBackend):
 
 def _native_names(ckpt, layer: int) -> tuple[str, ...]:
     """The format names of a GGUF layer's experts, so asking for the stored format keeps them in place."""
-    kinds = {qtype_name(q) for _, q in ckpt.expert_types(layer).values()}
-    return tuple(kinds) if len(kinds) == 1 else ()
+    kinds = {q for _, q in ckpt.expert_types(layer).values()}
+    if len(kinds) != 1:
+        return ()
+    try:
+        return (qtype_name(kinds.pop()),)
+    except ValueError:
+        return ()
 
 
 def _gguf_types(ckpt, layer: int) -> dict[str, "kernels.QType"]:
@@ -102,10 +107,14 @@ def _gguf_types(ckpt, layer: int) -> dict[str, "kernels.QType"]:
     kernels do not run is refused naming the file, the tensor and its type."""
     types = {}
     for kind, (name, q) in ckpt.expert_types(layer).items():
-        t = kernels.QTYPES.get(qtype_name(q).upper())
+        try:
+            stored = qtype_name(q).upper()
+        except ValueError:   # a type id the gguf package does not know
+            stored = f"type id {q}"
+        t = kernels.QTYPES.get(stored)
         if t is None or t.name not in kernels.WEIGHT_QTYPES:
             raise CheckpointError(
-                f"{ckpt.path}: tensor {name!r} is {qtype_name(q).upper()}, which the CPU expert kernels do not run "
+                f"{ckpt.path}: tensor {name!r} is {stored}, which the CPU expert kernels do not run "
                 f"(they run {', '.join(n for n in kernels.WEIGHT_QTYPES if '_R' not in n)}); pass expert_format= "
                 f"one of {', '.join(FORMATS)} to requantize at load, or use a GGUF with those expert types")
         types[kind] = t

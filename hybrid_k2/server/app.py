@@ -15,7 +15,6 @@ import queue
 import threading
 import time
 import uuid
-import warnings
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -57,7 +56,10 @@ class Job:
             self.final = True
         wake = self.wake_on        # read after the append: the handler sets it before its last look (GIL order)
         if wake == "any" or (final and wake == "final"):
-            self.loop.call_soon_threadsafe(self.ready.set)
+            try:
+                self.loop.call_soon_threadsafe(self.ready.set)
+            except RuntimeError:   # the event loop has closed (server shutting down): nobody is waiting
+                self.cancelled.set()
 
     async def take(self, request: Request, paced: bool = True) -> list | None:
         """All pending events (at least one); None when the client has gone away (the job is then cancelled)."""
@@ -88,13 +90,17 @@ class Job:
 
 
 class Metrics:
+    PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+             "/detokenize")
+
     def __init__(self):
         self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
+        self.requests: dict[tuple[str, int], int] = {}   # by route: any other path counts as "other" (bounded)
         self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
         self.prefill_tok_s = self.decode_tok_s = 0.0
 
     def count(self, path: str, status: int) -> None:
+        path = path if path in self.PATHS else "other"
         with self.lock:
             self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
 
@@ -176,16 +182,12 @@ class Server:
             proc = self._processor(job)
             if proc is not None:
                 kw["logits_processor"] = proc
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                it = engine.generate_events(req.prompt, **kw)   # argument errors raise here
-                job.put(_STARTED)
-                for ev in it:
-                    job.put(ev)
-                    if isinstance(ev, Generation):
-                        self.metrics.generation(ev)
-            for w in caught:
-                log.warning("%s", w.message)
+            it = engine.generate_events(req.prompt, **kw)   # argument errors raise here
+            job.put(_STARTED)
+            for ev in it:
+                job.put(ev)
+                if isinstance(ev, Generation):
+                    self.metrics.generation(ev)
         except Exception as e:   # noqa: BLE001  (delivered to the request's handler, which shapes the error)
             job.put(e)
 
@@ -266,7 +268,7 @@ class Server:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             raise ApiError(413, f"request body over {self.max_body} bytes", code="request_too_large")
-        raw = b""
+        raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > self.max_body:
@@ -376,14 +378,11 @@ class Server:
         gen = await self._result(request, job)
         if isinstance(gen, Response):
             return gen
-        splitter = ReplySplitter(count_tool_calls(req.messages))
+        splitter = ReplySplitter(count_tool_calls(req.messages), collect_warnings=True)
         parts = {"reasoning": [], "content": []}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            deltas = splitter.push(gen.text)
-            more, calls = splitter.finish()
-        for w in caught:
-            log.warning("%s", w.message)
+        deltas = splitter.push(gen.text)
+        more, calls = splitter.finish()
+        _log_warnings(splitter)
         for kind, t in deltas + more:
             parts[kind].append(t)
         msg = {"role": "assistant", "content": "".join(parts["content"]) or (None if calls else "")}
@@ -450,7 +449,7 @@ class Server:
 
         # Argument fragments stream as they are generated only where a grammar enforces the markup (required,
         # named, and auto's lazy grammar, see Server._processor): a fragment cannot be taken back.
-        splitter = ReplySplitter(count_tool_calls(req.messages), stream_tools=job.stream_tools)
+        splitter = ReplySplitter(count_tool_calls(req.messages), stream_tools=job.stream_tools, collect_warnings=True)
         key = {"content": "content", "reasoning": "reasoning_content"}
 
         def deltas(items) -> str:
@@ -466,11 +465,8 @@ class Server:
                     out.append(f'{head}{{"{key[kind]}":{_dumps(v)}}},"logprobs":null,"finish_reason":null{tail}')
             return "".join(out)
         def render(piece: str) -> str:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                items = splitter.push(piece)
-            for w in caught:
-                log.warning("%s", w.message)
+            items = splitter.push(piece)
+            _log_warnings(splitter)
             return deltas(items)
         try:
             yield chunk({"role": "assistant", "content": ""})
@@ -481,17 +477,14 @@ class Server:
             if job.cancelled.is_set() and gen is None:
                 return
             if gen is not None:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    last, calls = splitter.finish()
-                for w in caught:
-                    log.warning("%s", w.message)
+                last, calls = splitter.finish()
+                _log_warnings(splitter)
                 if not splitter.stream_tools:    # a held section: its calls come whole, once it has parsed
                     last += [x for i, c in enumerate(calls)
                              for x in (("tool_call", i), ("tool_args", (i, c["function"]["arguments"])))]
                     splitter.calls = calls
                 yield deltas(last)
-                cut = splitter.state == "tools"    # a streamed call cut short: "length" (or "cancelled"), as OpenAI
+                cut = splitter.stream_tools and splitter.state == "tools"   # a streamed call cut short: "length"
                 yield chunk({}, "tool_calls" if calls and not cut else gen.finish_reason)
                 if req.include_usage:
                     yield f"data: {json.dumps(_usage_chunk(rid, created, self.name, gen))}\n\n"
@@ -690,6 +683,12 @@ def _usage_chunk(rid: str, created: int, model: str, g: Generation) -> dict:
 def create_app(engine=None, **kw) -> Starlette:
     """The ASGI app over an Engine (or `loader=`, a callable that returns one; /health is 503 until it has)."""
     return Server(engine, **kw).app
+
+
+def _log_warnings(splitter: ReplySplitter) -> None:
+    for message in splitter.warnings:
+        log.warning("%s", message)
+    splitter.warnings.clear()
 
 
 def serve(engine=None, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **kw) -> None:
