@@ -372,9 +372,7 @@ class Server:
             return self._error(e, request)
         rid = "chatcmpl-" + uuid.uuid4().hex[:24]
         if req.stream:
-            self.metrics.count(request.url.path, 200)
-            return StreamingResponse(self._chat_stream(request, job, rid), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return self._sse_response(request, self._chat_stream(request, job, rid))
         gen = await self._result(request, job)
         if isinstance(gen, Response):
             return gen
@@ -421,6 +419,10 @@ class Server:
             b = tok.token_bytes(t)
             return {"token": b.decode("utf-8", errors="replace"), "logprob": v, "bytes": list(b)}
         return dict(one(token, lp), top_logprobs=[one(t, v) for t, v in alts])
+
+    def _sse_response(self, request: Request, events) -> StreamingResponse:
+        self.metrics.count(request.url.path, 200)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _sse(self, request: Request, job: Job, render, done: list):
         """A job's text pieces as SSE, one write per batch (`render`: piece -> SSE text); the final Generation
@@ -503,8 +505,7 @@ class Server:
             return self._error(e, request)
         rid = "cmpl-" + uuid.uuid4().hex[:24]
         if req.stream:
-            self.metrics.count(request.url.path, 200)
-            return StreamingResponse(self._completion_stream(request, job, rid), media_type="text/event-stream")
+            return self._sse_response(request, self._completion_stream(request, job, rid))
         gen = await self._result(request, job)
         if isinstance(gen, Response):
             return gen
