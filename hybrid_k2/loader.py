@@ -283,13 +283,6 @@ def build_model(cfg: ModelConfig, ckpt, device, dtype, progress: bool = False, *
     return net
 
 
-def _fp8_block(ckpt) -> tuple[int, int]:
-    """The checkpoint's FP8 block (config.json quantization_config.weight_block_size; 128x128 by default)."""
-    from .checkpoint.hf import DEFAULT_FP8_BLOCK
-    quant = getattr(ckpt, "_quant_config", None)
-    return tuple(quant()["fp8_block"]) if quant is not None else DEFAULT_FP8_BLOCK
-
-
 def _swap_fp8(net: Transformer, cfg: ModelConfig, ckpt, dtype) -> dict:
     """Replace the covered nn.Linear modules of a meta-device model by empty FP8Linear modules; returns
     {module name: (FP8Linear, stored as FP8 in the checkpoint)}. An FP8 checkpoint's FP8 matrices are kept as
@@ -297,7 +290,7 @@ def _swap_fp8(net: Transformer, cfg: ModelConfig, ckpt, dtype) -> dict:
     a float lm_head (as DeepSeek-V3 / Kimi K2 store it), which stays float."""
     from .fp8linear import FP8Linear
     stored = set(_fp8_matrices(ckpt, cfg))
-    block = _fp8_block(ckpt) if stored else (128, 128)
+    block = ckpt.fp8_block if stored else (128, 128)
     out = {}
     for name, m in list(net.named_modules()):
         if not (isinstance(m, nn.Linear) and DENSE_MATRICES.fullmatch(name)):
@@ -315,12 +308,13 @@ def _swap_fp8(net: Transformer, cfg: ModelConfig, ckpt, dtype) -> dict:
 def _fill_fp8(ckpt, src: str, module, stored: bool) -> None:
     shape = (module.out_features, module.in_features)
     try:
-        if stored:   # the file's bytes and scales as they are (HFCheckpoint.raw: views of the mapping)
+        if stored:   # the file's bytes and scales as they are (views of the mapping), copied in
             have = tuple(ckpt.shape(src))
             if have != shape:
                 raise CheckpointError(f"{ckpt.path}: tensor {src!r} has shape {list(have)}, the model expects "
                                       f"{list(shape)}")
-            module.set_weight(ckpt.raw(src), ckpt.raw(src + "_scale_inv"))   # raw: CheckpointError if missing
+            module.set_weight(*ckpt.fp8_weight(src))
+            ckpt.release(src)
         else:
             from .checkpoint.quantize import fp8_block_quantize
             w8, s = fp8_block_quantize(fetch(ckpt, src, shape), module.block)

@@ -193,11 +193,30 @@ class HFCheckpoint(Checkpoint):
 
     def get(self, name: str, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
         w = self._get(name, dtype, device)
-        # loading walks the whole checkpoint once: keep only the dequantised copy resident, not the file pages
+        self.release(name)
+        return w
+
+    def release(self, name: str) -> None:
+        """Drop the file pages of a tensor (and its scales) once a copy is made: loading walks the whole
+        checkpoint once, so only the loaded copy should stay resident."""
         for phys in (name, name + "_scale_inv", name + "_packed", name + "_scale"):
             if phys in self._where:
                 self._locate(phys).release(phys)
-        return w
+
+    @property
+    def fp8_block(self) -> tuple[int, int]:
+        """The FP8 weights' block (config.json quantization_config.weight_block_size; 128x128 by default)."""
+        return tuple(self._quant_config()["fp8_block"])
+
+    def fp8_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """An FP8 matrix as stored: (float8_e4m3fn view of the file mapping, float32 block scales), checked as
+        get() checks them. release(name) once it is copied."""
+        self._check(name)
+        sdtype, _ = self.raw_info(name)
+        _, _, _, _, scale_name = self._fp8_layout(name, sdtype)
+        if sdtype != "F8_E4M3":
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {sdtype}; FP8 matrices are held as F8_E4M3 only")
+        return self.raw(name), _finite_scales(self.raw(scale_name).to(torch.float32), self.path, scale_name)
 
     def _get(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
         self._check(name)
