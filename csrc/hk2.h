@@ -24,11 +24,31 @@ extern "C" {
 #define HK2_ETHREAD -7  /* thread creation failed */
 
 /* GGML type ids */
+#define HK2_F32 0
+#define HK2_F16 1
 #define HK2_Q4_0 2
+#define HK2_Q4_1 3
+#define HK2_Q5_0 6
+#define HK2_Q5_1 7
 #define HK2_Q8_0 8
+#define HK2_Q2_K 10
+#define HK2_Q3_K 11
 #define HK2_Q4_K 12
+#define HK2_Q5_K 13
 #define HK2_Q6_K 14
 #define HK2_Q8_K 15     /* activation format for K-quant weights */
+#define HK2_IQ2_XXS 16
+#define HK2_IQ2_XS 17
+#define HK2_IQ3_XXS 18
+#define HK2_IQ1_S 19
+#define HK2_IQ4_NL 20
+#define HK2_IQ3_S 21
+#define HK2_IQ2_S 22
+#define HK2_IQ4_XS 23
+#define HK2_IQ1_M 29
+#define HK2_BF16 30
+#define HK2_TQ1_0 34
+#define HK2_TQ2_0 35
 /* Our own layout, not a GGUF type: Q4_0 with every 8 consecutive rows interleaved per block
  * (8 fp16 scales, then the 8 rows' 16 quant bytes in 4-byte runs: run c of row r at byte
  * 32c + 4r), so one kernel pass computes 8 rows with the activations broadcast. Same bytes per

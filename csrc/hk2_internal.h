@@ -87,18 +87,26 @@ typedef struct {
     const float *m8;
     const float *d;
     const int16_t *bs;
+    const float *f;   /* qb 0 (float weight types): the float32 values themselves, nothing else */
 } hk2_arow;
 
 static inline size_t hk2_act_qp_bytes(int64_t n, int qb) { return qb == 32 ? (size_t)n : 0; }
 static inline size_t hk2_act_s8_bytes(int64_t n, int qb) { return qb == 32 ? (size_t)n / 2 : 0; }
 static inline size_t hk2_act_m8_bytes(int64_t n, int qb) { return qb == 32 ? sizeof(float) * (size_t)(n / 32) : 0; }
 static inline size_t hk2_act_row_bytes(int64_t n, int qb) {
+    if (qb == 0) return hk2_align_up(sizeof(float) * (size_t)n);
     const size_t b = (size_t)n + hk2_act_qp_bytes(n, qb) + hk2_act_s8_bytes(n, qb) + hk2_act_m8_bytes(n, qb) +
                      sizeof(float) * (size_t)(n / qb) + sizeof(int16_t) * (size_t)(n / 16);
     return hk2_align_up(b);
 }
 static inline hk2_arow hk2_act_row(const uint8_t *base, int64_t n, int qb) {
     hk2_arow r;
+    if (qb == 0) {
+        memset(&r, 0, sizeof r);
+        r.f = (const float *)base;
+        return r;
+    }
+    r.f = NULL;
     r.qs = (const int8_t *)base;
     r.qp = (const int8_t *)(base + n);
     r.s8 = (const int16_t *)(base + n + hk2_act_qp_bytes(n, qb));
@@ -136,8 +144,12 @@ static inline void hk2_act_q4_0_view(const int8_t *qs, const float *d, int8_t *q
 typedef void (*hk2_dot_fn)(int n, const void *w, const hk2_arow *a, int na, float *s);
 typedef void (*hk2_quantize_act_fn)(const float *x, int n, int qb, int8_t *qs, float *d, int16_t *bs);
 
+/* kernel table levels, lowest first; hk2_kernels.level */
+enum { HK2_LVL_SCALAR, HK2_LVL_AVX2, HK2_LVL_AVX512BW, HK2_LVL_AVX512VNNI, HK2_NLEVELS };
+
 typedef struct {
     const char *name;
+    int level;
     hk2_dot_fn dot_q4_0;
     hk2_dot_fn dot_q8_0;
     hk2_dot_fn dot_q4_K;
@@ -161,6 +173,10 @@ typedef struct {
 /* quantize n values of v into an activation row of row_len values at column off (a multiple of qb) */
 static inline void hk2_act_quantize_into(const hk2_kernels *k, const float *v, int n, int qb, uint8_t *row,
                                          int64_t row_len, int64_t off) {
+    if (qb == 0) {
+        memcpy((float *)row + off, v, sizeof(float) * (size_t)n);
+        return;
+    }
     hk2_arow r = hk2_act_row(row, row_len, qb);
     int8_t *qs = (int8_t *)r.qs + off;
     k->quantize_act(v, n, qb, qs, (float *)r.d + off / qb, (int16_t *)r.bs + off / 16);
@@ -229,6 +245,40 @@ void hk2_api_unlock(void);
 /* ---- pieces shared by the drivers (moe.c, decode.c); *_locked: the caller holds the API lock ---- */
 int hk2_linear_check(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, const float *y);
 int hk2_linear_locked(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, float *y);
+
+/* ---- block types of the type families (quants_*.c) ----
+ * Each family file defines one table of these, ended by an entry with name NULL; quants.c finds a
+ * type there when it is not one of its own. dequantize/quantize convert one row of n values (n a
+ * multiple of block_size); quantize NULL: no quantizer of ours (such files come from llama.cpp's).
+ * dot[level]: the type's kernel for that kernel table level; NULL takes the next lower level's
+ * (dot[HK2_LVL_SCALAR] is required). act_qb: the activation row the dot reads: 32 (Q8_0 style),
+ * 256 (Q8_K style) or 0 (float32 values, hk2_arow.f). */
+typedef void (*hk2_dequant_row_fn)(const void *blocks, float *y, int64_t n);
+typedef void (*hk2_quant_row_fn)(const float *x, void *blocks, int64_t n);
+typedef struct {
+    int qtype;
+    const char *name;
+    int block_size, block_bytes;
+    int act_qb;
+    hk2_dequant_row_fn dequantize;
+    hk2_quant_row_fn quantize;
+    hk2_dot_fn dot[HK2_NLEVELS];
+} hk2_type_ops;
+extern const hk2_type_ops hk2_types_k[];      /* quants_k.c: Q2_K Q3_K Q5_K */
+extern const hk2_type_ops hk2_types_q[];      /* quants_q.c: Q4_1 Q5_0 Q5_1 */
+extern const hk2_type_ops hk2_types_iq4[];    /* quants_iq4.c: IQ4_NL IQ4_XS */
+extern const hk2_type_ops hk2_types_iq23[];   /* quants_iq23.c: IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S */
+extern const hk2_type_ops hk2_types_iq1[];    /* quants_iq1.c: IQ1_S IQ1_M */
+extern const hk2_type_ops hk2_types_tq[];     /* quants_tq.c: TQ1_0 TQ2_0 */
+extern const hk2_type_ops hk2_types_float[];  /* quants_float.c: F32 F16 BF16 */
+/* per-ISA entry points are named hk2_dot_<type>_<isa> (isa: avx2, avx512vnni) and are declared by the
+ * family's table file under this guard, so non-x86 builds leave them NULL */
+#ifndef HK2_NO_X86
+#define HK2_X86(f) f
+#else
+#define HK2_X86(f) NULL
+#endif
+const hk2_type_ops *hk2_type_ops_for(int qtype);  /* a family type, or NULL */
 
 /* ---- block types (quants.c) ---- */
 int hk2_type_known(int qtype);          /* weight or activation type we implement */

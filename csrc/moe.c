@@ -30,8 +30,13 @@ hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int t) {
     case HK2_Q6_K: return k->dot_q6_K;
     case HK2_Q4_0_R8: return k->dot_q4_0_r8;
     case HK2_Q4_K_R8: return k->dot_q4_K_r8;
-    default: return NULL;
+    default: break;
     }
+    const hk2_type_ops *o = hk2_type_ops_for(t);
+    if (!o) return NULL;
+    for (int lv = k->level; lv > HK2_LVL_SCALAR; lv--)
+        if (o->dot[lv]) return o->dot[lv];
+    return o->dot[HK2_LVL_SCALAR];
 }
 
 typedef struct {

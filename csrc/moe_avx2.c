@@ -533,6 +533,7 @@ void hk2_gemm_nn_f32_avx2(int m, int n, int K, const float *p, int64_t ldp, cons
 
 const hk2_kernels hk2_kernels_avx2 = {
     .name = "avx2",
+    .level = HK2_LVL_AVX2,
     .dot_q4_0 = dot_q4_0,
     .dot_q8_0 = dot_q8_0,
     .dot_q4_K = dot_q4_K,

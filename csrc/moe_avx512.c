@@ -32,10 +32,12 @@
 #define K(name) name##_avx512vnni
 #define KERNELS hk2_kernels_avx512vnni
 #define KERNELS_NAME "avx512vnni"
+#define KERNELS_LEVEL HK2_LVL_AVX512VNNI
 #else
 #define K(name) name##_avx512bw
 #define KERNELS hk2_kernels_avx512bw
 #define KERNELS_NAME "avx512bw"
+#define KERNELS_LEVEL HK2_LVL_AVX512BW
 #endif
 
 
@@ -331,6 +333,7 @@ static uint64_t K(read_sum)(const void *p, size_t n) {
 
 const hk2_kernels KERNELS = {
     .name = KERNELS_NAME,
+    .level = KERNELS_LEVEL,
     .dot_q4_0 = K(dot_q4_0),
     .dot_q8_0 = K(dot_q8_0),
     .dot_q4_K = K(dot_q4_K),

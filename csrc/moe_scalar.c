@@ -167,6 +167,7 @@ static void gemm_nn_f32(int m, int n, int K, const float *p, int64_t ldp, const 
 
 const hk2_kernels hk2_kernels_scalar = {
     .name = "scalar",
+    .level = HK2_LVL_SCALAR,
     .dot_q4_0 = dot_q4_0,
     .dot_q8_0 = dot_q8_0,
     .dot_q4_K = dot_q4_K,

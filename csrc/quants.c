@@ -4,6 +4,7 @@
  * bytes equal gguf.quants.quantize; Q4_K / Q6_K use a simple min-max quantizer that
  * produces valid blocks (decoded by any GGML reader) without ggml's iterative search. */
 #include <math.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include "hk2_internal.h"
@@ -20,16 +21,44 @@ static const type_info TYPES[] = {
     {HK2_Q4_K_R8, "Q4_K_R8", HK2_QK_K, HK2_Q4_K_R8_BYTES, 1, HK2_R8},  /* Q4_K's 144 + 4 unpacked scale bytes */
 };
 
+static const hk2_type_ops *const FAMILIES[] = {hk2_types_k, hk2_types_q, hk2_types_iq4, hk2_types_iq23,
+                                               hk2_types_iq1, hk2_types_tq, hk2_types_float};
+
+const hk2_type_ops *hk2_type_ops_for(int qtype) {
+    for (size_t f = 0; f < sizeof FAMILIES / sizeof FAMILIES[0]; f++)
+        for (const hk2_type_ops *o = FAMILIES[f]; o->name; o++)
+            if (o->qtype == qtype) return o;
+    return NULL;
+}
+
+/* the family types as type_info entries (filled once: the tables are constant) */
+static type_info FAMILY_INFO[64];
+static int n_family_info;
+static void fill_family_info(void) {
+    for (size_t f = 0; f < sizeof FAMILIES / sizeof FAMILIES[0]; f++)
+        for (const hk2_type_ops *o = FAMILIES[f]; o->name && n_family_info < 64; o++)
+            FAMILY_INFO[n_family_info++] = (type_info){o->qtype, o->name, o->block_size, o->block_bytes, 1, 1};
+}
+
 static const type_info *find_type(int qtype) {
     for (size_t i = 0; i < sizeof TYPES / sizeof TYPES[0]; i++)
         if (TYPES[i].qtype == qtype) return &TYPES[i];
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, fill_family_info);
+    for (int i = 0; i < n_family_info; i++)
+        if (FAMILY_INFO[i].qtype == qtype) return &FAMILY_INFO[i];
     return NULL;
 }
 
 int hk2_type_known(int qtype) { return find_type(qtype) != NULL; }
 int hk2_type_is_weight(int qtype) { const type_info *t = find_type(qtype); return t && t->weight; }
 const char *hk2_type_name(int qtype) { const type_info *t = find_type(qtype); return t ? t->name : "unknown"; }
-int hk2_act_qb(int weight_type) { const type_info *t = find_type(weight_type); return t ? t->block_size : HK2_QK; }
+int hk2_act_qb(int weight_type) {
+    const hk2_type_ops *o = hk2_type_ops_for(weight_type);
+    if (o) return o->act_qb;
+    const type_info *t = find_type(weight_type);
+    return t ? t->block_size : HK2_QK;
+}
 
 int hk2_type_row_group(int qtype) { const type_info *t = find_type(qtype); return t ? t->row_group : 1; }
 int hk2_row_group(int qtype) { const type_info *t = find_type(qtype); return t ? t->row_group : hk2_fail(HK2_ETYPE, "unsupported block type %d", qtype); }
@@ -299,7 +328,11 @@ typedef struct {
 
 static void convert_rows(const convert_job *job, int64_t r) {
     const int64_t n = job->ncols;
-    if (job->quantize) {
+    const hk2_type_ops *o = hk2_type_ops_for(job->qtype);
+    if (o) {
+        if (job->quantize) o->quantize((const float *)job->src + r * n, (uint8_t *)job->dst + r * job->row_bytes, n);
+        else o->dequantize((const uint8_t *)job->src + r * job->row_bytes, (float *)job->dst + r * n, n);
+    } else if (job->quantize) {
         const float *x = (const float *)job->src + r * n;
         void *y = (uint8_t *)job->dst + r * job->row_bytes;
         switch (job->qtype) {
@@ -341,6 +374,9 @@ static int convert(int qtype, const void *src, int64_t nrows, int64_t ncols, voi
     if (nrows < 0) return hk2_fail(HK2_ESHAPE, "nrows=%lld is negative", (long long)nrows);
     const int64_t rb = hk2_row_bytes(qtype, ncols);
     if (rb < 0) return (int)rb;
+    const hk2_type_ops *ops = hk2_type_ops_for(qtype);
+    if (quantize && ops && !ops->quantize)
+        return hk2_fail(HK2_ETYPE, "quantize: no quantizer for %s (make such files with llama.cpp's llama-quantize)", ops->name);
     if (hk2_type_row_group(qtype) > 1 && quantize)
         return hk2_fail(HK2_ETYPE, "quantize: %s is made by repacking blocks (hk2_repack_*)", hk2_type_name(qtype));
     if (nrows % hk2_type_row_group(qtype))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 try:
     import torch
@@ -59,7 +59,13 @@ QTYPES: dict[str, QType] = {
         QType("Q4_K_R8", 1003, 256, 148, row_group=8),  # ours too: Q4_K's 144 bytes + unpacked scales
     )
 }
-WEIGHT_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_0_R8", "Q4_K_R8")
+# The type families of csrc/quants_*.c (layouts as gguf.constants.GGML_QUANT_SIZES).
+_FAMILY_TYPES = ("Q2_K", "Q3_K", "Q5_K", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S",
+                 "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "F32", "F16", "BF16")
+for _n in _FAMILY_TYPES:
+    _g = GGMLQuantizationType[_n]
+    QTYPES[_n] = QType(_n, int(_g), *GGML_QUANT_SIZES[_g])
+WEIGHT_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_0_R8", "Q4_K_R8") + _FAMILY_TYPES
 REPACKED = {"Q4_0": "Q4_0_R8", "Q4_K": "Q4_K_R8"}  # GGUF type -> the kernel layout it repacks to
 
 
