@@ -18,6 +18,7 @@ HELP = """commands:
   /set NAME VALUE      sampling: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed
   /stats               tok/s of the last answer, expert-cache hit rate, memory
   /save PATH           write the transcript (.json, or markdown otherwise)
+  /thinking on|off|default   a thinking model's reasoning (the chat template's `thinking`)
   /help                this text
   \"\"\" ... \"\"\"          multi-line message (or end a line with \\\\ to continue it)
   Ctrl-C stops an answer, Ctrl-D quits"""
@@ -40,9 +41,34 @@ def _check_sampling(opts: dict) -> None:
 THINK_BEGIN, THINK_END = "<think>", "</think>"   # thinking models (K2-Thinking, K2.5+) wrap reasoning in these
 
 
-def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-    """The prompt ids of a conversation through the checkpoint's chat template (tool declarations included)."""
-    return tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools or None)
+def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                template_kwargs: dict | None = None) -> list[int]:
+    """The prompt ids of a conversation through the checkpoint's chat template (tool declarations included;
+    template_kwargs such as {"thinking": False} go to the template)."""
+    return tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools or None, **(template_kwargs or {}))
+
+
+def opens_reasoning(tokenizer, ids) -> bool:
+    """Whether the prompt ends inside an open <think> (a thinking template's generation prompt), so the reply
+    starts with reasoning and has no <think> of its own."""
+    if tokenizer is None or not ids:
+        return False
+    return tokenizer.decode(list(ids[-16:])).rstrip().endswith(THINK_BEGIN)
+
+
+def split_reasoning(text: str, opened: bool = False) -> tuple[str, str]:
+    """A whole reply -> (reasoning, the rest), as ReplySplitter splits it: reasoning is what sits between a
+    leading <think> (or the prompt's, `opened`) and </think>; the newlines after </think> belong to neither.
+    Without </think> the whole reply is reasoning (it was cut short)."""
+    if not opened:
+        lead = text.lstrip()
+        if not lead.startswith(THINK_BEGIN):
+            return "", text
+        text = lead[len(THINK_BEGIN):]
+    end = text.find(THINK_END)
+    if end < 0:
+        return text, ""
+    return text[:end], text[end + len(THINK_END):].lstrip("\n")
 
 
 def count_tool_calls(messages) -> int:
@@ -78,13 +104,15 @@ class ReplySplitter:
     a ToolCallWarning. Markup that breaks before any call has streamed still falls back to text; after one
     has, the rest is content."""
 
-    def __init__(self, first_index: int = 0, stream_tools: bool = False, collect_warnings: bool = False):
+    def __init__(self, first_index: int = 0, stream_tools: bool = False, collect_warnings: bool = False,
+                 opened: bool = False):
         self.first_index = first_index
         # collect_warnings: ToolCallWarning texts go to self.warnings instead of warnings.warn (the server reads
         # them on its event loop; warnings.catch_warnings is process-global, so it cannot be used beside a thread)
         self.collect_warnings = collect_warnings
         self.warnings: list[str] = []
-        self.state = "start"     # start -> (reasoning ->) content -> tools (-> tail, with stream_tools)
+        # start -> (reasoning ->) content -> tools (-> tail, with stream_tools); opened: the prompt ended in <think>
+        self.state = "reasoning" if opened else "start"
         self.buf = ""
         self.after_think = False   # the newlines after </think> separate; they are not content
         self.stream_tools = stream_tools
@@ -257,9 +285,10 @@ class ReplySplitter:
         return deltas, calls
 
 
-def split_reply(text: str, history=()) -> tuple[str, str, list[dict]]:
-    """A whole assistant reply -> (reasoning, content, tool_calls), call ids counting on from `history`."""
-    sp = ReplySplitter(count_tool_calls(history))
+def split_reply(text: str, history=(), opened: bool = False) -> tuple[str, str, list[dict]]:
+    """A whole assistant reply -> (reasoning, content, tool_calls), call ids counting on from `history`
+    (opened: the prompt ended in an open <think>)."""
+    sp = ReplySplitter(count_tool_calls(history), opened=opened)
     deltas = sp.push(text)
     more, calls = sp.finish()
     parts = {"reasoning": [], "content": []}
@@ -284,6 +313,7 @@ class ChatSession:
         self.sampling = {"temperature": 0.6, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
                          "max_new_tokens": 512, "seed": None}
         self.sampling.update({k: v for k, v in sampling.items() if v is not None})
+        self.template_kwargs: dict = {}   # given to the checkpoint's chat template (e.g. thinking)
         self.messages: list[dict] = []
         self.reset()
 
@@ -331,6 +361,14 @@ class ChatSession:
                 return
             self.save(arg)
             self.say(f"[saved {len(self.messages)} messages to {arg}]")
+        elif name == "thinking":
+            if arg not in ("on", "off", "default"):
+                self.say("[usage: /thinking on|off|default]")
+                return
+            self.template_kwargs.pop("thinking", None)
+            if arg != "default":
+                self.template_kwargs["thinking"] = arg == "on"
+            self.say(f"[thinking {arg}]")
         elif name in ("help", "?"):
             self.say(HELP)
         else:
@@ -364,6 +402,8 @@ class ChatSession:
             return
         with open(path, "w") as f:
             for m in self.messages:
+                if m.get("reasoning_content"):
+                    f.write(f"### {m['role']} (reasoning)\n\n{m['reasoning_content']}\n\n")
                 f.write(f"### {m['role']}\n\n{m['content']}\n\n")
 
     # ---- a turn --------------------------------------------------------------------------------
@@ -382,34 +422,47 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         opts = dict(self.sampling)
         max_new = opts.pop("max_new_tokens")
-        pieces: list[str] = []
+        tok = self.engine.tokenizer
+        ids = encode_chat(tok, self.messages, None, self.template_kwargs)
+        splitter = ReplySplitter(count_tool_calls(self.messages), opened=opens_reasoning(tok, ids))
+        # reasoning is shown dimmed on a terminal (each piece wrapped: an interrupted answer leaves no dim on)
+        dim = getattr(self.out, "isatty", lambda: False)() and "NO_COLOR" not in os.environ
+        shown = {"reasoning": False, "content": False}
+        parts = {"reasoning": [], "content": []}
+
+        def show(deltas) -> None:
+            for kind, piece in deltas:
+                parts[kind].append(piece)
+                if kind == "content" and shown["reasoning"] and not shown["content"]:
+                    self.out.write("\n")          # the answer starts on its own line below the reasoning
+                shown[kind] = True
+                self.out.write(f"\x1b[2m{piece}\x1b[0m" if kind == "reasoning" and dim else piece)
+            self.out.flush()
         interrupted = False
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             stream = None
             try:
-                stream = self.engine.generate(self.messages, max_new_tokens=max_new, stream=True, **opts)
+                stream = self.engine.generate(ids, max_new_tokens=max_new, stream=True, **opts)
                 for piece in stream:
-                    pieces.append(piece)
-                    self.out.write(piece)
-                    self.out.flush()
+                    show(splitter.push(piece))
             except KeyboardInterrupt:   # Ctrl-C before or during the stream: the answer so far stands
                 interrupted = True
             finally:
                 if stream is not None:
                     stream.close()
-        reply = "".join(pieces)
+            last, calls = splitter.finish()
+            show(last)
         self.out.write("\n")
         if interrupted:
             self.say("[stopped]")
-        with warnings.catch_warnings(record=True) as tool_warnings:
-            warnings.simplefilter("always")
-            _, content, calls = split_reply(reply, self.messages)
-        for w in list(caught) + list(tool_warnings):
+        for w in caught:
             self.say(f"[warning: {w.message}]")
         for c in calls:
             self.say(f"[tool call {c['id']}] {c['function']['name']}({c['function']['arguments']})")
-        msg = {"role": "assistant", "content": content}
+        msg = {"role": "assistant", "content": "".join(parts["content"])}
+        if parts["reasoning"]:    # thinking templates keep the reasoning of an unfinished tool-call turn
+            msg["reasoning_content"] = "".join(parts["reasoning"])
         if calls:
             msg["tool_calls"] = calls
         self.messages.append(msg)

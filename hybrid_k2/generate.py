@@ -125,11 +125,13 @@ class Generation:
     token_ids: list[int]
     finish_reason: str                 # "stop" (EOS / <|im_end|> / stop string), "length" or "cancelled"
     stats: Stats = field(default_factory=Stats)
-    content: str | None = ""           # text without the tool-call section (None: no tokenizer)
+    content: str | None = ""           # the answer: text less reasoning and tool-call section (None: no tokenizer)
     tool_calls: list[dict] = field(default_factory=list)   # OpenAI-style, parsed from Kimi K2's markup
     # with generate(logprobs=K): per generated token (id, logprob, [(id, logprob)] * K), from the distribution
     # the token was drawn from before temperature/top-p (the model's, less suppressed and masked ids)
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    # a thinking model's reasoning: the text between <think> and </think> (also when the prompt opened <think>)
+    reasoning: str | None = ""
 
     def __str__(self) -> str:
         return self.text or ""
@@ -237,6 +239,15 @@ class Engine:
         self._cached_ids: list[int] = []   # tokens whose latents sit in self._cache (reused as a prompt prefix)
         V = self.cfg.vocab_size
         suppressed = []
+        if tokenizer is not None and getattr(tokenizer, "chat_template", False) is None \
+                and callable(getattr(checkpoint, "chat_template", None)):
+            # a GGUF carries its template in its metadata (an HF directory's is read by Tokenizer.from_dir)
+            try:
+                tokenizer.set_chat_template(checkpoint.chat_template(),
+                                            f"{getattr(checkpoint, 'path', 'checkpoint')}: tokenizer.chat_template")
+            except BaseException:   # a template that does not compile: the load fails, nothing is left open
+                self.close()
+                raise
         if tokenizer is not None:
             if tokenizer.vocab_size > V:   # its special ids (the chat template's) would not embed
                 raise ValueError(f"{tokenizer.path}: the tokenizer has {tokenizer.vocab_size} ids "
@@ -277,11 +288,16 @@ class Engine:
                              f"pass the prompt as a list of token ids")
         return self.tokenizer
 
-    def encode_prompt(self, prompt) -> list[int]:
+    def encode_prompt(self, prompt, chat_template_kwargs: dict | None = None) -> list[int]:
+        """Prompt ids. Chat messages go through the checkpoint's chat template, given chat_template_kwargs
+        (e.g. {"thinking": False} for a thinking model's template)."""
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
         if isinstance(prompt, str):
             return self._need_tokenizer("a text prompt").encode(prompt)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            return self._need_tokenizer("a chat prompt").encode_chat(list(prompt), add_generation_prompt=True)
+            return self._need_tokenizer("a chat prompt").encode_chat(list(prompt), add_generation_prompt=True,
+                                                                     **(chat_template_kwargs or {}))
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
@@ -339,7 +355,7 @@ class Engine:
                  top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  stop: str | Sequence[str] | None = None, seed: int | None = None, stream: bool = False,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logprobs: int | None = None,
-                 logits_processor=None, cancel=None):
+                 logits_processor=None, cancel=None, chat_template_kwargs: dict | None = None):
         """Generate a continuation. Returns a `Generation`, or with stream=True an iterator of text pieces.
 
         Without a tokenizer the prompt must be token ids; the Generation then has token_ids and text None
@@ -348,7 +364,12 @@ class Engine:
         logprobs=K: Generation.logprobs with the K most likely alternatives of each token. logits_processor:
         called before each sample as f(generated_ids, logits) -> logits (e.g. a grammar's token mask; it may
         edit logits in place). cancel: a callable checked before each step; when it returns true the
-        generation ends with finish_reason "cancelled"."""
+        generation ends with finish_reason "cancelled". chat_template_kwargs: given to the checkpoint's chat
+        template with chat messages (e.g. {"thinking": False}).
+
+        Generation.reasoning is what a thinking model wrote between <think> and </think> (the prompt may
+        have opened the <think>, as K2.5's template does); Generation.content is the answer after it.
+        stream=True yields the raw text, markers included (chat.ReplySplitter splits it as it comes)."""
         params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
                                 frequency_penalty)
         params.validate()
@@ -378,7 +399,7 @@ class Engine:
         for name, f in (("logits_processor", logits_processor), ("cancel", cancel)):
             if f is not None and not callable(f):
                 raise TypeError(f"{name} must be callable, got {type(f).__name__}")
-        ids = self.encode_prompt(prompt)
+        ids = self.encode_prompt(prompt, chat_template_kwargs)
         self._check_len(len(ids), max_new_tokens)
         run = self._run(ids, max_new_tokens, params, stops, seed, logprobs, logits_processor, cancel)
         if stream == "events":   # generate_events(): the text pieces, then the Generation
@@ -490,11 +511,13 @@ class Engine:
             self.recorder.save()
         if decoder is None:
             yield Generation(text=None, token_ids=out, finish_reason=finish, stats=stats, content=None,
-                             logprobs=lps)
+                             logprobs=lps, reasoning=None)
             return
-        content, calls = parse_tool_calls(text)
+        from .chat import opens_reasoning, split_reasoning   # chat imports this module
+        reasoning, answer = split_reasoning(text, opens_reasoning(tok, ids))
+        content, calls = parse_tool_calls(answer)
         yield Generation(text=text, token_ids=out, finish_reason=finish, stats=stats, content=content,
-                         tool_calls=calls, logprobs=lps)
+                         tool_calls=calls, logprobs=lps, reasoning=reasoning)
 
     def _logprobs(self, logits: torch.Tensor, token: int, k: int) -> tuple[int, float, list[tuple[int, float]]]:
         lp = logits.float()

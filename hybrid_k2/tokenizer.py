@@ -6,8 +6,10 @@ ids right after the BPE vocabulary (tokenization_kimi.py: `range(num_base_tokens
 so the real 163,584-token vocabulary gives [BOS]=163584 ... [UNK]=163839 and vocab_size 163,840. We keep
 the same layout as offsets from `num_base_tokens`, so a small demo vocabulary gets the same structure.
 
-The chat template is re-implemented in Python (no jinja at run time) and checked in the tests against
-the reference jinja text in tests/data/kimi_chat_template.jinja rendered the way Hugging Face does.
+A checkpoint's own chat template (chat_template.py: HF's chat_template.jinja / tokenizer_config.json, a GGUF's
+tokenizer.chat_template) is rendered with jinja's sandbox; without one, Kimi K2-0905's template is rendered by
+render_chat_parts in plain Python, checked in the tests against the reference jinja text in
+tests/data/kimi_chat_template.jinja rendered the way Hugging Face does.
 """
 from __future__ import annotations
 
@@ -358,6 +360,8 @@ class Tokenizer:
         tok = cls.__new__(cls)
         tok._init(load_tiktoken_ranks(model), specials, where=model,
                   special_source=config if specials is not None else None)
+        from .chat_template import template_from_dir
+        tok.chat_template = template_from_dir(path, tok.special_token_map())
         return tok
 
     @classmethod
@@ -396,6 +400,20 @@ class Tokenizer:
             setattr(self, attr, self.special_tokens.get(text))
         self._enc = tiktoken.Encoding(name=os.path.basename(where) or "kimi", pat_str=KIMI_PAT_STR,
                                       mergeable_ranks=ranks, special_tokens=self.special_tokens)
+        self.chat_template = None   # the checkpoint's own (chat_template.ChatTemplate); None: K2-0905's, in Python
+        self._special_re = re.compile("|".join(re.escape(t) for t in sorted(self.special_tokens, key=len,
+                                                                             reverse=True)))
+
+    def special_token_map(self) -> dict[str, str]:
+        """bos_token, eos_token, ... -> text: what a chat template is given under those names."""
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id,
+                 "pad_token": self.pad_id}
+        return {k: self._special_by_id[i] for k, i in names.items() if i is not None}
+
+    def set_chat_template(self, text: str | None, source: str) -> None:
+        """Use `text` (jinja, from `source`: the file or field it came from, named in its errors) for chat."""
+        from .chat_template import ChatTemplate
+        self.chat_template = ChatTemplate(text, source, self.special_token_map()) if text else None
 
     # ------------------------------------------------------------------ basic encode / decode
     @property
@@ -457,13 +475,19 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+                            tools: Sequence[Mapping[str, Any]] | None = None, **template_kwargs: Any) -> str:
+        """The prompt text through the checkpoint's chat template (kwargs such as thinking=False go to it), or
+        Kimi K2-0905's when the checkpoint has none (which takes no kwargs and ignores them)."""
+        if self.chat_template is not None:
+            return self.chat_template.render(messages, add_generation_prompt, tools, **template_kwargs)
         return "".join(render_chat_parts(messages, add_generation_prompt, tools))
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+                    tools: Sequence[Mapping[str, Any]] | None = None, **template_kwargs: Any) -> list[int]:
         """Chat -> ids. Only the template's own markers become special ids; special-token text inside
         message content is encoded as ordinary text (no prompt injection of control tokens)."""
+        if self.chat_template is not None:
+            return self._encode_rendered(messages, add_generation_prompt, tools, template_kwargs)
         ids: list[int] = []
         text: list[str] = []
         for part in render_chat_parts(messages, add_generation_prompt, tools):
@@ -477,6 +501,31 @@ class Tokenizer:
             ids.append(special_id)
         if text:
             ids += self.encode("".join(text))
+        return ids
+
+    def _encode_rendered(self, messages, add_generation_prompt, tools, template_kwargs) -> list[int]:
+        """A jinja template renders one string. Special-token text in the data (messages, tools, kwargs) is
+        marked first with a character found nowhere in the data or the template, so it cannot match a special
+        token in the rendered text; the marks are taken out of the ordinary text before it is encoded."""
+        seen = json.dumps([messages, tools, template_kwargs], ensure_ascii=False, default=str) \
+            + self.chat_template.text
+        mark = next((c for c in map(chr, range(0xE000, 0xF900)) if c not in seen), None)
+        if mark is None:   # every private-use character is in the data: nothing safe to mark with
+            raise ValueError("messages: cannot mark special-token text (the data holds every private-use character)")
+        find = self._special_re
+
+        def escape(s: str) -> str:
+            return find.sub(lambda m: m.group()[0] + mark + m.group()[1:], s)
+        rendered = self.chat_template.render(messages, add_generation_prompt, tools, escape=escape, **template_kwargs)
+        ids: list[int] = []
+        pos = 0
+        for m in find.finditer(rendered):
+            if m.start() > pos:
+                ids += self.encode(rendered[pos:m.start()].replace(mark, ""))
+            ids.append(self.special_tokens[m.group()])
+            pos = m.end()
+        if pos < len(rendered):
+            ids += self.encode(rendered[pos:].replace(mark, ""))
         return ids
 
     def __repr__(self) -> str:

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from .. import __version__
-from ..chat import ReplySplitter, count_tool_calls, encode_chat
+from ..chat import ReplySplitter, count_tool_calls, encode_chat, opens_reasoning
 from ..generate import ContextOverflowError, Generation, SamplingParams
 from .schemas import ApiError, GenRequest, bad, parse_chat, parse_completion
 
@@ -364,9 +364,10 @@ class Server:
                                "with token ids")
             try:
                 req.prompt = encode_chat(self.engine.tokenizer, req.messages,
-                                         req.tools if req.tool_choice != "none" else None)
-            except ValueError as e:
+                                         req.tools if req.tool_choice != "none" else None, req.template_kwargs)
+            except ValueError as e:   # the template's errors (raise_exception, ...) name its source file
                 raise bad("messages", str(e)) from None
+            req.opened = opens_reasoning(self.engine.tokenizer, req.prompt)
             job = await self._submit(request, req)
         except ApiError as e:
             return self._error(e, request)
@@ -376,7 +377,7 @@ class Server:
         gen = await self._result(request, job)
         if isinstance(gen, Response):
             return gen
-        splitter = ReplySplitter(count_tool_calls(req.messages), collect_warnings=True)
+        splitter = ReplySplitter(count_tool_calls(req.messages), collect_warnings=True, opened=req.opened)
         parts = {"reasoning": [], "content": []}
         deltas = splitter.push(gen.text)
         more, calls = splitter.finish()
@@ -451,7 +452,8 @@ class Server:
 
         # Argument fragments stream as they are generated only where a grammar enforces the markup (required,
         # named, and auto's lazy grammar, see Server._processor): a fragment cannot be taken back.
-        splitter = ReplySplitter(count_tool_calls(req.messages), stream_tools=job.stream_tools, collect_warnings=True)
+        splitter = ReplySplitter(count_tool_calls(req.messages), stream_tools=job.stream_tools, collect_warnings=True,
+                                 opened=req.opened)
         key = {"content": "content", "reasoning": "reasoning_content"}
 
         def deltas(items) -> str:
@@ -607,9 +609,9 @@ class Server:
             body = await self._body(request)
             tok = self._tokenizer()
             if "messages" in body:
-                from .schemas import parse_messages, parse_tools
+                from .schemas import parse_messages, parse_template_kwargs, parse_tools
                 tools, _ = parse_tools(body)
-                ids = encode_chat(tok, parse_messages(body["messages"]), tools)
+                ids = encode_chat(tok, parse_messages(body["messages"]), tools, parse_template_kwargs(body))
             elif isinstance(body.get("prompt"), str):
                 ids = tok.encode(body["prompt"])
             else:

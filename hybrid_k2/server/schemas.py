@@ -66,6 +66,8 @@ class GenRequest:
     grammar: str | None = None           # "json_object" / "json_schema" / "tool"; see build_grammar
     schema: dict | None = None
     forced_functions: list | None = None  # [(name, parameters)] a tool call must pick from
+    template_kwargs: dict | None = None  # chat_template_kwargs, for the checkpoint's chat template (thinking, ...)
+    opened: bool = False                 # the prompt ends in an open <think>: the reply starts with reasoning
 
 
 def _sampling(body: dict, max_default: int | None) -> dict:
@@ -135,6 +137,13 @@ def parse_messages(raw) -> list[dict]:
             raise bad(f"{where}.content", "is required")
         if isinstance(m.get("name"), str):
             msg["name"] = m["name"]
+        if role == "assistant":   # a thinking model's reasoning sent back (its template may render it)
+            for key in ("reasoning_content", "reasoning"):
+                r = m.get(key)
+                if r is not None:
+                    if not isinstance(r, str):
+                        raise bad(f"{where}.{key}", f"must be a string, got {type(r).__name__}", "invalid_type")
+                    msg.setdefault("reasoning_content", r)
         if role == "tool":
             if not isinstance(m.get("tool_call_id"), str):
                 raise bad(f"{where}.tool_call_id", "a tool message needs the id of the call it answers")
@@ -206,6 +215,20 @@ def _response_format(body: dict) -> tuple[str | None, dict | None]:
     return "json", js.get("schema", {})
 
 
+def parse_template_kwargs(body: dict) -> dict | None:
+    """chat_template_kwargs (vLLM's and SGLang's name), e.g. {"thinking": false}: extra variables for the
+    checkpoint's chat template."""
+    from ..chat_template import RESERVED_NAMES
+    kw = _get(body, "chat_template_kwargs", (dict,), "an object")
+    if kw is None:
+        return None
+    for k in kw:
+        if not isinstance(k, str) or not k.isidentifier() or k in RESERVED_NAMES:
+            raise bad("chat_template_kwargs", f"{k!r} cannot be set (a template variable name, not one of "
+                      f"{', '.join(sorted(RESERVED_NAMES))})")
+    return kw
+
+
 def parse_chat(body: dict, max_default: int | None) -> GenRequest:
     messages = parse_messages(body.get("messages"))
     kwargs = _sampling(body, max_default)
@@ -220,7 +243,8 @@ def parse_chat(body: dict, max_default: int | None) -> GenRequest:
     if lp and stream:
         raise bad("logprobs", "logprobs are not available when streaming", "unsupported_value")
     req = GenRequest(prompt=None, kwargs=kwargs, stream=stream, include_usage=include,
-                     logprobs=(top or 0) if lp else None, messages=messages, tools=tools, tool_choice=choice)
+                     logprobs=(top or 0) if lp else None, messages=messages, tools=tools, tool_choice=choice,
+                     template_kwargs=parse_template_kwargs(body))
     kind, schema = _response_format(body)
     forced = choice == "required" or isinstance(choice, dict)
     if kind and forced:
