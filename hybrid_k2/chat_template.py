@@ -120,9 +120,10 @@ class ChatTemplate:
         self.text, self.source = text, source
         # bos_token, eos_token, ... as transformers passes its special_tokens_map to the template
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if isinstance(v, str)}
+        env = _environment()   # first: it says what to install when jinja2 is missing
         import jinja2
         try:
-            self._template = _environment().from_string(text)
+            self._template = env.from_string(text)
         except jinja2.TemplateSyntaxError as e:
             raise ChatTemplateError(f"{source}: the chat template does not compile: {e.message} "
                                     f"(template line {e.lineno})") from None

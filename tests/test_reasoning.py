@@ -117,7 +117,8 @@ def client(engine):
 
 
 def ask(client, **kw):
-    return client.chat.completions.create(model="k2-think", messages=USER, max_tokens=10, temperature=0, **kw)
+    kw = {"max_tokens": 10, "temperature": 0, **kw}
+    return client.chat.completions.create(model="k2-think", messages=USER, **kw)
 
 
 def test_server_reasoning_content(client, engine):
@@ -134,6 +135,23 @@ def test_server_thinking_off(client, engine):
     want = engine.generate(USER, max_new_tokens=10, temperature=0, chat_template_kwargs={"thinking": False})
     msg = ask(client, extra_body={"chat_template_kwargs": {"thinking": False}}).choices[0].message
     assert msg.content == want.content == want.text and getattr(msg, "reasoning_content", None) is None
+
+
+def test_server_grammar_answers_after_an_empty_reasoning(client, engine):
+    """A forced tool call or a JSON answer starts at once: the prompt's open <think> is closed first."""
+    r = ask(client, max_tokens=60, response_format={"type": "json_object"}, seed=1, temperature=0.8)
+    msg = r.choices[0].message
+    assert getattr(msg, "reasoning_content", None) is None
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(msg.content), dict)
+    assert r.usage.prompt_tokens == len(engine.encode_prompt(USER) + engine.tokenizer.encode("</think>"))
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"tz": {"type": "string", "maxLength": 5}}, "required": ["tz"],
+        "additionalProperties": False}}}
+    r = ask(client, max_tokens=40, tools=[tool], tool_choice="required")
+    msg = r.choices[0].message
+    assert [c.function.name for c in msg.tool_calls] == ["get_time"] and r.choices[0].finish_reason == "tool_calls"
+    assert getattr(msg, "reasoning_content", None) is None
 
 
 def test_server_reasoning_in_history_reaches_the_template(client, engine):

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from .. import __version__
-from ..chat import ReplySplitter, count_tool_calls, encode_chat, opens_reasoning
+from ..chat import THINK_END, ReplySplitter, count_tool_calls, encode_chat, opens_reasoning
 from ..generate import ContextOverflowError, Generation, SamplingParams
 from .schemas import ApiError, GenRequest, bad, parse_chat, parse_completion
 
@@ -368,6 +368,11 @@ class Server:
             except ValueError as e:   # the template's errors (raise_exception, ...) name its source file
                 raise bad("messages", str(e)) from None
             req.opened = opens_reasoning(self.engine.tokenizer, req.prompt)
+            if req.opened and req.grammar is not None:
+                # the grammar shapes the answer from its first token (a forced tool call, JSON): close the prompt's
+                # open <think>, as a thinking template's non-thinking mode does, so the answer is not reasoning
+                req.prompt = req.prompt + self.engine.tokenizer.encode(THINK_END, allow_special=True)
+                req.opened = False
             job = await self._submit(request, req)
         except ApiError as e:
             return self._error(e, request)
