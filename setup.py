@@ -17,6 +17,7 @@ setup(
         "regex>=2023",     # the BPE trainer behind the demo tokenizer (same pattern syntax as tiktoken)
         "gguf>=0.10",      # GGUF reading/writing (llama.cpp's own package)
         "tqdm>=4.66",      # progress bars on loading and conversion
+        "jinja2>=3.1.6",   # a checkpoint's own chat template, in jinja's sandbox (older releases have sandbox escapes)
     ],
     extras_require={
         # simde-py: SIMDe headers, so the AVX-512 kernels are tested on CPUs without AVX-512 (no system package)
