@@ -326,7 +326,9 @@ def _plan(ck, cfg, expert_qt: QT, other_qt: QT, int4_lossless: bool, stats: dict
 # ---- entry points --------------------------------------------------------------------------------
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, experts: str = "q4_0", other: str = "q8_0",
             progress: bool = True) -> str:
-    """Convert the HF checkpoint in `hf_dir` to a deepseek2 GGUF at `out_path`; returns the path.
+    """Convert the HF checkpoint in `hf_dir` to a deepseek2 GGUF at `out_path`; returns the path. A multimodal
+    Kimi K2.5+ checkpoint (model_type kimi_k25) gives its text model: HFCheckpoint maps the prefixed names and
+    skips the vision tower, whose tensors the deepseek2 architecture has no place for.
 
     experts: format of the routed experts ('q4_0', 'q8_0', 'q4_k', 'q6_k'); INT4 (compressed-tensors,
       group 32) experts become q4_0 without requantization. other: format of the remaining matrices
