@@ -206,6 +206,27 @@ def llama_cpp_llama(path: Path, **kw):
         mod.llama_cpp.llama_model_default_params = default
 
 
+def llama_cpp_quantize(src: str | Path, dst: str | Path, ftype: str, *, threads: int = 2, pure: bool = False) -> Path:
+    """llama.cpp's own quantizer (llama_model_quantize, as llama-quantize runs it) on a GGUF: ftype is a
+    llama-quantize name ('Q2_K', 'Q3_K_M', 'IQ4_XS', ...); pure: every tensor in that type where the rows allow it,
+    instead of llama.cpp's per-tensor mix. A file that exists is reused."""
+    import llama_cpp
+    dst = Path(dst)
+    if dst.exists():
+        return dst
+    code = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}", None)
+    if code is None:
+        raise ValueError(f"ftype={ftype!r}: not a llama.cpp quantization type")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.pure, params.allow_requantize = code, threads, pure, True
+    part = dst.with_name(dst.name + ".part")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), params)
+    if rc != 0 or not part.exists():
+        raise RuntimeError(f"llama_model_quantize {src} -> {ftype} failed (return code {rc})")
+    os.replace(part, dst)
+    return dst
+
+
 def llama_cpp_prompt_logits(path: Path, prompt: list[int], threads: int) -> torch.Tensor | None:
     """llama.cpp's logits [len(prompt), vocab] for the prompt (a separate instance: logits_all slows the timed runs)."""
     try:
