@@ -240,7 +240,7 @@ def scan_header(buf) -> list[tuple[str, int, tuple[int, ...], int, int]]:
 
 # Where each GGML block keeps its scales (ggml-common.h block_* layouts): byte offsets of float16 fields (Q8_K:
 # one float32). Every block's scale multiplies all its values, so one NaN/inf scale is a block of NaNs.
-_SCALES = {
+SCALE_FIELDS = {
     GGMLQuantizationType.Q4_0: (0,), GGMLQuantizationType.Q4_1: (0, 2), GGMLQuantizationType.Q5_0: (0,),
     GGMLQuantizationType.Q5_1: (0, 2), GGMLQuantizationType.Q8_0: (0,), GGMLQuantizationType.Q2_K: (80, 82),
     GGMLQuantizationType.Q3_K: (108,), GGMLQuantizationType.Q4_K: (0, 2), GGMLQuantizationType.Q5_K: (0, 2),
@@ -258,7 +258,7 @@ def nonfinite_scales(blocks: np.ndarray, qtype: int, chunk: int = 1 << 22) -> in
     Every page of `blocks` is read: for tensors copied at load (dequantized, repacked) they are read anyway; for
     blocks the kernels run in place from the mapping this is what makes the load read the whole tensor."""
     qt = GGMLQuantizationType(qtype)
-    fields = _SCALES.get(qt)
+    fields = SCALE_FIELDS.get(qt)
     if not fields:
         return 0
     type_size = GGML_QUANT_SIZES[qt][1]
