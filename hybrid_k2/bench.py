@@ -343,8 +343,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=3, help="MoE layers of the K2-shaped model")
     ap.add_argument("--experts", type=int, default=32, help="routed experts per layer of the K2-shaped model")
-    ap.add_argument("--expert-format", default="q4_0", choices=["q4_0", "q4_k", "q8_0"],
-                    help="block format of the K2-shaped model's routed experts")
+    from quant.convert import EXPERT_FORMATS
+    ap.add_argument("--expert-format", default="q4_0", choices=list(EXPERT_FORMATS),
+                    help="block format of the K2-shaped model's routed experts (written by our quantizer)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
     ap.add_argument("--decode", type=int, default=32, help="decoded tokens per round")
     ap.add_argument("--rounds", type=int, default=5,
