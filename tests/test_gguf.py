@@ -507,15 +507,15 @@ def test_int4_experts_become_q4_0_losslessly(int4_dir, tmp_path):
 
 def test_convert_rejects_bad_arguments(int4_dir, tmp_path):
     out = str(tmp_path / "x.gguf")
-    with pytest.raises(ValueError, match="experts='q5_0'"):
-        convert(int4_dir, out, experts="q5_0", progress=False)
+    with pytest.raises(ValueError, match="experts='iq2_xxs'"):
+        convert(int4_dir, out, experts="iq2_xxs", progress=False)
     with pytest.raises(ValueError, match="other='q4_0'"):
         convert(int4_dir, out, other="q4_0", progress=False)
     with pytest.raises(ValueError, match=r"blk\.1\.ffn_gate_exps\.weight: rows of 64 values do not fill Q4_K"):
         convert(int4_dir, out, experts="q4_k", progress=False)
     assert not os.path.exists(out) and not os.path.exists(out + ".part")
     with pytest.raises(SystemExit):
-        main([int4_dir, out, "--experts", "q2_k"])
+        main([int4_dir, out, "--experts", "iq2_xxs"])
 
 
 # ---- bad files -----------------------------------------------------------------------------------

@@ -675,6 +675,9 @@ class GGUFCheckpoint(Checkpoint):
         try:
             if qt == GGMLQuantizationType.F32:
                 return np.array(data, dtype=np.float32)
+            from hybrid_k2 import kernels
+            if qt.name in kernels.WEIGHT_QTYPES and GGML_QUANT_SIZES[qt][0] > 1:
+                return kernels.dequantize(np.ascontiguousarray(data), qt.name)   # C, threaded: gguf's values
             out = gguf.quants.dequantize(np.asarray(data), qt)
         except NotImplementedError:
             raise CheckpointError(f"{self.path}: tensor {t.name!r} has type {qt.name}, which cannot be "
