@@ -430,7 +430,8 @@ def resident_bytes(net: Transformer, device) -> int:
 
 
 def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bool, expert_format, threads, *,
-                  ram_budget=None, ram_used: int = 0, vram_budget=None, ctx=None, cache_slots=None, cache_policy="score", prefetch=True, lookahead=3,
+                  ram_budget=None, ram_used: int = 0, vram_budget=None, ctx=None, cache_slots=None,
+                  cache_policy="score", prefetch=True, lookahead=3,
                   prefetch_heads=None, prefill_stream=None):
     if not cfg.moe_layers:
         return None

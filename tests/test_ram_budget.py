@@ -19,8 +19,6 @@ from hybrid_k2 import placement
 from hybrid_k2.checkpoint import CheckpointError
 from hybrid_k2.checkpoint.gguf import GGUFCheckpoint
 from hybrid_k2.config import preset
-from hybrid_k2.experts.cpu import _gguf_layer_nbytes
-from hybrid_k2.loader import resident_bytes
 from hybrid_k2.placement import GiB, RAM_RESERVE, PlacementError, plan
 from test_gguf import converted, hf_dir  # noqa: F401  (shared fixtures)
 
@@ -89,6 +87,8 @@ def test_experts_over_the_budget_stay_mapped_in_place_and_generate_the_same(conv
 def test_repacked_only_when_it_fits(converted, caplog):
     """Q4_K_R8 is larger than Q4_K (unpacked scales): a budget that holds the file's layout but not the repacked
     one runs the file's blocks in place, in RAM (scales checked at load, no 'disk-bound' line)."""
+    from hybrid_k2.experts.cpu import _gguf_layer_nbytes
+    from hybrid_k2.loader import resident_bytes
     path = converted("q4_k", "q8_0")
     roomy = load(path, ROOMY)
     cfg = roomy.model.cfg

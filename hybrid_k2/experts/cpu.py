@@ -69,8 +69,8 @@ class CPUExperts(ExpertBackend):
             raise ValueError(f"expert_format={expert_format!r}: expected one of {', '.join(FORMATS)} or 'native'")
         budget, source = placement.resolve_ram_budget(ram_budget)
         room = budget - placement.RAM_RESERVE - ram_used
-        native = {layer: hasattr(ckpt, "expert_blocks") and expert_format in (None, "native", *_native_names(ckpt, layer))
-                  for layer in cfg.moe_layers}
+        gguf = hasattr(ckpt, "expert_blocks")
+        native = {layer: gguf and expert_format in (None, "native", *_native_names(ckpt, layer)) for layer in cfg.moe_layers}
         held = stored = 0   # bytes of every layer's experts as held (repacked / quantized) and in the file's layout
         for layer in cfg.moe_layers:
             if native[layer]:
