@@ -17,12 +17,14 @@ setup(
         "regex>=2023",     # the BPE trainer behind the demo tokenizer (same pattern syntax as tiktoken)
         "gguf>=0.10",      # GGUF reading/writing (llama.cpp's own package)
         "tqdm>=4.66",      # progress bars on loading and conversion
+        "jinja2>=3.1",     # a checkpoint's own chat template, rendered in jinja2's sandbox
     ],
     extras_require={
         # simde-py: SIMDe headers, so the AVX-512 kernels are tested on CPUs without AVX-512 (no system package)
         "test": ["pytest>=8", "transformers>=4.57", "safetensors>=0.4", "pexpect>=4.9", "jinja2>=3.1",
                  "simde-py>=0.8", "hypothesis>=6",
-                 "starlette>=0.40", "uvicorn>=0.30", "llguidance>=1.9", "openai>=3", "httpx2", "jsonschema>=4"],
+                 "starlette>=0.40", "uvicorn>=0.30", "llguidance>=1.9", "openai>=3", "httpx2", "jsonschema>=4",
+                 "llama-cpp-python>=0.3.10"],   # the reference engine on the same GGUF bytes (built from source)
         # starlette: the ASGI app; uvicorn: its HTTP server; llguidance: grammar masks (no dependencies)
         "server": ["starlette>=0.40", "uvicorn>=0.30", "llguidance>=1.9"],
         "bench": ["llama-cpp-python>=0.3.10", "transformers>=4.57"],   # llama.cpp built from source

@@ -206,6 +206,27 @@ def llama_cpp_llama(path: Path, **kw):
         mod.llama_cpp.llama_model_default_params = default
 
 
+def llama_cpp_quantize(src: str | Path, dst: str | Path, ftype: str, *, threads: int = 2, pure: bool = False) -> Path:
+    """llama.cpp's own quantizer (llama_model_quantize, as llama-quantize runs it) on a GGUF: ftype is a
+    llama-quantize name ('Q2_K', 'Q3_K_M', 'IQ4_XS', ...); pure: every tensor in that type where the rows allow it,
+    instead of llama.cpp's per-tensor mix. A file that exists is reused."""
+    import llama_cpp
+    dst = Path(dst)
+    if dst.exists():
+        return dst
+    code = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}", None)
+    if code is None:
+        raise ValueError(f"ftype={ftype!r}: not a llama.cpp quantization type")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.pure, params.allow_requantize = code, threads, pure, True
+    part = dst.with_name(dst.name + ".part")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), params)
+    if rc != 0 or not part.exists():
+        raise RuntimeError(f"llama_model_quantize {src} -> {ftype} failed (return code {rc})")
+    os.replace(part, dst)
+    return dst
+
+
 def llama_cpp_prompt_logits(path: Path, prompt: list[int], threads: int) -> torch.Tensor | None:
     """llama.cpp's logits [len(prompt), vocab] for the prompt (a separate instance: logits_all slows the timed runs)."""
     try:
@@ -322,8 +343,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=3, help="MoE layers of the K2-shaped model")
     ap.add_argument("--experts", type=int, default=32, help="routed experts per layer of the K2-shaped model")
-    ap.add_argument("--expert-format", default="q4_0", choices=["q4_0", "q4_k", "q8_0"],
-                    help="block format of the K2-shaped model's routed experts")
+    from quant.convert import EXPERT_FORMATS
+    ap.add_argument("--expert-format", default="q4_0", choices=list(EXPERT_FORMATS),
+                    help="block format of the K2-shaped model's routed experts (written by our quantizer)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
     ap.add_argument("--decode", type=int, default=32, help="decoded tokens per round")
     ap.add_argument("--rounds", type=int, default=5,

@@ -136,9 +136,11 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object")
         mt = d.get("model_type", "deepseek_v3")
-        if mt not in ("kimi_k2", "deepseek_v3"):
-            raise ConfigError(f"{source}: model_type {mt!r} is not supported (expected 'kimi_k2' or 'deepseek_v3')",
-                              "model_type")
+        if mt not in TEXT_MODEL_TYPES and (mt in MULTIMODAL_MODEL_TYPES or "text_config" in d):
+            return cls._from_text_config(d, source)
+        if mt not in TEXT_MODEL_TYPES:
+            raise ConfigError(f"{source}: model_type {mt!r} is not supported (expected 'kimi_k2' or 'deepseek_v3', "
+                              f"or a wrapper such as 'kimi_k25' holding one as text_config)", "model_type")
 
         def get(name, typ, default=_REQUIRED):
             if name not in d or d[name] is None:
@@ -203,6 +205,28 @@ class ModelConfig:
             raise ConfigError(f"{source}: field 'hidden_act' must be 'silu', got {d['hidden_act']!r}", "hidden_act")
         cfg.validate()
         return cfg
+
+    @classmethod
+    def _from_text_config(cls, d: dict, source: str) -> "ModelConfig":
+        """A multimodal wrapper (Kimi K2.5+: model_type kimi_k25) keeps its language model's config under
+        `text_config`; the vision tower's config beside it is not ours to read."""
+        text = d.get("text_config")
+        if text is None:
+            raise ConfigError(f"{source}: model_type {d.get('model_type')!r} keeps the language model's config under "
+                              f"'text_config', which is missing", "text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: field 'text_config' must be an object, got {type(text).__name__}",
+                              "text_config")
+        tmt = text.get("model_type", "deepseek_v3")
+        if tmt not in TEXT_MODEL_TYPES:
+            raise ConfigError(f"{source}: field 'text_config.model_type' {tmt!r} is not supported (expected "
+                              f"'kimi_k2' or 'deepseek_v3')", "text_config.model_type")
+        # token ids and the embedding tie may sit on the wrapper only
+        text = {**{k: d[k] for k in INHERITED_FIELDS if k in d and k not in text}, **text}
+        try:
+            return cls.from_dict(text, source=f"{source} (text_config)")
+        except ConfigError as e:
+            raise ConfigError(str(e), f"text_config.{e.field}" if e.field else "text_config") from None
 
     def validate(self) -> None:
         """Every field, by name: types, ranges (finite, bounded by the MAX_* limits) and the relations between
@@ -274,7 +298,7 @@ class ModelConfig:
             bad("topk_method", "must be 'noaux_tc', 'greedy' or 'group_limited_greedy'")
         if self.scoring_func not in ("sigmoid", "softmax"):
             bad("scoring_func", "must be 'sigmoid' or 'softmax'")
-        if self.model_type not in ("kimi_k2", "deepseek_v3"):
+        if self.model_type not in TEXT_MODEL_TYPES:
             bad("model_type", "must be 'kimi_k2' or 'deepseek_v3'")
         number("routed_scaling_factor", self.routed_scaling_factor, 0, hi=1e4)   # K2: 2.827
         number("rms_norm_eps", self.rms_norm_eps, 0, hi=1)   # models use 1e-6..1e-5
@@ -301,6 +325,20 @@ class ModelConfig:
 
 
 _REQUIRED = object()
+TEXT_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
+# wrappers whose language model is a DeepSeek-V3 under `text_config` (any model_type holding a text_config is
+# read the same way; these are refused by name when it is missing)
+MULTIMODAL_MODEL_TYPES = ("kimi_k25", "kimi_vl")
+INHERITED_FIELDS = ("bos_token_id", "eos_token_id", "tie_word_embeddings")
+
+
+def quantization_config(d: dict):
+    """The quantization_config that applies to the language model: text_config's own, else the top-level one
+    (Kimi K2.5 writes it beside text_config). None when there is none; not checked here."""
+    text = d.get("text_config") if isinstance(d, dict) else None
+    if isinstance(text, dict) and text.get("quantization_config") is not None:
+        return text["quantization_config"]
+    return d.get("quantization_config") if isinstance(d, dict) else None
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

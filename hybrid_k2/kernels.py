@@ -66,6 +66,9 @@ for _n in _FAMILY_TYPES:
     _g = GGMLQuantizationType[_n]
     QTYPES[_n] = QType(_n, int(_g), *GGML_QUANT_SIZES[_g])
 WEIGHT_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_0_R8", "Q4_K_R8") + _FAMILY_TYPES
+# the weight types our quantizer writes (the grid IQ types: llama.cpp's quantizer only)
+QUANTIZE_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q2_K", "Q3_K", "Q5_K", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS",
+                   "TQ1_0", "TQ2_0", "BF16", "F16", "F32")
 REPACKED = {"Q4_0": "Q4_0_R8", "Q4_K": "Q4_K_R8"}  # GGUF type -> the kernel layout it repacks to
 
 

@@ -36,14 +36,19 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from hybrid_k2.checkpoint.gguf import split_kv_b
 from hybrid_k2.checkpoint.quantize import int4_to_q4_0
+from hybrid_k2.kernels import QUANTIZE_QTYPES
 
 log = logging.getLogger("hybrid_k2.convert")
 
 ARCH = "deepseek2"
-EXPERT_FORMATS = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0, "q4_k": QT.Q4_K, "q6_k": QT.Q6_K}
+EXPERT_FORMATS = {n.lower(): QT[n] for n in QUANTIZE_QTYPES if n != "F32"}   # every type our quantizer writes
 OTHER_FORMATS = {"q8_0": QT.Q8_0, "bf16": QT.BF16, "f16": QT.F16, "f32": QT.F32}
-FILE_TYPES = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-              "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
+_FT = gguf.LlamaFileType
+FILE_TYPES = {"q4_0": _FT.MOSTLY_Q4_0, "q8_0": _FT.MOSTLY_Q8_0, "q4_k": _FT.MOSTLY_Q4_K_M, "q6_k": _FT.MOSTLY_Q6_K,
+              "q2_k": _FT.MOSTLY_Q2_K, "q3_k": _FT.MOSTLY_Q3_K_M, "q5_k": _FT.MOSTLY_Q5_K_M, "q4_1": _FT.MOSTLY_Q4_1,
+              "q5_0": _FT.MOSTLY_Q5_0, "q5_1": _FT.MOSTLY_Q5_1, "iq4_nl": _FT.MOSTLY_IQ4_NL,
+              "iq4_xs": _FT.MOSTLY_IQ4_XS, "tq1_0": _FT.MOSTLY_TQ1_0, "tq2_0": _FT.MOSTLY_TQ2_0,
+              "bf16": _FT.MOSTLY_BF16, "f16": _FT.MOSTLY_F16}
 GGML_QUANT_VERSION = 2  # ggml.h GGML_QNT_VERSION, written by llama.cpp's quantizer
 PRE_TOKENIZER = "kimi-k2"  # llama.cpp llama-vocab.cpp LLAMA_VOCAB_PRE_TYPE_KIMI_K2
 
@@ -326,9 +331,11 @@ def _plan(ck, cfg, expert_qt: QT, other_qt: QT, int4_lossless: bool, stats: dict
 # ---- entry points --------------------------------------------------------------------------------
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, experts: str = "q4_0", other: str = "q8_0",
             progress: bool = True) -> str:
-    """Convert the HF checkpoint in `hf_dir` to a deepseek2 GGUF at `out_path`; returns the path.
+    """Convert the HF checkpoint in `hf_dir` to a deepseek2 GGUF at `out_path`; returns the path. A multimodal
+    Kimi K2.5+ checkpoint (model_type kimi_k25) gives its text model: HFCheckpoint maps the prefixed names and
+    skips the vision tower, whose tensors the deepseek2 architecture has no place for.
 
-    experts: format of the routed experts ('q4_0', 'q8_0', 'q4_k', 'q6_k'); INT4 (compressed-tensors,
+    experts: format of the routed experts (EXPERT_FORMATS); INT4 (compressed-tensors,
       group 32) experts become q4_0 without requantization. other: format of the remaining matrices
       ('q8_0', 'bf16', 'f16', 'f32'); norms, router and biases are always F32. The file is written
       to a temp file beside `out_path` and renamed over it only when complete (check_output)."""

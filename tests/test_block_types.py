@@ -13,6 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as GQT
 
 from hybrid_k2 import kernels as K
+from hybrid_k2.checkpoint.gguf import SCALE_FIELDS
 from test_kernels import _restore_defaults, q8_k_reference, simde_lib, simde_path, variants  # noqa: F401 (fixtures)
 
 # activation blocks the kernels quantize x (and h) to for each weight type: llama.cpp's vec_dot_type
@@ -24,12 +25,7 @@ ACT_QB = {
 TYPES = list(ACT_QB)
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 
-# byte offsets of each block's fp16 scales (ggml-common.h)
-FP16_FIELDS = {
-    "Q2_K": (80, 82), "Q3_K": (108,), "Q5_K": (0, 2), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "IQ4_NL": (0,),
-    "IQ4_XS": (0,), "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,),
-    "TQ1_0": (52,), "TQ2_0": (64,),
-}
+FP16_FIELDS = {qt.name: offs for qt, offs in SCALE_FIELDS.items()}   # the blocks' fp16 scales (ggml-common.h)
 
 
 def random_blocks(rng, qt: str, rows: int, cols: int) -> np.ndarray:

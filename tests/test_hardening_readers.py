@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType as QT
 from hybrid_k2.bpe_train import train_bpe, write_tiktoken_model
 from hybrid_k2.checkpoint import (CheckpointConfigError, CheckpointError, HFCheckpoint, SafetensorsFile,
                                   check_config_against, expected_tensors, open_checkpoint)
-from hybrid_k2.checkpoint.gguf import _SCALES, GGUFCheckpoint, nonfinite_scales, scan_header
+from hybrid_k2.checkpoint.gguf import SCALE_FIELDS, GGUFCheckpoint, nonfinite_scales, scan_header
 from hybrid_k2.checkpoint.quantize import fp8_block_quantize, int4_group_quantize, save_safetensors, write_sharded
 from hybrid_k2.config import ConfigError, ModelConfig
 from hybrid_k2.tokenizer import KIMI_PAT_STR
@@ -359,7 +359,7 @@ def test_nonfinite_fp8_and_int4_scales_are_refused_by_name(tmp_path):
 def test_scale_table_matches_the_gguf_dequantizer():
     """Each table offset is a block scale: NaN there makes gguf's reference dequantize produce NaN."""
     rng = np.random.default_rng(0)
-    for qt, offs in _SCALES.items():
+    for qt, offs in SCALE_FIELDS.items():
         if qt == QT.Q8_K:
             continue   # gguf cannot dequantize Q8_K (an activation type); its float32 d leads the block
         bs, ts = gguf.constants.GGML_QUANT_SIZES[qt]

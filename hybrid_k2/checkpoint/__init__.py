@@ -166,7 +166,8 @@ def check_config_against(ckpt: Checkpoint, cfg) -> None:
     naming the file, the tensor and the config field. Run it after the config is parsed and before the model
     is built: what the loader then allocates is sized by tensors that exist, not by what a config asks for."""
     src, L, mtp = cfg.source, cfg.num_hidden_layers, cfg.num_nextn_predict_layers
-    label = getattr(ckpt, "gguf_name", None)
+    # name tensors as the files do: a GGUF's blk.* names, a multimodal checkpoint's prefixed ones
+    label = getattr(ckpt, "gguf_name", None) or getattr(ckpt, "stored_name", None)
 
     def named(name):
         g = label(name) if label is not None else name

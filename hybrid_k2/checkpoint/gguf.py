@@ -240,13 +240,15 @@ def scan_header(buf) -> list[tuple[str, int, tuple[int, ...], int, int]]:
 
 # Where each GGML block keeps its scales (ggml-common.h block_* layouts): byte offsets of float16 fields (Q8_K:
 # one float32). Every block's scale multiplies all its values, so one NaN/inf scale is a block of NaNs.
-_SCALES = {
+SCALE_FIELDS = {
     GGMLQuantizationType.Q4_0: (0,), GGMLQuantizationType.Q4_1: (0, 2), GGMLQuantizationType.Q5_0: (0,),
     GGMLQuantizationType.Q5_1: (0, 2), GGMLQuantizationType.Q8_0: (0,), GGMLQuantizationType.Q2_K: (80, 82),
     GGMLQuantizationType.Q3_K: (108,), GGMLQuantizationType.Q4_K: (0, 2), GGMLQuantizationType.Q5_K: (0, 2),
     GGMLQuantizationType.Q6_K: (208,), GGMLQuantizationType.IQ4_NL: (0,), GGMLQuantizationType.IQ4_XS: (0,),
-    GGMLQuantizationType.Q8_K: (0,),
-}
+    GGMLQuantizationType.Q8_K: (0,), GGMLQuantizationType.IQ2_XXS: (0,), GGMLQuantizationType.IQ2_XS: (0,),
+    GGMLQuantizationType.IQ2_S: (0,), GGMLQuantizationType.IQ3_XXS: (0,), GGMLQuantizationType.IQ3_S: (0,),
+    GGMLQuantizationType.IQ1_S: (0,), GGMLQuantizationType.TQ1_0: (52,), GGMLQuantizationType.TQ2_0: (64,),
+}   # IQ1_M spreads its scale over four words' top nibbles: not checked here
 
 
 def nonfinite_scales(blocks: np.ndarray, qtype: int, chunk: int = 1 << 22) -> int:
@@ -256,7 +258,7 @@ def nonfinite_scales(blocks: np.ndarray, qtype: int, chunk: int = 1 << 22) -> in
     Every page of `blocks` is read: for tensors copied at load (dequantized, repacked) they are read anyway; for
     blocks the kernels run in place from the mapping this is what makes the load read the whole tensor."""
     qt = GGMLQuantizationType(qtype)
-    fields = _SCALES.get(qt)
+    fields = SCALE_FIELDS.get(qt)
     if not fields:
         return 0
     type_size = GGML_QUANT_SIZES[qt][1]
@@ -673,6 +675,9 @@ class GGUFCheckpoint(Checkpoint):
         try:
             if qt == GGMLQuantizationType.F32:
                 return np.array(data, dtype=np.float32)
+            from hybrid_k2 import kernels
+            if qt.name in kernels.WEIGHT_QTYPES and GGML_QUANT_SIZES[qt][0] > 1:
+                return kernels.dequantize(np.ascontiguousarray(data), qt.name)   # C, threaded: gguf's values
             out = gguf.quants.dequantize(np.asarray(data), qt)
         except NotImplementedError:
             raise CheckpointError(f"{self.path}: tensor {t.name!r} has type {qt.name}, which cannot be "

@@ -6,18 +6,25 @@ Storage forms understood (all dequantised in `get`, one tensor at a time, from t
                (DeepSeek-V3 / Kimi-K2: w = fp8 * scale_inv per bo x bi block, edge blocks partial)
   int4_group   X.weight_packed I32 [out, ceil(in/8)] + X.weight_scale [out, ceil(in/g)]
                + X.weight_shape [2] (compressed-tensors "pack-quantized", Kimi-K2-Thinking experts)
+
+Multimodal checkpoints (Kimi K2.5 / K2.6 / K2.7: KimiK25ForConditionalGeneration) hold the text model under a
+prefix (text_model_name); their vision tower and projector are skipped.
 """
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 import os
 
 import torch
 
+from ..config import quantization_config
 from . import Checkpoint, CheckpointError, Int4Weight
 from .safetensors import SafetensorsFile
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_FORMATS = {"F32": "f32", "BF16": "bf16", "F16": "f16", "F64": "f64"}
@@ -25,6 +32,25 @@ INT4_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_poin
 DEFAULT_FP8_BLOCK = (128, 128)
 DEFAULT_INT4_GROUP = 32
 MAX_QUANT_BLOCK = 1 << 20   # no matrix side is larger (config.MAX_FFN); bigger blocks mean nothing
+# Where multimodal wrappers keep the text model: Moonshot's files `language_model.` + the causal LM's names
+# (language_model.model.layers.N..., language_model.lm_head.weight; some exports drop its `model.` level:
+# language_model.layers.N...), transformers' composite layout `model.language_model.` + the decoder's names
+# (model.language_model.layers.N..., lm_head.weight at the top)
+TEXT_PREFIXES = ("language_model.", "model.language_model.")
+CAUSAL_LM_PARTS = ("model.", "lm_head.")
+VISION_PREFIXES = tuple(p + v for p in ("", "model.") for v in ("vision_tower.", "mm_projector.", "multi_modal_projector."))
+IMAGES_NOTICE = "images are not supported; loading the text model"
+
+
+def text_model_name(stored: str) -> str | None:
+    """The canonical (DeepseekV3ForCausalLM) name of a stored tensor, None for the vision tower and projector."""
+    if stored.startswith(VISION_PREFIXES):
+        return None
+    for prefix in TEXT_PREFIXES:
+        if stored.startswith(prefix):
+            rest = stored[len(prefix):]
+            return rest if rest.startswith(CAUSAL_LM_PARTS) else "model." + rest
+    return stored
 
 
 def _size(v) -> bool:
@@ -81,9 +107,49 @@ class HFCheckpoint(Checkpoint):
                     if n in self._where:
                         raise CheckpointError(f"{path}: tensor {n!r} is in both {self._where[n]} and {shard}")
                     self._where[n] = shard
+        self._map_text_model()
         self._build_logical()
 
     # ---- physical layer ------------------------------------------------------------------
+    def _map_text_model(self) -> None:
+        """Key the physical tensors by their canonical names (self._stored: canonical -> stored name where they
+        differ), dropping the vision tower and projector with one notice."""
+        where, stored, heads, skipped = {}, {}, {}, 0
+        for s, shard in self._where.items():
+            c = text_model_name(s)
+            if c is None:
+                skipped += 1
+                continue
+            if c in where:
+                raise CheckpointError(f"{self.path}: tensors {stored.get(c, c)!r} ({where[c]}) and {s!r} ({shard}) "
+                                      f"are both the text model's {c!r}; which one is it?")
+            where[c] = shard
+            if c != s:
+                stored[c] = s
+                head = next(h for h in CAUSAL_LM_PARTS if c.startswith(h))
+                heads.setdefault(head, s[: len(s) - len(c) + len(head)])
+        self._where, self._stored, self._heads = where, stored, heads
+        self.vision_tensors = skipped
+        if skipped:
+            log.warning("%s: %s", self.path, IMAGES_NOTICE)
+
+    def stored_name(self, name: str) -> str:
+        """The name a canonical tensor has in the files (for a missing one: would have, by this checkpoint's
+        prefix), e.g. language_model.model.layers.0.mlp.gate.weight for model.layers.0.mlp.gate.weight."""
+        for suffix in ("", "_packed"):
+            s = self._stored.get(name + suffix)
+            if s is not None:
+                return s[: len(s) - len(suffix)]
+            if name + suffix in self._where:
+                return name
+        head = next((h for h in CAUSAL_LM_PARTS if name.startswith(h)), None)
+        return self._heads[head] + name[len(head):] if head in self._heads else name
+
+    def _named(self, name: str) -> str:
+        """A tensor for messages: its stored name, and the canonical one beside it when they differ."""
+        s = self.stored_name(name)
+        return repr(s) if s == name else f"{s!r} ({name})"
+
     def _read_index(self, index_path: str) -> dict[str, str]:
         try:
             with open(index_path) as f:
@@ -130,21 +196,25 @@ class HFCheckpoint(Checkpoint):
             f = self._files[shard] = SafetensorsFile(os.path.join(self.dir, shard))
         return f
 
-    def _locate(self, phys: str) -> SafetensorsFile:
+    def _locate(self, phys: str) -> tuple[SafetensorsFile, str]:
+        """The open shard holding a physical tensor (canonical name) and its name there."""
         shard = self._where.get(phys)
         if shard is None:
-            raise CheckpointError(f"{self.path}: no tensor {phys!r}")
+            raise CheckpointError(f"{self.path}: no tensor {self._named(phys)}")
         f = self._file(shard)
-        if phys not in f:
-            raise CheckpointError(f"{f.path}: tensor {phys!r} is listed in {INDEX_FILE} but not in the shard")
-        return f
+        stored = self._stored.get(phys, phys)
+        if stored not in f:
+            raise CheckpointError(f"{f.path}: tensor {stored!r} is listed in {INDEX_FILE} but not in the shard")
+        return f, stored
 
     def raw(self, phys: str) -> torch.Tensor:
-        """Zero-copy read-only view of a physical (stored) tensor, e.g. 'X.weight_packed'."""
-        return self._locate(phys).view(phys)
+        """Zero-copy read-only view of a physical tensor (canonical name), e.g. 'X.weight_packed'."""
+        f, stored = self._locate(phys)
+        return f.view(stored)
 
     def raw_info(self, phys: str) -> tuple[str, tuple[int, ...]]:
-        return self._locate(phys).info(phys)
+        f, stored = self._locate(phys)
+        return f.info(stored)
 
     def physical_names(self) -> list[str]:
         return list(self._where)
@@ -157,7 +227,8 @@ class HFCheckpoint(Checkpoint):
             if n.endswith(".weight_packed"):
                 base = n[: -len("_packed")]
                 if base in phys:
-                    raise CheckpointError(f"{self.path}: both {base!r} and {n!r} are stored; which one is the weight?")
+                    raise CheckpointError(f"{self.path}: both {self._named(base)} and {self._named(n)} are stored; "
+                                          f"which one is the weight?")
                 int4.add(base)
                 hidden.update(f"{base[: -len('weight')]}{p}" for p in INT4_PARTS)
             elif n.endswith(".weight_scale_inv") and n[: -len("_scale_inv")] in phys:
@@ -174,7 +245,7 @@ class HFCheckpoint(Checkpoint):
 
     def _check(self, name: str) -> None:
         if name not in self._name_set:
-            raise CheckpointError(f"{self.path}: checkpoint has no tensor {name!r}")
+            raise CheckpointError(f"{self.path}: checkpoint has no tensor {self._named(name)}")
 
     def format(self, name: str) -> str:
         self._check(name)
@@ -201,7 +272,8 @@ class HFCheckpoint(Checkpoint):
         checkpoint once, so only the loaded copy should stay resident."""
         for phys in (name, name + "_scale_inv", name + "_packed", name + "_scale"):
             if phys in self._where:
-                self._locate(phys).release(phys)
+                f, stored = self._locate(phys)
+                f.release(stored)
 
     @property
     def fp8_block(self) -> tuple[int, int]:
@@ -215,8 +287,10 @@ class HFCheckpoint(Checkpoint):
         sdtype, _ = self.raw_info(name)
         _, _, _, _, scale_name = self._fp8_layout(name, sdtype)
         if sdtype != "F8_E4M3":
-            raise CheckpointError(f"{self.path}: tensor {name!r} is {sdtype}; FP8 matrices are held as F8_E4M3 only")
-        return self.raw(name), _finite_scales(self.raw(scale_name).to(torch.float32), self.path, scale_name)
+            raise CheckpointError(f"{self.path}: tensor {self._named(name)} is {sdtype}; FP8 matrices are held as "
+                                  f"F8_E4M3 only")
+        return self.raw(name), _finite_scales(self.raw(scale_name).to(torch.float32), self.path,
+                                              self.stored_name(scale_name))
 
     def _get(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
         self._check(name)
@@ -233,7 +307,8 @@ class HFCheckpoint(Checkpoint):
                     w = w.clone()  # never hand out the read-only mapping
                 return w
             else:
-                raise CheckpointError(f"{self.path}: tensor {name!r} is stored as {sdtype}, not a float weight")
+                raise CheckpointError(f"{self.path}: tensor {self._named(name)} is stored as {sdtype}, not a float "
+                                      f"weight")
         return w.to(dtype)
 
     def check_tensor(self, name: str) -> None:
@@ -247,7 +322,7 @@ class HFCheckpoint(Checkpoint):
         if sdtype in ("F8_E4M3", "F8_E5M2"):
             self._fp8_layout(name, sdtype)
         elif sdtype not in FLOAT_FORMATS:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is stored as {sdtype}, not a float weight")
+            raise CheckpointError(f"{self.path}: tensor {self._named(name)} is stored as {sdtype}, not a float weight")
 
     # ---- FP8 block ------------------------------------------------------------------------
     def _fp8_layout(self, name: str, sdtype: str) -> tuple[int, int, int, int, str]:
@@ -255,24 +330,25 @@ class HFCheckpoint(Checkpoint):
         scale_name = name + "_scale_inv"
         if sdtype != "F8_E4M3" or scale_name not in self._where:
             raise CheckpointError(
-                f"{self.path}: tensor {name!r} is {sdtype} without a {scale_name!r} block scale; "
+                f"{self.path}: tensor {self._named(name)} is {sdtype} without a {self._named(scale_name)} block scale; "
                 "only F8_E4M3 with weight_scale_inv is supported")
         _, shape = self.raw_info(name)
         if len(shape) != 2:
-            raise CheckpointError(f"{self.path}: FP8 tensor {name!r} has shape {shape}, expected 2-D")
+            raise CheckpointError(f"{self.path}: FP8 tensor {self._named(name)} has shape {shape}, expected 2-D")
         out, inp = shape
         bo, bi = self._quant_config()["fp8_block"]
         s_dtype, s_shape = self.raw_info(scale_name)
         want = (math.ceil(out / bo), math.ceil(inp / bi))
         if s_dtype not in FLOAT_FORMATS or s_shape != want:
             raise CheckpointError(
-                f"{self.path}: {scale_name!r} is {s_dtype}{list(s_shape)}, expected float {list(want)} "
-                f"for {name!r} [{out}, {inp}] with {bo}x{bi} blocks")
+                f"{self.path}: {self._named(scale_name)} is {s_dtype}{list(s_shape)}, expected float {list(want)} "
+                f"for {self._named(name)} [{out}, {inp}] with {bo}x{bi} blocks")
         return out, inp, bo, bi, scale_name
 
     def _fp8_get(self, name: str, sdtype: str, device) -> torch.Tensor:
         out, inp, bo, bi, scale_name = self._fp8_layout(name, sdtype)
-        s = _finite_scales(self.raw(scale_name).to(device=device, dtype=torch.float32), self.path, scale_name)
+        s = _finite_scales(self.raw(scale_name).to(device=device, dtype=torch.float32), self.path,
+                           self.stored_name(scale_name))
         w = self.raw(name).to(device).to(torch.float32)
         bo, bi = min(bo, out), min(bi, inp)   # a block larger than the matrix: one scale covers it
         s_cols = s.repeat_interleave(bi, dim=1)[:, :inp]  # [row blocks, in], small
@@ -286,13 +362,14 @@ class HFCheckpoint(Checkpoint):
     def _int4_shape(self, name: str) -> tuple[int, int]:
         shape_name = name + "_shape"
         if shape_name not in self._where:
-            raise CheckpointError(f"{self.path}: INT4 tensor {name!r} has no {shape_name!r}")
+            raise CheckpointError(f"{self.path}: INT4 tensor {self._named(name)} has no {self._named(shape_name)}")
         sdtype, sshape = self.raw_info(shape_name)
         if sdtype not in ("I32", "I64") or sshape != (2,):
-            raise CheckpointError(f"{self.path}: {shape_name!r} is {sdtype}{list(sshape)}, expected I32/I64 [2]")
+            raise CheckpointError(f"{self.path}: {self._named(shape_name)} is {sdtype}{list(sshape)}, expected "
+                                  f"I32/I64 [2]")
         out, inp = (int(v) for v in self.raw(shape_name).tolist())
         if out <= 0 or inp <= 0:
-            raise CheckpointError(f"{self.path}: {shape_name!r} holds a bad shape ({out}, {inp})")
+            raise CheckpointError(f"{self.path}: {self._named(shape_name)} holds a bad shape ({out}, {inp})")
         return out, inp
 
     def _int4_layout(self, name: str) -> tuple[int, int, int]:
@@ -302,21 +379,24 @@ class HFCheckpoint(Checkpoint):
         pdtype, pshape = self.raw_info(packed_name)
         if pdtype != "I32" or pshape != (out, math.ceil(inp / 8)):
             raise CheckpointError(
-                f"{self.path}: {packed_name!r} is {pdtype}{list(pshape)}, expected I32 [{out}, {math.ceil(inp / 8)}]")
+                f"{self.path}: {self._named(packed_name)} is {pdtype}{list(pshape)}, expected I32 "
+                f"[{out}, {math.ceil(inp / 8)}]")
         for extra in ("_zero_point", "_g_idx"):
             if name + extra in self._where:
-                raise CheckpointError(f"{self.path}: {name + extra!r}: asymmetric / act-order INT4 is not supported")
+                raise CheckpointError(f"{self.path}: {self._named(name + extra)}: asymmetric / act-order INT4 is "
+                                      f"not supported")
         if scale_name not in self._where:
-            raise CheckpointError(f"{self.path}: INT4 tensor {name!r} has no {scale_name!r}")
+            raise CheckpointError(f"{self.path}: INT4 tensor {self._named(name)} has no {self._named(scale_name)}")
         sdtype, sshape = self.raw_info(scale_name)
         q = self._quant_config()
         if q["int4_bits"] != 4:
-            raise CheckpointError(f"{self.path}: {packed_name!r}: only 4-bit pack-quantized is supported, "
+            raise CheckpointError(f"{self.path}: {self._named(packed_name)}: only 4-bit pack-quantized is supported, "
                                   f"config says num_bits={q['int4_bits']}")
         group = next((g or inp for g in q["int4_groups"] if sshape == (out, math.ceil(inp / (g or inp)))), None)
         if sdtype not in FLOAT_FORMATS or group is None:
             raise CheckpointError(
-                f"{self.path}: {scale_name!r} is {sdtype}{list(sshape)}, expected float [{out}, ceil({inp}/group)] "
+                f"{self.path}: {self._named(scale_name)} is {sdtype}{list(sshape)}, expected float "
+                f"[{out}, ceil({inp}/group)] "
                 f"for group size in {q['int4_groups']}")
         return out, inp, group
 
@@ -324,7 +404,8 @@ class HFCheckpoint(Checkpoint):
         """Unsigned nibbles q uint8 [out, in] (value = q - 8), scale f32 [out, ngroups], group size."""
         self._check(name)
         if name not in self._int4:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is {self.format(name)}, not INT4 pack-quantized")
+            raise CheckpointError(f"{self.path}: tensor {self._named(name)} is {self.format(name)}, not INT4 "
+                                  f"pack-quantized")
         out, inp, group = self._int4_layout(name)
         packed_name, scale_name = name + "_packed", name + "_scale"
         # pack_to_int32 (compressed-tensors, pack_quantized.py): q + 8 as an unsigned nibble, columns
@@ -332,7 +413,7 @@ class HFCheckpoint(Checkpoint):
         # little-endian host byte k of word j therefore holds columns 8j+2k (low) and 8j+2k+1 (high).
         # Groups: scale has ceil(in/g) columns (compressed-tensors' strategy_cdiv; older versions
         # required in % g == 0), so a last partial group is allowed.
-        scale = _finite_scales(self.raw(scale_name).to(torch.float32), self.path, scale_name)
+        scale = _finite_scales(self.raw(scale_name).to(torch.float32), self.path, self.stored_name(scale_name))
         b = self.raw(packed_name).view(torch.uint8)  # [out, 4 * words]
         nib = torch.empty(out, b.shape[1] * 2, dtype=torch.uint8)
         torch.bitwise_and(b, 0x0F, out=nib[:, 0::2])
@@ -358,7 +439,10 @@ class HFCheckpoint(Checkpoint):
             if os.path.isfile(cfg_path):
                 try:
                     with open(cfg_path) as f:
-                        qc = json.load(f).get("quantization_config") or {}
+                        d = json.load(f)
+                    if not isinstance(d, dict):
+                        raise ValueError(f"the config is a JSON {type(d).__name__}, not an object")
+                    qc = quantization_config(d) or {}   # text_config's own, else the wrapper's
                 except (OSError, ValueError, AttributeError, RecursionError) as e:
                     raise CheckpointError(f"{cfg_path}: unreadable config: {e!r}") from e
             try:

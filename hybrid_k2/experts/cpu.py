@@ -31,7 +31,7 @@ from . import ExpertBackend, block_signals, expert_names
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"q4_0": "Q4_0", "q8_0": "Q8_0", "q4_k": "Q4_K", "q6_k": "Q6_K"}
+FORMATS = {n.lower(): n for n in kernels.QUANTIZE_QTYPES}
 
 
 class CPUExperts(ExpertBackend):
