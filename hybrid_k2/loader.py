@@ -71,12 +71,22 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
     `prefetch_heads` (hybrid) is a learned routing-predictor .npz (RoutingPredictor.save_heads,
     bench/bench_prefetch.py writes one); `prefill_stream` (hybrid: None = when the cost model says streaming a
     long prompt's experts to the accelerator beats the CPU, True/False = always/never; HybridExperts).
+    `ram_budget` (bytes or '256GiB', parsed like vram_budget; default the machine's MemAvailable) is the RAM the
+    cpu backend may fill: when a GGUF's routed experts do not fit it they stay mapped in place from the file and
+    are paged in from disk (CPUExperts.from_checkpoint says so in one line, and so does `engine.summary`).
     `engine.summary` (logged at INFO, printed to stderr with progress) says what runs where."""
     for name, value in (("prefetch_heads", prefetch_heads), ("prefill_stream", prefill_stream)):
         if value is not None and experts != "hybrid":
             raise ValueError(f"{name} applies to experts='hybrid' (the accelerator's expert cache)")
     if experts not in EXPERT_BACKENDS:
         raise ValueError(f"experts={experts!r}: expected one of {', '.join(EXPERT_BACKENDS)}")
+    if ram_budget is not None:
+        from . import placement
+        ram_budget = placement.parse_size(ram_budget, "ram_budget")   # a bad one fails before anything loads
+        if experts in ("hybrid", "torch"):   # (HybridExperts.from_checkpoint does not forward it to its CPUExperts)
+            raise ValueError(f"ram_budget applies to experts='cpu' (or 'auto'), not experts={experts!r}"
+                             + (" (it sizes its CPU experts against the machine's MemAvailable)"
+                                if experts == "hybrid" else ""))
     device = torch.device(device) if device is not None else default_device()
     dense_format = check_dense_format(dense_format, device)
     if isinstance(dtype, str):
@@ -99,6 +109,7 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
         net = build_model(cfg, ckpt, device, dtype, progress, dense_format=dense)
         net.set_deferral(defer_experts)   # checks the argument before the experts load
         backend = _load_experts(experts, ckpt, cfg, device, dtype, progress, expert_format, threads,
+                                ram_budget=ram_budget, ram_used=resident_bytes(net, device),
                                 vram_budget=vram_budget, ctx=ctx, cache_slots=cache_slots,
                                 cache_policy=cache_policy, prefetch=prefetch, lookahead=lookahead,
                                 prefetch_heads=prefetch_heads, prefill_stream=prefill_stream)
@@ -230,6 +241,9 @@ def loading_summary(name: str, net: Transformer, backend, device, dtype, dense: 
         types = sorted({"/".join(dict.fromkeys((w.gate_type.name, w.up_type.name, w.down_type.name)))
                         for w in layers})
         experts = f"experts {backend.name} {', '.join(types)} ({shape})"
+        cpu = backend.cpu if backend.name == "hybrid" else backend
+        if getattr(cpu, "mapped", None):
+            experts += " mapped in place from the file, paged from disk: they exceed the RAM budget"
     cpu_work = dense in BLOCK_FORMATS or (backend is not None and backend.name != "torch")
     threads = (f"{kernels.get_threads()} threads, {kernels.isa()}" if cpu_work
                else f"torch {torch.get_num_threads()} threads")
@@ -400,8 +414,24 @@ def _load_tokenizer(ckpt, path: Path):
     return None   # weights-only checkpoints still serve Engine.logits
 
 
+def resident_bytes(net: Transformer, device) -> int:
+    """Bytes of RAM the model's non-expert weights take on a CPU device (tensors, GGML blocks, kv_b blocks; blocks
+    read in place from a GGUF count too: their pages are read every token); 0 on an accelerator."""
+    if torch.device(device).type != "cpu":
+        return 0
+    from .qlinear import QuantLinear
+    n = sum(t.nbytes for t in (*net.parameters(), *net.buffers()) if t.device.type == "cpu")
+    for m in net.modules():
+        if isinstance(m, QuantLinear) and m.blocks is not None:
+            n += m.blocks.nbytes
+        for b, _ in getattr(m, "kv_b_blocks", None) or ():
+            n += b.nbytes
+    return n
+
+
 def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bool, expert_format, threads, *,
-                  vram_budget=None, ctx=None, cache_slots=None, cache_policy="score", prefetch=True, lookahead=3,
+                  ram_budget=None, ram_used: int = 0, vram_budget=None, ctx=None, cache_slots=None,
+                  cache_policy="score", prefetch=True, lookahead=3,
                   prefetch_heads=None, prefill_stream=None):
     if not cfg.moe_layers:
         return None
@@ -426,6 +456,7 @@ def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bo
         # Overlap runs the experts in a worker while the accelerator computes the shared expert; on a CPU
         # device both would share the same cores (and the kernels' pool), so it would only add a handoff.
         return CPUExperts.from_checkpoint(ckpt, cfg, expert_format, threads=threads, progress=bar,
-                                          overlap=torch.device(device).type != "cpu")
+                                          overlap=torch.device(device).type != "cpu", ram_budget=ram_budget,
+                                          ram_used=ram_used, lazy_check=True)
     finally:
         bar.close()

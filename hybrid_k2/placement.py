@@ -24,6 +24,13 @@ i.e. a sum over layers (a layer's attention waits on the previous layer's FFN), 
 layer (the CPU experts and the GPU shared expert / cached experts run concurrently). PCIe copies are not
 on the per-token path: under the uniform-routing default the cache content is static after warm-up.
 TP mode: t_token = (all bytes read per token, active experts only) / (n_gpus * gpu_gbps), no comms cost.
+
+Routed experts larger than the RAM budget: from a GGUF they are mapped in place (the file's own block layout,
+no repack) and the OS pages them in from disk, as llama.cpp does; the plan reports the shortfall instead of
+refusing. Under uniform routing the page cache (the budget less the reserve) holds a share f of the experts the
+CPU reads, and the rest come from disk:
+    t_cpu(layer) = (1 - h) * top_k * expert_bytes * (f / ram_gbps + (1 - f) / disk_gbps)
+An HF checkpoint's experts are quantized into RAM at load, so they must fit; that plan is refused.
 """
 from __future__ import annotations
 
@@ -59,6 +66,7 @@ RAM_RESERVE = 4 * GiB      # Python, torch, thread stacks, page-cache slack besi
 PREFILL_CHUNK = 128        # tokens per prefill step the workspace is sized for
 PCIE_GBPS_ASSUMED = 25.0   # PCIe 4.0 x16, achieved host->device with pinned memory
 GPU_GBPS_ASSUMED = 1000.0  # a conservative HBM figure (H100 PCIe ~2000, RTX 4090 ~1000)
+DISK_GBPS_ASSUMED = 3.0    # page-fault reads of 25 MB experts from a PCIe 4.0 NVMe SSD (sequential ~7)
 
 
 class PlacementError(ValueError):
@@ -234,6 +242,27 @@ def total_ram_bytes() -> int:
     raise PlacementError("/proc/meminfo has no MemTotal line; pass --ram")
 
 
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo: free memory plus what the kernel can reclaim without swapping (the page
+    cache, a checkpoint's own pages included), i.e. what a load can take now."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise PlacementError("cannot read MemAvailable from /proc/meminfo; pass ram_budget= (e.g. '256GiB')")
+
+
+def resolve_ram_budget(ram_budget, what: str = "ram_budget") -> tuple[int, str]:
+    """(bytes, where from) for a load's RAM budget: parsed like vram_budget when given, else the machine's
+    MemAvailable (available_ram_bytes)."""
+    if ram_budget is None:
+        return available_ram_bytes(), "MemAvailable"
+    return parse_size(ram_budget, what), "given"
+
+
 def cuda_vram_bytes() -> tuple[int, int] | None:
     """(n_gpus, bytes of the smallest one) from torch.cuda, or None without CUDA."""
     try:
@@ -282,6 +311,11 @@ class Plan:
     t_gpu_serial_s: float = 0.0
     t_token_s: float = 0.0
     dense_reason: str = "as asked"  # why dense_format (choose_dense's words under --dense auto)
+    experts_mapped: bool = False    # routed experts mapped in place from the GGUF (they exceed the RAM budget)
+    ram_shortfall: int = 0          # bytes the experts + reserve exceed the RAM budget by (mapped plans)
+    disk_gbps: float = 0.0
+    disk_read_share: float = 0.0    # share of the CPU's expert reads that come from disk (mapped plans)
+    t_token_in_ram_s: float = 0.0   # the roofline were the experts in RAM (mapped plans: the slowdown's base)
 
     @property
     def vram_used(self) -> int:
@@ -314,7 +348,7 @@ class Plan:
         lines = [f"{'component':<{width}}  {'where':<5}  {'size':>11}  detail",
                  f"{'-' * width}  -----  -----------  ------"]
         for c in self.components:
-            where = {"gpu": "VRAM", "ram": "RAM"}[c.where]
+            where = {"gpu": "VRAM", "ram": "RAM", "disk": "disk"}[c.where]
             lines.append(f"{c.name:<{width}}  {where:<5}  {format_size(c.nbytes):>11}  {c.detail}")
         lines.append("")
         lines.append(f"VRAM  {format_size(self.vram_used):>11} of {format_size(self.vram_budget)}"
@@ -323,6 +357,14 @@ class Plan:
         lines.append(f"mode  {self.mode}")
         lines.append(f"dense {self.dense_format} ({self.dense_reason})")
         src = self.bandwidth_sources
+        if self.experts_mapped:
+            lines.append(f"RAM short  {format_size(self.ram_shortfall)} over the budget: routed experts "
+                         f"{format_size(self.component('routed_experts').nbytes)} ({self.expert_format}, the file's "
+                         f"layout) mapped in place from the GGUF and paged in from disk; "
+                         f"{100 * self.disk_read_share:.0f}% of the CPU's expert reads from disk at "
+                         f"{self.disk_gbps:.1f} GB/s ({src.get('disk', 'given')}) -> decode "
+                         f"{self.t_token_s / self.t_token_in_ram_s:.1f}x slower than with the experts in RAM "
+                         f"({1 / self.t_token_in_ram_s:.2f} tok/s)")
         lines.append(f"bandwidth  RAM {self.ram_gbps:.1f} GB/s ({src.get('ram', 'given')}), "
                      f"PCIe {self.pcie_gbps:.1f} GB/s ({src.get('pcie', 'given')}), "
                      f"GPU {self.gpu_gbps:.0f} GB/s ({src.get('gpu', 'given')})")
@@ -481,13 +523,15 @@ def stored_dense(model: str) -> str | None:
 def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense_format: str = "auto",
          expert_format: str = "q4_0", kv_format: str = "bf16", n_gpus: int = 1, gpu_vram_each=None,
          ram_gbps: float | None = None, pcie_gbps: float | None = None, gpu_gbps: float | None = None,
-         hit_rate: float | None = None, mode: str = "auto", stored: str | None = None) -> Plan:
+         hit_rate: float | None = None, mode: str = "auto", stored: str | None = None,
+         disk_gbps: float | None = None) -> Plan:
     """Place the model; see the module docstring for the byte accounting and the roofline.
 
     dense_format 'auto' asks choose_dense, with `stored` the checkpoint's own (stored_dense; None: float or
     unknown). vram_budget is the total over all GPUs (or pass gpu_vram_each); None reads torch.cuda.
-    ram_budget None reads /proc/meminfo MemTotal. ram_gbps None runs `measure_ram_gbps()`.
-    hit_rate None assumes uniform routing: cache_slots / (n_moe_layers * n_experts).
+    ram_budget None reads /proc/meminfo MemTotal. ram_gbps None runs `measure_ram_gbps()`. disk_gbps (None:
+    DISK_GBPS_ASSUMED) is the read bandwidth experts mapped in place from a GGUF (stored 'gguf') are paged in at
+    when they exceed ram_budget. hit_rate None assumes uniform routing: cache_slots / (n_moe_layers * n_experts).
     """
     _check_formats(dense_format, expert_format, kv_format)
     if mode not in ("auto", "hybrid", "tp"):
@@ -509,7 +553,8 @@ def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense
         if not fits and stored is None:   # both were tried: say so before the smaller one's shortfall
             tried = f"no dense format fits ({dense_reason}); with {dense_format} it "
     sources = {}
-    for name, v in (("ram_gbps", ram_gbps), ("pcie_gbps", pcie_gbps), ("gpu_gbps", gpu_gbps)):
+    for name, v in (("ram_gbps", ram_gbps), ("pcie_gbps", pcie_gbps), ("gpu_gbps", gpu_gbps),
+                    ("disk_gbps", disk_gbps)):
         if v is not None and not (isinstance(v, (int, float)) and v > 0):
             raise ValueError(f"{name}: must be a positive number of GB/s, got {v!r}")
     if ram_gbps is None:
@@ -518,6 +563,8 @@ def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense
         pcie_gbps, sources["pcie"] = PCIE_GBPS_ASSUMED, "assumed"
     if gpu_gbps is None:
         gpu_gbps, sources["gpu"] = GPU_GBPS_ASSUMED, "assumed"
+    if disk_gbps is None:
+        disk_gbps, sources["disk"] = DISK_GBPS_ASSUMED, "assumed"
 
     n_moe, E, K = len(cfg.moe_layers), cfg.n_routed_experts, cfg.num_experts_per_tok
     one_expert = expert_bytes(cfg, expert_format) if n_moe else 0
@@ -531,7 +578,7 @@ def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense
     kw = dict(vram_budget=vram, ram_budget=ram, ctx=ctx, n_gpus=n_gpus, dense_format=dense_format, dense_reason=dense_reason,
               expert_format=expert_format, kv_format=kv_format, expert_bytes=one_expert, n_moe_layers=n_moe,
               n_experts=E, top_k=K, ram_gbps=float(ram_gbps), pcie_gbps=float(pcie_gbps),
-              gpu_gbps=float(gpu_gbps), bandwidth_sources=sources)
+              gpu_gbps=float(gpu_gbps), disk_gbps=float(disk_gbps), bandwidth_sources=sources)
     weight_read = _gpu_bytes_read_per_token(cfg, gpu, dense_format)
     if mode == "tp":
         if not fits_all:
@@ -554,13 +601,24 @@ def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense
         errors.append(str(_vram_error(cfg, ctx, dense_format, kv_format, vram, n_gpus, can_fp8=stored != "gguf",
                                       tried=tried)))
     ram_need = all_experts + RAM_RESERVE
-    if ram_need > ram:
+    in_place = ""   # how a GGUF's experts are held when their repacked layout does not fit
+    if ram_need > ram and stored == "gguf" and n_moe:
+        # the file's layout, mapped in place (repacked layouts only when they fit): in RAM when that fits, else
+        # paged from disk
+        one_expert = swiglu_bytes(cfg.hidden_size, cfg.moe_intermediate_size, expert_format, "mlp.experts.N")
+        all_experts = n_moe * E * one_expert
+        kw["expert_bytes"] = one_expert
+        ram_need = all_experts + RAM_RESERVE
+        in_place = "short" if ram_need > ram else "fits"
+    if ram_need > ram and not in_place:
         fits = [f for f in ("q8_0", "q6_k", "q4_k", "q4_0")
                 if f != expert_format and _expert_format_ok(cfg, f)
                 and routed_expert_bytes(cfg, f) + RAM_RESERVE <= ram
                 and routed_expert_bytes(cfg, f) < all_experts]
         fixes = [f"use --experts {f} ({format_size(routed_expert_bytes(cfg, f))})" for f in fits[:1]]
         fixes.append(f"add {format_size(ram_need - ram)} of RAM")
+        fixes.append("use a GGUF of these experts, which is mapped in place and paged from disk (plan it with "
+                     "--gguf)")
         errors.append(
             f"needs {format_size(ram_need)} of RAM for the routed experts ({n_moe} layers x {E} experts x "
             f"{one_expert / MiB:.1f} MiB {expert_format} = {format_size(all_experts)}) plus a "
@@ -576,20 +634,42 @@ def plan(cfg: ModelConfig, *, vram_budget=None, ram_budget=None, ctx: int, dense
         h, src = (slots / (n_moe * E) if n_moe else 0.0), "uniform routing"
     else:
         h, src = float(hit_rate), "given"
-    comps = gpu + [
-        Component("expert_cache", "gpu", slots * slot,
-                  f"{slots} slots x {format_size(slot)} bf16 (copied as {expert_format})"),
-        Component("routed_experts", "ram", all_experts,
-                  f"{n_moe} layers x {E} x {format_size(one_expert)} {expert_format}"),
-        Component("ram_reserve", "ram", RAM_RESERVE, "Python, torch, threads, page-cache slack"),
-    ]
+    layout = f"{n_moe} layers x {E} x {format_size(one_expert)} {expert_format}"
+    if in_place == "short":
+        cached = max(ram - RAM_RESERVE, 0)
+        comps = gpu + [
+            Component("expert_cache", "gpu", slots * slot,
+                      f"{slots} slots x {format_size(slot)} bf16 (copied as {expert_format})"),
+            Component("routed_experts", "disk", all_experts, f"{layout}, mapped in place from the GGUF"),
+            Component("expert_page_cache", "ram", min(cached, all_experts),
+                      "the experts' pages the OS keeps in RAM (the budget less the reserve)"),
+            Component("ram_reserve", "ram", RAM_RESERVE, "Python, torch, threads, page-cache slack"),
+        ]
+    else:
+        kept = ", the file's layout in place (repacked would not fit)" if in_place else ""
+        comps = gpu + [
+            Component("expert_cache", "gpu", slots * slot,
+                      f"{slots} slots x {format_size(slot)} bf16 (copied as {expert_format})"),
+            Component("routed_experts", "ram", all_experts, layout + kept),
+            Component("ram_reserve", "ram", RAM_RESERVE, "Python, torch, threads, page-cache slack"),
+        ]
     per_layer_reads = K * one_expert
-    t_cpu = n_moe * (1 - h) * per_layer_reads / (ram_gbps * 1e9)
     t_par = (weight_read["shared"] + n_moe * h * K * slot) / (gpu_gbps * 1e9)
     t_serial = weight_read["serial"] / (gpu_gbps * 1e9)
-    t = t_serial + max(t_cpu, t_par)     # identical MoE layers: sum of per-layer maxes = max of the sums
+    t_cpu_ram = n_moe * (1 - h) * per_layer_reads / (ram_gbps * 1e9)
+    # identical MoE layers: sum of per-layer maxes = max of the sums
+    t_ram = t_serial + max(t_cpu_ram, t_par)
+    if in_place != "short":
+        return Plan(mode="hybrid", components=comps, cache_slots=int(slots), hit_rate=h, hit_rate_source=src,
+                    t_cpu_s=t_cpu_ram, t_gpu_parallel_s=t_par, t_gpu_serial_s=t_serial, t_token_s=t_ram, **kw)
+    # The CPU reads the experts the VRAM cache does not hold; the page cache keeps a share f of those
+    working = (1 - h) * all_experts
+    f = min(1.0, cached / working) if working else 1.0
+    t_cpu = n_moe * (1 - h) * per_layer_reads * (f / (ram_gbps * 1e9) + (1 - f) / (disk_gbps * 1e9))
     return Plan(mode="hybrid", components=comps, cache_slots=int(slots), hit_rate=h, hit_rate_source=src,
-                t_cpu_s=t_cpu, t_gpu_parallel_s=t_par, t_gpu_serial_s=t_serial, t_token_s=t, **kw)
+                t_cpu_s=t_cpu, t_gpu_parallel_s=t_par, t_gpu_serial_s=t_serial, t_token_s=t_serial + max(t_cpu, t_par),
+                experts_mapped=True, ram_shortfall=ram_need - ram, disk_read_share=1 - f, t_token_in_ram_s=t_ram,
+                **kw)
 
 
 def _expert_format_ok(cfg: ModelConfig, fmt: str) -> bool:
@@ -647,6 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram-gbps", type=float, default=None, help="RAM read bandwidth (default: measured)")
     p.add_argument("--pcie-gbps", type=float, default=None, help=f"host->GPU bandwidth (default {PCIE_GBPS_ASSUMED})")
     p.add_argument("--gpu-gbps", type=float, default=None, help=f"GPU memory bandwidth (default {GPU_GBPS_ASSUMED})")
+    p.add_argument("--disk-gbps", type=float, default=None,
+                   help=f"read bandwidth of the disk a GGUF's experts are paged in from when they exceed --ram "
+                        f"(default {DISK_GBPS_ASSUMED}, an NVMe SSD)")
+    p.add_argument("--gguf", action="store_true",
+                   help="the experts come from a GGUF file (implied for a .gguf MODEL): mapped in place and paged "
+                        "from disk when they exceed --ram, instead of refused")
     p.add_argument("--experts", default="q4_0", choices=list(FORMATS), help="routed-expert format")
     p.add_argument("--dense", default="auto", choices=["auto", *FORMATS],
                    help="format of the accelerator weights (default auto: an FP8 checkpoint's own precision, else "
@@ -664,7 +750,7 @@ def main(argv=None) -> int:
         p = plan(cfg, gpu_vram_each=args.vram, ram_budget=args.ram, ctx=args.ctx, n_gpus=args.gpus,
                  dense_format=args.dense, expert_format=args.experts, kv_format=args.kv, ram_gbps=args.ram_gbps,
                  pcie_gbps=args.pcie_gbps, gpu_gbps=args.gpu_gbps, hit_rate=args.hit_rate, mode=args.mode,
-                 stored=stored_dense(args.model))
+                 stored="gguf" if args.gguf else stored_dense(args.model), disk_gbps=args.disk_gbps)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
