@@ -538,3 +538,21 @@ def test_sigbus_on_a_truncated_mapping_names_the_file(tiny_gguf, tiny_hf, tmp_pa
     assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr[-2000:])
     assert "SIGBUS" in r.stderr and f"{p}: " in r.stderr and "now 4096 bytes" in r.stderr, r.stderr[-2000:]
     assert "sum" not in r.stdout
+
+
+def test_expert_views_outlive_the_checkpoint(tmp_path):
+    """Closing a GGUFCheckpoint must not unmap under the expert views it handed out (the CPU backend runs them in
+    place): reading one after close() was a segfault. The SIGBUS note keeps naming the file until the last view goes."""
+    import gc
+    from hybrid_k2.bench import build_demo_gguf
+    from hybrid_k2.checkpoint import mapped
+    p = str(build_demo_gguf())
+    g = GGUFCheckpoint(p)
+    blocks = g.expert_blocks(g.moe_layers()[0])["up"][0]
+    want = bytes(blocks[1, 2, :64])
+    g.close()
+    assert bytes(blocks[1, 2, :64]) == want
+    assert any(path == p for path, _ in mapped.mapped_files())
+    del blocks
+    gc.collect()
+    assert not any(path == p for path, _ in mapped.mapped_files())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 import re
 import struct
 
@@ -730,15 +731,21 @@ class GGUFCheckpoint(Checkpoint):
                                   f"(MoE layers: {self.moe_layers()})")
         return {kind: (st[kind][0].name, int(st[kind][0].tensor_type)) for kind in ("gate", "up", "down")}
 
-    def expert_blocks(self, layer: int) -> dict[str, tuple[np.ndarray, int]]:
+    def expert_blocks(self, layer: int, *, check_scales: bool = True) -> dict[str, tuple[np.ndarray, int]]:
         """{'gate' | 'up' | 'down': (blocks, qtype)} for one MoE layer. `blocks` is a read-only uint8
         view [n_experts, rows, row_bytes] straight into the file mapping (no copy); each expert's
-        [rows, row_bytes] slab is contiguous (rows of a fused gate_up stack are split per expert)."""
+        [rows, row_bytes] slab is contiguous (rows of a fused gate_up stack are split per expert).
+        check_scales=False skips the finite-scale scan (which reads every page): for a caller that checks
+        each expert before its first use (experts paged from disk)."""
         st = self._stacks.get(layer)
         if st is None:
             raise CheckpointError(f"{self.path}: layer {layer} has no routed experts "
                                   f"(MoE layers: {self.moe_layers()})")
-        self._readable(*{id(v[0]): v[0] for v in st.values()}.values())
+        tensors = {id(v[0]): v[0] for v in st.values()}.values()
+        if check_scales:
+            self._readable(*tensors)
+        else:
+            mapped.check_size(self.path, self._reader.data._mmap, self._size, f"tensor {next(iter(tensors)).name!r}")
         out = {}
         for kind in ("gate", "up", "down"):
             t, r0, r1 = st[kind]
@@ -765,21 +772,21 @@ class GGUFCheckpoint(Checkpoint):
             mm.madvise(mmap.MADV_DONTNEED, start, begin + t.data.nbytes - start)
 
     def close(self) -> None:
-        r = getattr(self, "_reader", None)
+        r, token = getattr(self, "_reader", None), getattr(self, "_mapped", None)
+        self._mapped = None
+        mm = getattr(getattr(r, "data", None), "_mmap", None)
         if r is not None:
-            mm = getattr(r.data, "_mmap", None)
             self._tensors = {}
             self._entries = {}
             self._stacks = {}
             self._reader = None
             del r
-            if mm is not None:
-                try:
-                    mm.close()
-                except BufferError:
-                    return  # views handed out are still alive; the mapping goes when they do (and stays named)
-        mapped.unregister(getattr(self, "_mapped", None))
-        self._mapped = None
+        # Not mm.close(): it unmaps under the numpy views handed out (experts run in place from them), and a read
+        # would then segfault. The mapping goes with its last view, and stays named for a SIGBUS until then.
+        if mm is None:
+            mapped.unregister(token)
+        else:
+            weakref.finalize(mm, mapped.unregister, token)
 
 
 def split_kv_b(kv_b: np.ndarray, n_head: int, nope: int) -> tuple[np.ndarray, np.ndarray]:

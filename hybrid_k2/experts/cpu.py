@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-import inspect
 
 from .. import kernels
 from ..checkpoint import CheckpointError, fetch
@@ -210,11 +209,7 @@ def _gguf_layer(ckpt, layer: int, blocks=None) -> kernels.ExpertWeights:
 def _unscanned_expert_blocks(ckpt, layer: int) -> dict:
     """ckpt.expert_blocks without its load-time scale check (which reads every page of the stacks): for experts
     paged from disk, checked per expert on first use instead (CPUExperts.check_first_use)."""
-    if "check_scales" in inspect.signature(ckpt.expert_blocks).parameters:
-        return ckpt.expert_blocks(layer, check_scales=False)
-    # GGUFCheckpoint without check_scales=: mark the stacks checked (this backend checks them on first use)
-    ckpt._scales_ok.update(name for name, _ in ckpt.expert_types(layer).values())
-    return ckpt.expert_blocks(layer)
+    return ckpt.expert_blocks(layer, check_scales=False)
 
 
 def _gguf_layer_nbytes(ckpt, cfg, layer: int) -> tuple[int, int]:
