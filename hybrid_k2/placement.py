@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .config import ModelConfig
+from .config import ModelConfig, quantization_config
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -51,6 +51,11 @@ MiB = 1 << 20
 FORMATS: dict[str, tuple[int, int]] = {
     "f32": (1, 4), "bf16": (1, 2), "f16": (1, 2), "fp8": (1, 1),
     "q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 144), "q6_k": (256, 210),
+    # the community GGUF types (gguf.GGML_QUANT_SIZES), run in place by the CPU kernels
+    "q2_k": (256, 84), "q3_k": (256, 110), "q5_k": (256, 176), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24),
+    "iq4_nl": (32, 18), "iq4_xs": (256, 136), "iq3_s": (256, 110), "iq3_xxs": (256, 98), "iq2_s": (256, 82),
+    "iq2_xs": (256, 74), "iq2_xxs": (256, 66), "iq1_m": (256, 56), "iq1_s": (256, 50), "tq2_0": (256, 66),
+    "tq1_0": (256, 54),
 }
 # Routed experts as the CPU backend holds them when that differs: q4_k as Q4_K_R8 (the 144 bytes per
 # super-block plus 4 of unpacked scales, kernels.REPACKED).
@@ -514,7 +519,7 @@ def stored_dense(model: str) -> str | None:
     path = model if model.endswith(".json") else os.path.join(model, "config.json")
     try:
         with open(path) as f:
-            qc = json.load(f).get("quantization_config") or {}
+            qc = quantization_config(json.load(f)) or {}
     except (OSError, ValueError, AttributeError):
         return None
     return "fp8" if isinstance(qc, dict) and qc.get("quant_method") == "fp8" else None

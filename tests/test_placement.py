@@ -1,6 +1,7 @@
 """Placement planner: byte accounting against hand arithmetic for Kimi K2, budgets, errors, CLI."""
 import json
 
+import gguf
 import pytest
 
 from hybrid_k2 import placement
@@ -60,8 +61,12 @@ def test_bytes_per_weight():
     assert bytes_per_weight("q4_0") == 18 / 32
     assert bytes_per_weight("q4_k") == 144 / 256
     assert bytes_per_weight("q6_k") == 210 / 256
-    with pytest.raises(ValueError, match="q3_k"):
-        bytes_per_weight("q3_k")
+    assert bytes_per_weight("q2_k") == 84 / 256 and bytes_per_weight("iq1_s") == 50 / 256
+    for name, (block, nbytes) in placement.FORMATS.items():   # the GGML types' own sizes
+        if name not in ("fp8",):
+            assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]] == (block, nbytes), name
+    with pytest.raises(ValueError, match="q9_k"):
+        bytes_per_weight("q9_k")
 
 
 def test_component_sizes_kimi():
