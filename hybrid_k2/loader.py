@@ -83,10 +83,9 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
     if ram_budget is not None:
         from . import placement
         ram_budget = placement.parse_size(ram_budget, "ram_budget")   # a bad one fails before anything loads
-        if experts in ("hybrid", "torch"):   # (HybridExperts.from_checkpoint does not forward it to its CPUExperts)
-            raise ValueError(f"ram_budget applies to experts='cpu' (or 'auto'), not experts={experts!r}"
-                             + (" (it sizes its CPU experts against the machine's MemAvailable)"
-                                if experts == "hybrid" else ""))
+        if experts == "torch":
+            raise ValueError("ram_budget applies to the experts kept in RAM (experts='cpu', 'hybrid' or 'auto'), "
+                             "not experts='torch'")
     device = torch.device(device) if device is not None else default_device()
     dense_format = check_dense_format(dense_format, device)
     if isinstance(dtype, str):
@@ -451,7 +450,7 @@ def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bo
                                                  n_slots=cache_slots, vram_budget=vram_budget, ctx=ctx,
                                                  threads=threads, progress=bar, policy=cache_policy,
                                                  prefetch=prefetch, lookahead=lookahead, predictor_heads=prefetch_heads,
-                                                 prefill_stream=prefill_stream)
+                                                 prefill_stream=prefill_stream, ram_budget=ram_budget, ram_used=ram_used)
         from .experts.cpu import CPUExperts
         # Overlap runs the experts in a worker while the accelerator computes the shared expert; on a CPU
         # device both would share the same cores (and the kernels' pool), so it would only add a handoff.

@@ -140,12 +140,29 @@ def test_scales_of_experts_paged_from_disk_are_checked_on_first_use(converted, t
     eng.close()
 
 
+def test_hybrid_backend_pages_its_cpu_experts_and_checks_them_on_first_use(converted, tmp_path):
+    """experts='hybrid' takes the same budget: its CPU experts stay mapped in place, and an expert's scales are
+    checked before its first use, whether it would run on the CPU or be copied to a slot."""
+    path = str(tmp_path / "nan.gguf")
+    poison_scale(converted("q4_0", "q8_0"), path, "blk.1.ffn_gate_exps.weight", 2)
+    eng = hybrid_k2.load(path, device="cpu", experts="hybrid", cache_slots=2, ram_budget=SHORT, progress=False)
+    try:
+        be, H = eng.experts, eng.model.cfg.hidden_size
+        assert be.cpu.unchecked and be.cpu.layers[1].gate_type.name == "Q4_0"   # the file's layout, not repacked
+        x, w = torch.randn(2, H), torch.full((2, 2), 0.5)
+        assert be.forward(1, x, torch.tensor([[0, 1], [3, 1]], dtype=torch.int32), w).isfinite().all()
+        with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_gate_exps\.weight.*expert 2"):
+            be.forward(1, x, torch.tensor([[0, 2], [3, 1]], dtype=torch.int32), w)
+    finally:
+        eng.close()
+
+
 def test_bad_ram_budget_is_named(converted):
     path = converted("q4_0", "q8_0")
     for bad in ("lots", "-1GiB", True, -5, float("nan"), [1]):
         with pytest.raises(ValueError, match="ram_budget"):
             hybrid_k2.load(path, device="cpu", ram_budget=bad)
-    with pytest.raises(ValueError, match="ram_budget applies to experts='cpu'.*not experts='torch'"):
+    with pytest.raises(ValueError, match="ram_budget applies to the experts kept in RAM.*not experts='torch'"):
         hybrid_k2.load(path, device="cpu", experts="torch", ram_budget="64GiB")
     assert placement.resolve_ram_budget("2GiB") == (2 * GiB, "given")
     found, src = placement.resolve_ram_budget(None)

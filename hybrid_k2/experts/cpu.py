@@ -115,6 +115,11 @@ class CPUExperts(ExpertBackend):
                 layers[layer] = _quantize_layer(ckpt, cfg, layer, expert_format, progress)
         return cls(layers, threads=threads, overlap=overlap, mapped=mapped, unchecked=unchecked)
 
+    @property
+    def unchecked(self) -> bool:
+        """Whether some experts' scales are still to be checked on first use (experts paged from disk)."""
+        return bool(self._unchecked)
+
     def check_first_use(self, layer: int, ids) -> None:
         """Check the block scales of the experts in `ids` (a CPU tensor or array of expert ids) that have not
         been checked yet (experts paged from disk: see the module docstring); a NaN or infinite scale is a

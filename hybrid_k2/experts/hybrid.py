@@ -385,11 +385,12 @@ class HybridExperts(ExpertBackend):
     @classmethod
     def from_checkpoint(cls, ckpt, cfg, expert_format: str | None = None, *, device, dtype,
                         n_slots: int | None = None, vram_budget=None, ctx: int | None = None,
-                        threads: int | None = None, progress=None, **kw) -> "HybridExperts":
-        """The CPU experts (as CPUExperts.from_checkpoint) plus a cache of `n_slots` slots, or as many as
-        `slots_for_budget(cfg, device, dtype, vram_budget, ctx)` allows when n_slots is None."""
+                        threads: int | None = None, progress=None, ram_budget=None, ram_used: int = 0,
+                        **kw) -> "HybridExperts":
+        """The CPU experts (as CPUExperts.from_checkpoint, ram_budget included) plus a cache of `n_slots` slots, or
+        as many as `slots_for_budget(cfg, device, dtype, vram_budget, ctx)` allows when n_slots is None."""
         cpu = CPUExperts.from_checkpoint(ckpt, cfg, expert_format, threads=threads, progress=progress,
-                                         overlap=False)
+                                         overlap=False, ram_budget=ram_budget, ram_used=ram_used, lazy_check=True)
         try:
             if n_slots is None:
                 n_slots = slots_for_budget(cfg, device, dtype, vram_budget, ctx)
@@ -453,6 +454,8 @@ class HybridExperts(ExpertBackend):
 
     def run(self, layer, x, ids, weights, shared):
         self._raise_copy_error()
+        if self.cpu.unchecked:   # experts paged from disk: their scales are checked before first use (slot or CPU)
+            self.cpu.check_first_use(layer, ids.detach().cpu())
         li = self._layer_index(layer)
         T, K = ids.shape
         E = self.n_experts
