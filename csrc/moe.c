@@ -222,7 +222,7 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
                     const float *weights, float *y, int flags) {
     hk2_clear_error();
     if (flags & ~HK2_MOE_H_RESIDUAL) return hk2_fail(HK2_EINVAL, "flags=%d has unknown bits", flags);
-    const int hr = flags & HK2_MOE_H_RESIDUAL ? 2 : 1;
+    int hr = flags & HK2_MOE_H_RESIDUAL ? 2 : 1;
     int err = check_layer(L);
     if (err) return err;
     if (T < 0 || T > MAX_DIM) return hk2_fail(HK2_ESHAPE, "n_tokens=%lld out of range", (long long)T);
@@ -237,6 +237,7 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
                             (long long)(i % K), ids[i], (long long)E);
 
     const int qb_gate = hk2_act_qb(L->gate_type), qb_up = hk2_act_qb(L->up_type), qb_down = hk2_act_qb(L->down_type);
+    if (qb_down == 0) hr = 1;  /* float h for float weights: no rounding residual to carry */
     const size_t act_x_stride = hk2_act_row_bytes(H, qb_gate) > hk2_act_row_bytes(H, qb_up) ? hk2_act_row_bytes(H, qb_gate)
                                                                                             : hk2_act_row_bytes(H, qb_up);
     const size_t act_h_stride = hk2_act_row_bytes(I, qb_down);

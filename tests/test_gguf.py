@@ -597,23 +597,46 @@ def test_bad_files_raise_checkpoint_error_naming_file_and_tensor(converted, tmp_
             g.get("model.layers.9.mlp.gate.weight")
 
 
-def test_expert_type_the_kernels_do_not_run_is_named(converted, tmp_path):
-    """Experts stored in a block type the CPU kernels do not run (here Q2_K, raw blocks with finite scales) are
-    refused naming the file, the tensor and the type by name; expert_format= requantizes them at load, and that
-    model's logits follow the torch backend run on the file's own (dequantized) Q2_K weights."""
+def _retype_up_experts(converted, tmp_path, qt: "QT", fill) -> str:
+    """A copy of a converted GGUF whose layer-1 up experts are random `qt` blocks (fill sets their scales)."""
     src = converted("q8_0", "q8_0")
     with GGUFCheckpoint(src) as g:
         E, rows, _ = g.expert_blocks(1)["up"][0].shape
         cols = g.shape("model.layers.1.mlp.experts.0.up_proj.weight")[1]
-    rng = np.random.default_rng(0)
-    q2k = rng.integers(0, 256, size=(E, rows, cols // 256, 84), dtype=np.uint8)
-    q2k[..., 80:84] = np.frombuffer(np.array([0.01, 0.002], np.float16).tobytes(), np.uint8)   # d, dmin
-    p = str(tmp_path / "q2k-up.gguf")
-    rewrite_gguf(src, p, add_tensors={"blk.1.ffn_up_exps.weight": (q2k.reshape(E, rows, -1), QT.Q2_K)})
+    block, nbytes = gguf.GGML_QUANT_SIZES[qt]
+    raw = np.random.default_rng(0).integers(0, 256, size=(E, rows, cols // block, nbytes), dtype=np.uint8)
+    fill(raw)
+    p = str(tmp_path / f"{qt.name.lower()}-up.gguf")
+    rewrite_gguf(src, p, add_tensors={"blk.1.ffn_up_exps.weight": (raw.reshape(E, rows, -1), qt)})
+    return p
+
+
+def test_community_expert_type_runs_in_place(converted, tmp_path):
+    """Experts in Q2_K (the bulk of the most downloaded Kimi K2 quants) run on the CPU kernels from the file's own
+    blocks, and the model's logits follow the torch backend run on the same (dequantized) weights."""
+    def fill(raw):
+        raw[..., 80:84] = np.frombuffer(np.array([0.01, 0.002], np.float16).tobytes(), np.uint8)   # d, dmin
+    p = _retype_up_experts(converted, tmp_path, QT.Q2_K, fill)
+    ids = list(range(3, 40))
+    with hybrid_k2.load(p, device="cpu", dense_format="float", progress=False) as eng, \
+            hybrid_k2.load(p, device="cpu", experts="torch", progress=False) as ref:
+        assert "Q2_K" in eng.summary
+        got, want = eng.logits(ids), ref.logits(ids)
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 2e-2, rel
+
+
+def test_expert_type_the_kernels_do_not_run_is_named(converted, tmp_path):
+    """Experts stored in a block type the CPU kernels do not run (here MXFP4, a gpt-oss type) are refused naming
+    the file, the tensor and the type by name; expert_format= requantizes them at load, and that model's logits
+    follow the torch backend run on the file's own (dequantized) weights."""
+    def fill(raw):
+        raw[..., 0] = 120   # e8m0 block scale 2^-7
+    p = _retype_up_experts(converted, tmp_path, QT.MXFP4, fill)
     with pytest.raises(CheckpointError) as ei:
         hybrid_k2.load(p, device="cpu", progress=False)
     msg = str(ei.value)
-    for frag in (p, "'blk.1.ffn_up_exps.weight'", "is Q2_K", "Q4_0, Q8_0, Q4_K, Q6_K", "expert_format="):
+    for frag in (p, "'blk.1.ffn_up_exps.weight'", "is MXFP4", "Q4_0, Q8_0, Q4_K, Q6_K", "Q2_K", "IQ4_XS", "expert_format="):
         assert frag in msg, (frag, msg)
     ids = list(range(3, 40))
     with hybrid_k2.load(p, device="cpu", expert_format="q8_0", dense_format="float", progress=False) as eng, \

@@ -245,8 +245,10 @@ _SCALES = {
     GGMLQuantizationType.Q5_1: (0, 2), GGMLQuantizationType.Q8_0: (0,), GGMLQuantizationType.Q2_K: (80, 82),
     GGMLQuantizationType.Q3_K: (108,), GGMLQuantizationType.Q4_K: (0, 2), GGMLQuantizationType.Q5_K: (0, 2),
     GGMLQuantizationType.Q6_K: (208,), GGMLQuantizationType.IQ4_NL: (0,), GGMLQuantizationType.IQ4_XS: (0,),
-    GGMLQuantizationType.Q8_K: (0,),
-}
+    GGMLQuantizationType.Q8_K: (0,), GGMLQuantizationType.IQ2_XXS: (0,), GGMLQuantizationType.IQ2_XS: (0,),
+    GGMLQuantizationType.IQ2_S: (0,), GGMLQuantizationType.IQ3_XXS: (0,), GGMLQuantizationType.IQ3_S: (0,),
+    GGMLQuantizationType.IQ1_S: (0,), GGMLQuantizationType.TQ1_0: (52,), GGMLQuantizationType.TQ2_0: (64,),
+}   # IQ1_M spreads its scale over four words' top nibbles: not checked here
 
 
 def nonfinite_scales(blocks: np.ndarray, qtype: int, chunk: int = 1 << 22) -> int:

@@ -1,0 +1,64 @@
+/* F32, F16, BF16 weights times float32 activations: AVX2 + FMA + F16C. Eight weights per step, converted
+ * once and reused for every activation row. */
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#include <immintrin.h>
+#include "hk2_internal.h"
+
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+INLINE float bf16f(uint16_t h) { const uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+/* kind: 0 F32, 1 F16, 2 BF16 */
+INLINE __m256 load8(const void *w, int i, const int kind) {
+    if (kind == 0) return _mm256_loadu_ps((const float *)w + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    if (kind == 1) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+INLINE float load1(const void *w, int i, const int kind) {
+    if (kind == 0) return ((const float *)w)[i];
+    if (kind == 1) return _cvtsh_ss(((const uint16_t *)w)[i]);
+    return bf16f(((const uint16_t *)w)[i]);
+}
+
+INLINE void dot_t(int n, const void *w, const hk2_arow *a, const int NA, float *s, const int kind) {
+    __m256 acc[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) acc[j] = _mm256_setzero_ps();
+    const int bytes = kind == 0 ? 4 : 2;
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        if (i % 32 == 0) PREFETCH((const uint8_t *)w + (size_t)i * bytes);
+        const __m256 x = load8(w, i, kind);
+        for (int j = 0; j < NA; j++) acc[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(a[j].f + i), acc[j]);
+    }
+    for (int j = 0; j < NA; j++) {
+        float t = hsum(acc[j]);
+        for (int k = i; k < n; k++) t += load1(w, k, kind) * a[j].f[k];
+        s[j] = t;
+    }
+}
+
+#define ENTRY(name, kind)                                                             \
+    void name(int n, const void *w, const hk2_arow *a, int na, float *s) {            \
+        switch (na) {                                                                 \
+        case 1: dot_t(n, w, a, 1, s, kind); break;                                    \
+        case 2: dot_t(n, w, a, 2, s, kind); break;                                    \
+        case 3: dot_t(n, w, a, 3, s, kind); break;                                    \
+        default: dot_t(n, w, a, 4, s, kind); break;                                   \
+        }                                                                             \
+    }
+ENTRY(hk2_dot_wf32_avx2, 0)
+ENTRY(hk2_dot_f16_avx2, 1)
+ENTRY(hk2_dot_bf16_avx2, 2)
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
