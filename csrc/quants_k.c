@@ -86,6 +86,12 @@ static void dequantize_row_q5_K(const void *blocks, float *y, int64_t n) {
  * quantized sub-block scale for the least squared error ---------------- */
 
 static int nearest_int(float v) { return (int)lrintf(v); }
+/* v as fp16, but never flushed to zero when v is not: a tiny row keeps a (subnormal) step rather than
+ * dequantizing to nothing */
+static hk2_half fp16_nonzero(float v) {
+    const hk2_half h = hk2_fp32_to_fp16(v);
+    return v != 0.0f && (h & 0x7FFF) == 0 ? (hk2_half)(h | 1) : h;
+}
 static int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 /* squared error of x[0..len) as dl * q - ml, q = round((x + ml) / dl) in [qlo, qhi]; q out to L */
@@ -114,8 +120,8 @@ static void quantize_asym(const float *x, int nsub, int len, int qmax, int smax,
         max_scale = fmaxf(max_scale, scale[j]);
         max_min = fmaxf(max_min, minv[j]);
     }
-    *hd = hk2_fp32_to_fp16(max_scale / (float)smax);
-    *hdmin = hk2_fp32_to_fp16(max_min / (float)smax);
+    *hd = fp16_nonzero(max_scale / (float)smax);
+    *hdmin = fp16_nonzero(max_min / (float)smax);
     const float d = hk2_fp16_to_fp32(*hd), dmin = hk2_fp16_to_fp32(*hdmin);
     for (int j = 0; j < nsub; j++) {
         const int s0 = d > 0.0f ? clampi(nearest_int(scale[j] / d), 0, smax) : 0;
@@ -182,7 +188,7 @@ static void quantize_row_q3_K(const float *x, void *blocks, int64_t n) {
             scale[s] = max / -4.0f;
             if (fabsf(scale[s]) > amax_scale) { amax_scale = fabsf(scale[s]); max_scale = scale[s]; }
         }
-        y[i].d = hk2_fp32_to_fp16(amax_scale > 0.0f ? max_scale / -32.0f : 0.0f);
+        y[i].d = fp16_nonzero(amax_scale > 0.0f ? max_scale / -32.0f : 0.0f);
         const float d = hk2_fp16_to_fp32(y[i].d);
         int sc[16];
         uint8_t L[HK2_QK_K];  /* q + 4 */
