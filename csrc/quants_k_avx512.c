@@ -6,7 +6,7 @@
  * Scales are applied in the int domain: Q2_K multiplies them into the weight bytes (q * sc <= 45 fits
  * a byte, so one vpmullw does 64 products) and needs one vpdpbusd per vector and row; Q3_K and Q5_K
  * take maddubs then vpdpwssd with the scales as int16. Mins come from the activations' 16-value sums;
- * one float FMA per super-block and row (mins ride in the upper 8 lanes). */
+ * one float FMA per super-block and row (the negated mins ride in the upper 8 lanes). */
 #ifdef HK2_USE_SIMDE
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
@@ -46,8 +46,17 @@ INLINE __m512 with_mins(__m512i isum, __m256i m) {
     const __m256i i8 = _mm256_add_epi32(_mm512_castsi512_si256(isum), _mm512_extracti64x4_epi64(isum, 1));
     return _mm512_cvtepi32_ps(_mm512_inserti64x4(_mm512_castsi256_si512(i8), m, 1));
 }
-/* [d x8 | -dmin x8] */
-INLINE __m512 d_dmin(float d, float dmin) { return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d), _mm512_set1_ps(-dmin)); }
+/* [d x8 | dmin x8] from the two adjacent fp16 fields (the min sums come negated) */
+INLINE __m512 d_dmin(const hk2_half *p) {
+#ifdef HK2_USE_SIMDE  /* SIMDe has no F16C */
+    const __m128 v = _mm_setr_ps(f16(p[0]), f16(p[1]), 0.0f, 0.0f);
+#else
+    uint32_t u;
+    memcpy(&u, p, 4);
+    const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128((int)u));
+#endif
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), _mm512_castps128_ps512(v));
+}
 INLINE __m128i q3_K_scales_v(const uint8_t *p) {  /* as in quants_k_avx2.c */
     uint32_t u[3];
     memcpy(u, p, 12);
@@ -79,7 +88,7 @@ INLINE void dot_q2_K_t(int n, const block_q2_K *x, const hk2_arow *a, const int 
         const __m512i lo = bcast256(x[b].qs), hi = bcast256(x[b].qs + 32);
         const __m128i raw = _mm_loadu_si128((const __m128i *)x[b].scales);
         const __m512i sc = _mm512_broadcast_i32x4(_mm_and_si128(raw, m4));
-        const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
+        const __m256i mins = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4)));
         /* values 64k .. 64k + 63, times their sub-block scale */
         __m512i w[4];
         w[0] = _mm512_and_si512(_mm512_srlv_epi32(lo, c01), m3);
@@ -87,7 +96,7 @@ INLINE void dot_q2_K_t(int n, const block_q2_K *x, const hk2_arow *a, const int 
         w[2] = _mm512_and_si512(_mm512_srlv_epi32(hi, c01), m3);
         w[3] = _mm512_and_si512(_mm512_srlv_epi32(hi, c23), m3);
         for (int k = 0; k < 4; k++) w[k] = _mm512_mullo_epi16(w[k], _mm512_shuffle_epi8(sc, sidx[k]));
-        const __m512 dd = d_dmin(f16(x[b].d), f16(x[b].dmin));
+        const __m512 dd = d_dmin(&x[b].d);
         for (int j = 0; j < NA; j++) {
             const int8_t *y = a[j].qs + HK2_QK_K * b;
             __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512((const void *)y));
@@ -149,7 +158,8 @@ INLINE void dot_q5_K_t(int n, const block_q5_K *x, const hk2_arow *a, const int 
         q4_K_unpack_scales(x[b].scales, u);
         const __m512i scz = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)u[1], (int)u[0])));
         const __m128i m8 = _mm_set_epi32(0, 0, (int)u[3], (int)u[2]);
-        const __m256i mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));  /* m_j for bs 2j and 2j + 1 */
+        /* -m_j for bs 2j and 2j + 1 */
+        const __m256i mins = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8)));
         const __m512i qh = bcast256(x[b].qh);
         __m512i q[4], scw[4];
         for (int c = 0; c < 4; c++) {  /* values 64c .. 64c + 63: sub-blocks 2c, 2c + 1 */
@@ -157,7 +167,7 @@ INLINE void dot_q5_K_t(int n, const block_q5_K *x, const hk2_arow *a, const int 
             q[c] = _mm512_mask_add_epi8(v, _mm512_test_epi8_mask(qh, bits(2 * c, 2 * c + 1)), v, sixteen);
             scw[c] = spread16(scz, 2 * c, 16);
         }
-        const __m512 dd = d_dmin(f16(x[b].d), f16(x[b].dmin));
+        const __m512 dd = d_dmin(&x[b].d);
         for (int j = 0; j < NA; j++) {
             const int8_t *y = a[j].qs + HK2_QK_K * b;
             __m512i isum = _mm512_setzero_si512();
