@@ -97,13 +97,10 @@ INLINE void dot_q3_K_t(int n, const block_q3_K *x, const hk2_arow *a, const int 
         PREFETCH((const uint8_t *)(x + b) + 64);
         const __m128i sc8 = q3_K_scales_v(x[b].scales);
         const __m256i sc = _mm256_broadcastsi128_si256(sc8);
-        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        const __m256i scm4 = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(_mm256_cvtepi8_epi16(sc8), 2));  /* -4 sc */
         const __m256i hm = _mm256_loadu_si256((const __m256i *)x[b].hmask);
         __m256i sumi[HK2_MAX_NA];
-        for (int j = 0; j < NA; j++) {
-            const __m256i corr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[j].bs + 16 * b)));
-            sumi[j] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(corr, 2));
-        }
+        for (int j = 0; j < NA; j++) sumi[j] = _mm256_madd_epi16(scm4, _mm256_loadu_si256((const __m256i *)(a[j].bs + 16 * b)));
         for (int c = 0; c < 2; c++) {
             const __m256i q2 = _mm256_loadu_si256((const __m256i *)(x[b].qs + 32 * c));
             for (int sh = 0; sh < 4; sh++) {

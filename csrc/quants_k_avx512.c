@@ -123,6 +123,7 @@ INLINE void dot_q3_K_t(int n, const block_q3_K *x, const hk2_arow *a, const int 
         const __m512i lo = bcast256(x[b].qs), hi = bcast256(x[b].qs + 32), hm = bcast256(x[b].hmask);
         const __m256i sc16 = _mm256_cvtepi8_epi16(q3_K_scales_v(x[b].scales));
         const __m512i scz = _mm512_castsi256_si512(sc16);
+        const __m256i scm4 = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(sc16, 2));  /* -4 sc */
         __m512i q[4], scw[4];
         q[0] = _mm512_and_si512(_mm512_srlv_epi32(lo, c01), m3);
         q[1] = _mm512_and_si512(_mm512_srlv_epi32(lo, c23), m3);
@@ -135,8 +136,7 @@ INLINE void dot_q3_K_t(int n, const block_q3_K *x, const hk2_arow *a, const int 
         const float dw = f16(x[b].d);
         for (int j = 0; j < NA; j++) {
             const int8_t *y = a[j].qs + HK2_QK_K * b;
-            const __m256i corr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[j].bs + 16 * b)));
-            __m512i isum = _mm512_zextsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(corr, 2)));
+            __m512i isum = _mm512_zextsi256_si512(_mm256_madd_epi16(scm4, _mm256_loadu_si256((const __m256i *)(a[j].bs + 16 * b))));
             for (int k = 0; k < 4; k++)
                 isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[k], _mm512_loadu_si512((const void *)(y + 64 * k))), scw[k]);
             acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(dw * a[j].d[b]), _mm512_cvtepi32_ps(isum), acc[j]);
