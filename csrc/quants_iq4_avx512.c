@@ -35,6 +35,25 @@ INLINE void indices4(__m512i raw, __m512i v[2]) {
     v[0] = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi);
     v[1] = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi);
 }
+/* two blocks' 16 packed bytes -> [lo b0 | hi b0 | lo b1 | hi b1]: the indices of both blocks in value order,
+ * [p0 p0 p1 p1] by two broadcast loads (load ports and one merge, no shuffle-port work) */
+INLINE __m512i indices2(const uint8_t *p0, const uint8_t *p1) {
+    const __m512i r = _mm512_mask_broadcast_i32x4(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p0)), 0xFF00,
+                                                  _mm_loadu_si128((const __m128i *)p1));
+    return _mm512_and_si512(_mm512_srlv_epi64(r, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0F));
+}
+/* the fp16 at p + i * stride, i < 4, as floats */
+INLINE __m128 four_halves(const uint8_t *p, int stride) {
+#ifdef HK2_USE_SIMDE  /* SIMDe has no F16C */
+    return _mm_setr_ps(half_at(p), half_at(p + stride), half_at(p + 2 * stride), half_at(p + 3 * stride));
+#else
+    uint16_t h[4];
+    for (int i = 0; i < 4; i++) memcpy(&h[i], p + i * stride, 2);
+    uint64_t v;
+    memcpy(&v, h, 8);
+    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)v));
+#endif
+}
 /* the weights of one index vector as |level| bytes and the mask of the negative ones (indices 0..7) */
 INLINE __m512i unsigned_levels(__m512i idx, __m512i tab, __mmask64 *neg) {
     *neg = ~_mm512_test_epi8_mask(idx, _mm512_set1_epi8(8));
@@ -60,15 +79,10 @@ INLINE void dot_iq4_nl_t(int n, const uint8_t *x, const hk2_arow *a, const int N
         const uint8_t *blk = x + (size_t)NL_BYTES * b;
         PREFETCH(blk);
         PREFETCH(blk + 64);
-        __m512i raw = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(blk + 2)));
-        raw = _mm512_inserti32x4(raw, _mm_loadu_si128((const __m128i *)(blk + NL_BYTES + 2)), 1);
-        raw = _mm512_inserti32x4(raw, _mm_loadu_si128((const __m128i *)(blk + 2 * NL_BYTES + 2)), 2);
-        raw = _mm512_inserti32x4(raw, _mm_loadu_si128((const __m128i *)(blk + 3 * NL_BYTES + 2)), 3);
-        __m512i idx[2];
-        indices4(raw, idx);
         __mmask64 n0, n1;
-        const __m512i w0 = unsigned_levels(idx[0], tab, &n0), w1 = unsigned_levels(idx[1], tab, &n1);
-        const __m128 dw = _mm_setr_ps(half_at(blk), half_at(blk + NL_BYTES), half_at(blk + 2 * NL_BYTES), half_at(blk + 3 * NL_BYTES));
+        const __m512i w0 = unsigned_levels(indices2(blk + 2, blk + NL_BYTES + 2), tab, &n0);
+        const __m512i w1 = unsigned_levels(indices2(blk + 2 * NL_BYTES + 2, blk + 3 * NL_BYTES + 2), tab, &n1);
+        const __m128 dw = four_halves(blk, NL_BYTES);
         for (int j = 0; j < NA; j++) {
             const int8_t *y = a[j].qs + 32 * b;
             const __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, signed_y(y, n0));
