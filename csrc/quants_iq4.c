@@ -45,14 +45,19 @@ static void dequantize_row_iq4_xs(const void *blocks, float *y, int64_t n) {
 }
 
 /* ---------------- quantize ---------------- */
-/* index of the table value nearest v (ties to the lower one) */
-static inline int nearest_index(float v) {
-    int i = 0;
-    for (int k = 0; k < 15; k++) i += v > 0.5f * (float)(hk2_iq4_values[k] + hk2_iq4_values[k + 1]);
-    return i;
+/* mid[k]: the boundary between levels k and k+1 */
+static void level_midpoints(float mid[15]) {
+    for (int k = 0; k < 15; k++) mid[k] = 0.5f * (float)(hk2_iq4_values[k] + hk2_iq4_values[k + 1]);
+}
+/* index of the table value nearest v (ties to the lower one): a binary search over the midpoints */
+static inline int nearest_index(const float *mid, float v) {
+    int i = v > mid[7] ? 8 : 0;
+    i += v > mid[i + 3] ? 4 : 0;
+    i += v > mid[i + 1] ? 2 : 0;
+    return i + (v > mid[i] ? 1 : 0);
 }
 /* 32 values -> indices q and the least-squares scale for them; returns that scale (0 for an all-zero block) */
-static float best_scale_32(const float *x, uint8_t q[32]) {
+static float best_scale_32(const float *mid, const float *x, uint8_t q[32]) {
     float amax = 0.0f, mx = 0.0f;
     for (int l = 0; l < 32; l++) {
         const float a = x[l] < 0 ? -x[l] : x[l];
@@ -70,7 +75,7 @@ static float best_scale_32(const float *x, uint8_t q[32]) {
         float sxt = 0.0f, stt = 0.0f;
         uint8_t qt[32];
         for (int l = 0; l < 32; l++) {
-            qt[l] = (uint8_t)nearest_index(x[l] * id);
+            qt[l] = (uint8_t)nearest_index(mid, x[l] * id);
             const float v = (float)hk2_iq4_values[qt[l]];
             sxt += x[l] * v;
             stt += v * v;
@@ -85,31 +90,35 @@ static float best_scale_32(const float *x, uint8_t q[32]) {
     return best_d;
 }
 /* indices of 32 values for the stored scale d */
-static void requantize_32(const float *x, float d, uint8_t q[32]) {
+static void requantize_32(const float *mid, const float *x, float d, uint8_t q[32]) {
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    for (int l = 0; l < 32; l++) q[l] = (uint8_t)nearest_index(x[l] * id);
+    for (int l = 0; l < 32; l++) q[l] = (uint8_t)nearest_index(mid, x[l] * id);
 }
 static void pack_nibbles(const uint8_t q[32], uint8_t qs[16]) {
     for (int l = 0; l < 16; l++) qs[l] = (uint8_t)(q[l] | q[l + 16] << 4);
 }
 static void quantize_row_iq4_nl(const float *x, void *blocks, int64_t n) {
     block_iq4_nl *y = blocks;
+    float mid[15];
+    level_midpoints(mid);
     for (int64_t b = 0; b < n / 32; b++) {
         uint8_t q[32];
-        const float d = best_scale_32(x + 32 * b, q);
+        const float d = best_scale_32(mid, x + 32 * b, q);
         y[b].d = hk2_fp32_to_fp16(d);
-        requantize_32(x + 32 * b, hk2_fp16_to_fp32(y[b].d), q);
+        requantize_32(mid, x + 32 * b, hk2_fp16_to_fp32(y[b].d), q);
         pack_nibbles(q, y[b].qs);
     }
 }
 static void quantize_row_iq4_xs(const float *x, void *blocks, int64_t n) {
     block_iq4_xs *y = blocks;
+    float mid[15];
+    level_midpoints(mid);
     for (int64_t b = 0; b < n / HK2_QK_K; b++) {
         const float *xb = x + HK2_QK_K * b;
         float sc[8], smax = 0.0f, amax = 0.0f;
         uint8_t q[32];
         for (int ib = 0; ib < 8; ib++) {
-            sc[ib] = best_scale_32(xb + 32 * ib, q);
+            sc[ib] = best_scale_32(mid, xb + 32 * ib, q);
             const float a = sc[ib] < 0 ? -sc[ib] : sc[ib];
             if (a > amax) { amax = a; smax = sc[ib]; }
         }
@@ -125,7 +134,7 @@ static void quantize_row_iq4_xs(const float *x, void *blocks, int64_t n) {
             const int u = ls + 32;
             y[b].scales_l[ib / 2] |= (uint8_t)((u & 0xF) << 4 * (ib % 2));
             y[b].scales_h |= (uint16_t)((u >> 4) << 2 * ib);
-            requantize_32(xb + 32 * ib, d * (float)ls, q);
+            requantize_32(mid, xb + 32 * ib, d * (float)ls, q);
             pack_nibbles(q, y[b].qs + 16 * ib);
         }
     }
