@@ -168,7 +168,7 @@ def llama_cpp_rope_args(path: str | Path) -> dict:
 # they work for a file; where they abort, llama.cpp runs with them off and the bench says so.
 _EXTRA_BUFTS_PROBE = """
 import sys, llama_cpp
-llm = llama_cpp.Llama(model_path=sys.argv[1], n_threads=1, n_ctx=64, n_batch=32, n_gpu_layers=0, verbose=False)
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_threads=1, n_ctx=64, n_batch=32, n_gpu_layers=0, logits_all=True, verbose=False)
 llm.eval(list(range(1, 33)))
 """
 _extra_bufts_ok: dict[str, bool] = {}
