@@ -1,0 +1,105 @@
+"""KTransformers' CPU MoE kernel (PyPI `kt-kernel`) on our expert blocks, for bench_kernels.py.
+
+kt-kernel pins an old torch, so install it beside ours without its dependencies:
+    pip install --no-deps kt-kernel
+Its Python wrapper (KTMoEWrapper) wants CUDA pinned buffers and weight files; its C++ extension does not, so this
+module drives the extension directly: CPUInfer (its thread pool) + moe.MOE, the llamafile backend that runs
+GGUF block types in place of a GGUF file's tensors. Its activations are bf16 in and out; it quantizes them itself
+(to the weight type's vec_dot type, as llama.cpp). Its AMX/AVX-512 INT4/INT8 paths use their own formats,
+made from float weights by an online quantizer that writes files, so they are not the same blocks as ours
+and are not run here.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# our weight types that kt-kernel's llamafile backend takes as the very same bytes (GGML type names)
+_GGML_NAMES = {"F32": "FP32", "F16": "FP16"}
+
+
+def load():
+    """(extension module, None), or (None, one line saying why kt-kernel cannot run here)."""
+    try:
+        import kt_kernel  # noqa: F401 (loads the extension variant for this CPU and registers kt_kernel_ext)
+        import kt_kernel_ext as ext
+        ext.moe.MOE, ext.moe.MOEConfig, ext.CPUInfer, ext.kvcache.ggml_type   # noqa: B018 (the API used below)
+    except ImportError as e:
+        if getattr(e, "name", None) in ("kt_kernel", "kt_kernel_ext"):
+            return None, "KTransformers comparison skipped: kt-kernel is not installed (pip install --no-deps kt-kernel)"
+        return None, f"KTransformers comparison skipped: kt-kernel failed to load ({type(e).__name__}: {e})"
+    except Exception as e:   # a broken install must not stop our own bench
+        return None, f"KTransformers comparison skipped: kt-kernel failed to load ({type(e).__name__}: {e})"
+    return ext, None
+
+
+def variant() -> str:
+    import kt_kernel
+    return f"kt-kernel {getattr(kt_kernel, '__version__', '?')} ({getattr(kt_kernel, '__cpu_variant__', '?')} build)"
+
+
+def ggml_type(ext, name: str):
+    """kt-kernel's ggml_type for our weight type `name`, or None when it has no such type."""
+    return getattr(ext.kvcache.ggml_type, _GGML_NAMES.get(name, name), None)
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (round to nearest even), the activation dtype kt-kernel takes."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+class Pool:
+    """kt-kernel's worker pool: one per process (its wrapper keeps a singleton too), `threads` threads, one
+    NUMA subpool (the bench runs on one socket)."""
+
+    def __init__(self, ext, threads: int):
+        cfg = ext.WorkerPoolConfig()
+        cfg.subpool_count, cfg.subpool_numa_map, cfg.subpool_thread_count = 1, [0], [threads]
+        self.ext, self.threads, self.cpu = ext, threads, ext.CPUInfer(cfg)
+
+
+class MoELayer:
+    """One MoE layer of kt-kernel's llamafile backend over gate/up [E, I, row_bytes] and down [E, H, row_bytes]
+    blocks of GGML type `name` (the GGUF layout, as ours). It reads the weights in place (they must outlive the
+    layer: it keeps them)."""
+
+    def __init__(self, pool: Pool, gate: np.ndarray, up: np.ndarray, down: np.ndarray, name: str, top_k: int,
+                 max_tokens: int):
+        ext = pool.ext
+        gt = ggml_type(ext, name)
+        if gt is None:
+            raise ValueError(f"kt-kernel has no GGML type {name}")
+        E, I, H = gate.shape[0], gate.shape[1], down.shape[1]
+        if I % 256:
+            raise ValueError(f"kt-kernel's llamafile backend needs I % 256 == 0, got {I}")
+        self.pool, self.E, self.H, self.I = pool, E, H, I
+        self._mask = np.zeros(E, dtype=np.bool_)   # no expert on a GPU
+        cfg = ext.moe.MOEConfig(E, top_k, H, I, self._mask.ctypes.data)
+        cfg.layer_idx, cfg.pool = 0, pool.cpu.backend_
+        cfg.m_block, cfg.group_min_len = 32, 10    # its wrapper's settings: forward_one below 10 tokens
+        cfg.max_len = cfg.group_max_len = max(1, max_tokens)
+        arrays = [np.ascontiguousarray(a) for a in (gate, up, down)]
+        cfg.gate_proj, cfg.up_proj, cfg.down_proj = (a.ctypes.data for a in arrays)
+        cfg.gate_type = cfg.up_type = cfg.down_type = gt
+        cfg.hidden_type = ext.kvcache.ggml_type.BF16
+        self.max_tokens = cfg.max_len
+        self.moe = ext.moe.MOE(cfg)
+        p2l = np.arange(E, dtype=np.int64)
+        pool.cpu.submit(self.moe.load_weights_task(p2l.ctypes.data))
+        pool.cpu.sync()
+        self._cfg, self._arrays = cfg, arrays
+
+    def forward(self, x_bf16: np.ndarray, ids: np.ndarray, weights: np.ndarray, out_bf16: np.ndarray) -> None:
+        """out = MoE(x) for T tokens: x_bf16/out_bf16 [T, H] uint16 bf16 bits, ids [T, k] int64, weights [T, k]
+        float32 (all C-contiguous; checked by the caller once, not per call)."""
+        T, k = ids.shape
+        if T > self.max_tokens:
+            raise ValueError(f"{T} tokens > the layer's max_tokens {self.max_tokens}")
+        bsz = np.array([T], np.int32)
+        self.pool.cpu.submit(self.moe.forward_task(bsz.ctypes.data, k, ids.ctypes.data, weights.ctypes.data,
+                                                   x_bf16.ctypes.data, out_bf16.ctypes.data, False))
+        self.pool.cpu.sync()
