@@ -11,6 +11,11 @@ and are not run here.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import sys
+
 import numpy as np
 
 # our weight types that kt-kernel's llamafile backend takes as the very same bytes (GGML type names)
@@ -30,6 +35,21 @@ def load():
     except Exception as e:   # a broken install must not stop our own bench
         return None, f"KTransformers comparison skipped: kt-kernel failed to load ({type(e).__name__}: {e})"
     return ext, None
+
+
+@contextlib.contextmanager
+def quiet():
+    """Its C++ side prints a banner per pool and layer to stdout: send fd 1 to /dev/null meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)   # C stdio's buffer, still pointing at /dev/null
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def variant() -> str:
@@ -59,7 +79,8 @@ class Pool:
     def __init__(self, ext, threads: int):
         cfg = ext.WorkerPoolConfig()
         cfg.subpool_count, cfg.subpool_numa_map, cfg.subpool_thread_count = 1, [0], [threads]
-        self.ext, self.threads, self.cpu = ext, threads, ext.CPUInfer(cfg)
+        with quiet():
+            self.ext, self.threads, self.cpu = ext, threads, ext.CPUInfer(cfg)
 
 
 class MoELayer:
@@ -87,10 +108,11 @@ class MoELayer:
         cfg.gate_type = cfg.up_type = cfg.down_type = gt
         cfg.hidden_type = ext.kvcache.ggml_type.BF16
         self.max_tokens = cfg.max_len
-        self.moe = ext.moe.MOE(cfg)
         p2l = np.arange(E, dtype=np.int64)
-        pool.cpu.submit(self.moe.load_weights_task(p2l.ctypes.data))
-        pool.cpu.sync()
+        with quiet():
+            self.moe = ext.moe.MOE(cfg)
+            pool.cpu.submit(self.moe.load_weights_task(p2l.ctypes.data))
+            pool.cpu.sync()
         self._cfg, self._arrays = cfg, arrays
 
     def forward(self, x_bf16: np.ndarray, ids: np.ndarray, weights: np.ndarray, out_bf16: np.ndarray) -> None:
