@@ -115,10 +115,9 @@ class Ours:
 
 class KT:
     """kt-kernel's MoE layer on the same blocks (bf16 activations in and out)."""
-    label = "KTransformers"
 
     def __init__(self, layer: ktm.MoELayer):
-        self.layer = layer
+        self.layer, self.label = layer, f"KTransformers {layer.backend}"
 
     def inputs(self, x, ids, w):
         return ktm.to_bf16(x), ids.astype(np.int64), w, np.empty(x.shape, np.uint16)
@@ -190,18 +189,22 @@ def ours_runs(layer: K.ExpertWeights) -> str | None:
     return None
 
 
-def make_kt(kt_pool, layer: K.ExpertWeights, max_tokens: int) -> tuple[KT | None, str | None]:
-    """kt-kernel's layer on the GGUF blocks of `layer`, or (None, why not)."""
+def make_kts(kt_pool, layer: K.ExpertWeights, max_tokens: int) -> tuple[list[KT], list[str]]:
+    """kt-kernel's layers (one per backend that runs the type) on the GGUF blocks of `layer`, and why not others."""
     if kt_pool is None:
-        return None, None
+        return [], []
     name = layer.gate_type.name
-    if ktm.ggml_type(kt_pool.ext, name) is None:
-        return None, f"kt-kernel has no {name}"
-    try:
-        g, u, d = (layer.blocks(k) for k in ("gate", "up", "down"))
-        return KT(ktm.MoELayer(kt_pool, g, u, d, name, TOP_K, max_tokens)), None
-    except Exception as e:   # its refusal (or a broken build) must not stop the bench
-        return None, f"kt-kernel refused {name}: {type(e).__name__}: {e}"
+    found = ktm.backends(kt_pool.ext, name)
+    if not found:
+        return [], [f"kt-kernel has no {name} MoE backend"]
+    kts, why = [], []
+    g, u, d = (layer.blocks(k) for k in ("gate", "up", "down"))
+    for backend in found:
+        try:
+            kts.append(KT(ktm.MoELayer(kt_pool, g, u, d, name, TOP_K, max_tokens, backend)))
+        except Exception as e:   # its refusal (or a broken build) must not stop the bench
+            why.append(f"kt-kernel's {backend} backend refused {name}: {type(e).__name__}: {e}")
+    return kts, why
 
 
 def main() -> None:
@@ -234,8 +237,8 @@ def main() -> None:
         else:
             try:
                 kt_pool = ktm.Pool(ext, args.threads)
-                print(f"KTransformers: {ktm.variant()}, llamafile MoE backend, {args.threads} threads, "
-                      f"same blocks, bf16 activations; interleaved with ours")
+                print(f"KTransformers: {ktm.variant()}, {args.threads} threads: its llamafile MoE backend on the same GGUF "
+                      f"blocks (BF16 also its native BF16 backend), bf16 activations; calls interleaved with ours")
             except Exception as e:
                 print(f"KTransformers comparison skipped: its thread pool failed ({type(e).__name__}: {e})")
     bw = probe_bandwidth(int(args.probe_gib * GiB), reps=5)
@@ -247,62 +250,63 @@ def main() -> None:
         per_expert = t.row_bytes(H) * I * 2 + t.row_bytes(I) * H
         n_experts = max(2 * TOP_K, int(args.pool_gib * GiB // per_expert))
         layer = make_layer(rng, name, n_experts)
-        kt, kt_why = make_kt(kt_pool, layer, max(args.prefill_tokens, 1))   # before repacking: the GGUF blocks
+        kts, kt_why = make_kts(kt_pool, layer, max(args.prefill_tokens, 1))   # before repacking: the GGUF blocks
         if t.name in K.REPACKED.values():
             layer = layer.repacked()
-        if kt_why:
-            print(f"{name}: KTransformers not run ({kt_why})")
+        for why in kt_why:
+            print(f"{name}: KTransformers not run ({why})")
         refused = ours_runs(layer)
         if refused:
             print(f"{name}: not run by this build's kernels ({refused})")
         read = TOP_K * per_expert
-        engines = ([] if refused else [Ours(layer, False), Ours(layer, True)]) + ([kt] if kt else [])
-        labels = ([] if refused else ["ours, h 8-bit", "ours, h 8-bit + residual"]) + (["KTransformers"] if kt else [])
-        if not engines:
-            rows.append((name, read, None, None, None, None, None))
+        ours = [] if refused else [Ours(layer, False), Ours(layer, True)]
+        if not ours and not kts:
+            rows.append((name, read, None, None, None, None, None, None))
             del layer
             continue
-        times = bench_decode(engines, n_experts, rng, args.iters)
+        times = bench_decode(ours + kts, n_experts, rng, args.iters)
         med = [statistics.median(ts) for ts in times]
+        labels = ["ours, h 8-bit", "ours, h 8-bit + residual"][:len(ours)] + [k.label for k in kts]
         for lab, ts, m in zip(labels, times, med):
             best = min(ts)
             print(f"{name} decode T=1, {lab}: {n_experts} experts ({layer.nbytes / GiB:.2f} GiB pool), "
                   f"{read / 1e6:.1f} MB read/call; median {m * 1e3:.2f} ms = {read / m / 1e9:.1f} GB/s = "
                   f"{read / m / bw:.2f} of probe; best {best * 1e3:.2f} ms = {read / best / 1e9:.1f} GB/s")
-        dec_ours = None if refused else med[0]
-        dec_res = None if refused else med[1]
-        dec_kt = med[-1] if kt else None
-        if dec_ours and dec_kt:
-            print(f"{name} decode: ours / KTransformers speed = {dec_kt / dec_ours:.2f}x (h 8-bit, as it), "
-                  f"{dec_kt / dec_res:.2f}x (ours with the residual)")
-        pre_ours = pre_kt = None
+        dec_ours, dec_res = (med[0], med[1]) if ours else (None, None)
+        dec_kt = med[len(ours):]
+        for k, dk in zip(kts, dec_kt):
+            if ours:
+                print(f"{name} decode: ours / {k.label} speed = {dk / dec_ours:.2f}x (h 8-bit, as it), "
+                      f"{dk / dec_res:.2f}x (ours with the residual)")
+        pre_ours, pre_kt = None, [None] * len(kts)
         if args.prefill_tokens:
             T = args.prefill_tokens
-            pengines = ([] if refused else [Ours(layer, None)]) + ([kt] if kt else [])   # ours: its default h for T
-            best = bench_prefill(pengines, n_experts, rng, T, args.prefill_iters)
+            pours = [] if refused else [Ours(layer, None)]   # ours: its default h for T tokens
+            best = bench_prefill(pours + kts, n_experts, rng, T, args.prefill_iters)
             flops = 2.0 * T * TOP_K * 3 * H * I
-            for lab, tp in zip(([] if refused else ["ours"]) + (["KTransformers"] if kt else []), best):
+            for lab, tp in zip(["ours"][:len(pours)] + [k.label for k in kts], best):
                 print(f"{name} prefill T={T}, {lab}: {tp * 1e3:.0f} ms/layer, {flops / tp / 1e9:.1f} GFLOP/s "
                       f"({T / tp:.0f} tok/s per layer)")
-            pre_ours = None if refused else flops / best[0] / 1e9
-            pre_kt = flops / best[-1] / 1e9 if kt else None
-            if pre_ours and pre_kt:
-                print(f"{name} prefill: ours / KTransformers speed = {pre_ours / pre_kt:.2f}x")
-        rows.append((name, read, dec_ours and read / dec_ours, dec_res and read / dec_res,
-                     dec_kt and read / dec_kt, pre_ours, pre_kt))
-        del layer, kt, engines
+            pre_ours = flops / best[0] / 1e9 if pours else None
+            pre_kt = [flops / tp / 1e9 for tp in best[len(pours):]]
+            for k, pk in zip(kts, pre_kt):
+                if pre_ours:
+                    print(f"{name} prefill: ours / {k.label} speed = {pre_ours / pk:.2f}x")
+        gbs = lambda sec: sec and read / sec   # noqa: E731
+        for k, dk, pk in zip(kts or [None], dec_kt or [None], pre_kt or [None]):
+            rows.append((name, read, gbs(dec_ours), gbs(dec_res), k and k.layer.backend, gbs(dk), pre_ours, pk))
+        del layer, kts, ours
 
     print(f"\nsummary ({args.threads} threads; decode: median GB/s and fraction of the {bw / 1e9:.1f} GB/s probe; "
           f"prefill: best GFLOP/s at T={args.prefill_tokens}; x = ours / KTransformers speed; - = not run)")
-    print(f"{'type':8} {'MB/call':>7} | {'ours 8b':>13} {'ours+res':>8} | {'KT':>6} {'x':>5} | "
+    print(f"{'type':8} {'MB/call':>7} | {'ours 8b':>13} {'ours+res':>8} | {'KT path':>11} {'KT':>5} {'x':>5} | "
           f"{'ours GF/s':>9} {'KT GF/s':>8} {'x':>5}")
     f = lambda v, fmt: "-" if v is None else format(v, fmt)   # noqa: E731
-    for name, read, d8, dr, dk, po, pk in rows:
+    for name, read, d8, dr, path, dk, po, pk in rows:
         frac = f"{f(d8 and d8 / 1e9, '.1f')} ({f(d8 and d8 / bw, '.2f')})" if d8 else "-"
-        print(f"{name:8} {read / 1e6:7.1f} | {frac:>13} {f(dr and dr / 1e9, '.1f'):>8} | "
-              f"{f(dk and dk / 1e9, '.1f'):>6} {f(d8 and dk and d8 / dk, '.2f'):>5} | "
+        print(f"{name:8} {read / 1e6:7.1f} | {frac:>13} {f(dr and dr / 1e9, '.1f'):>8} | {path or '-':>11} "
+              f"{f(dk and dk / 1e9, '.1f'):>5} {f(d8 and dk and d8 / dk, '.2f'):>5} | "
               f"{f(po, '.1f'):>9} {f(pk, '.1f'):>8} {f(po and pk and po / pk, '.2f'):>5}")
-
 
 if __name__ == "__main__":
     main()

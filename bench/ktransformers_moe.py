@@ -5,9 +5,10 @@ kt-kernel pins an old torch, so install it beside ours without its dependencies:
 Its Python wrapper (KTMoEWrapper) wants CUDA pinned buffers and weight files; its C++ extension does not, so this
 module drives the extension directly: CPUInfer (its thread pool) + moe.MOE, the llamafile backend that runs
 GGUF block types in place of a GGUF file's tensors. Its activations are bf16 in and out; it quantizes them itself
-(to the weight type's vec_dot type, as llama.cpp). Its AMX/AVX-512 INT4/INT8 paths use their own formats,
-made from float weights by an online quantizer that writes files, so they are not the same blocks as ours
-and are not run here.
+(to the weight type's vec_dot type, as llama.cpp). For BF16 experts it also has a native AMX (or AVX2) BF16
+backend, AMXBF16_MOE, run on the same bf16 matrices (it repacks them to its tile layout at load). Its AMX/AVX-512
+INT4/INT8 paths use their own formats, made from float weights by an online quantizer that writes files, so
+they are not the same blocks as ours and are not run here.
 """
 from __future__ import annotations
 
@@ -83,34 +84,48 @@ class Pool:
             self.ext, self.threads, self.cpu = ext, threads, ext.CPUInfer(cfg)
 
 
+def backends(ext, name: str) -> list[str]:
+    """kt-kernel's MoE backends that run our weight type `name` on the same bytes."""
+    out = ["llamafile"] if ggml_type(ext, name) is not None and hasattr(ext.moe, "MOE") else []
+    if name == "BF16" and (hasattr(ext.moe, "AMXBF16_MOE") or hasattr(ext.moe, "AVX2BF16_MOE")):
+        out.append("native BF16")
+    return out
+
+
 class MoELayer:
-    """One MoE layer of kt-kernel's llamafile backend over gate/up [E, I, row_bytes] and down [E, H, row_bytes]
-    blocks of GGML type `name` (the GGUF layout, as ours). It reads the weights in place (they must outlive the
-    layer: it keeps them)."""
+    """One MoE layer of kt-kernel over gate/up [E, I, row_bytes] and down [E, H, row_bytes] blocks of GGML type
+    `name` (the GGUF layout, as ours). backend 'llamafile' reads the weights in place (they must outlive the
+    layer: it keeps them); 'native BF16' (BF16 only) copies them to its AMX tile layout at load."""
 
     def __init__(self, pool: Pool, gate: np.ndarray, up: np.ndarray, down: np.ndarray, name: str, top_k: int,
-                 max_tokens: int):
+                 max_tokens: int, backend: str = "llamafile"):
         ext = pool.ext
-        gt = ggml_type(ext, name)
-        if gt is None:
-            raise ValueError(f"kt-kernel has no GGML type {name}")
+        if backend not in backends(ext, name):
+            raise ValueError(f"kt-kernel's {backend!r} backend does not run {name} (it has: {backends(ext, name)})")
         E, I, H = gate.shape[0], gate.shape[1], down.shape[1]
         if I % 256:
-            raise ValueError(f"kt-kernel's llamafile backend needs I % 256 == 0, got {I}")
+            raise ValueError(f"kt-kernel's MoE backends need I % 256 == 0, got {I}")
         self.pool, self.E, self.H, self.I = pool, E, H, I
         self._mask = np.zeros(E, dtype=np.bool_)   # no expert on a GPU
         cfg = ext.moe.MOEConfig(E, top_k, H, I, self._mask.ctypes.data)
         cfg.layer_idx, cfg.pool = 0, pool.cpu.backend_
-        cfg.m_block, cfg.group_min_len = 32, 10    # its wrapper's settings: forward_one below 10 tokens
-        cfg.max_len = cfg.group_max_len = max(1, max_tokens)
+        cfg.max_len = max(1, max_tokens)
         arrays = [np.ascontiguousarray(a) for a in (gate, up, down)]
-        cfg.gate_proj, cfg.up_proj, cfg.down_proj = (a.ctypes.data for a in arrays)
-        cfg.gate_type = cfg.up_type = cfg.down_type = gt
-        cfg.hidden_type = ext.kvcache.ggml_type.BF16
-        self.max_tokens = cfg.max_len
+        if backend == "llamafile":
+            cfg.m_block, cfg.group_min_len = 32, 10    # its wrapper's settings: forward_one below 10 tokens
+            cfg.group_max_len = cfg.max_len
+            cfg.gate_proj, cfg.up_proj, cfg.down_proj = (a.ctypes.data for a in arrays)
+            cfg.gate_type = cfg.up_type = cfg.down_type = ggml_type(ext, name)
+            cfg.hidden_type = ext.kvcache.ggml_type.BF16
+            cls = ext.moe.MOE
+        else:   # per-expert pointers, one NUMA node, no scales (as its NativeMoEWrapper for method BF16)
+            cfg.gate_projs, cfg.up_projs, cfg.down_projs = ([[a[e].ctypes.data for e in range(E)]] for a in arrays)
+            cfg.gate_scales = cfg.up_scales = cfg.down_scales = [[0] * E]
+            cls = getattr(ext.moe, "AMXBF16_MOE", None) or ext.moe.AVX2BF16_MOE
+        self.max_tokens, self.backend = cfg.max_len, backend
         p2l = np.arange(E, dtype=np.int64)
         with quiet():
-            self.moe = ext.moe.MOE(cfg)
+            self.moe = cls(cfg)
             pool.cpu.submit(self.moe.load_weights_task(p2l.ctypes.data))
             pool.cpu.sync()
         self._cfg, self._arrays = cfg, arrays
