@@ -1,4 +1,8 @@
-/* IQ4_NL IQ4_XS: AVX2 dot kernels (hk2_dot_<type>_avx2, listed in quants_iq4.c's table). */
+/* IQ4_NL IQ4_XS: AVX2 dot kernels (hk2_dot_<type>_avx2, listed in quants_iq4.c's table).
+ * A 32-value (sub-)block per 256-bit vector: the nibbles [low (values 0..15) | high (16..31)] look up their
+ * int8 levels with one pshufb, then |w| x (y with w's sign) through maddubs (|w| <= 127, so the int16 pairs
+ * cannot saturate) and madd: with ones for IQ4_NL (one FMA per block), with the sub-block scale for IQ4_XS
+ * (int32 sums over the super-block, one FMA per super-block). */
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #else
@@ -6,6 +10,93 @@
 #endif
 #include <immintrin.h>
 #include "hk2_internal.h"
+
+extern const int8_t hk2_iq4_values[16];
+
+INLINE float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+INLINE float half_at(const uint8_t *p) {
+    hk2_half h;
+    memcpy(&h, p, sizeof h);
+    return _cvtsh_ss(h);
+}
+/* 16 packed bytes -> low nibbles (values 0..15) then high nibbles (16..31) */
+INLINE __m256i nibbles(const uint8_t *p) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+}
+INLINE __m256i levels_table(void) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)hk2_iq4_values));
+}
+/* |w| y_signed pairs of a block whose int8 levels are w */
+INLINE __m256i pairs(__m256i w, const int8_t *y) {
+    return _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)y), w));
+}
+
+#define NL_BYTES 18
+INLINE void dot_iq4_nl_t(int n, const uint8_t *x, const hk2_arow *a, const int NA, float *s) {
+    __m256 acc[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) acc[j] = _mm256_setzero_ps();
+    const __m256i tab = levels_table(), ones = _mm256_set1_epi16(1);
+    const int nb = n / 32;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = x + (size_t)NL_BYTES * b;
+        PREFETCH(blk);
+        const __m256i w = _mm256_shuffle_epi8(tab, nibbles(blk + 2));
+        const float dw = half_at(blk);
+        for (int j = 0; j < NA; j++) {
+            const __m256i p = _mm256_madd_epi16(pairs(w, a[j].qs + 32 * b), ones);
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[j].d[b]), _mm256_cvtepi32_ps(p), acc[j]);
+        }
+    }
+    for (int j = 0; j < NA; j++) s[j] = hsum_ps(acc[j]);
+}
+
+#define XS_BYTES 136
+INLINE void dot_iq4_xs_t(int n, const uint8_t *x, const hk2_arow *a, const int NA, float *s) {
+    __m256 acc[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) acc[j] = _mm256_setzero_ps();
+    const __m256i tab = levels_table();
+    const int nb = n / HK2_QK_K;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = x + (size_t)XS_BYTES * b;
+        PREFETCH(blk);
+        PREFETCH(blk + 64);
+        PREFETCH(blk + XS_BYTES - 1);
+        uint16_t sh;
+        memcpy(&sh, blk + 2, 2);
+        const uint8_t *sl = blk + 4, *qs = blk + 8;
+        __m256i sumi[HK2_MAX_NA];
+        for (int j = 0; j < NA; j++) sumi[j] = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const int ls = (((sl[ib / 2] >> 4 * (ib % 2)) & 0xF) | ((sh >> 2 * ib) & 3) << 4) - 32;
+            const __m256i sc = _mm256_set1_epi16((short)ls);
+            const __m256i w = _mm256_shuffle_epi8(tab, nibbles(qs + 16 * ib));
+            for (int j = 0; j < NA; j++)
+                sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(pairs(w, a[j].qs + HK2_QK_K * b + 32 * ib), sc));
+        }
+        const float dw = half_at(blk);
+        for (int j = 0; j < NA; j++)
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[j].d[b]), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
+    }
+    for (int j = 0; j < NA; j++) s[j] = hsum_ps(acc[j]);
+}
+
+#define DOT_ENTRY(name)                                                                   \
+    void hk2_dot_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
+        switch (na) {                                                                     \
+        case 1: dot_##name##_t(n, w, a, 1, s); break;                                     \
+        case 2: dot_##name##_t(n, w, a, 2, s); break;                                     \
+        case 3: dot_##name##_t(n, w, a, 3, s); break;                                     \
+        default: dot_##name##_t(n, w, a, 4, s); break;                                    \
+        }                                                                                 \
+    }
+DOT_ENTRY(iq4_nl)
+DOT_ENTRY(iq4_xs)
 
 #if defined(__clang__)
 #pragma clang attribute pop
