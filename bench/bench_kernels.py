@@ -189,11 +189,13 @@ def ours_runs(layer: K.ExpertWeights) -> str | None:
     return None
 
 
-def make_kts(kt_pool, layer: K.ExpertWeights, max_tokens: int) -> tuple[list[KT], list[str]]:
+def make_kts(kt_pool, kt_probe: dict, layer: K.ExpertWeights, max_tokens: int) -> tuple[list[KT], list[str]]:
     """kt-kernel's layers (one per backend that runs the type) on the GGUF blocks of `layer`, and why not others."""
     if kt_pool is None:
         return [], []
     name = layer.gate_type.name
+    if kt_probe.get(name):
+        return [], [kt_probe[name]]
     found = ktm.backends(kt_pool.ext, name)
     if not found:
         return [], [f"kt-kernel has no {name} MoE backend"]
@@ -241,6 +243,9 @@ def main() -> None:
                       f"blocks (BF16 also its native BF16 backend), bf16 activations; calls interleaved with ours")
             except Exception as e:
                 print(f"KTransformers comparison skipped: its thread pool failed ({type(e).__name__}: {e})")
+    kt_probe = {}
+    if kt_pool is not None:   # in child processes: a type its C++ side aborts on must not end this run
+        kt_probe = ktm.probe(sorted({gguf_type(n) for n in types}), args.threads)
     bw = probe_bandwidth(int(args.probe_gib * GiB), reps=5)
     print(f"probe: streaming read {args.probe_gib:.1f} GiB, best of 5: {bw / 1e9:.1f} GB/s")
 
@@ -250,7 +255,7 @@ def main() -> None:
         per_expert = t.row_bytes(H) * I * 2 + t.row_bytes(I) * H
         n_experts = max(2 * TOP_K, int(args.pool_gib * GiB // per_expert))
         layer = make_layer(rng, name, n_experts)
-        kts, kt_why = make_kts(kt_pool, layer, max(args.prefill_tokens, 1))   # before repacking: the GGUF blocks
+        kts, kt_why = make_kts(kt_pool, kt_probe, layer, max(args.prefill_tokens, 1))   # before repacking: the GGUF blocks
         if t.name in K.REPACKED.values():
             layer = layer.repacked()
         for why in kt_why:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -140,3 +141,62 @@ class MoELayer:
         self.pool.cpu.submit(self.moe.forward_task(bsz.ctypes.data, k, ids.ctypes.data, weights.ctypes.data,
                                                    x_bf16.ctypes.data, out_bf16.ctypes.data, False))
         self.pool.cpu.sync()
+
+
+def probe(names: list[str], threads: int, timeout_s: float = 300.0) -> dict[str, str | None]:
+    """Run kt-kernel's layer on a tiny random layer of each type in a child process: a type its C++ side aborts
+    or crashes on (an assert in its ggml, a fault) must not take the bench down. {name: None if it ran, else
+    why not}. One child for all types; after a crash the rest get a fresh child."""
+    result: dict[str, str | None] = {}
+    todo = list(names)
+    while todo:
+        cmd = [sys.executable, os.path.abspath(__file__), "--probe", str(threads), *todo]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            out, rc, err = p.stdout, p.returncode, p.stderr
+        except subprocess.TimeoutExpired as e:
+            out, rc, err = (e.stdout or b"").decode(errors="replace"), "timeout", ""
+        for line in out.splitlines():
+            if line.startswith("probe "):
+                _, name, status = line.split(" ", 2)
+                result[name] = None if status == "ok" else status
+        todo = [n for n in todo if n not in result]
+        if todo:   # the first one left is where the child died
+            how = f"timed out after {timeout_s:.0f} s" if rc == "timeout" else f"exit status {rc}"
+            last = next((ln.strip() for ln in reversed(err.splitlines()) if ln.strip()), "")
+            result[todo.pop(0)] = f"its layer crashed in a probe run ({how}{': ' + last[:160] if last else ''})"
+    return result
+
+
+def _probe_main(threads: int, names: list[str]) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_kernels import random_blocks   # noqa: E402 (the bench's valid random blocks)
+    ext, why = load()
+    if why:
+        for n in names:
+            print(f"probe {n} {why}", flush=True)
+        return
+    pool = Pool(ext, threads)
+    rng = np.random.default_rng(0)
+    E, H, I, k = 4, 512, 256, 2
+    for n in names:
+        g, u = (random_blocks(rng, n, E * I, H).reshape(E, I, -1) for _ in range(2))
+        d = random_blocks(rng, n, E * H, I).reshape(E, H, -1)
+        status = "ok" if backends(ext, n) else f"kt-kernel has no {n} MoE backend"
+        for backend in backends(ext, n):
+            try:
+                layer = MoELayer(pool, g, u, d, n, k, 16, backend)
+                for T in (1, 16):   # its one-token and its grouped paths
+                    x = to_bf16(rng.standard_normal((T, H)).astype(np.float32))
+                    out = np.empty((T, H), np.uint16)
+                    layer.forward(x, rng.integers(0, E, (T, k)).astype(np.int64),
+                                  np.full((T, k), 0.5, np.float32), out)
+                    if not np.isfinite(from_bf16(out)).all():
+                        status = f"its {backend} layer gave non-finite outputs"
+            except Exception as e:
+                status = f"its {backend} layer refused it: {type(e).__name__}: {e}"
+        print(f"probe {n} {status}", flush=True)
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--probe":
+    _probe_main(int(sys.argv[2]), sys.argv[3:])
