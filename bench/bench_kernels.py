@@ -264,19 +264,21 @@ def main() -> None:
         if refused:
             print(f"{name}: not run by this build's kernels ({refused})")
         read = TOP_K * per_expert
+        src = K.qtype(gguf_type(name))   # what kt-kernel reads (an _R8 layout's GGUF blocks)
+        read_kt = TOP_K * (src.row_bytes(H) * I * 2 + src.row_bytes(I) * H)
         ours = [] if refused else [Ours(layer, False), Ours(layer, True)]
         if not ours and not kts:
-            rows.append((name, read, None, None, None, None, None, None))
+            rows.append((name, read, None, None, None, None, None, None, None))
             del layer
             continue
         times = bench_decode(ours + kts, n_experts, rng, args.iters)
         med = [statistics.median(ts) for ts in times]
         labels = ["ours, h 8-bit", "ours, h 8-bit + residual"][:len(ours)] + [k.label for k in kts]
-        for lab, ts, m in zip(labels, times, med):
-            best = min(ts)
+        for j, (lab, ts, m) in enumerate(zip(labels, times, med)):
+            best, rd = min(ts), read if j < len(ours) else read_kt
             print(f"{name} decode T=1, {lab}: {n_experts} experts ({layer.nbytes / GiB:.2f} GiB pool), "
-                  f"{read / 1e6:.1f} MB read/call; median {m * 1e3:.2f} ms = {read / m / 1e9:.1f} GB/s = "
-                  f"{read / m / bw:.2f} of probe; best {best * 1e3:.2f} ms = {read / best / 1e9:.1f} GB/s")
+                  f"{rd / 1e6:.1f} MB read/call; median {m * 1e3:.2f} ms = {rd / m / 1e9:.1f} GB/s = "
+                  f"{rd / m / bw:.2f} of probe; best {best * 1e3:.2f} ms = {rd / best / 1e9:.1f} GB/s")
         dec_ours, dec_res = (med[0], med[1]) if ours else (None, None)
         dec_kt = med[len(ours):]
         for k, dk in zip(kts, dec_kt):
@@ -299,7 +301,8 @@ def main() -> None:
                     print(f"{name} prefill: ours / {k.label} speed = {pre_ours / pk:.2f}x")
         gbs = lambda sec: sec and read / sec   # noqa: E731
         for k, dk, pk in zip(kts or [None], dec_kt or [None], pre_kt or [None]):
-            rows.append((name, read, gbs(dec_ours), gbs(dec_res), k and k.layer.backend, gbs(dk), pre_ours, pk))
+            rows.append((name, read, gbs(dec_ours), gbs(dec_res), k and k.layer.backend, dk and read_kt / dk,
+                         dec_ours and dk and dk / dec_ours, pre_ours, pk))
         del layer, kts, ours
 
     print(f"\nsummary ({args.threads} threads; decode: median GB/s and fraction of the {bw / 1e9:.1f} GB/s probe; "
@@ -307,10 +310,10 @@ def main() -> None:
     print(f"{'type':8} {'MB/call':>7} | {'ours 8b':>13} {'ours+res':>8} | {'KT path':>11} {'KT':>5} {'x':>5} | "
           f"{'ours GF/s':>9} {'KT GF/s':>8} {'x':>5}")
     f = lambda v, fmt: "-" if v is None else format(v, fmt)   # noqa: E731
-    for name, read, d8, dr, path, dk, po, pk in rows:
+    for name, read, d8, dr, path, dk, xd, po, pk in rows:
         frac = f"{f(d8 and d8 / 1e9, '.1f')} ({f(d8 and d8 / bw, '.2f')})" if d8 else "-"
         print(f"{name:8} {read / 1e6:7.1f} | {frac:>13} {f(dr and dr / 1e9, '.1f'):>8} | {path or '-':>11} "
-              f"{f(dk and dk / 1e9, '.1f'):>5} {f(d8 and dk and d8 / dk, '.2f'):>5} | "
+              f"{f(dk and dk / 1e9, '.1f'):>5} {f(xd, '.2f'):>5} | "
               f"{f(po, '.1f'):>9} {f(pk, '.1f'):>8} {f(po and pk and po / pk, '.2f'):>5}")
 
 if __name__ == "__main__":
