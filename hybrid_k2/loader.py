@@ -388,7 +388,9 @@ def _swap_dense(net: Transformer, cfg: ModelConfig, ckpt, dense_format: str, dty
         qt, native = None, False
         if dense_format == "native" and hasattr(ckpt, "raw_blocks"):
             stored = kernels.QTYPES.get(ckpt.format(src).upper()) if src in ckpt else None
-            if stored is not None and stored.name in kernels.WEIGHT_QTYPES and m.in_features % stored.block_size == 0:
+            # a float tensor (F32/F16/BF16) becomes Q8_0 as the other formats' matrices: 2-4x fewer bytes per token
+            if (stored is not None and stored.name in kernels.WEIGHT_QTYPES and stored.block_size > 1
+                    and m.in_features % stored.block_size == 0):
                 qt, native = stored, True
         if qt is None:
             qt = kernels.qtype("Q4_0" if dense_format == "q4_0" else "Q8_0")
