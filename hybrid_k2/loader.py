@@ -350,7 +350,8 @@ def _kv_b_blocks(net: Transformer, cfg: ModelConfig, ckpt, dense_format: str) ->
         attn = layer.self_attn
         name = f"model.layers.{attn.layer}.self_attn.kv_b_proj.weight"
         stored = ckpt.kv_b_blocks(name) if dense_format == "native" and hasattr(ckpt, "kv_b_blocks") else None
-        if stored is not None and all(t in kernels.WEIGHT_IDS for _, t in stored):   # not F16/F32 ones
+        if stored is not None and all(t in kernels.WEIGHT_IDS and kernels.qtype(t).block_size > 1
+                                      for _, t in stored):   # not F16/F32 ones
             types = [kernels.qtype(t) for _, t in stored]
             if nope % types[0].block_size == 0 and R % types[1].block_size == 0:
                 for (b, _), t, part, rows, cols in zip(stored, types, ("attn_k_b", "attn_v_b"), (H * R, H * v), (nope, R)):
