@@ -9,7 +9,8 @@
 
 #define HK2_QK 32      /* Q4_0 / Q8_0 block */
 #define HK2_QK_K 256   /* K-quant super block */
-#define HK2_MAX_NA 4   /* activation rows one dot call handles (weights unpacked once for all) */
+#define HK2_NA 4       /* activation rows one dot call handles (weights unpacked once for all) */
+#define HK2_MAX_NA 8   /* ... for a type whose kernel at the active level takes more (hk2_type_ops.max_na) */
 #define HK2_CACHE_LINE 64
 #define HK2_UNUSED(x) ((void)(x))
 
@@ -138,7 +139,7 @@ static inline void hk2_act_q4_0_view(const int8_t *qs, const float *d, int8_t *q
 }
 
 /* ---- per-ISA kernel table ----
- * dot: s[j] = dot(weight row w of n values, activation row a[j]) for j < na (na <= HK2_MAX_NA).
+ * dot: s[j] = dot(weight row w of n values, activation row a[j]) for j < na (na <= hk2_na_for the type).
  * quantize_act: n values (n % qb == 0) -> qs, d, bs as described above (s8 is filled by the caller,
  * moe.c); bit-identical across ISAs. */
 typedef void (*hk2_dot_fn)(int n, const void *w, const hk2_arow *a, int na, float *s);
@@ -263,6 +264,7 @@ typedef struct {
     hk2_dequant_row_fn dequantize;
     hk2_quant_row_fn quantize;
     hk2_dot_fn dot[HK2_NLEVELS];
+    int max_na[HK2_NLEVELS];  /* activation rows dot[level] takes per call (<= HK2_MAX_NA); 0: HK2_NA */
 } hk2_type_ops;
 extern const hk2_type_ops hk2_types_k[];      /* quants_k.c: Q2_K Q3_K Q5_K */
 extern const hk2_type_ops hk2_types_q[];      /* quants_q.c: Q4_1 Q5_0 Q5_1 */
@@ -288,6 +290,7 @@ int hk2_type_row_group(int qtype);      /* rows one dot call computes: 8 for Q4_
 const char *hk2_type_name(int qtype);
 const hk2_kernels *hk2_active_kernels(void);
 hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int weight_type);
+int hk2_na_for(const hk2_kernels *k, int weight_type);  /* rows per call of that dot: HK2_NA, or its max_na */
 
 /* Shared by the per-ISA kernel files. */
 #define INLINE static inline __attribute__((always_inline))

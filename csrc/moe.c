@@ -6,7 +6,7 @@
  *   phase 0  (pool):   quantize each token's x once to the activation format of gate/up
  *   phase A  (pool):   work items = (expert, chunk of its inter rows); each item computes gate and
  *                      up rows for all tokens of the expert (weights unpacked once for up to
- *                      HK2_MAX_NA tokens), h = silu(g) * u, and quantizes h for down (with
+ *                      hk2_na_for tokens), h = silu(g) * u, and quantizes h for down (with
  *                      HK2_MOE_H_RESIDUAL in two 8-bit rows: h ~ q1 * d1 + q2 * d2, q2 the
  *                      rounding residual of q1; see gate_up_item)
  *   phase B  (pool):   work items = chunks of the hidden rows; each item reads those down rows of
@@ -39,6 +39,15 @@ hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int t) {
     return o->dot[HK2_LVL_SCALAR];
 }
 
+int hk2_na_for(const hk2_kernels *k, int t) {
+    const hk2_type_ops *o = hk2_type_ops_for(t);
+    if (!o) return HK2_NA;
+    int lv = k->level;
+    while (lv > HK2_LVL_SCALAR && !o->dot[lv]) lv--;
+    const int na = o->max_na[lv];
+    return na > 0 && na <= HK2_MAX_NA ? na : HK2_NA;
+}
+
 typedef struct {
     const hk2_moe_layer *L;
     const hk2_kernels *k;
@@ -59,6 +68,7 @@ typedef struct {
     size_t gate_rb, up_rb, down_rb;
     hk2_dot_fn dot_gate, dot_up, dot_down;
     int rg_gate, rg_down;  /* rows per dot call (gate and up share it) */
+    int na_gu, na_down;    /* activation rows per dot call (hk2_na_for) */
     /* scheduling */
     int chunk_a, chunks_per_expert, items_a, chunk_b, items_b;
     _Alignas(HK2_CACHE_LINE) atomic_int next_x;
@@ -69,7 +79,7 @@ typedef struct {
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* Rows are visited in tiles of ROW_TILE so that a tile of gate+up rows stays in L2 while every
- * token of the expert passes over it, HK2_MAX_NA tokens at a time (weights unpacked once per
+ * token of the expert passes over it, hk2_na_for tokens at a time (weights unpacked once per
  * block for all of them). h for the whole chunk is kept per thread, then quantized for down. */
 #define ROW_TILE 16
 
@@ -81,8 +91,8 @@ static void gate_up_item(const moe_job *j, int ith, int g, int64_t r0, int64_t r
     float *h = j->hbuf + (size_t)ith * j->hbuf_stride;  /* [ns][cw] */
     for (int64_t rs = r0; rs < r1; rs += ROW_TILE) {
         const int64_t re = rs + ROW_TILE < r1 ? rs + ROW_TILE : r1;
-        for (int s0 = 0; s0 < ns; s0 += HK2_MAX_NA) {
-            const int na = ns - s0 < HK2_MAX_NA ? ns - s0 : HK2_MAX_NA;
+        for (int s0 = 0; s0 < ns; s0 += j->na_gu) {
+            const int na = ns - s0 < j->na_gu ? ns - s0 : j->na_gu;
             hk2_arow ag[HK2_MAX_NA], au[HK2_MAX_NA];
             for (int t = 0; t < na; t++) {
                 const size_t off = (size_t)j->slot_token[first + s0 + t] * j->act_x_stride;
@@ -118,7 +128,7 @@ static void down_item(const moe_job *j, int64_t r0, int64_t r1) {
     for (int64_t t = 0; t < j->T; t++) memset(j->y + t * j->H + r0, 0, sizeof(float) * (size_t)(r1 - r0));
     for (int g = 0; g < j->G; g++) {
         const uint8_t *down = j->L->down[j->grp_expert[g]];
-        const int hr = j->hr, per_call = HK2_MAX_NA / hr;
+        const int hr = j->hr, per_call = j->na_down / hr;
         for (int s0 = j->grp_start[g]; s0 < j->grp_start[g + 1]; s0 += per_call) {
             const int ns = j->grp_start[g + 1] - s0 < per_call ? j->grp_start[g + 1] - s0 : per_call;
             hk2_arow ah[HK2_MAX_NA];  /* per slot: h's 8-bit row (then its residual's) */
@@ -325,6 +335,9 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
         .down_rb = (size_t)hk2_row_bytes(L->down_type, I),
         .dot_gate = hk2_dot_for(k, L->gate_type), .dot_up = hk2_dot_for(k, L->up_type), .dot_down = hk2_dot_for(k, L->down_type),
         .rg_gate = hk2_type_row_group(L->gate_type), .rg_down = hk2_type_row_group(L->down_type),
+        .na_gu = hk2_na_for(k, L->gate_type) < hk2_na_for(k, L->up_type) ? hk2_na_for(k, L->gate_type)
+                                                                         : hk2_na_for(k, L->up_type),
+        .na_down = hk2_na_for(k, L->down_type),
     };
     job->hbuf = (float *)(ws + o_hb);
     job->hbuf_stride = hbuf_stride;
@@ -355,7 +368,7 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
  *   phase 1 (pool): work items = (chunk of output rows, tile of LIN_TOKEN_TILE tokens), row-chunk
  *                   major, so threads busy at the same moment share a chunk's weights through L3.
  *                   Inside an item, ROW_TILE rows stay in L1/L2 while the tile's tokens pass over
- *                   them HK2_MAX_NA at a time: each weight row is read from memory once per tile.
+ *                   them hk2_na_for at a time: each weight row is read from memory once per tile.
  * Every output element comes from one item in a fixed order: results do not depend on the thread
  * count, and a token's output does not depend on the other tokens of the call. */
 #define LIN_TOKEN_TILE 32
@@ -368,7 +381,7 @@ typedef struct {
     float *y;
     int64_t N, K, T;
     size_t rb, act_stride;
-    int qb, rg;
+    int qb, rg, na;
     uint8_t *act;
     int64_t chunk, n_tiles, items;
     _Alignas(HK2_CACHE_LINE) atomic_long next_x;
@@ -379,8 +392,8 @@ typedef struct {
 static void linear_item(const linear_job *j, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
     for (int64_t rs = r0; rs < r1; rs += ROW_TILE) {
         const int64_t re = rs + ROW_TILE < r1 ? rs + ROW_TILE : r1;
-        for (int64_t s0 = t0; s0 < t1; s0 += HK2_MAX_NA) {
-            const int na = t1 - s0 < HK2_MAX_NA ? (int)(t1 - s0) : HK2_MAX_NA;
+        for (int64_t s0 = t0; s0 < t1; s0 += j->na) {
+            const int na = t1 - s0 < j->na ? (int)(t1 - s0) : j->na;
             hk2_arow a[HK2_MAX_NA];
             for (int t = 0; t < na; t++) a[t] = hk2_act_row(j->act + (size_t)(s0 + t) * j->act_stride, j->K, j->qb);
             for (int64_t r = rs; r < re; r += j->rg) {
@@ -461,6 +474,7 @@ int hk2_linear_locked(int qtype, const void *w, int64_t n_rows, int64_t n_cols, 
     job->act_stride = act_stride;
     job->qb = qb;
     job->rg = hk2_type_row_group(qtype);
+    job->na = hk2_na_for(k, qtype);
     job->act = act;
     job->chunk = chunk;
     job->n_tiles = n_tiles;

@@ -95,7 +95,7 @@ def test_linear_matches_reference(variants, qt):
     N, Kd = 37, 768  # odd row count; three 256-blocks (24 32-blocks)
     blocks = random_blocks(rng, qt, N, Kd)
     w = dequantize_ref(blocks, qt)
-    for T in (1, 3, 7):
+    for T in (1, 3, 7, 9, 17):   # the kernels take 4 (or 8) rows per call: every tail
         x = rng.standard_normal((T, Kd)).astype(np.float32)
         ref = act_roundtrip(x, ACT_QB[qt]) @ w.T
         for label, lib, isa in variants:
@@ -124,7 +124,7 @@ def moe_reference(gate, up, down, qt: str, x, ids, weights) -> np.ndarray:
 @pytest.mark.parametrize("qt", TYPES)
 def test_moe_forward_matches_reference(variants, qt):
     rng = np.random.default_rng(13)
-    E, H, I, T, top_k = 5, 512, 256, 4, 3
+    E, H, I, T, top_k = 5, 512, 256, 13, 3   # ~8 tokens per expert: full and partial calls of 8 rows
     raw = [np.stack([random_blocks(rng, qt, r, c) for _ in range(E)]) for r, c in ((I, H), (I, H), (H, I))]
     gate, up, down = (np.stack([dequantize_ref(m, qt) for m in r]) for r in raw)
     layer = K.ExpertWeights(*raw, qt)
