@@ -169,7 +169,11 @@ INLINE void dot_iq4_xs_t(int n, const uint8_t *x, const hk2_arow *a, const int N
         case 1: dot_##name##_t(n, w, a, 1, s); break;                                           \
         case 2: dot_##name##_t(n, w, a, 2, s); break;                                           \
         case 3: dot_##name##_t(n, w, a, 3, s); break;                                           \
-        default: dot_##name##_t(n, w, a, 4, s); break;                                          \
+        case 4: dot_##name##_t(n, w, a, 4, s); break;                                           \
+        case 5: dot_##name##_t(n, w, a, 5, s); break;                                           \
+        case 6: dot_##name##_t(n, w, a, 6, s); break;                                           \
+        case 7: dot_##name##_t(n, w, a, 7, s); break;                                           \
+        default: dot_##name##_t(n, w, a, 8, s); break;                                          \
         }                                                                                       \
     }
 DOT_ENTRY(iq4_nl)

@@ -186,7 +186,11 @@ INLINE void dot_q5_K_t(int n, const block_q5_K *x, const hk2_arow *a, const int 
         case 1: name##_t(n, (const btype *)w, a, 1, s); break;                                      \
         case 2: name##_t(n, (const btype *)w, a, 2, s); break;                                      \
         case 3: name##_t(n, (const btype *)w, a, 3, s); break;                                      \
-        default: name##_t(n, (const btype *)w, a, 4, s); break;                                     \
+        case 4: name##_t(n, (const btype *)w, a, 4, s); break;                                      \
+        case 5: name##_t(n, (const btype *)w, a, 5, s); break;                                      \
+        case 6: name##_t(n, (const btype *)w, a, 6, s); break;                                      \
+        case 7: name##_t(n, (const btype *)w, a, 7, s); break;                                      \
+        default: name##_t(n, (const btype *)w, a, 8, s); break;                                     \
         }                                                                                           \
     }
 DOT_ENTRY(dot_q2_K, block_q2_K)
