@@ -157,6 +157,7 @@ typedef struct {
     hk2_dot_fn dot_q6_K;
     hk2_dot_fn dot_q4_0_r8;  /* w = 8 interleaved rows; s[8 * j + r] for activation j, row r */
     hk2_dot_fn dot_q4_K_r8;  /* the same for Q4_K_R8 */
+    int na_q8_0;             /* activation rows dot_q8_0 takes per call; 0: HK2_NA */
     hk2_quantize_act_fn quantize_act;
     uint64_t (*read_sum)(const void *p, size_t n);  /* bandwidth probe: touch every byte */
     float (*dot_f32)(int n, const float *a, const float *b);         /* float32 math of decode.c */

@@ -40,6 +40,7 @@ hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int t) {
 }
 
 int hk2_na_for(const hk2_kernels *k, int t) {
+    if (t == HK2_Q8_0) return k->na_q8_0 > 0 ? k->na_q8_0 : HK2_NA;
     const hk2_type_ops *o = hk2_type_ops_for(t);
     if (!o) return HK2_NA;
     int lv = k->level;

@@ -107,6 +107,7 @@ INLINE void dot_q8_0_t(int n, const block_q8_0 *x, const hk2_arow *a, const int 
     __m256 acc2[HK2_MAX_NA];
     for (int j = 0; j < NA; j++) { acc[j] = _mm512_setzero_ps(); acc2[j] = _mm256_setzero_ps(); }
     const int nb = n / HK2_QK;
+    const __m512i pair_idx = _mm512_mask_blend_epi32(0xFF00, _mm512_setzero_si512(), _mm512_set1_epi32(1));
     int b = 0;
     for (; b + 1 < nb; b += 2) {
         PREFETCH(x + b);
@@ -114,11 +115,13 @@ INLINE void dot_q8_0_t(int n, const block_q8_0 *x, const hk2_arow *a, const int 
         const __m512i w = cat256(_mm256_loadu_si256((const __m256i *)x[b].qs), _mm256_loadu_si256((const __m256i *)x[b + 1].qs));
         const __m512i aw = _mm512_abs_epi8(w);
         const __mmask64 neg = _mm512_movepi8_mask(w);
-        const float d0 = f16(x[b].d), d1 = f16(x[b + 1].d);
+        const __m512 dw = two_scales(f16(x[b].d), f16(x[b + 1].d));
         for (int j = 0; j < NA; j++) {
             const __m512i y = _mm512_loadu_si512((const void *)(a[j].qs + HK2_QK * b));
             const __m512i sy = _mm512_mask_sub_epi8(y, neg, _mm512_setzero_si512(), y);
-            acc[j] = _mm512_fmadd_ps(two_scales(d0 * a[j].d[b], d1 * a[j].d[b + 1]), _mm512_cvtepi32_ps(dp_u8s8(aw, sy)), acc[j]);
+            /* [d_a[b] x8, d_a[b+1] x8] by one 8-byte load and one permute (not two broadcasts and a blend) */
+            const __m512 da = _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(a[j].d + b)))));
+            acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(dw, da), _mm512_cvtepi32_ps(dp_u8s8(aw, sy)), acc[j]);
         }
     }
     if (b < nb) {
@@ -272,8 +275,22 @@ INLINE void dot_q4_0_r8_t(int n, const block_q4_0x8 *x, const hk2_arow *a, const
         default: name##_t(n, (const btype *)w, a, 4, s); break;                       \
         }                                                                             \
     }
+/* up to 8 activation rows per call (kernel table na_q8_0): prefill's dense matrices are mostly Q8_0 */
+#define DOT_ENTRY8(name, btype)                                                       \
+    static void K(name)(int n, const void *w, const hk2_arow *a, int na, float *s) { \
+        switch (na) {                                                                 \
+        case 1: name##_t(n, (const btype *)w, a, 1, s); break;                        \
+        case 2: name##_t(n, (const btype *)w, a, 2, s); break;                        \
+        case 3: name##_t(n, (const btype *)w, a, 3, s); break;                        \
+        case 4: name##_t(n, (const btype *)w, a, 4, s); break;                        \
+        case 5: name##_t(n, (const btype *)w, a, 5, s); break;                        \
+        case 6: name##_t(n, (const btype *)w, a, 6, s); break;                        \
+        case 7: name##_t(n, (const btype *)w, a, 7, s); break;                        \
+        default: name##_t(n, (const btype *)w, a, 8, s); break;                       \
+        }                                                                             \
+    }
 DOT_ENTRY(dot_q4_0, block_q4_0)
-DOT_ENTRY(dot_q8_0, block_q8_0)
+DOT_ENTRY8(dot_q8_0, block_q8_0)
 DOT_ENTRY(dot_q4_K, block_q4_K)
 DOT_ENTRY(dot_q6_K, block_q6_K)
 #if HK2_AVX512_VNNI
@@ -336,6 +353,7 @@ const hk2_kernels KERNELS = {
     .level = KERNELS_LEVEL,
     .dot_q4_0 = K(dot_q4_0),
     .dot_q8_0 = K(dot_q8_0),
+    .na_q8_0 = 8,
     .dot_q4_K = K(dot_q4_K),
     .dot_q6_K = K(dot_q6_K),
     .dot_q4_0_r8 = K(dot_q4_0_r8),
