@@ -295,6 +295,26 @@ int hk2_na_for(const hk2_kernels *k, int weight_type);  /* rows per call of that
 
 /* Shared by the per-ISA kernel files. */
 #define INLINE static inline __attribute__((always_inline))
+/* A dot entry point's body: the kernel template f(n, w, a, NA, s, ...) instantiated for each constant NA up to 4
+ * (or 8), so its per-row loops unroll and its accumulators stay in registers. */
+#define HK2_NA_SWITCH4(na, f, n, w, a, s, ...)                                                   \
+    switch (na) {                                                                                \
+    case 1: f(n, w, a, 1, s, ##__VA_ARGS__); break;                                              \
+    case 2: f(n, w, a, 2, s, ##__VA_ARGS__); break;                                              \
+    case 3: f(n, w, a, 3, s, ##__VA_ARGS__); break;                                              \
+    default: f(n, w, a, 4, s, ##__VA_ARGS__); break;                                             \
+    }
+#define HK2_NA_SWITCH8(na, f, n, w, a, s, ...)                                                   \
+    switch (na) {                                                                                \
+    case 1: f(n, w, a, 1, s, ##__VA_ARGS__); break;                                              \
+    case 2: f(n, w, a, 2, s, ##__VA_ARGS__); break;                                              \
+    case 3: f(n, w, a, 3, s, ##__VA_ARGS__); break;                                              \
+    case 4: f(n, w, a, 4, s, ##__VA_ARGS__); break;                                              \
+    case 5: f(n, w, a, 5, s, ##__VA_ARGS__); break;                                              \
+    case 6: f(n, w, a, 6, s, ##__VA_ARGS__); break;                                              \
+    case 7: f(n, w, a, 7, s, ##__VA_ARGS__); break;                                              \
+    default: f(n, w, a, 8, s, ##__VA_ARGS__); break;                                             \
+    }
 /* Software prefetch distance in bytes along a weight row (rows of one expert are contiguous, so
  * running past a row's end fetches the next). The hardware prefetcher alone leaves a single
  * core well short of its share of DRAM bandwidth. (rw=0, locality=3) is _MM_HINT_T0. */

@@ -328,12 +328,7 @@ INLINE void dot_q6_K_t(int n, const block_q6_K *x, const hk2_arow *a, const int 
 /* one entry point per type; the switch instantiates the kernel for each constant NA */
 #define DOT_ENTRY(name, btype)                                                      \
     static void name(int n, const void *w, const hk2_arow *a, int na, float *s) {  \
-        switch (na) {                                                               \
-        case 1: name##_t(n, (const btype *)w, a, 1, s); break;                      \
-        case 2: name##_t(n, (const btype *)w, a, 2, s); break;                      \
-        case 3: name##_t(n, (const btype *)w, a, 3, s); break;                      \
-        default: name##_t(n, (const btype *)w, a, 4, s); break;                     \
-        }                                                                           \
+        HK2_NA_SWITCH4(na, name##_t, n, w, a, s)                                    \
     }
 DOT_ENTRY(dot_q4_0, block_q4_0)
 DOT_ENTRY(dot_q8_0, block_q8_0)

@@ -268,26 +268,12 @@ INLINE void dot_q4_0_r8_t(int n, const block_q4_0x8 *x, const hk2_arow *a, const
 
 #define DOT_ENTRY(name, btype)                                                        \
     static void K(name)(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        switch (na) {                                                                 \
-        case 1: name##_t(n, (const btype *)w, a, 1, s); break;                        \
-        case 2: name##_t(n, (const btype *)w, a, 2, s); break;                        \
-        case 3: name##_t(n, (const btype *)w, a, 3, s); break;                        \
-        default: name##_t(n, (const btype *)w, a, 4, s); break;                       \
-        }                                                                             \
+        HK2_NA_SWITCH4(na, name##_t, n, w, a, s)                                      \
     }
 /* up to 8 activation rows per call (kernel table na_q8_0): prefill's dense matrices are mostly Q8_0 */
 #define DOT_ENTRY8(name, btype)                                                       \
     static void K(name)(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        switch (na) {                                                                 \
-        case 1: name##_t(n, (const btype *)w, a, 1, s); break;                        \
-        case 2: name##_t(n, (const btype *)w, a, 2, s); break;                        \
-        case 3: name##_t(n, (const btype *)w, a, 3, s); break;                        \
-        case 4: name##_t(n, (const btype *)w, a, 4, s); break;                        \
-        case 5: name##_t(n, (const btype *)w, a, 5, s); break;                        \
-        case 6: name##_t(n, (const btype *)w, a, 6, s); break;                        \
-        case 7: name##_t(n, (const btype *)w, a, 7, s); break;                        \
-        default: name##_t(n, (const btype *)w, a, 8, s); break;                       \
-        }                                                                             \
+        HK2_NA_SWITCH8(na, name##_t, n, w, a, s)                                      \
     }
 DOT_ENTRY(dot_q4_0, block_q4_0)
 DOT_ENTRY8(dot_q8_0, block_q8_0)

@@ -1,12 +1,6 @@
 /* F32, F16, BF16 weights times float32 activations: AVX2 + FMA + F16C. Eight weights per step, converted
  * once and reused for every activation row. */
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "hk2_internal.h"
+#include "hk2_target_avx2.h"
 
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -47,18 +41,11 @@ INLINE void dot_t(int n, const void *w, const hk2_arow *a, const int NA, float *
 }
 
 #define ENTRY(name, kind)                                                             \
-    void name(int n, const void *w, const hk2_arow *a, int na, float *s) {            \
-        switch (na) {                                                                 \
-        case 1: dot_t(n, w, a, 1, s, kind); break;                                    \
-        case 2: dot_t(n, w, a, 2, s, kind); break;                                    \
-        case 3: dot_t(n, w, a, 3, s, kind); break;                                    \
-        default: dot_t(n, w, a, 4, s, kind); break;                                   \
-        }                                                                             \
+    void name(int n, const void *w, const hk2_arow *a, int na, float *s) { \
+        HK2_NA_SWITCH4(na, dot_t, n, w, a, s, kind) \
     }
 ENTRY(hk2_dot_wf32_avx2, 0)
 ENTRY(hk2_dot_f16_avx2, 1)
 ENTRY(hk2_dot_bf16_avx2, 2)
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"

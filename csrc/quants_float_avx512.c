@@ -1,19 +1,6 @@
 /* F32, F16, BF16 weights times float32 activations: AVX-512 F, sixteen weights per step (listed for the
  * avx512vnni level; the avx512bw level uses the AVX2 code). Builds against SIMDe with HK2_USE_SIMDE. */
-#ifdef HK2_USE_SIMDE
-#define SIMDE_ENABLE_NATIVE_ALIASES
-#include <simde/x86/avx512.h>
-#include "hk2_simde_shim.h"
-#include "hk2_internal.h"
-#else
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "hk2_internal.h"
-#endif
+#include "hk2_target_avx512.h"
 
 INLINE float bf16f(uint16_t h) { const uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
@@ -47,18 +34,11 @@ INLINE void dot_t(int n, const void *w, const hk2_arow *a, const int NA, float *
 }
 
 #define ENTRY(name, kind)                                                             \
-    void name(int n, const void *w, const hk2_arow *a, int na, float *s) {            \
-        switch (na) {                                                                 \
-        case 1: dot_t(n, w, a, 1, s, kind); break;                                    \
-        case 2: dot_t(n, w, a, 2, s, kind); break;                                    \
-        case 3: dot_t(n, w, a, 3, s, kind); break;                                    \
-        default: dot_t(n, w, a, 4, s, kind); break;                                   \
-        }                                                                             \
+    void name(int n, const void *w, const hk2_arow *a, int na, float *s) { \
+        HK2_NA_SWITCH4(na, dot_t, n, w, a, s, kind) \
     }
 ENTRY(hk2_dot_wf32_avx512vnni, 0)
 ENTRY(hk2_dot_f16_avx512vnni, 1)
 ENTRY(hk2_dot_bf16_avx512vnni, 2)
 
-#if !defined(HK2_USE_SIMDE) && defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"

@@ -1,11 +1,5 @@
 /* IQ1_S IQ1_M: AVX2 dot kernels (hk2_dot_<type>_avx2, listed in quants_iq1.c's table). */
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "hk2_internal.h"
+#include "hk2_target_avx2.h"
 #include "iq_grids.h"
 
 /* quants_iq1.c's layouts */
@@ -115,17 +109,10 @@ IQ1_DOT(iq1_s)
 IQ1_DOT(iq1_m)
 
 #define DOT_ENTRY(name, btype)                                                               \
-    void hk2_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) {     \
-        switch (na) {                                                                        \
-        case 1: name##_t(n, (const btype *)w, a, 1, s); break;                               \
-        case 2: name##_t(n, (const btype *)w, a, 2, s); break;                               \
-        case 3: name##_t(n, (const btype *)w, a, 3, s); break;                               \
-        default: name##_t(n, (const btype *)w, a, 4, s); break;                              \
-        }                                                                                    \
+    void hk2_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
+        HK2_NA_SWITCH4(na, name##_t, n, w, a, s) \
     }
 DOT_ENTRY(dot_iq1_s, block_iq1_s)
 DOT_ENTRY(dot_iq1_m, block_iq1_m)
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"

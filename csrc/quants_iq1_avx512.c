@@ -1,20 +1,7 @@
 /* IQ1_S IQ1_M: AVX-512 (F/BW/VL + VNNI) dot kernels (hk2_dot_<type>_avx512vnni, listed in quants_iq1.c's
  * table for the avx512vnni level). With HK2_USE_SIMDE the same code builds against SIMDe's portable
  * AVX-512 so it is tested on CPUs without AVX-512. */
-#ifdef HK2_USE_SIMDE
-#define SIMDE_ENABLE_NATIVE_ALIASES
-#include <simde/x86/avx512.h>
-#include "hk2_simde_shim.h"
-#include "hk2_internal.h"
-#else
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "hk2_internal.h"
-#endif
+#include "hk2_target_avx512.h"
 #include "iq_grids.h"
 
 #ifdef HK2_USE_SIMDE
@@ -141,16 +128,9 @@ IQ1_DOT(iq1_m)
 
 #define DOT_ENTRY(name, btype)                                                                 \
     void hk2_##name##_avx512vnni(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        switch (na) {                                                                          \
-        case 1: name##_t(n, (const btype *)w, a, 1, s); break;                                 \
-        case 2: name##_t(n, (const btype *)w, a, 2, s); break;                                 \
-        case 3: name##_t(n, (const btype *)w, a, 3, s); break;                                 \
-        default: name##_t(n, (const btype *)w, a, 4, s); break;                                \
-        }                                                                                      \
+        HK2_NA_SWITCH4(na, name##_t, n, w, a, s) \
     }
 DOT_ENTRY(dot_iq1_s, block_iq1_s)
 DOT_ENTRY(dot_iq1_m, block_iq1_m)
 
-#if !defined(HK2_USE_SIMDE) && defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"

@@ -3,12 +3,7 @@
  * to the activations (_mm256_sign_epi8) so _mm256_maddubs_epi16 multiplies the unsigned grid values with
  * them, and _mm256_madd_epi16 applies the integer sub-block scales. One float FMA per super-block and
  * activation row; the weights are unpacked once per sub-block for all rows. */
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#include <immintrin.h>
+#include "hk2_target_avx2.h"
 #include "quants_iq23.h"
 
 INLINE float hsum_ps(__m256 v) {
@@ -182,12 +177,7 @@ INLINE void dot_iq3_s_t(int n, const block_iq3_s *x, const hk2_arow *a, const in
 
 #define ENTRY(t)                                                                          \
     void hk2_dot_##t##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        switch (na) {                                                                     \
-        case 1: dot_##t##_t(n, (const block_##t *)w, a, 1, s); break;                    \
-        case 2: dot_##t##_t(n, (const block_##t *)w, a, 2, s); break;                    \
-        case 3: dot_##t##_t(n, (const block_##t *)w, a, 3, s); break;                    \
-        default: dot_##t##_t(n, (const block_##t *)w, a, 4, s); break;                   \
-        }                                                                                 \
+        HK2_NA_SWITCH4(na, dot_##t##_t, n, w, a, s) \
     }
 ENTRY(iq2_xxs)
 ENTRY(iq2_xs)
@@ -195,6 +185,4 @@ ENTRY(iq2_s)
 ENTRY(iq3_xxs)
 ENTRY(iq3_s)
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"

@@ -5,20 +5,8 @@
  * times the integer sub-block scales. One float FMA per super-block and activation row.
  * With HK2_USE_SIMDE the same code builds against SIMDe's portable AVX-512 so it is tested on CPUs without
  * AVX-512 (SIMDe has no 512-bit gathers: those two are plain loads there). */
-#ifdef HK2_USE_SIMDE
-#define SIMDE_ENABLE_NATIVE_ALIASES
-#include <simde/x86/avx512.h>
-#include "hk2_simde_shim.h"
+#include "hk2_target_avx512.h"
 #include "quants_iq23.h"
-#else
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "quants_iq23.h"
-#endif
 
 INLINE uint32_t rd32(const void *p) {
     uint32_t v;
@@ -234,12 +222,7 @@ INLINE void dot_iq3_s_t(int n, const block_iq3_s *x, const hk2_arow *a, const in
 
 #define ENTRY(t)                                                                                \
     void hk2_dot_##t##_avx512vnni(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        switch (na) {                                                                           \
-        case 1: dot_##t##_t(n, (const block_##t *)w, a, 1, s); break;                          \
-        case 2: dot_##t##_t(n, (const block_##t *)w, a, 2, s); break;                          \
-        case 3: dot_##t##_t(n, (const block_##t *)w, a, 3, s); break;                          \
-        default: dot_##t##_t(n, (const block_##t *)w, a, 4, s); break;                         \
-        }                                                                                       \
+        HK2_NA_SWITCH4(na, dot_##t##_t, n, w, a, s) \
     }
 ENTRY(iq2_xxs)
 ENTRY(iq2_xs)
@@ -247,6 +230,4 @@ ENTRY(iq2_s)
 ENTRY(iq3_xxs)
 ENTRY(iq3_s)
 
-#if !defined(HK2_USE_SIMDE) && defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"

@@ -3,13 +3,7 @@
  * int8 levels with one pshufb, then |w| x (y with w's sign) through maddubs (|w| <= 127, so the int16 pairs
  * cannot saturate) and madd: with ones for IQ4_NL (one FMA per block), with the sub-block scale for IQ4_XS
  * (int32 sums over the super-block, one FMA per super-block). */
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "hk2_internal.h"
+#include "hk2_target_avx2.h"
 
 extern const int8_t hk2_iq4_values[16];
 
@@ -88,16 +82,9 @@ INLINE void dot_iq4_xs_t(int n, const uint8_t *x, const hk2_arow *a, const int N
 
 #define DOT_ENTRY(name)                                                                   \
     void hk2_dot_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        switch (na) {                                                                     \
-        case 1: dot_##name##_t(n, w, a, 1, s); break;                                     \
-        case 2: dot_##name##_t(n, w, a, 2, s); break;                                     \
-        case 3: dot_##name##_t(n, w, a, 3, s); break;                                     \
-        default: dot_##name##_t(n, w, a, 4, s); break;                                    \
-        }                                                                                 \
+        HK2_NA_SWITCH4(na, dot_##name##_t, n, w, a, s) \
     }
 DOT_ENTRY(iq4_nl)
 DOT_ENTRY(iq4_xs)
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"

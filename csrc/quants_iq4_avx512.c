@@ -1,20 +1,7 @@
 /* IQ4_NL IQ4_XS: AVX-512 (F/BW/VL + VNNI) dot kernels (hk2_dot_<type>_avx512vnni, listed in quants_iq4.c's
  * table for the avx512vnni level). With HK2_USE_SIMDE the same code builds against SIMDe's portable
  * AVX-512 so it is tested on CPUs without AVX-512. */
-#ifdef HK2_USE_SIMDE
-#define SIMDE_ENABLE_NATIVE_ALIASES
-#include <simde/x86/avx512.h>
-#include "hk2_simde_shim.h"
-#include "hk2_internal.h"
-#else
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "hk2_internal.h"
-#endif
+#include "hk2_target_avx512.h"
 
 extern const int8_t hk2_iq4_values[16];
 
@@ -165,20 +152,9 @@ INLINE void dot_iq4_xs_t(int n, const uint8_t *x, const hk2_arow *a, const int N
 
 #define DOT_ENTRY(name)                                                                         \
     void hk2_dot_##name##_avx512vnni(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        switch (na) {                                                                           \
-        case 1: dot_##name##_t(n, w, a, 1, s); break;                                           \
-        case 2: dot_##name##_t(n, w, a, 2, s); break;                                           \
-        case 3: dot_##name##_t(n, w, a, 3, s); break;                                           \
-        case 4: dot_##name##_t(n, w, a, 4, s); break;                                           \
-        case 5: dot_##name##_t(n, w, a, 5, s); break;                                           \
-        case 6: dot_##name##_t(n, w, a, 6, s); break;                                           \
-        case 7: dot_##name##_t(n, w, a, 7, s); break;                                           \
-        default: dot_##name##_t(n, w, a, 8, s); break;                                          \
-        }                                                                                       \
+        HK2_NA_SWITCH8(na, dot_##name##_t, n, w, a, s) \
     }
 DOT_ENTRY(iq4_nl)
 DOT_ENTRY(iq4_xs)
 
-#if !defined(HK2_USE_SIMDE) && defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"

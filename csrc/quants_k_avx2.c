@@ -1,13 +1,7 @@
 /* Q2_K Q3_K Q5_K: AVX2 dot kernels (hk2_dot_<type>_avx2, listed in quants_k.c's table).
  * 32 values per vector in their natural order; maddubs (u8 weights x s8 activations) then madd with
  * the sub-block scales as int16 gives the scaled int32 sums; one float FMA per super-block (two with mins). */
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "hk2_internal.h"
+#include "hk2_target_avx2.h"
 
 /* the block layouts of quants_k.c */
 typedef struct { uint8_t scales[16]; uint8_t qs[64]; hk2_half d, dmin; } block_q2_K;
@@ -159,18 +153,11 @@ INLINE void dot_q5_K_t(int n, const block_q5_K *x, const hk2_arow *a, const int 
 }
 
 #define DOT_ENTRY(name, btype)                                                                      \
-    void hk2_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) {             \
-        switch (na) {                                                                               \
-        case 1: name##_t(n, (const btype *)w, a, 1, s); break;                                      \
-        case 2: name##_t(n, (const btype *)w, a, 2, s); break;                                      \
-        case 3: name##_t(n, (const btype *)w, a, 3, s); break;                                      \
-        default: name##_t(n, (const btype *)w, a, 4, s); break;                                     \
-        }                                                                                           \
+    void hk2_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
+        HK2_NA_SWITCH4(na, name##_t, n, w, a, s) \
     }
 DOT_ENTRY(dot_q2_K, block_q2_K)
 DOT_ENTRY(dot_q3_K, block_q3_K)
 DOT_ENTRY(dot_q5_K, block_q5_K)
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"

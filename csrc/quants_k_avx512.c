@@ -7,20 +7,10 @@
  * a byte, so one vpmullw does 64 products) and needs one vpdpbusd per vector and row; Q3_K and Q5_K
  * take maddubs then vpdpwssd with the scales as int16. Mins come from the activations' 16-value sums;
  * one float FMA per super-block and row (the negated mins ride in the upper 8 lanes). */
-#ifdef HK2_USE_SIMDE
-#define SIMDE_ENABLE_NATIVE_ALIASES
-#include <simde/x86/avx512.h>
-#include "hk2_simde_shim.h"
-#include "hk2_internal.h"
+#include "hk2_target_avx512.h"
+#ifdef HK2_USE_SIMDE  /* SIMDe has no F16C */
 #define f16(h) hk2_fp16_to_fp32(h)
 #else
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "hk2_internal.h"
 #define f16(h) _cvtsh_ss(h)
 #endif
 
@@ -181,22 +171,11 @@ INLINE void dot_q5_K_t(int n, const block_q5_K *x, const hk2_arow *a, const int 
 }
 
 #define DOT_ENTRY(name, btype)                                                                      \
-    void hk2_##name##_avx512vnni(int n, const void *w, const hk2_arow *a, int na, float *s) {       \
-        switch (na) {                                                                               \
-        case 1: name##_t(n, (const btype *)w, a, 1, s); break;                                      \
-        case 2: name##_t(n, (const btype *)w, a, 2, s); break;                                      \
-        case 3: name##_t(n, (const btype *)w, a, 3, s); break;                                      \
-        case 4: name##_t(n, (const btype *)w, a, 4, s); break;                                      \
-        case 5: name##_t(n, (const btype *)w, a, 5, s); break;                                      \
-        case 6: name##_t(n, (const btype *)w, a, 6, s); break;                                      \
-        case 7: name##_t(n, (const btype *)w, a, 7, s); break;                                      \
-        default: name##_t(n, (const btype *)w, a, 8, s); break;                                     \
-        }                                                                                           \
+    void hk2_##name##_avx512vnni(int n, const void *w, const hk2_arow *a, int na, float *s) { \
+        HK2_NA_SWITCH8(na, name##_t, n, w, a, s) \
     }
 DOT_ENTRY(dot_q2_K, block_q2_K)
 DOT_ENTRY(dot_q3_K, block_q3_K)
 DOT_ENTRY(dot_q5_K, block_q5_K)
 
-#if !defined(HK2_USE_SIMDE) && defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"

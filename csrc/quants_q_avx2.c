@@ -2,13 +2,7 @@
  * One 32-value block per 256-bit vector: [low nibbles (values 0..15) | high nibbles (16..31)], the fifth bit
  * of Q5 spread from qh onto bytes. Integer sums per block (maddubs + madd), one FMA per block and row;
  * the Q4_1/Q5_1 min term m * d_a * sum y comes from the activation's 16-value sums, two blocks per step. */
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "hk2_internal.h"
+#include "hk2_target_avx2.h"
 
 enum { T_Q4_1, T_Q5_0, T_Q5_1 };
 /* bytes per block, offset of qs, of qh (Q5) */
@@ -111,17 +105,10 @@ INLINE void dot_q_t(int n, const uint8_t *x, const hk2_arow *a, const int NA, fl
 
 #define DOT_ENTRY(name, T)                                                               \
     void hk2_dot_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        switch (na) {                                                                    \
-        case 1: dot_q_t(n, w, a, 1, s, T); break;                                        \
-        case 2: dot_q_t(n, w, a, 2, s, T); break;                                        \
-        case 3: dot_q_t(n, w, a, 3, s, T); break;                                        \
-        default: dot_q_t(n, w, a, 4, s, T); break;                                       \
-        }                                                                                \
+        HK2_NA_SWITCH4(na, dot_q_t, n, w, a, s, T) \
     }
 DOT_ENTRY(q4_1, T_Q4_1)
 DOT_ENTRY(q5_0, T_Q5_0)
 DOT_ENTRY(q5_1, T_Q5_1)
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"

@@ -1,20 +1,7 @@
 /* Q4_1 Q5_0 Q5_1: AVX-512 (F/BW/VL + VNNI) dot kernels (hk2_dot_<type>_avx512vnni, listed in quants_q.c's
  * table for the avx512vnni level). With HK2_USE_SIMDE the same code builds against SIMDe's portable
  * AVX-512 so it is tested on CPUs without AVX-512. */
-#ifdef HK2_USE_SIMDE
-#define SIMDE_ENABLE_NATIVE_ALIASES
-#include <simde/x86/avx512.h>
-#include "hk2_simde_shim.h"
-#include "hk2_internal.h"
-#else
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "hk2_internal.h"
-#endif
+#include "hk2_target_avx512.h"
 
 enum { T_Q4_1, T_Q5_0, T_Q5_1 };
 /* bytes per block, offset of qs, of qh (Q5) */
@@ -125,17 +112,10 @@ INLINE void dot_q_t(int n, const uint8_t *x, const hk2_arow *a, const int NA, fl
 
 #define DOT_ENTRY(name, T)                                                                     \
     void hk2_dot_##name##_avx512vnni(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        switch (na) {                                                                          \
-        case 1: dot_q_t(n, w, a, 1, s, T); break;                                              \
-        case 2: dot_q_t(n, w, a, 2, s, T); break;                                              \
-        case 3: dot_q_t(n, w, a, 3, s, T); break;                                              \
-        default: dot_q_t(n, w, a, 4, s, T); break;                                             \
-        }                                                                                      \
+        HK2_NA_SWITCH4(na, dot_q_t, n, w, a, s, T) \
     }
 DOT_ENTRY(q4_1, T_Q4_1)
 DOT_ENTRY(q5_0, T_Q5_0)
 DOT_ENTRY(q5_1, T_Q5_1)
 
-#if !defined(HK2_USE_SIMDE) && defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"

@@ -1,11 +1,5 @@
 /* TQ1_0 TQ2_0: AVX2 dot kernels (hk2_dot_<type>_avx2, listed in quants_tq.c's table). */
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "hk2_internal.h"
+#include "hk2_target_avx2.h"
 
 /* quants_tq.c's layouts */
 typedef struct { uint8_t qs[48]; uint8_t qh[4]; hk2_half d; } block_tq1_0;
@@ -94,17 +88,10 @@ INLINE void dot_tq2_0_t(int n, const block_tq2_0 *x, const hk2_arow *a, const in
 }
 
 #define DOT_ENTRY(name, btype)                                                               \
-    void hk2_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) {     \
-        switch (na) {                                                                        \
-        case 1: name##_t(n, (const btype *)w, a, 1, s); break;                               \
-        case 2: name##_t(n, (const btype *)w, a, 2, s); break;                               \
-        case 3: name##_t(n, (const btype *)w, a, 3, s); break;                               \
-        default: name##_t(n, (const btype *)w, a, 4, s); break;                              \
-        }                                                                                    \
+    void hk2_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
+        HK2_NA_SWITCH4(na, name##_t, n, w, a, s) \
     }
 DOT_ENTRY(dot_tq1_0, block_tq1_0)
 DOT_ENTRY(dot_tq2_0, block_tq2_0)
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"
