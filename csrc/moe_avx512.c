@@ -120,7 +120,7 @@ INLINE void dot_q8_0_t(int n, const block_q8_0 *x, const hk2_arow *a, const int 
             const __m512i y = _mm512_loadu_si512((const void *)(a[j].qs + HK2_QK * b));
             const __m512i sy = _mm512_mask_sub_epi8(y, neg, _mm512_setzero_si512(), y);
             /* [d_a[b] x8, d_a[b+1] x8] by one 8-byte load and one permute (not two broadcasts and a blend) */
-            const __m512 da = _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(a[j].d + b)))));
+            const __m512 da = _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(a[j].d + b)))));
             acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(dw, da), _mm512_cvtepi32_ps(dp_u8s8(aw, sy)), acc[j]);
         }
     }
