@@ -7,25 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "hk2.h"
-
-static int g_failures;
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            g_failures++;                                             \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);      \
-            fprintf(stderr, __VA_ARGS__);                             \
-            fprintf(stderr, " [%s]\n", hk2_last_error());            \
-        }                                                             \
-    } while (0)
-
-static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
-static double urand(void) {  /* xorshift64*, uniform in [0, 1) */
-    g_rng ^= g_rng >> 12; g_rng ^= g_rng << 25; g_rng ^= g_rng >> 27;
-    return (double)((g_rng * 0x2545F4914F6CDD1Dull) >> 11) / 9007199254740992.0;
-}
-static float nrand(void) { return (float)(sqrt(-2.0 * log(urand() + 1e-12)) * cos(6.283185307179586 * urand())); }
+#include "check.h"
 
 static const int WEIGHT_TYPES[] = {HK2_Q4_0, HK2_Q8_0, HK2_Q4_K, HK2_Q6_K};
 static const char *ISAS[] = {"scalar", "avx2", "avx512bw", "avx512vnni"};

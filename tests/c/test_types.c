@@ -7,25 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "hk2.h"
-
-static int g_failures;
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            g_failures++;                                             \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);      \
-            fprintf(stderr, __VA_ARGS__);                             \
-            fprintf(stderr, " [%s]\n", hk2_last_error());            \
-        }                                                             \
-    } while (0)
-
-static uint64_t g_rng = 0x2545F4914F6CDD1Dull;
-static uint64_t next(void) { g_rng ^= g_rng >> 12; g_rng ^= g_rng << 25; g_rng ^= g_rng >> 27; return g_rng * 0x2545F4914F6CDD1Dull; }
-static float nrand(void) {
-    const double u = (double)(next() >> 11) / 9007199254740992.0 + 1e-12, v = (double)(next() >> 11) / 9007199254740992.0;
-    return (float)(sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v));
-}
+#include "check.h"
 
 /* type, activation block (0: float activations), byte offsets of fp16 scales (-1 ends; IQ1_M: special) */
 typedef struct { int type; int act; int scales[3]; } type_case;
@@ -55,10 +37,10 @@ static uint8_t *random_blocks(const type_case *tc, int64_t rows, int64_t cols) {
         }
         return w;
     }
-    for (int64_t i = 0; i < rows * rb; i++) w[i] = (uint8_t)next();
+    for (int64_t i = 0; i < rows * rb; i++) w[i] = (uint8_t)next_u64();
     for (int64_t b = 0; b < rows * rb / bb; b++) {
         uint8_t *blk = w + b * bb;
-        const uint16_t d = fp16_bits(0.005f + 0.01f * (float)(next() % 1000) / 1000.0f);
+        const uint16_t d = fp16_bits(0.005f + 0.01f * (float)(next_u64() % 1000) / 1000.0f);
         if (tc->type == HK2_IQ1_M) {  /* the scale's four nibbles: the top nibble of each uint16 scale word */
             for (int i = 0; i < 4; i++) {
                 uint16_t s;
@@ -134,7 +116,7 @@ static void test_moe(const type_case *tc) {
     int32_t ids[T * TOPK] = {0, 2, 1, 1, 2, 0};  /* token 1 picks expert 1 twice */
     double ref[T * H];
     for (int i = 0; i < T * H; i++) x[i] = nrand();
-    for (int i = 0; i < T * TOPK; i++) w[i] = 0.25f + 0.5f * (float)(next() % 100) / 100.0f;
+    for (int i = 0; i < T * TOPK; i++) w[i] = 0.25f + 0.5f * (float)(next_u64() % 100) / 100.0f;
     memset(ref, 0, sizeof ref);
     for (int t = 0; t < T; t++) {
         act_roundtrip(tc, x + t * H, H, xq);
