@@ -58,6 +58,11 @@ extern "C" {
  * sub-block scales and mins unpacked to a byte each, then per 64-value chunk the 8 rows' 32 quant bytes in
  * 4-byte runs): 148 bytes per row and super-block (Q4_K: 144). Made from Q4_K by hk2_repack_q4_K_r8. */
 #define HK2_Q4_K_R8 1003
+/* Ours too: IQ4_XS with every 8 consecutive rows interleaved per super-block (8 fp16 d, the 8 sub-block scales
+ * minus 32 as int8, sc[j][r] at byte 16 + 8j + r, then per 32-value sub-block j the 8 rows' 16 index bytes in
+ * 8-byte runs: run k of row r at byte 80 + 128j + 64k + 8r): 138 bytes per row and super-block (IQ4_XS: 136).
+ * Made from IQ4_XS by hk2_repack_iq4_xs_r8. */
+#define HK2_IQ4_XS_R8 1004
 
 int hk2_block_size(int qtype);     /* values per block, or HK2_ETYPE */
 int hk2_block_bytes(int qtype);    /* bytes per block, or HK2_ETYPE */
@@ -76,6 +81,8 @@ int hk2_dequantize(int qtype, const void *blocks, int64_t nrows, int64_t ncols, 
 int hk2_repack_q4_0_r8(const void *src, int64_t nrows, int64_t ncols, void *dst);
 /* Q4_K blocks [nrows, row_bytes(Q4_K)] -> [nrows, row_bytes(Q4_K_R8)] in the Q4_K_R8 layout (as above). */
 int hk2_repack_q4_K_r8(const void *src, int64_t nrows, int64_t ncols, void *dst);
+/* IQ4_XS blocks [nrows, row_bytes(IQ4_XS)] -> [nrows, row_bytes(IQ4_XS_R8)] in the IQ4_XS_R8 layout (as above). */
+int hk2_repack_iq4_xs_r8(const void *src, int64_t nrows, int64_t ncols, void *dst);
 
 /* One MoE layer's routed experts. gate[e], up[e] point at [inter, row_bytes(type, hidden)] bytes,
  * down[e] at [hidden, row_bytes(down_type, inter)] bytes. The pointer arrays have n_experts entries.

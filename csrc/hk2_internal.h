@@ -266,6 +266,9 @@ typedef struct {
     hk2_quant_row_fn quantize;
     hk2_dot_fn dot[HK2_NLEVELS];
     int max_na[HK2_NLEVELS];  /* activation rows dot[level] takes per call (<= HK2_MAX_NA); 0: HK2_NA */
+    /* rows stored interleaved (0: 1). With row_group g > 1 the dot computes g rows, s[g * j + r], and
+     * dequantize converts a whole group: the g rows' bytes -> y [g, n] */
+    int row_group;
 } hk2_type_ops;
 extern const hk2_type_ops hk2_types_k[];      /* quants_k.c: Q2_K Q3_K Q5_K */
 extern const hk2_type_ops hk2_types_q[];      /* quants_q.c: Q4_1 Q5_0 Q5_1 */

@@ -37,7 +37,8 @@ static int n_family_info;
 static void fill_family_info(void) {
     for (size_t f = 0; f < sizeof FAMILIES / sizeof FAMILIES[0]; f++)
         for (const hk2_type_ops *o = FAMILIES[f]; o->name && n_family_info < 64; o++)
-            FAMILY_INFO[n_family_info++] = (type_info){o->qtype, o->name, o->block_size, o->block_bytes, 1, 1};
+            FAMILY_INFO[n_family_info++] =
+                (type_info){o->qtype, o->name, o->block_size, o->block_bytes, 1, o->row_group > 1 ? o->row_group : 1};
 }
 
 static const type_info *find_type(int qtype) {
@@ -331,6 +332,7 @@ static void convert_rows(const convert_job *job, int64_t r) {
     const hk2_type_ops *o = hk2_type_ops_for(job->qtype);
     if (o) {
         if (job->quantize) o->quantize((const float *)job->src + r * n, (uint8_t *)job->dst + r * job->row_bytes, n);
+        else if (o->row_group > 1 && r % o->row_group) return;  /* done with its group's first row */
         else o->dequantize((const uint8_t *)job->src + r * job->row_bytes, (float *)job->dst + r * n, n);
     } else if (job->quantize) {
         const float *x = (const float *)job->src + r * n;

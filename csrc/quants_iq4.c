@@ -172,7 +172,90 @@ static void dot_iq4_xs(int n, const void *w, const hk2_arow *a, int na, float *s
     }
 }
 
+/* ---------------- IQ4_XS_R8: 8 rows interleaved per super-block (csrc/hk2.h) ----------------
+ * Run k (8 bytes) of row r's sub-block j holds that row's IQ4_XS qs[16j + 8k .. +8]: low nibbles are values
+ * 8k.. 8k+7 of the sub-block, high nibbles 16 + 8k ... An 8-byte run per row lets a kernel broadcast 8
+ * activation bytes (one qword) against 4-byte lanes (row r, half h) of a vector. */
+typedef struct { hk2_half d[HK2_R8]; int8_t sc[8][HK2_R8]; uint8_t qs[HK2_R8 * 128]; } block_iq4_xsx8;
+_Static_assert(sizeof(block_iq4_xsx8) == HK2_R8 * 138, "block_iq4_xsx8 layout");
+
+/* index byte l (< 16) of row r's sub-block j */
+static inline uint8_t xs8_byte(const block_iq4_xsx8 *x, int r, int j, int l) {
+    return x->qs[128 * j + 64 * (l / 8) + 8 * r + l % 8];
+}
+
+int hk2_repack_iq4_xs_r8(const void *src, int64_t nrows, int64_t ncols, void *dst) {
+    hk2_clear_error();
+    if (!src || !dst) return hk2_fail(HK2_EINVAL, "repack: null %s pointer", !src ? "input" : "output");
+    if (nrows < 0 || nrows % HK2_R8)
+        return hk2_fail(HK2_ESHAPE, "repack: nrows=%lld is not a multiple of %d", (long long)nrows, HK2_R8);
+    const int64_t rb = hk2_row_bytes(HK2_IQ4_XS, ncols);
+    if (rb < 0) return (int)rb;
+    const int64_t rb8 = hk2_row_bytes(HK2_IQ4_XS_R8, ncols);
+    const uintptr_t s0 = (uintptr_t)src, d0 = (uintptr_t)dst;
+    if (s0 < d0 + (uintptr_t)(nrows * rb8) && d0 < s0 + (uintptr_t)(nrows * rb))
+        return hk2_fail(HK2_EINVAL, "repack: src and dst overlap");
+    const int64_t nb = ncols / HK2_QK_K;
+    for (int64_t g = 0; g < nrows / HK2_R8; g++) {
+        const block_iq4_xs *in = (const block_iq4_xs *)((const uint8_t *)src + g * HK2_R8 * rb);
+        block_iq4_xsx8 *out = (block_iq4_xsx8 *)((uint8_t *)dst + g * HK2_R8 * rb8);
+        for (int64_t b = 0; b < nb; b++)
+            for (int r = 0; r < HK2_R8; r++) {
+                const block_iq4_xs *x = in + r * nb + b;
+                out[b].d[r] = x->d;
+                for (int j = 0; j < 8; j++) {
+                    out[b].sc[j][r] = (int8_t)xs_scale(x, j);
+                    for (int k = 0; k < 2; k++) memcpy(out[b].qs + 128 * j + 64 * k + 8 * r, x->qs + 16 * j + 8 * k, 8);
+                }
+            }
+    }
+    return HK2_OK;
+}
+
+/* the group's 8 rows -> y [8, n]; the same float ops as dequantize_row_iq4_xs, so the same values */
+static void dequantize_rows_iq4_xs_r8(const void *blocks, float *y, int64_t n) {
+    const block_iq4_xsx8 *x = blocks;
+    for (int64_t b = 0; b < n / HK2_QK_K; b++)
+        for (int r = 0; r < HK2_R8; r++) {
+            const float d = hk2_fp16_to_fp32(x[b].d[r]);
+            float *yr = y + r * n + HK2_QK_K * b;
+            for (int j = 0; j < 8; j++) {
+                const float dl = d * (float)x[b].sc[j][r];
+                for (int l = 0; l < 16; l++) {
+                    const uint8_t q = xs8_byte(&x[b], r, j, l);
+                    yr[32 * j + l] = dl * (float)hk2_iq4_values[q & 0xF];
+                    yr[32 * j + 16 + l] = dl * (float)hk2_iq4_values[q >> 4];
+                }
+            }
+        }
+}
+
+/* s[8j + r] = row r . a[j] */
+static void dot_iq4_xs_r8(int n, const void *w, const hk2_arow *a, int na, float *s) {
+    const block_iq4_xsx8 *x = w;
+    for (int j = 0; j < na; j++)
+        for (int r = 0; r < HK2_R8; r++) {
+            float sum = 0.0f;
+            for (int b = 0; b < n / HK2_QK_K; b++) {
+                const int8_t *y = a[j].qs + HK2_QK_K * b;
+                int sumi = 0;
+                for (int ib = 0; ib < 8; ib++) {
+                    int part = 0;
+                    for (int l = 0; l < 16; l++) {
+                        const uint8_t q = xs8_byte(&x[b], r, ib, l);
+                        part += hk2_iq4_values[q & 0xF] * y[32 * ib + l] + hk2_iq4_values[q >> 4] * y[32 * ib + 16 + l];
+                    }
+                    sumi += x[b].sc[ib][r] * part;
+                }
+                sum += hk2_fp16_to_fp32(x[b].d[r]) * a[j].d[b] * (float)sumi;
+            }
+            s[HK2_R8 * j + r] = sum;
+        }
+}
+
 #ifndef HK2_NO_X86
+void hk2_dot_iq4_xs_r8_avx2(int, const void *, const hk2_arow *, int, float *);
+void hk2_dot_iq4_xs_r8_avx512vnni(int, const void *, const hk2_arow *, int, float *);
 void hk2_dot_iq4_nl_avx2(int, const void *, const hk2_arow *, int, float *);
 void hk2_dot_iq4_xs_avx2(int, const void *, const hk2_arow *, int, float *);
 void hk2_dot_iq4_nl_avx512vnni(int, const void *, const hk2_arow *, int, float *);
@@ -184,5 +267,8 @@ const hk2_type_ops hk2_types_iq4[] = {
      {dot_iq4_nl, HK2_X86(hk2_dot_iq4_nl_avx2), NULL, HK2_X86(hk2_dot_iq4_nl_avx512vnni)}, {0, 0, 0, 8}},
     {HK2_IQ4_XS, "IQ4_XS", 256, 136, 256, dequantize_row_iq4_xs, quantize_row_iq4_xs,
      {dot_iq4_xs, HK2_X86(hk2_dot_iq4_xs_avx2), NULL, HK2_X86(hk2_dot_iq4_xs_avx512vnni)}, {0, 0, 0, 8}},
+    {HK2_IQ4_XS_R8, "IQ4_XS_R8", 256, 138, 256, dequantize_rows_iq4_xs_r8, NULL,
+     {dot_iq4_xs_r8, HK2_X86(hk2_dot_iq4_xs_r8_avx2), NULL, HK2_X86(hk2_dot_iq4_xs_r8_avx512vnni)}, {0, 0, 0, 8},
+     HK2_R8},
     {.name = NULL},
 };

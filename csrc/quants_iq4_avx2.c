@@ -80,11 +80,62 @@ INLINE void dot_iq4_xs_t(int n, const uint8_t *x, const hk2_arow *a, const int N
     for (int j = 0; j < NA; j++) s[j] = hsum_ps(acc[j]);
 }
 
+/* ---------------- IQ4_XS_R8: 8 rows per pass (layout: csrc/hk2.h) ----------------
+ * 32 bytes = run k of sub-block ib of 4 rows (rows 0..3, then 4..7 at +32); int32 lane 2r + h = row r's bytes
+ * 4h..4h+3, so one broadcast qword of activations feeds every lane. |w| x (y with w's sign) through maddubs,
+ * then madd with the row's sub-block scale in both int16 halves of its lanes: int32 sums per super-block,
+ * one FMA with d * d_a. */
+#define XS8_BYTES (8 * 138)
+INLINE void dot_iq4_xs_r8_t(int n, const uint8_t *x, const hk2_arow *a, const int NA, float *s) {
+    __m256 acc[2][HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
+    const __m256i tab = levels_table(), atab = _mm256_abs_epi8(tab), m4 = _mm256_set1_epi8(0x0F);
+    const __m128i dup4[2] = {_mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                             _mm_setr_epi8(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7)};
+    const __m256i dupd[2] = {_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)};
+    const int nb = n / HK2_QK_K;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = x + (size_t)XS8_BYTES * b, *qs = blk + 80;
+        const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        for (int hf = 0; hf < 2; hf++) {
+            __m256i sumi[HK2_MAX_NA];
+            for (int j = 0; j < NA; j++) sumi[j] = _mm256_setzero_si256();
+            for (int ib = 0; ib < 8; ib++) {
+                const uint8_t *q = qs + 128 * ib + 32 * hf;
+                if (!hf) { PREFETCH(q); PREFETCH(q + 64); }
+                const __m256i sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)(blk + 16 + 8 * ib)), dup4[hf]));
+                for (int k = 0; k < 2; k++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(q + 64 * k));
+                    const __m256i il = _mm256_and_si256(raw, m4), ih = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                    const __m256i wl = _mm256_shuffle_epi8(tab, il), al = _mm256_shuffle_epi8(atab, il);
+                    const __m256i wh = _mm256_shuffle_epi8(tab, ih), ah = _mm256_shuffle_epi8(atab, ih);
+                    for (int j = 0; j < NA; j++) {
+                        const int8_t *y = a[j].qs + HK2_QK_K * b + 32 * ib + 8 * k;
+                        long long yl, yh;
+                        memcpy(&yl, y, 8);
+                        memcpy(&yh, y + 16, 8);
+                        const __m256i pl = _mm256_maddubs_epi16(al, _mm256_sign_epi8(_mm256_set1_epi64x(yl), wl));
+                        const __m256i ph = _mm256_maddubs_epi16(ah, _mm256_sign_epi8(_mm256_set1_epi64x(yh), wh));
+                        sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(_mm256_madd_epi16(pl, sc), _mm256_madd_epi16(ph, sc)));
+                    }
+                }
+            }
+            const __m256 dw = _mm256_permutevar8x32_ps(d8, dupd[hf]);
+            for (int j = 0; j < NA; j++)
+                acc[hf][j] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(a[j].d[b])), _mm256_cvtepi32_ps(sumi[j]), acc[hf][j]);
+        }
+    }
+    for (int j = 0; j < NA; j++)  /* hadd: [r0 r1 r4 r5 | r2 r3 r6 r7] */
+        _mm256_storeu_ps(s + HK2_R8 * j, _mm256_castpd_ps(_mm256_permute4x64_pd(
+                                             _mm256_castps_pd(_mm256_hadd_ps(acc[0][j], acc[1][j])), 0xD8)));
+}
+
 #define DOT_ENTRY(name)                                                                   \
     void hk2_dot_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
         HK2_NA_SWITCH4(na, dot_##name##_t, n, w, a, s) \
     }
 DOT_ENTRY(iq4_nl)
 DOT_ENTRY(iq4_xs)
+DOT_ENTRY(iq4_xs_r8)
 
 #include "hk2_target_end.h"

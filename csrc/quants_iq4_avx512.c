@@ -29,6 +29,16 @@ INLINE __m512i indices2(const uint8_t *p0, const uint8_t *p1) {
                                                   _mm_loadu_si128((const __m128i *)p1));
     return _mm512_and_si512(_mm512_srlv_epi64(r, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0F));
 }
+/* 8 fp16 at p as floats */
+INLINE __m256 fp16x8_ps(const uint8_t *p) {
+#ifdef HK2_USE_SIMDE  /* SIMDe has no F16C */
+    float f[8];
+    for (int i = 0; i < 8; i++) f[i] = half_at(p + 2 * i);
+    return _mm256_loadu_ps(f);
+#else
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#endif
+}
 /* the fp16 at p + i * stride, i < 4, as floats */
 INLINE __m128 four_halves(const uint8_t *p, int stride) {
 #ifdef HK2_USE_SIMDE  /* SIMDe has no F16C */
@@ -150,11 +160,69 @@ INLINE void dot_iq4_xs_t(int n, const uint8_t *x, const hk2_arow *a, const int N
     for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]);
 }
 
+/* ---------------- IQ4_XS_R8: 8 rows per pass (layout: csrc/hk2.h) ----------------
+ * 64 bytes = run k of sub-block ib of all 8 rows; int32 lane 2r + h = row r's bytes 4h..4h+3 of the run, so one
+ * broadcast qword of activations feeds every lane. The levels go in as unsigned bytes (level + 128) against the
+ * signed activations in vpdpbusd; each sub-block's sums start at -128 * (its activation sum) / 2 per lane (the
+ * two lanes of a row add up later), then take the row's scale (vpmulld) into the super-block's int32 sums:
+ * one FMA with d * d_a per super-block. Per lane and sub-block |sum| <= 16 * 241 * 127 + 64 * 4064. */
+#define XS8_BYTES (8 * 138)
+INLINE void dot_iq4_xs_r8_t(int n, const uint8_t *x, const hk2_arow *a, const int NA, float *s) {
+    __m512 acc[HK2_MAX_NA];
+    for (int j = 0; j < NA; j++) acc[j] = _mm512_setzero_ps();
+    const __m512i tab = _mm512_broadcast_i32x4(
+        _mm_xor_si128(_mm_loadu_si128((const __m128i *)hk2_iq4_values), _mm_set1_epi8((char)0x80)));
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m128i dup2 = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i dupd = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const int nb = n / HK2_QK_K;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = x + (size_t)XS8_BYTES * b, *qs = blk + 80;
+        __m512i sumi[HK2_MAX_NA];
+        for (int j = 0; j < NA; j++) sumi[j] = _mm512_setzero_si512();
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t *q = qs + 128 * ib;
+            PREFETCH(q);
+            PREFETCH(q + 64);
+            const __m512i r0 = _mm512_loadu_si512((const void *)q), r1 = _mm512_loadu_si512((const void *)(q + 64));
+            const __m512i lo0 = _mm512_shuffle_epi8(tab, _mm512_and_si512(r0, m4));
+            const __m512i hi0 = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(r0, 4), m4));
+            const __m512i lo1 = _mm512_shuffle_epi8(tab, _mm512_and_si512(r1, m4));
+            const __m512i hi1 = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(r1, 4), m4));
+            const __m512i sc = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)(blk + 16 + 8 * ib)), dup2));
+            for (int j = 0; j < NA; j++) {
+                const int8_t *y = a[j].qs + HK2_QK_K * b + 32 * ib;
+                const int16_t *bs = a[j].bs + 16 * b + 2 * ib;
+                long long y0, y1, y2, y3;
+                memcpy(&y0, y, 8);
+                memcpy(&y1, y + 8, 8);
+                memcpy(&y2, y + 16, 8);
+                memcpy(&y3, y + 24, 8);
+                __m512i p = _mm512_set1_epi32(-64 * (bs[0] + bs[1]));
+                p = _mm512_dpbusd_epi32(p, lo0, _mm512_set1_epi64(y0));
+                p = _mm512_dpbusd_epi32(p, lo1, _mm512_set1_epi64(y1));
+                p = _mm512_dpbusd_epi32(p, hi0, _mm512_set1_epi64(y2));
+                p = _mm512_dpbusd_epi32(p, hi1, _mm512_set1_epi64(y3));
+                sumi[j] = _mm512_add_epi32(sumi[j], _mm512_mullo_epi32(p, sc));
+            }
+        }
+        const __m512 dw = _mm512_permutexvar_ps(dupd, _mm512_castps256_ps512(fp16x8_ps(blk)));
+        for (int j = 0; j < NA; j++)
+            acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(a[j].d[b])), _mm512_cvtepi32_ps(sumi[j]), acc[j]);
+    }
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int j = 0; j < NA; j++)  /* lanes 2r and 2r + 1: row r */
+        _mm256_storeu_ps(s + HK2_R8 * j, _mm512_castps512_ps256(_mm512_add_ps(_mm512_permutexvar_ps(even, acc[j]),
+                                                                              _mm512_permutexvar_ps(odd, acc[j]))));
+}
+
 #define DOT_ENTRY(name)                                                                         \
     void hk2_dot_##name##_avx512vnni(int n, const void *w, const hk2_arow *a, int na, float *s) { \
         HK2_NA_SWITCH8(na, dot_##name##_t, n, w, a, s) \
     }
 DOT_ENTRY(iq4_nl)
 DOT_ENTRY(iq4_xs)
+DOT_ENTRY(iq4_xs_r8)
 
 #include "hk2_target_end.h"

@@ -57,6 +57,7 @@ QTYPES: dict[str, QType] = {
         QType("Q8_K", int(GGMLQuantizationType.Q8_K), 256, 292),  # activations of K-quant dots
         QType("Q4_0_R8", 1002, 32, 18, row_group=8),  # ours (csrc/hk2.h), not a GGUF type
         QType("Q4_K_R8", 1003, 256, 148, row_group=8),  # ours too: Q4_K's 144 bytes + unpacked scales
+        QType("IQ4_XS_R8", 1004, 256, 138, row_group=8),  # ours too: IQ4_XS's 136 bytes, scales unpacked
     )
 }
 # The type families of csrc/quants_*.c (layouts as gguf.constants.GGML_QUANT_SIZES).
@@ -65,11 +66,11 @@ _FAMILY_TYPES = ("Q2_K", "Q3_K", "Q5_K", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_
 for _n in _FAMILY_TYPES:
     _g = GGMLQuantizationType[_n]
     QTYPES[_n] = QType(_n, int(_g), *GGML_QUANT_SIZES[_g])
-WEIGHT_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_0_R8", "Q4_K_R8") + _FAMILY_TYPES
+WEIGHT_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_0_R8", "Q4_K_R8", "IQ4_XS_R8") + _FAMILY_TYPES
 # the weight types our quantizer writes (the grid IQ types: llama.cpp's quantizer only)
 QUANTIZE_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q2_K", "Q3_K", "Q5_K", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS",
                    "TQ1_0", "TQ2_0", "BF16", "F16", "F32")
-REPACKED = {"Q4_0": "Q4_0_R8", "Q4_K": "Q4_K_R8"}  # GGUF type -> the kernel layout it repacks to
+REPACKED = {"Q4_0": "Q4_0_R8", "Q4_K": "Q4_K_R8", "IQ4_XS": "IQ4_XS_R8"}  # GGUF type -> the kernel layout it repacks to
 
 
 def repacked_type(t: QType, rows: int) -> QType:
@@ -386,7 +387,7 @@ class KernelLib:
 
     def repack(self, blocks: Any, qtype_: Any, out: Any = None) -> np.ndarray:
         """GGUF blocks [..., rows, row_bytes] -> the faster kernel layout of their type (Q4_0 -> Q4_0_R8, the
-        same bytes; Q4_K -> Q4_K_R8, 148 bytes per row and super-block): 8 rows interleaved per block, so rows
+        same bytes; Q4_K -> Q4_K_R8, 148 bytes per row and super-block; IQ4_XS -> IQ4_XS_R8, 138): 8 rows interleaved per block, so rows
         must be a multiple of 8."""
         t = qtype(qtype_)
         if t.name not in REPACKED:
@@ -409,7 +410,8 @@ class KernelLib:
             raise ValueError(f"out: shape {o.shape}, expected {shape}")
         if np.may_share_memory(o, b):
             raise ValueError("out: overlaps blocks")
-        fn = {"Q4_0": self.lib.hk2_repack_q4_0_r8, "Q4_K": self.lib.hk2_repack_q4_K_r8}[t.name]
+        fn = {"Q4_0": self.lib.hk2_repack_q4_0_r8, "Q4_K": self.lib.hk2_repack_q4_K_r8,
+              "IQ4_XS": self.lib.hk2_repack_iq4_xs_r8}[t.name]
         self._check(fn(self._ptr(b, "const void *"), rows, cols, self._ptr(o, "void *")), "repack")
         return out
 
