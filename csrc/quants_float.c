@@ -73,10 +73,10 @@ void hk2_dot_bf16_avx512vnni(int, const void *, const hk2_arow *, int, float *);
 
 const hk2_type_ops hk2_types_float[] = {
     {HK2_F32, "F32", 1, 4, 0, dequantize_row_f32, quantize_row_f32,
-     {dot_f32, HK2_X86(hk2_dot_wf32_avx2), NULL, HK2_X86(hk2_dot_wf32_avx512vnni)}, {0}},
+     {dot_f32, HK2_X86(hk2_dot_wf32_avx2), NULL, HK2_X86(hk2_dot_wf32_avx512vnni)}, {0}, 1},
     {HK2_F16, "F16", 1, 2, 0, dequantize_row_f16, quantize_row_f16,
-     {dot_f16, HK2_X86(hk2_dot_f16_avx2), NULL, HK2_X86(hk2_dot_f16_avx512vnni)}, {0}},
+     {dot_f16, HK2_X86(hk2_dot_f16_avx2), NULL, HK2_X86(hk2_dot_f16_avx512vnni)}, {0}, 1},
     {HK2_BF16, "BF16", 1, 2, 0, dequantize_row_bf16, quantize_row_bf16,
-     {dot_bf16, HK2_X86(hk2_dot_bf16_avx2), NULL, HK2_X86(hk2_dot_bf16_avx512vnni)}, {0}},
+     {dot_bf16, HK2_X86(hk2_dot_bf16_avx2), NULL, HK2_X86(hk2_dot_bf16_avx512vnni)}, {0}, 1},
     {.name = NULL},
 };

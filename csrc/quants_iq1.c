@@ -122,8 +122,8 @@ void hk2_dot_iq1_m_avx512vnni(int, const void *, const hk2_arow *, int, float *)
 
 const hk2_type_ops hk2_types_iq1[] = {
     {HK2_IQ1_S, "IQ1_S", HK2_QK_K, sizeof(block_iq1_s), HK2_QK_K, dequantize_row_iq1_s, NULL,
-     {dot_iq1_s, HK2_X86(hk2_dot_iq1_s_avx2), NULL, HK2_X86(hk2_dot_iq1_s_avx512vnni)}, {0}},
+     {dot_iq1_s, HK2_X86(hk2_dot_iq1_s_avx2), NULL, HK2_X86(hk2_dot_iq1_s_avx512vnni)}, {0}, 1},
     {HK2_IQ1_M, "IQ1_M", HK2_QK_K, sizeof(block_iq1_m), HK2_QK_K, dequantize_row_iq1_m, NULL,
-     {dot_iq1_m, HK2_X86(hk2_dot_iq1_m_avx2), NULL, HK2_X86(hk2_dot_iq1_m_avx512vnni)}, {0}},
+     {dot_iq1_m, HK2_X86(hk2_dot_iq1_m_avx2), NULL, HK2_X86(hk2_dot_iq1_m_avx512vnni)}, {0}, 1},
     {.name = NULL},
 };

@@ -224,7 +224,7 @@ void hk2_dot_iq3_s_avx512vnni(int, const void *, const hk2_arow *, int, float *)
 
 #define IQ_ENTRY(T, t, bytes)                                                                  \
     {HK2_##T, #T, HK2_QK_K, bytes, HK2_QK_K, dequantize_row_##t, NULL,                       \
-     {dot_##t, HK2_X86(hk2_dot_##t##_avx2), NULL, HK2_X86(hk2_dot_##t##_avx512vnni)}, {0}}
+     {dot_##t, HK2_X86(hk2_dot_##t##_avx2), NULL, HK2_X86(hk2_dot_##t##_avx512vnni)}, {0}, 1}
 const hk2_type_ops hk2_types_iq23[] = {
     IQ_ENTRY(IQ2_XXS, iq2_xxs, sizeof(block_iq2_xxs)),
     IQ_ENTRY(IQ2_XS, iq2_xs, sizeof(block_iq2_xs)),

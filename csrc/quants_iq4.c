@@ -264,9 +264,9 @@ void hk2_dot_iq4_xs_avx512vnni(int, const void *, const hk2_arow *, int, float *
 
 const hk2_type_ops hk2_types_iq4[] = {
     {HK2_IQ4_NL, "IQ4_NL", 32, 18, 32, dequantize_row_iq4_nl, quantize_row_iq4_nl,
-     {dot_iq4_nl, HK2_X86(hk2_dot_iq4_nl_avx2), NULL, HK2_X86(hk2_dot_iq4_nl_avx512vnni)}, {0, 0, 0, 8}},
+     {dot_iq4_nl, HK2_X86(hk2_dot_iq4_nl_avx2), NULL, HK2_X86(hk2_dot_iq4_nl_avx512vnni)}, {0, 0, 0, 8}, 1},
     {HK2_IQ4_XS, "IQ4_XS", 256, 136, 256, dequantize_row_iq4_xs, quantize_row_iq4_xs,
-     {dot_iq4_xs, HK2_X86(hk2_dot_iq4_xs_avx2), NULL, HK2_X86(hk2_dot_iq4_xs_avx512vnni)}, {0, 0, 0, 8}},
+     {dot_iq4_xs, HK2_X86(hk2_dot_iq4_xs_avx2), NULL, HK2_X86(hk2_dot_iq4_xs_avx512vnni)}, {0, 0, 0, 8}, 1},
     {HK2_IQ4_XS_R8, "IQ4_XS_R8", 256, 138, 256, dequantize_rows_iq4_xs_r8, NULL,
      {dot_iq4_xs_r8, HK2_X86(hk2_dot_iq4_xs_r8_avx2), NULL, HK2_X86(hk2_dot_iq4_xs_r8_avx512vnni)}, {0, 0, 0, 8},
      HK2_R8},

@@ -302,10 +302,10 @@ void hk2_dot_q5_K_avx512vnni(int, const void *, const hk2_arow *, int, float *);
 
 const hk2_type_ops hk2_types_k[] = {
     {HK2_Q2_K, "Q2_K", HK2_QK_K, sizeof(block_q2_K), HK2_QK_K, dequantize_row_q2_K, quantize_row_q2_K,
-     {dot_q2_K, HK2_X86(hk2_dot_q2_K_avx2), NULL, HK2_X86(hk2_dot_q2_K_avx512vnni)}, {0, 0, 0, 8}},
+     {dot_q2_K, HK2_X86(hk2_dot_q2_K_avx2), NULL, HK2_X86(hk2_dot_q2_K_avx512vnni)}, {0, 0, 0, 8}, 1},
     {HK2_Q3_K, "Q3_K", HK2_QK_K, sizeof(block_q3_K), HK2_QK_K, dequantize_row_q3_K, quantize_row_q3_K,
-     {dot_q3_K, HK2_X86(hk2_dot_q3_K_avx2), NULL, HK2_X86(hk2_dot_q3_K_avx512vnni)}, {0, 0, 0, 8}},
+     {dot_q3_K, HK2_X86(hk2_dot_q3_K_avx2), NULL, HK2_X86(hk2_dot_q3_K_avx512vnni)}, {0, 0, 0, 8}, 1},
     {HK2_Q5_K, "Q5_K", HK2_QK_K, sizeof(block_q5_K), HK2_QK_K, dequantize_row_q5_K, quantize_row_q5_K,
-     {dot_q5_K, HK2_X86(hk2_dot_q5_K_avx2), NULL, HK2_X86(hk2_dot_q5_K_avx512vnni)}, {0, 0, 0, 8}},
+     {dot_q5_K, HK2_X86(hk2_dot_q5_K_avx2), NULL, HK2_X86(hk2_dot_q5_K_avx512vnni)}, {0, 0, 0, 8}, 1},
     {.name = NULL},
 };

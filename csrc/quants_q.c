@@ -179,10 +179,10 @@ void hk2_dot_q5_1_avx512vnni(int, const void *, const hk2_arow *, int, float *);
 
 const hk2_type_ops hk2_types_q[] = {
     {HK2_Q4_1, "Q4_1", 32, 20, 32, dequantize_row_q4_1, quantize_row_q4_1,
-     {dot_q4_1, HK2_X86(hk2_dot_q4_1_avx2), NULL, HK2_X86(hk2_dot_q4_1_avx512vnni)}, {0}},
+     {dot_q4_1, HK2_X86(hk2_dot_q4_1_avx2), NULL, HK2_X86(hk2_dot_q4_1_avx512vnni)}, {0}, 1},
     {HK2_Q5_0, "Q5_0", 32, 22, 32, dequantize_row_q5_0, quantize_row_q5_0,
-     {dot_q5_0, HK2_X86(hk2_dot_q5_0_avx2), NULL, HK2_X86(hk2_dot_q5_0_avx512vnni)}, {0}},
+     {dot_q5_0, HK2_X86(hk2_dot_q5_0_avx2), NULL, HK2_X86(hk2_dot_q5_0_avx512vnni)}, {0}, 1},
     {HK2_Q5_1, "Q5_1", 32, 24, 32, dequantize_row_q5_1, quantize_row_q5_1,
-     {dot_q5_1, HK2_X86(hk2_dot_q5_1_avx2), NULL, HK2_X86(hk2_dot_q5_1_avx512vnni)}, {0}},
+     {dot_q5_1, HK2_X86(hk2_dot_q5_1_avx2), NULL, HK2_X86(hk2_dot_q5_1_avx512vnni)}, {0}, 1},
     {.name = NULL},
 };

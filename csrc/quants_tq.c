@@ -142,8 +142,8 @@ void hk2_dot_tq2_0_avx512vnni(int, const void *, const hk2_arow *, int, float *)
 
 const hk2_type_ops hk2_types_tq[] = {
     {HK2_TQ1_0, "TQ1_0", HK2_QK_K, sizeof(block_tq1_0), HK2_QK_K, dequantize_row_tq1_0, quantize_row_tq1_0,
-     {dot_tq1_0, HK2_X86(hk2_dot_tq1_0_avx2), NULL, HK2_X86(hk2_dot_tq1_0_avx512vnni)}, {0}},
+     {dot_tq1_0, HK2_X86(hk2_dot_tq1_0_avx2), NULL, HK2_X86(hk2_dot_tq1_0_avx512vnni)}, {0}, 1},
     {HK2_TQ2_0, "TQ2_0", HK2_QK_K, sizeof(block_tq2_0), HK2_QK_K, dequantize_row_tq2_0, quantize_row_tq2_0,
-     {dot_tq2_0, HK2_X86(hk2_dot_tq2_0_avx2), NULL, HK2_X86(hk2_dot_tq2_0_avx512vnni)}, {0}},
+     {dot_tq2_0, HK2_X86(hk2_dot_tq2_0_avx2), NULL, HK2_X86(hk2_dot_tq2_0_avx512vnni)}, {0}, 1},
     {.name = NULL},
 };

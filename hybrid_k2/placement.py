@@ -57,9 +57,9 @@ FORMATS: dict[str, tuple[int, int]] = {
     "iq2_xs": (256, 74), "iq2_xxs": (256, 66), "iq1_m": (256, 56), "iq1_s": (256, 50), "tq2_0": (256, 66),
     "tq1_0": (256, 54),
 }
-# Routed experts as the CPU backend holds them when that differs: q4_k as Q4_K_R8 (the 144 bytes per
-# super-block plus 4 of unpacked scales, kernels.REPACKED).
-EXPERT_HELD: dict[str, tuple[int, int]] = {"q4_k": (256, 148)}
+# Routed experts as the CPU backend holds them when that differs (kernels.REPACKED): q4_k as Q4_K_R8 (the 144 bytes
+# per super-block plus 4 of unpacked scales), iq4_xs as IQ4_XS_R8 (136 plus 2 of unpacked scales).
+EXPERT_HELD: dict[str, tuple[int, int]] = {"q4_k": (256, 148), "iq4_xs": (256, 138)}
 FLOAT_FORMATS = ("f32", "bf16", "f16", "fp8")
 FP8_COMPUTE = "bf16"       # what --dense fp8 keeps in float: embedding, lm_head, kv_b_proj (the compute dtype)
 DEFAULT_CTX = 32768        # context the KV cache is sized for when none is given
