@@ -15,3 +15,10 @@
 #include <immintrin.h>
 #endif
 #include "hk2_internal.h"
+
+/* the fp16 at p (any alignment) as a float */
+INLINE float half_at(const uint8_t *p) {
+    hk2_half h;
+    memcpy(&h, p, sizeof h);
+    return hk2_fp16_to_fp32(h);
+}

@@ -2,12 +2,6 @@
  * once and reused for every activation row. */
 #include "hk2_target_avx2.h"
 
-INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 INLINE float bf16f(uint16_t h) { const uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 /* kind: 0 F32, 1 F16, 2 BF16 */
@@ -34,7 +28,7 @@ INLINE void dot_t(int n, const void *w, const hk2_arow *a, const int NA, float *
         for (int j = 0; j < NA; j++) acc[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(a[j].f + i), acc[j]);
     }
     for (int j = 0; j < NA; j++) {
-        float t = hsum(acc[j]);
+        float t = hsum_ps(acc[j]);
         for (int k = i; k < n; k++) t += load1(w, k, kind) * a[j].f[k];
         s[j] = t;
     }

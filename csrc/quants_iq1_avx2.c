@@ -9,12 +9,6 @@ typedef struct { uint8_t qs[32]; uint8_t qh[16]; uint8_t scales[8]; } block_iq1_
 /* The weights are u = 8 (g + 1) + (1 + sign) in 0..18 (unsigned for maddubs), and a 16-value half's
  * sum (8 g + sign) y = sum u y - 9 bsum, bsum being the activations' sum of the half (quants_iq1.c has the
  * layouts). Per block: u (8 vectors of 32 values), the odd half scales ls16 (int16) and c9 = 9 ls16. */
-INLINE float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 typedef struct {
     __m256i u[8];

@@ -6,12 +6,6 @@
 #include "hk2_target_avx2.h"
 #include "quants_iq23.h"
 
-INLINE float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 INLINE uint32_t rd32(const void *p) {
     uint32_t v;
     memcpy(&v, p, sizeof v);

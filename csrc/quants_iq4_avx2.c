@@ -7,17 +7,6 @@
 
 extern const int8_t hk2_iq4_values[16];
 
-INLINE float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-INLINE float half_at(const uint8_t *p) {
-    hk2_half h;
-    memcpy(&h, p, sizeof h);
-    return _cvtsh_ss(h);
-}
 /* 16 packed bytes -> low nibbles (values 0..15) then high nibbles (16..31) */
 INLINE __m256i nibbles(const uint8_t *p) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)p);

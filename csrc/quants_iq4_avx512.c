@@ -5,11 +5,6 @@
 
 extern const int8_t hk2_iq4_values[16];
 
-INLINE float half_at(const uint8_t *p) {
-    hk2_half h;
-    memcpy(&h, p, sizeof h);
-    return hk2_fp16_to_fp32(h);
-}
 /* |level| of each 4-bit index, in every 128-bit lane (pshufb looks up within lanes) */
 INLINE __m512i abs_levels(void) {
     return _mm512_broadcast_i32x4(_mm_abs_epi8(_mm_loadu_si128((const __m128i *)hk2_iq4_values)));

@@ -9,12 +9,6 @@ typedef struct { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; hk2_half
 typedef struct { hk2_half d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;
 _Static_assert(sizeof(block_q2_K) == 84 && sizeof(block_q3_K) == 110 && sizeof(block_q5_K) == 176, "K layouts");
 
-INLINE float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 /* int16 words of the scale bytes b (16 bytes in each lane) for sub-blocks 2p (low lane) and 2p+1 (high
  * lane), zero-extended; for signed bytes put each in the high byte and shift it down arithmetically */
 INLINE __m256i pair_scales_u(__m256i b, int p) {
@@ -77,7 +71,7 @@ INLINE void dot_q2_K_t(int n, const block_q2_K *x, const hk2_arow *a, const int 
             acc[j] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * a[j].d[b]), _mm256_cvtepi32_ps(msum), acc[j]);
         }
     }
-    for (int j = 0; j < NA; j++) s[j] = hsum256(acc[j]);
+    for (int j = 0; j < NA; j++) s[j] = hsum_ps(acc[j]);
 }
 
 /* ---------------- Q3_K: (q + 4) in 0..7 through maddubs, the -4 through the activation sums ---------------- */
@@ -111,7 +105,7 @@ INLINE void dot_q3_K_t(int n, const block_q3_K *x, const hk2_arow *a, const int 
         for (int j = 0; j < NA; j++)
             acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[j].d[b]), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
     }
-    for (int j = 0; j < NA; j++) s[j] = hsum256(acc[j]);
+    for (int j = 0; j < NA; j++) s[j] = hsum_ps(acc[j]);
 }
 
 /* ---------------- Q5_K: one 32-value sub-block per vector ---------------- */
@@ -149,7 +143,7 @@ INLINE void dot_q5_K_t(int n, const block_q5_K *x, const hk2_arow *a, const int 
             acc[j] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * a[j].d[b]), _mm256_cvtepi32_ps(msum), acc[j]);
         }
     }
-    for (int j = 0; j < NA; j++) s[j] = hsum256(acc[j]);
+    for (int j = 0; j < NA; j++) s[j] = hsum_ps(acc[j]);
 }
 
 #define DOT_ENTRY(name, btype)                                                                      \

@@ -10,17 +10,6 @@ enum { T_Q4_1, T_Q5_0, T_Q5_1 };
 #define QS_OFF(T) ((T) == T_Q4_1 ? 4 : (T) == T_Q5_0 ? 6 : 8)
 #define QH_OFF(T) ((T) == T_Q5_0 ? 2 : 4)
 
-INLINE float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-INLINE float half_at(const uint8_t *p) {
-    hk2_half h;
-    memcpy(&h, p, sizeof h);
-    return _cvtsh_ss(h);
-}
 /* the fp16 at p and at p + stride as floats in lanes 0 and 1 */
 INLINE __m128 two_halves(const uint8_t *p, int stride) {
     uint16_t h0, h1;

@@ -9,11 +9,6 @@ enum { T_Q4_1, T_Q5_0, T_Q5_1 };
 #define QS_OFF(T) ((T) == T_Q4_1 ? 4 : (T) == T_Q5_0 ? 6 : 8)
 #define QH_OFF(T) ((T) == T_Q5_0 ? 2 : 4)
 
-INLINE float half_at(const uint8_t *p) {
-    hk2_half h;
-    memcpy(&h, p, sizeof h);
-    return hk2_fp16_to_fp32(h);
-}
 INLINE uint32_t u32_at(const uint8_t *p) {
     uint32_t v;
     memcpy(&v, p, 4);

@@ -5,12 +5,6 @@
 typedef struct { uint8_t qs[48]; uint8_t qh[4]; hk2_half d; } block_tq1_0;
 typedef struct { uint8_t qs[64]; hk2_half d; } block_tq2_0;
 
-INLINE float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* TQ1_0 trits of 32 bytes v, byte i multiplied by the 16-bit lane's c (uint8 arithmetic): ((v * c mod 256) * 3) >> 8.
  * The even bytes go through the lane's high byte so the product wraps at 8 bits; the odd bytes are masked there. */
