@@ -26,10 +26,9 @@ import statistics
 import time
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from hybrid_k2 import kernels as K
-from hybrid_k2.checkpoint.gguf import SCALE_FIELDS
+from hybrid_k2.bench import random_blocks   # valid random blocks of any weight type
 
 try:
     from bench import ktransformers_moe as ktm
@@ -51,38 +50,6 @@ def probe_bandwidth(nbytes: int, reps: int) -> float:
     return best
 
 
-FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16}
-
-
-def random_blocks(rng: np.random.Generator, t: K.QType | str, rows: int, cols: int) -> np.ndarray:
-    """[rows, row_bytes] random blocks of weight type t with every fp16 scale finite, about 1e-2 (the scale
-    offsets: gguf.SCALE_FIELDS); float types: values ~ N(0, 0.05) in that precision."""
-    t = K.qtype(t)
-    if t.name in K.REPACKED.values():   # a kernel layout: random blocks of its GGUF type, repacked
-        src = next(k for k, v in K.REPACKED.items() if v == t.name)
-        return K.repack(random_blocks(rng, src, rows, cols), src)
-    if t.name in FLOAT_DTYPES:
-        return (rng.standard_normal((rows, cols), np.float32) * 0.05).astype(FLOAT_DTYPES[t.name]).view(np.uint8)
-    if t.name == "BF16":   # the high half of a float32
-        f = rng.standard_normal((rows, cols), np.float32) * 0.05
-        return (f.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-    a = rng.integers(0, 256, size=(rows, t.row_bytes(cols)), dtype=np.uint8)
-    b = a.reshape(-1, t.block_bytes)
-    scales = (rng.uniform(0.5, 2.0, size=(b.shape[0], 2)) * 1e-2).astype(np.float16)
-    if t.name == "IQ1_M":   # its fp16 scale: the top nibbles of its four uint16 scale words (bytes 48..55)
-        d = scales[:, 0].view(np.uint16)
-        w = b[:, 48:56].copy().view(np.uint16)
-        for i in range(4):
-            w[:, i] = (w[:, i] & 0x0FFF) | (((d >> (4 * i)) & 0xF) << 12)
-        b[:, 48:56] = w.view(np.uint8)
-    else:
-        fields = SCALE_FIELDS.get(GGMLQuantizationType[t.name])
-        if fields is None:
-            raise ValueError(f"random_blocks: no fp16 scale table entry for {t.name} (gguf.SCALE_FIELDS)")
-        sb = scales.view(np.uint8)
-        for i, off in enumerate(fields):
-            b[:, off:off + 2] = sb[:, 2 * i:2 * i + 2]
-    return a
 
 
 def gguf_type(name: str) -> str:

@@ -319,6 +319,7 @@ static void dequantize_row_q8_K(const block_q8_K *x, float *y, int64_t n) {
 
 typedef struct {
     int qtype, quantize;
+    const hk2_type_ops *ops;   /* a family type's conversions, or NULL for the types of this file */
     int64_t nrows, ncols, row_bytes;
     const void *src;
     void *dst;
@@ -329,7 +330,7 @@ typedef struct {
 
 static void convert_rows(const convert_job *job, int64_t r) {
     const int64_t n = job->ncols;
-    const hk2_type_ops *o = hk2_type_ops_for(job->qtype);
+    const hk2_type_ops *o = job->ops;
     if (o) {
         if (job->quantize) o->quantize((const float *)job->src + r * n, (uint8_t *)job->dst + r * job->row_bytes, n);
         else if (o->row_group > 1 && r % o->row_group) return;  /* done with its group's first row */
@@ -385,8 +386,8 @@ static int convert(int qtype, const void *src, int64_t nrows, int64_t ncols, voi
         return hk2_fail(HK2_ESHAPE, "dequantize: %s needs a multiple of %d rows, got %lld", hk2_type_name(qtype),
                         hk2_type_row_group(qtype), (long long)nrows);
     if (nrows == 0) return HK2_OK;
-    convert_job job = {.qtype = qtype, .quantize = quantize, .nrows = nrows, .ncols = ncols, .row_bytes = rb,
-                       .src = src, .dst = dst};
+    convert_job job = {.qtype = qtype, .quantize = quantize, .ops = ops, .nrows = nrows, .ncols = ncols,
+                       .row_bytes = rb, .src = src, .dst = dst};
     atomic_init(&job.next, 0);
     hk2_api_lock();
     int err = nrows > CONVERT_CHUNK ? hk2_pool_run(convert_task, &job) : (convert_task(&job, 0, 1), HK2_OK);

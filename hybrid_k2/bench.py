@@ -27,11 +27,14 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 import hybrid_k2
 from hybrid_k2 import kernels
 from hybrid_k2.checkpoint import Checkpoint
+from hybrid_k2.checkpoint.gguf import SCALE_FIELDS
 from hybrid_k2.config import ModelConfig, preset
 from hybrid_k2.demo import cache_dir, ensure_demo
 
@@ -72,6 +75,41 @@ class SyntheticCheckpoint(Checkpoint):
         if name.endswith("e_score_correction_bias"):
             return torch.zeros(shape, dtype=dtype)
         return (torch.randn(shape, generator=g) * shape[-1] ** -0.5).to(dtype)
+
+
+_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16}
+
+
+# the kernel bench's and the block-type tests' weights (timing and the float references do not depend on the values)
+def random_blocks(rng: np.random.Generator, t: kernels.QType | str, rows: int, cols: int) -> np.ndarray:
+    """[rows, row_bytes] random blocks of weight type t with every fp16 scale finite, about 1e-2 (the scale
+    offsets: gguf.SCALE_FIELDS); float types: values ~ N(0, 0.05) in that precision."""
+    t = kernels.qtype(t)
+    if t.name in kernels.REPACKED.values():   # a kernel layout: random blocks of its GGUF type, repacked
+        src = next(k for k, v in kernels.REPACKED.items() if v == t.name)
+        return kernels.repack(random_blocks(rng, src, rows, cols), src)
+    if t.name in _FLOAT_DTYPES:
+        return (rng.standard_normal((rows, cols), np.float32) * 0.05).astype(_FLOAT_DTYPES[t.name]).view(np.uint8)
+    if t.name == "BF16":   # the high half of a float32
+        f = rng.standard_normal((rows, cols), np.float32) * 0.05
+        return (f.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    a = rng.integers(0, 256, size=(rows, t.row_bytes(cols)), dtype=np.uint8)
+    b = a.reshape(-1, t.block_bytes)
+    scales = (rng.uniform(0.5, 2.0, size=(b.shape[0], 2)) * 1e-2).astype(np.float16)
+    if t.name == "IQ1_M":   # its fp16 scale: the top nibbles of its four uint16 scale words (bytes 48..55)
+        d = scales[:, 0].view(np.uint16)
+        w = b[:, 48:56].copy().view(np.uint16)
+        for i in range(4):
+            w[:, i] = (w[:, i] & 0x0FFF) | (((d >> (4 * i)) & 0xF) << 12)
+        b[:, 48:56] = w.view(np.uint8)
+    else:
+        fields = SCALE_FIELDS.get(GGMLQuantizationType[t.name])
+        if fields is None:
+            raise ValueError(f"random_blocks: no fp16 scale table entry for {t.name} (gguf.SCALE_FIELDS)")
+        sb = scales.view(np.uint8)
+        for i, off in enumerate(fields):
+            b[:, off:off + 2] = sb[:, 2 * i:2 * i + 2]
+    return a
 
 
 def k2_shaped_config(n_layers: int, n_experts: int, vocab: int) -> ModelConfig:
@@ -233,7 +271,6 @@ def llama_cpp_prompt_logits(path: Path, prompt: list[int], threads: int) -> torc
         import llama_cpp  # noqa: F401
     except ImportError:
         return None
-    import numpy as np
     llm = llama_cpp_llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + 16,
                           n_batch=len(prompt), n_gpu_layers=0, logits_all=True, verbose=False, seed=0,
                           **llama_cpp_rope_args(path))
@@ -249,7 +286,6 @@ class LlamaCppRunner:
 
     def __init__(self, path: Path, prompt: list[int], n_decode: int, threads: int):
         import llama_cpp
-        import numpy as np
         self.llm = llama_cpp_llama(path, n_threads=threads, n_threads_batch=threads,
                                    n_ctx=len(prompt) + n_decode + 16, n_batch=max(len(prompt), 8), n_gpu_layers=0,
                                    verbose=False, seed=0, **llama_cpp_rope_args(path))
@@ -370,7 +406,6 @@ def main(argv=None) -> int:
         ap.error(f"--models: unknown model {unknown[0]!r}; expected k2-shaped and/or demo, comma-separated")
     kernels.set_threads(args.threads)
 
-    import numpy as np
     buf = np.ones(1 << 30, dtype=np.uint8)
     kernels.read_probe(buf)
     t0 = time.perf_counter()

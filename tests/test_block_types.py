@@ -13,6 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as GQT
 
 from hybrid_k2 import kernels as K
+from hybrid_k2.bench import random_blocks
 from hybrid_k2.checkpoint.gguf import SCALE_FIELDS
 from test_kernels import _restore_defaults, q8_k_reference, simde_lib, simde_path, variants  # noqa: F401 (fixtures)
 
@@ -23,32 +24,8 @@ ACT_QB = {
     "TQ1_0": 256, "TQ2_0": 256, "F32": 0, "F16": 0, "BF16": 0,
 }
 TYPES = list(ACT_QB)
-FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 
 FP16_FIELDS = {qt.name: offs for qt, offs in SCALE_FIELDS.items()}   # the blocks' fp16 scales (ggml-common.h)
-
-
-def random_blocks(rng, qt: str, rows: int, cols: int) -> np.ndarray:
-    """[rows, row_bytes] of random, valid blocks of type qt (finite scales of about 1e-2)."""
-    t = K.QTYPES[qt]
-    if qt in FLOAT_TYPES:
-        return (rng.standard_normal((rows, cols)) * 0.05).astype(FLOAT_TYPES[qt]).view(np.uint8)
-    if qt == "BF16":
-        f = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
-        return (f.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(rows, -1)
-    nb = rows * (cols // t.block_size)
-    b = rng.integers(0, 256, size=(nb, t.block_bytes), dtype=np.uint8)
-    scales = (rng.uniform(0.5, 2.0, size=(nb, 2)) * 1e-2).astype(np.float16).view(np.uint8)
-    if qt == "IQ1_M":  # the fp16 scale lives in the top nibbles of the four uint16 scale words (bytes 48..55)
-        d = scales[:, :2].copy().view(np.uint16)[:, 0]
-        w = b[:, 48:56].copy().view(np.uint16)
-        for i in range(4):
-            w[:, i] = (w[:, i] & 0x0FFF) | (((d >> (4 * i)) & 0xF) << 12)
-        b[:, 48:56] = w.view(np.uint8)
-    else:
-        for i, off in enumerate(FP16_FIELDS[qt]):
-            b[:, off:off + 2] = scales[:, 2 * i:2 * i + 2]
-    return b.reshape(rows, -1)
 
 
 def dequantize_ref(blocks: np.ndarray, qt: str) -> np.ndarray:

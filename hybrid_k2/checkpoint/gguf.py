@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import mmap
 import os
-import weakref
 import re
 import struct
+import weakref
 
 import numpy as np
 import torch

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-
 from .. import kernels
 from ..checkpoint import CheckpointError, fetch
 from ..checkpoint.gguf import nonfinite_scales, qtype_name
@@ -98,7 +97,7 @@ class CPUExperts(ExpertBackend):
         layers, unchecked = {}, {}
         for layer in cfg.moe_layers:
             if native[layer] and mode == "paged" and lazy_check:
-                layers[layer] = w = _gguf_layer(ckpt, layer, blocks=_unscanned_expert_blocks(ckpt, layer))
+                layers[layer] = w = _gguf_layer(ckpt, layer, blocks=ckpt.expert_blocks(layer, check_scales=False))   # checked on first use
                 unchecked[layer] = (ckpt.path, ckpt.expert_types(layer), np.ones(w.n_experts, bool))
                 if progress is not None:
                     progress.update(cfg.n_routed_experts)
@@ -209,12 +208,6 @@ def _gguf_layer(ckpt, layer: int, blocks=None) -> kernels.ExpertWeights:
     blocks = ckpt.expert_blocks(layer) if blocks is None else blocks
     return kernels.ExpertWeights(blocks["gate"][0], blocks["up"][0], blocks["down"][0], types["gate"],
                                  types["up"], types["down"])
-
-
-def _unscanned_expert_blocks(ckpt, layer: int) -> dict:
-    """ckpt.expert_blocks without its load-time scale check (which reads every page of the stacks): for experts
-    paged from disk, checked per expert on first use instead (CPUExperts.check_first_use)."""
-    return ckpt.expert_blocks(layer, check_scales=False)
 
 
 def _gguf_layer_nbytes(ckpt, cfg, layer: int) -> tuple[int, int]:
