@@ -283,7 +283,8 @@ class ExpertWeights:
             out.append(src)
         return ExpertWeights(*out, *to)
 
-    def _cstruct(self, lib: "KernelLib"):
+    def cstruct(self, lib: "KernelLib"):
+        """The hk2_moe_layer struct for this library, made once (its pointer arrays kept alive here)."""
         c = self._c.get(id(lib))
         if c is None:
             ffi = lib.ffi
@@ -318,7 +319,7 @@ class KernelLib:
         ffi.cdef(cdef_text())
         return cls(ffi, ffi.dlopen(path), name=path)
 
-    def _check(self, rc: int, what: str) -> int:
+    def check(self, rc: int, what: str) -> int:
         if rc < 0:
             msg = self.ffi.string(self.lib.hk2_last_error()).decode(errors="replace") or f"error {rc}"
             raise KernelError(msg if msg.startswith(what + ":") else f"{what}: {msg}")
@@ -343,7 +344,7 @@ class KernelLib:
             raise ValueError(f"x: {cols} columns is not a positive multiple of the {t.name} block size {t.block_size}")
         rows = int(np.prod(a.shape[:-1], dtype=np.int64))
         out = np.empty((*a.shape[:-1], rb), dtype=np.uint8)
-        self._check(self.lib.hk2_quantize(t.id, self._ptr(a, "const float *"), rows, cols, self._ptr(out, "void *")), "quantize")
+        self.check(self.lib.hk2_quantize(t.id, self._ptr(a, "const float *"), rows, cols, self._ptr(out, "void *")), "quantize")
         return out
 
     def quantize_activations(self, x: Any, qtype_: Any = "Q8_0") -> np.ndarray:
@@ -358,7 +359,7 @@ class KernelLib:
         if cols == 0 or cols % t.block_size:
             raise ValueError(f"x: {cols} columns is not a positive multiple of the {t.name} block size {t.block_size}")
         out = np.empty((rows, t.row_bytes(cols)), dtype=np.uint8)
-        self._check(self.lib.hk2_quantize_act(t.id, self._ptr(a, "const float *"), rows, cols, self._ptr(out, "void *")),
+        self.check(self.lib.hk2_quantize_act(t.id, self._ptr(a, "const float *"), rows, cols, self._ptr(out, "void *")),
                     "quantize_activations")
         return out
 
@@ -382,7 +383,7 @@ class KernelLib:
         if rows % t.row_group:
             raise ValueError(f"shape: {rows} rows is not a multiple of the {t.name} row group {t.row_group}")
         out = np.empty(shape, dtype=np.float32)
-        self._check(self.lib.hk2_dequantize(t.id, self._ptr(b, "const void *"), rows, cols, self._ptr(out, "float *")), "dequantize")
+        self.check(self.lib.hk2_dequantize(t.id, self._ptr(b, "const void *"), rows, cols, self._ptr(out, "float *")), "dequantize")
         return out
 
     def repack(self, blocks: Any, qtype_: Any, out: Any = None) -> np.ndarray:
@@ -412,7 +413,7 @@ class KernelLib:
             raise ValueError("out: overlaps blocks")
         fn = {"Q4_0": self.lib.hk2_repack_q4_0_r8, "Q4_K": self.lib.hk2_repack_q4_K_r8,
               "IQ4_XS": self.lib.hk2_repack_iq4_xs_r8}[t.name]
-        self._check(fn(self._ptr(b, "const void *"), rows, cols, self._ptr(o, "void *")), "repack")
+        self.check(fn(self._ptr(b, "const void *"), rows, cols, self._ptr(o, "void *")), "repack")
         return out
 
     # ---- MoE
@@ -434,13 +435,13 @@ class KernelLib:
                 if h_residual is None:
                     h_residual = h_residual_default(T)
                 ffi = self.ffi
-                rc = self.lib.hk2_moe_forward(layer._cstruct(self), T, K, ffi.cast("const float *", x.data_ptr()),
+                rc = self.lib.hk2_moe_forward(layer.cstruct(self), T, K, ffi.cast("const float *", x.data_ptr()),
                                               ffi.cast("const int32_t *", ids.data_ptr()),
                                               ffi.cast("const float *", weights.data_ptr()), ffi.cast("float *", y.data_ptr()),
                                               self.lib.HK2_MOE_H_RESIDUAL if h_residual else 0)
                 if rc == self.lib.HK2_EID:   # a bad id: the same ValueError as the checked path's
                     raise ValueError(self.ffi.string(self.lib.hk2_last_error()).decode(errors="replace"))
-                self._check(rc, "moe_forward")
+                self.check(rc, "moe_forward")
                 return y
         x_is_torch = torch is not None and isinstance(x, torch.Tensor)
         xa = _as_numpy(x, "x")
@@ -471,10 +472,10 @@ class KernelLib:
             result = out
         if h_residual is None:
             h_residual = h_residual_default(T)
-        rc = self.lib.hk2_moe_forward(layer._cstruct(self), T, K, self._ptr(xa, "const float *"),
+        rc = self.lib.hk2_moe_forward(layer.cstruct(self), T, K, self._ptr(xa, "const float *"),
                                       self._ptr(ia, "const int32_t *"), self._ptr(wa, "const float *"),
                                       self._ptr(oa, "float *"), self.lib.HK2_MOE_H_RESIDUAL if h_residual else 0)
-        self._check(rc, "moe_forward")
+        self.check(rc, "moe_forward")
         return result
 
     # ---- dense
@@ -504,7 +505,7 @@ class KernelLib:
             result = out
         rc = self.lib.hk2_linear(t.id, self._ptr(wa, "const void *"), N, K, T, self._ptr(xa, "const float *"),
                                  self._ptr(oa, "float *"))
-        self._check(rc, "linear")
+        self.check(rc, "linear")
         return result
 
     def bind_linear(self, weight_blocks: Any, qtype_: Any) -> "BoundLinear":
@@ -526,7 +527,7 @@ class KernelLib:
             raise ValueError(f"weight: shape {tuple(weight.shape)}, expected ({n},) (x's last dimension)")
         y = torch.empty_like(x)
         ffi = self.ffi
-        self._check(self.lib.hk2_rms_norm(ffi.cast("const float *", x.data_ptr()), ffi.cast("const float *", weight.data_ptr()),
+        self.check(self.lib.hk2_rms_norm(ffi.cast("const float *", x.data_ptr()), ffi.cast("const float *", weight.data_ptr()),
                                           x.numel() // max(n, 1), n, eps, ffi.cast("float *", y.data_ptr())), "rms_norm")
         return y
 
@@ -608,7 +609,7 @@ class KernelLib:
     def set_threads(self, n: int) -> None:
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
             raise TypeError(f"n: expected an int, got {type(n).__name__}")
-        self._check(self.lib.hk2_set_threads(int(n)), "set_threads")
+        self.check(self.lib.hk2_set_threads(int(n)), "set_threads")
 
     def get_threads(self) -> int:
         return int(self.lib.hk2_get_threads())
@@ -617,11 +618,11 @@ class KernelLib:
         return self.ffi.string(self.lib.hk2_isa()).decode()
 
     def isa_supported(self, name: str) -> bool:
-        return bool(self._check(self.lib.hk2_isa_supported(name.encode()), "isa_supported"))
+        return bool(self.check(self.lib.hk2_isa_supported(name.encode()), "isa_supported"))
 
     def set_isa(self, name: str) -> None:
         """'scalar', 'avx2', 'avx512' (best AVX-512 variant), 'avx512bw' or 'avx512vnni'."""
-        self._check(self.lib.hk2_set_isa(name.encode()), "set_isa")
+        self.check(self.lib.hk2_set_isa(name.encode()), "set_isa")
 
     def read_probe(self, buf: np.ndarray) -> int:
         """Stream-read every byte of buf with the pool (for bandwidth measurement); returns a checksum."""
@@ -662,7 +663,7 @@ class BoundLinear:
     def __init__(self, lib: KernelLib, blocks: np.ndarray, t: QType):
         self.lib, self.blocks, self.qtype = lib, blocks, t
         self.out_features, self.in_features = blocks.shape[0], _cols_from_row_bytes(t, blocks.shape[1], "blocks")
-        self._w = lib.ffi.cast("const void *", blocks.ctypes.data)
+        self.cweights = lib.ffi.cast("const void *", blocks.ctypes.data)
 
     def __call__(self, x: Any) -> Any:
         return self.run(x) if self.takes(x) else self.lib.linear(self.blocks, self.qtype, x)
@@ -678,9 +679,9 @@ class BoundLinear:
         """The kernel call for an x that `takes` accepts (not checked again)."""
         y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
         ffi = self.lib.ffi
-        rc = self.lib.lib.hk2_linear(self.qtype.id, self._w, self.out_features, self.in_features, x.shape[0],
+        rc = self.lib.lib.hk2_linear(self.qtype.id, self.cweights, self.out_features, self.in_features, x.shape[0],
                                      ffi.cast("const float *", x.data_ptr()), ffi.cast("float *", y.data_ptr()))
-        self.lib._check(rc, "linear")
+        self.lib.check(rc, "linear")
         return y
 
 
@@ -732,7 +733,7 @@ class BoundRouter(_Watched):
         r.softmax, r.norm_topk, r.scaling = int(softmax), int(norm_topk), scaling
         r.weight = lib.ffi.cast("const float *", weight.data_ptr())
         r.bias = lib.ffi.cast("const float *", bias.data_ptr()) if bias is not None else lib.ffi.NULL
-        self._r = r
+        self.cstruct = r
         self._watch(weight, bias)
 
     def binds(self, weight, bias) -> bool:
@@ -748,7 +749,7 @@ class BoundRouter(_Watched):
         ids = torch.empty((T, self.top_k), dtype=torch.int32)
         w = torch.empty((T, self.top_k), dtype=torch.float32)
         ffi = self.lib.ffi
-        self.lib._check(self.lib.lib.hk2_route(self._r, T, ffi.cast("const float *", x.data_ptr()),
+        self.lib.check(self.lib.lib.hk2_route(self.cstruct, T, ffi.cast("const float *", x.data_ptr()),
                                                ffi.cast("int32_t *", ids.data_ptr()), ffi.cast("float *", w.data_ptr())),
                         "route")
         return ids, w
@@ -765,14 +766,14 @@ class AttnDecoder(_Watched):
         self.refs = (input_norm, q_a_norm) + tuple(None if mat is None else mat[0] for mat in (q_a, q_b, kv_a, o))
         ffi = lib.ffi
         a = ffi.new("hk2_attn *")
-        a.mla = mla._m[0]
+        a.mla = mla.cstruct[0]
         a.hidden = input_norm.shape[0]
         a.input_norm, a.input_eps = ffi.cast("const float *", input_norm.data_ptr()), input_eps
         a.q_a_norm = ffi.cast("const float *", q_a_norm.data_ptr()) if q_a_norm is not None else ffi.NULL
         a.q_a_eps = q_a_eps
         for field, mat in (("q_a", q_a), ("q_b", q_b), ("kv_a", kv_a), ("o", o)):
             _fill_matrix(ffi, getattr(a, field), mat, field)
-        self._a = a
+        self.cstruct = a
         self._watch(input_norm, q_a_norm, mla.wkv_b, mla.kv_norm)   # (a.mla copied mla's pointers)
 
     def binds(self, *refs) -> bool:
@@ -784,12 +785,12 @@ class AttnDecoder(_Watched):
         """x [1, hidden] -> x + attention(x) [1, hidden]; rot, kv_cache, pe_cache, pos as for MLADecoder."""
         self._check_storage("attention weights", "kernels.attn_decoder")
         _require_cpu_f32(x, "x")
-        if x.numel() != self._a.hidden:
-            raise ValueError(f"x: {x.numel()} values, expected hidden={self._a.hidden}")
+        if x.numel() != self.cstruct.hidden:
+            raise ValueError(f"x: {x.numel()} values, expected hidden={self.cstruct.hidden}")
         self.mla._check_step(rot, kv_cache, pe_cache, pos)
         out = torch.empty_like(x)
         ffi = self.lib.ffi
-        self.lib._check(self.lib.lib.hk2_attn_decode(self._a, int(pos), ffi.cast("const float *", x.data_ptr()),
+        self.lib.check(self.lib.lib.hk2_attn_decode(self.cstruct, int(pos), ffi.cast("const float *", x.data_ptr()),
                                                      ffi.cast("const float *", rot.data_ptr()),
                                                      ffi.cast("float *", kv_cache.data_ptr()),
                                                      ffi.cast("float *", pe_cache.data_ptr()),
@@ -814,7 +815,7 @@ class MLADecoder(_Watched):
         m.kv_norm = ffi.cast("const float *", kv_norm.data_ptr())
         for field, mat in zip(("k_b", "v_b"), kv_b_blocks or (None, None)):
             _fill_matrix(ffi, getattr(m, field), mat, field)
-        self._m = m
+        self.cstruct = m
         self._watch(wkv_b, kv_norm)
 
     def binds(self, wkv_b, kv_norm, kv_b_blocks=None) -> bool:
@@ -855,11 +856,11 @@ class MLADecoder(_Watched):
         self._check_step(rot, kv_cache, pe_cache, pos)
         o = torch.empty(self.n_heads * self.v_dim, dtype=torch.float32)
         ffi = self.lib.ffi
-        rc = self.lib.lib.hk2_mla_decode(self._m, int(pos), ffi.cast("const float *", q.data_ptr()),
+        rc = self.lib.lib.hk2_mla_decode(self.cstruct, int(pos), ffi.cast("const float *", q.data_ptr()),
                                          ffi.cast("const float *", kv_a.data_ptr()), ffi.cast("const float *", rot.data_ptr()),
                                          ffi.cast("float *", kv_cache.data_ptr()), ffi.cast("float *", pe_cache.data_ptr()),
                                          ffi.cast("float *", o.data_ptr()))
-        self.lib._check(rc, "mla_decode")
+        self.lib.check(rc, "mla_decode")
         return o
 
 
@@ -878,6 +879,12 @@ def _load_default() -> KernelLib:
 
 
 _default = _load_default()
+
+
+def default_lib() -> KernelLib:
+    """The library the engine runs on (the cffi extension)."""
+    return _default
+
 
 quantize = _default.quantize
 quantize_activations = _default.quantize_activations

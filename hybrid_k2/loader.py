@@ -17,6 +17,7 @@ from .checkpoint.gguf import split_kv_b
 from .config import PRESETS, ModelConfig
 from .generate import Engine
 from .model import Transformer
+from .runtime import CPURuntime
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, experts: str = "a
             from .routing import RoutingRecorder
             recorder = RoutingRecorder(record_routing, net, hidden=record_hidden)
             net.set_recorder(recorder)
+        if device.type == "cpu":
+            net.set_runtime(CPURuntime.build)   # (made once the first cache makes the RoPE table)
     except BaseException:
         ckpt.close()
         raise

@@ -1,31 +1,21 @@
-"""The DeepSeek-V3 / Kimi K2 forward pass for one sequence, on any torch device.
+"""The DeepSeek-V3 / Kimi K2 forward pass for one sequence, on any torch device: the reference model.
 
 Parameter names mirror the HF checkpoint names so loading is a walk over `named_parameters()`.
 Routed experts are not parameters here: the MoE block hands them to an `ExpertBackend`.
+How a step runs faster than these modules (the CPU runtime's fixed C calls) is built outside, from the
+loaded weights (`Transformer.set_runtime`); this file knows tensors and modules only.
 Shapes: x is [T, hidden] for the T new tokens; `start_pos` is the position of the first one.
 """
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .config import ModelConfig, yarn_mscale
-from .decode_step import CPUDecodeStep
 from .experts import ExpertBackend
-from .qlinear import QuantLinear
-
-
-def block_weights(*mods) -> tuple | None:
-    """The GGML blocks of these modules when every one is a loaded QuantLinear without bias (what the C
-    decode calls read), else None."""
-    if not all(isinstance(m, QuantLinear) and m.blocks is not None and m.bias is None for m in mods):
-        return None
-    return tuple(m.blocks for m in mods)
 
 
 class RMSNorm(nn.Module):
@@ -37,9 +27,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x * rsqrt(mean(x^2) + eps) in fp32, then the weight in x's dtype (as HF); one fused op in fp32
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            if (x.shape[0] == 1 and not torch.is_grad_enabled()
-                    and kernels.plain_cpu_tensors(x, self.weight, (torch.float32, torch.float32))):
-                return kernels.rms_norm(x, self.weight, self.eps)   # decode: one C call, not ~8 ops
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
@@ -113,46 +100,9 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
-        # kv_b as GGML blocks for the CPU decode step, set by the loader with a dense_format: ((k_b blocks,
-        # qtype), (v_b blocks, qtype)) in a GGUF's attn_k_b / attn_v_b layout (kernels.mla_decoder)
+        # kv_b as GGML blocks for the CPU runtime, set by the loader with a dense_format: ((k_b blocks, qtype),
+        # (v_b blocks, qtype)) in a GGUF's attn_k_b / attn_v_b layout; kv_b_proj stays float for prefill
         self.kv_b_blocks: tuple | None = None
-        self._decoder: kernels.MLADecoder | None = None
-        self._block: kernels.AttnDecoder | None = None
-
-    def cpu_decoder(self, x: torch.Tensor, cache: KVCache) -> kernels.MLADecoder | None:
-        """The C decode step (kernels.mla_decoder) when this layer attends in float32 on the CPU without
-        autograd, else None. Bound on first use, and again if the weights move to new memory."""
-        blocks, nw = self.kv_b_blocks, self.kv_a_layernorm.weight
-        w = None if blocks is not None else getattr(self.kv_b_proj, "weight", None)
-        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or cache.kv.dtype != torch.float32
-                or not kernels.plain_cpu_tensors(nw, (torch.float32,))
-                or (blocks is None and not (isinstance(self.kv_b_proj, nn.Linear)
-                                            and kernels.plain_cpu_tensors(w, (torch.float32,))))):
-            return None
-        if self._decoder is None or not self._decoder.binds(w, nw, blocks):
-            self._decoder = kernels.mla_decoder(w, nw, n_heads=self.n_heads, nope=self.nope, rope=self.rope,
-                                                v_dim=self.v_dim, scale=self.scale, eps=self.kv_a_layernorm.eps,
-                                                kv_b_blocks=blocks)
-        return self._decoder
-
-    def cpu_block(self, norm: "RMSNorm", x: torch.Tensor, cache: KVCache) -> kernels.AttnDecoder | None:
-        """The whole attention of a decode step, input norm to residual, as one C call (kernels.attn_decoder)
-        when cpu_decoder applies and every projection is GGML blocks (QuantLinear, dense_format=); else None."""
-        dec = self.cpu_decoder(x, cache)
-        lora = hasattr(self, "q_a_proj")
-        projs = ((self.q_a_proj, self.q_b_proj) if lora else (self.q_proj,)) + (self.kv_a_proj_with_mqa, self.o_proj)
-        blocks = block_weights(*projs)
-        q_a_norm = self.q_a_layernorm.weight if lora else None
-        if (dec is None or blocks is None or not kernels.plain_cpu_tensors(norm.weight, (torch.float32,))
-                or (lora and not kernels.plain_cpu_tensors(q_a_norm, (torch.float32,)))):
-            return None
-        if not lora:                     # q_a absent: q_proj takes q_b's place
-            projs, blocks = (None,) + projs, (None,) + blocks
-        if self._block is None or self._block.mla is not dec or not self._block.binds(norm.weight, q_a_norm, *blocks):
-            mats = [None if p is None else (p.blocks, p.qtype) for p in projs]
-            self._block = kernels.attn_decoder(dec, norm.weight, norm.eps, q_a_norm,
-                                               self.q_a_layernorm.eps if lora else 0.0, *mats)
-        return self._block
 
     def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, cache: KVCache, absorb: bool) -> torch.Tensor:
         T = x.shape[0]
@@ -161,11 +111,6 @@ class MLA(nn.Module):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        decoder = self.cpu_decoder(x, cache) if absorb and T == 1 else None
-        if decoder is not None:   # one C call does the rest, in place of ~30 small torch ops
-            o = decoder(q, self.kv_a_proj_with_mqa(x), torch.view_as_real(rope), cache.kv[self.layer],
-                        cache.pe[self.layer], start_pos)
-            return self.o_proj(o.view(1, -1))
         q = q.view(T, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, rope)
@@ -206,26 +151,8 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, inter, bias=False)
         self.up_proj = nn.Linear(dim, inter, bias=False)
         self.down_proj = nn.Linear(inter, dim, bias=False)
-        self._expert: tuple | None = None   # (blocks it reads, ExpertWeights, ids, weights): cpu_expert
-
-    def cpu_expert(self, x: torch.Tensor):
-        """At decode, when the three matrices are GGML blocks (QuantLinear, dense_format=) and x is one float32
-        CPU row: the routed experts' kernel as a single expert, so the whole SwiGLU is one C call instead of three
-        calls and the ops between them. h = silu(g)·u goes into down at 8 bits, as the three QuantLinear calls (and
-        llama.cpp) quantize every dense input: dense_format's numerics, ~8% faster than the routed experts' ~15 bits."""
-        mats = (self.gate_proj, self.up_proj, self.down_proj)
-        blocks = block_weights(*mats)
-        if x.shape[0] != 1 or x.dtype != torch.float32 or torch.is_grad_enabled() or blocks is None:
-            return None
-        if self._expert is None or any(a is not b for a, b in zip(self._expert[0], blocks)):
-            ew = kernels.ExpertWeights(*([b] for b in blocks), *(m.qtype for m in mats))
-            self._expert = (blocks, ew, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1))
-        return self._expert[1:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expert = self.cpu_expert(x)
-        if expert is not None:
-            return kernels.moe_forward(expert[0], x, expert[1], expert[2], h_residual=False)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -240,24 +167,8 @@ class Router(nn.Module):
         self.has_bias = cfg.topk_method == "noaux_tc"
         if self.has_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
-        self._c: kernels.BoundRouter | None = None
-
-    def cpu_router(self, x: torch.Tensor) -> kernels.BoundRouter | None:
-        """The router in one C call when x and the weights are float32 on the CPU without autograd, else None."""
-        bias = self.e_score_correction_bias if self.has_bias else None
-        if (torch.is_grad_enabled() or not kernels.plain_cpu_tensors(x, self.weight, (torch.float32, torch.float32))
-                or (bias is not None and not kernels.plain_cpu_tensors(bias, (torch.float32,)))):
-            return None
-        if self._c is None or not self._c.binds(self.weight, bias):
-            self._c = kernels.router(self.weight, bias, top_k=self.top_k, n_group=self.n_group,
-                                     topk_group=self.topk_group, softmax=self.scoring != "sigmoid",
-                                     norm_topk=self.norm, scaling=self.scaling)
-        return self._c
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cpu_router(x)
-        if c is not None:
-            return c(x)
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias.float() if self.has_bias else scores
@@ -284,19 +195,31 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         self.experts = experts
         self.recorder = None     # a RoutingRecorder when traces are asked for
-        self.defer = 0           # expert deferral (Transformer.set_deferral)
-        self.deferred = None     # waits for this layer's deferred experts; Transformer.forward collects it
+        self.defer = 0           # expert deferral (Transformer.set_deferral): experts this layer hands on
+        self.carry = None        # the list the MoE layers hand deferred experts on through (None: off)
+        self.first = layer == cfg.moe_layers[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)
         if self.recorder is not None:
             self.recorder.record(self.layer, ids, weights, x)
-        if self.defer and x.shape[0] == 1:   # decode: the lowest-weighted experts finish one layer late
+        late = None
+        if self.defer and x.shape[0] == 1:   # decode: the lowest-weighted experts finish one MoE layer late
             weights, order = weights.sort(dim=-1, descending=True)
             ids, k = ids.gather(-1, order), ids.shape[-1] - self.defer
-            self.deferred = self.experts.submit(self.layer, x, ids[:, k:], weights[:, k:])
+            late = self.experts.submit(self.layer, x, ids[:, k:], weights[:, k:])
             ids, weights = ids[:, :k], weights[:, :k]
-        return self.experts.run(self.layer, x, ids, weights, self.shared_experts)
+        routed = self.experts.submit(self.layer, x, ids, weights)
+        y = routed.result() if self.shared_experts is None else self.shared_experts(x) + routed.result()
+        if self.carry is not None:
+            if self.first:        # nothing comes before it (a forward cut short may have left one)
+                self.carry.clear()
+            earlier = self.carry.pop() if self.carry else None   # the previous MoE layer's late experts
+            if late is not None:
+                self.carry.append(late)
+            if earlier is not None:
+                y = y + earlier.result()
+        return y
 
 
 class Block(nn.Module):
@@ -308,12 +231,7 @@ class Block(nn.Module):
         self.mlp = MoE(cfg, layer, experts) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, start_pos, rope, cache, absorb):
-        block = self.self_attn.cpu_block(self.input_layernorm, x, cache) if absorb and x.shape[0] == 1 else None
-        if block is not None:   # CPU decode: norm, projections, MLA and the residual add in one C call
-            layer = self.self_attn.layer
-            x = block(x, torch.view_as_real(rope), cache.kv[layer], cache.pe[layer], start_pos)
-        else:
-            x = x + self.self_attn(self.input_layernorm(x), start_pos, rope, cache, absorb)
+        x = x + self.self_attn(self.input_layernorm(x), start_pos, rope, cache, absorb)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -332,52 +250,51 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg, experts)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope: torch.Tensor | None = None   # complex rotations per position (rope_tables)
-        self.decode_step = True   # one-token CPU steps as CPUDecodeStep's fixed C calls where they apply
-        self._step: tuple = (None, None)   # (weakref to a cache, CPUDecodeStep or None): the last build for it
+        self._make_runtime = None   # set_runtime's factory
+        self.runtime = None         # its one-token step for these weights and settings, or None (these modules)
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def set_runtime(self, make) -> None:
+        """make(model) -> a one-token step `step(ids, start_pos, cache) -> logits` built from the weights as they
+        are now (or None where it does not apply), e.g. `runtime.CPURuntime.build`; None: these modules. The
+        set_* methods build it again; after changing weights another way, call this again."""
+        self._make_runtime = make
+        self.runtime = make(self) if make is not None else None
+
+    def _settings_changed(self) -> None:
+        self.set_runtime(self._make_runtime)
 
     def set_experts(self, experts: ExpertBackend) -> None:
-        self._step = (None, None)
-        for layer in self.model.layers:
-            if isinstance(layer.mlp, MoE):
-                layer.mlp.experts = experts
+        for moe in self.moe_layers():
+            moe.experts = experts
+        self._settings_changed()
 
     def set_deferral(self, n: int) -> None:
         """KTransformers-style expert deferral, off (0) by default: at decode each token's n lowest-weighted
-        routed experts of layer L run while layer L+1 does, and their output joins the residual after layer
-        L+1 (not before it). With the CPU kernels in a worker and the layers on an accelerator the two overlap;
-        the cost is accuracy (bench/bench_deferral.py measures it)."""
+        routed experts of an MoE layer run while the next one does, and their output joins the residual after
+        that layer (not before it). With the CPU kernels in a worker and the layers on an accelerator the two
+        overlap; the cost is accuracy (bench/bench_deferral.py measures it). The last MoE layer defers none:
+        no layer is left to overlap them with."""
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < self.cfg.num_experts_per_tok:
             raise ValueError(f"defer_experts: expected an int in [0, {self.cfg.num_experts_per_tok}) "
                              f"(num_experts_per_tok), got {n!r}")
-        self._step = (None, None)
-        for layer in self.model.layers:
-            if isinstance(layer.mlp, MoE):
-                layer.mlp.defer = n
+        moes, carry = self.moe_layers(), [] if n else None
+        for i, moe in enumerate(moes):
+            moe.defer, moe.carry = (n if i < len(moes) - 1 else 0), carry
+        self._settings_changed()
 
     def set_recorder(self, recorder) -> None:
-        self._step = (None, None)
-        for layer in self.model.layers:
-            if isinstance(layer.mlp, MoE):
-                layer.mlp.recorder = recorder
-
-    def _cpu_step(self, cache: KVCache) -> CPUDecodeStep | None:
-        """The CPUDecodeStep for this model, built again when what it read changes; a failed build is
-        remembered for its cache until a set_* method changes the model's settings."""
-        if torch.is_grad_enabled():
-            return None
-        built_for, step = self._step
-        if step is not None and step.fits(self):
-            return step
-        if step is None and built_for is not None and built_for() is cache:
-            return None
-        step = CPUDecodeStep.build(self, cache)
-        self._step = (weakref.ref(cache), step)
-        return step
+        for moe in self.moe_layers():
+            moe.recorder = recorder
+        self._settings_changed()
 
     def new_cache(self, max_len: int) -> KVCache:
         p = self.model.embed_tokens.weight   # lm_head may be a QuantLinear; the embeddings stay float
         if self._rope is None or self._rope.shape[0] < max_len or self._rope.device != p.device:
             self._rope = rope_tables(self.cfg, max_len, p.device)
+            self._settings_changed()   # a runtime reads the table in place
         return KVCache(self.cfg, max_len, p.device, p.dtype)
 
     def forward(self, ids: torch.Tensor, start_pos: int, cache: KVCache, *, last_only: bool = False,
@@ -388,21 +305,12 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the cache of {cache.max_len}")
         if absorb is None:
             absorb = T == 1
-        if T == 1 and absorb and self.decode_step and ids.device.type == "cpu":
-            step = self._cpu_step(cache)
-            if step is not None:
-                return step(cache, int(ids[0]), start_pos)
+        if T == 1 and absorb and self.runtime is not None and not torch.is_grad_enabled():
+            return self.runtime(ids, start_pos, cache)
         rope = self._rope[start_pos:start_pos + T]
         h = self.model.embed_tokens(ids)
-        pending = None   # the previous MoE layer's deferred experts (set_deferral)
         for layer in self.model.layers:
             h = layer(h, start_pos, rope, cache, absorb)
-            if pending is not None:
-                h, pending = h + pending(), None
-            if isinstance(layer.mlp, MoE) and layer.mlp.deferred is not None:
-                pending, layer.mlp.deferred = layer.mlp.deferred, None
-        if pending is not None:
-            h = h + pending()
         if last_only:
             h = h[-1:]
         return self.lm_head(self.model.norm(h)).float()

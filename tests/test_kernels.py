@@ -482,7 +482,7 @@ def test_c_side_rejects_bad_arguments(small):
     """The C entry points return an error code and a message instead of crashing."""
     w, x, ids, weights = small
     ffi, lib = K._default.ffi, K._default.lib
-    layer = w["layer"]._cstruct(K._default)
+    layer = w["layer"].cstruct(K._default)
     xp, wp = ffi.cast("float *", x.ctypes.data), ffi.cast("float *", weights.ctypes.data)
     y = np.empty_like(x)
     yp = ffi.cast("float *", y.ctypes.data)
@@ -820,9 +820,9 @@ def test_repack_bad_arguments():
         K.linear(r8[:12], "Q4_0_R8", np.ones((1, 64), np.float32))
     lib = K._default   # the C side refuses too
     with pytest.raises(K.KernelError, match="not a multiple of 8"):
-        lib._check(lib.lib.hk2_repack_q4_0_r8(lib._ptr(q, "const void *"), 12, 64, lib._ptr(r8, "void *")), "repack")
+        lib.check(lib.lib.hk2_repack_q4_0_r8(lib._ptr(q, "const void *"), 12, 64, lib._ptr(r8, "void *")), "repack")
     with pytest.raises(K.KernelError, match="row group 8"):
-        lib._check(lib.lib.hk2_linear(1002, lib._ptr(r8, "const void *"), 12, 64, 1,
+        lib.check(lib.lib.hk2_linear(1002, lib._ptr(r8, "const void *"), 12, 64, 1,
                                       lib._ptr(np.ones(64, np.float32), "const float *"),
                                       lib._ptr(np.empty(12, np.float32), "float *")), "linear")
 

@@ -1,12 +1,11 @@
-"""Routed-expert backends: `forward(layer, x[T,H], ids[T,K], weights[T,K]) -> y[T,H]`.
+"""Routed-expert backends: `submit(layer, x[T,H], ids[T,K], weights[T,K]) -> future of y[T,H]`.
 
 `torch` is the reference (dequantized weights, torch matmuls on the accelerator); `cpu` runs GGML blocks
-in the C kernels. The model calls `run`, which adds the shared expert so a backend can overlap the two.
+in the C kernels; `hybrid` puts VRAM slots in front of the CPU kernels.
 """
 from __future__ import annotations
 
 import signal
-from typing import Callable
 
 import torch
 
@@ -19,22 +18,39 @@ def block_signals() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
+class Ready:
+    """A result that is already there, with the `concurrent.futures.Future.result()` face."""
+    __slots__ = ("y",)
+
+    def __init__(self, y: torch.Tensor):
+        self.y = y
+
+    def result(self) -> torch.Tensor:
+        return self.y
+
+
+class Pending:
+    """A worker's future of y, handed back in the caller's device and dtype."""
+    __slots__ = ("fut", "device", "dtype")
+
+    def __init__(self, fut, like: torch.Tensor):
+        self.fut, self.device, self.dtype = fut, like.device, like.dtype
+
+    def result(self) -> torch.Tensor:
+        return self.fut.result().to(self.device, self.dtype)
+
+
 class ExpertBackend:
+    """submit(layer, x [T,H], ids [T,K], weights [T,K]) -> a future of y [T,H] in x's device and dtype.
+    The MoE block submits, computes the shared expert, then waits: a backend with a worker (or a device
+    queue) overlaps the two; one without returns `Ready`."""
     name = "base"
 
-    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         raise NotImplementedError
 
-    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-            shared: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-        y = self.forward(layer, x, ids, weights)
-        return y if shared is None else y + shared(x)
-
-    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """Start these experts and return a function that waits for their y (expert deferral: the result
-        is needed one layer later). Here computed at once; a backend with a worker runs it in the background."""
-        y = self.forward(layer, x, ids, weights)
-        return lambda: y
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.submit(layer, x, ids, weights).result()
 
     def close(self) -> None:
         pass

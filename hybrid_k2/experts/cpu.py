@@ -25,7 +25,7 @@ from .. import kernels
 from ..checkpoint import CheckpointError, fetch
 from ..checkpoint.gguf import nonfinite_scales, qtype_name
 from ..checkpoint.quantize import int4_to_q4_0
-from . import ExpertBackend, block_signals, expert_names
+from . import ExpertBackend, Pending, Ready, block_signals, expert_names
 
 log = logging.getLogger(__name__)
 
@@ -150,22 +150,11 @@ class CPUExperts(ExpertBackend):
             self.check_first_use(layer, ids)
         return kernels.moe_forward(self.layers[layer], x, ids, weights)
 
-    def forward(self, layer, x, ids, weights):
-        y = self._cpu_forward(layer, x, ids, weights)
-        return y if y.device == x.device and y.dtype == x.dtype else y.to(x.device, x.dtype)
-
-    def run(self, layer, x, ids, weights, shared):
-        if shared is None or self._pool is None:
-            return super().run(layer, x, ids, weights, shared)
-        fut = self._pool.submit(self._cpu_forward, layer, x, ids, weights)   # kernels release the GIL
-        s = shared(x)
-        return s + fut.result().to(x.device, x.dtype)
-
     def submit(self, layer, x, ids, weights):
         if self._pool is None:
-            return super().submit(layer, x, ids, weights)
-        fut = self._pool.submit(self._cpu_forward, layer, x, ids, weights)   # one worker: runs before later calls
-        return lambda: fut.result().to(x.device, x.dtype)
+            return Ready(self._cpu_forward(layer, x, ids, weights).to(x.device, x.dtype))
+        # one worker, so calls run in submission order; the kernels release the GIL meanwhile
+        return Pending(self._pool.submit(self._cpu_forward, layer, x, ids, weights), x)
 
     def close(self) -> None:
         if self._pool is not None:

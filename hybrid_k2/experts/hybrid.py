@@ -217,6 +217,28 @@ def _weak_call(method):
     return call
 
 
+class _Joined:
+    """The future `HybridExperts.submit` returns: the device's part now, the CPU worker's when it is done."""
+
+    def __init__(self, owner, x, y, fut, y_cpu, rows_t, T):
+        self.owner, self.x, self.y, self.fut, self.y_cpu, self.rows_t, self.T = owner, x, y, fut, y_cpu, rows_t, T
+
+    def result(self) -> torch.Tensor:
+        x, y, y_cpu, rows_t = self.x, self.y, self.y_cpu, self.rows_t
+        if self.fut is not None:
+            y_cpu = self.fut.result()
+        if y_cpu is not None:
+            yc = y_cpu.to(x.device)
+            if rows_t is None:
+                y = yc if y is None else y + yc
+            else:
+                y = torch.zeros(self.T, self.owner.hidden, device=x.device, dtype=torch.float32) if y is None else y
+                y.index_add_(0, rows_t, yc)
+        if y is None:                                 # K == 0 or T == 0
+            y = torch.zeros(self.T, self.owner.hidden, device=x.device, dtype=torch.float32)
+        return y.to(x.dtype)
+
+
 class HybridExperts(ExpertBackend):
     """VRAM expert cache + CPU kernels. `cpu` holds every routed expert in RAM (the CPU path); `n_slots` whole
     experts fit on `device`. policy: 'score' | 'lru' | 'static' (needs `profile`, use counts [moe_layers, E]).
@@ -449,10 +471,7 @@ class HybridExperts(ExpertBackend):
         return n
 
     # ---- running ---------------------------------------------------------------------------------
-    def forward(self, layer, x, ids, weights):
-        return self.run(layer, x, ids, weights, None)
-
-    def run(self, layer, x, ids, weights, shared):
+    def submit(self, layer, x, ids, weights):
         self._raise_copy_error()
         if self.cpu.unchecked:   # experts paged from disk: their scales are checked before first use (slot or CPU)
             self.cpu.check_first_use(layer, ids.detach().cpu())
@@ -528,7 +547,6 @@ class HybridExperts(ExpertBackend):
                 fut = self._worker().submit(self._cpu_part, layer, xh, ids_c, w_c, n_pairs)
             else:
                 y_cpu = self._cpu_part(layer, xh, ids_c, w_c, n_pairs)
-        s_out = shared(x) if shared is not None else None
         y = self._device_part(x, weights, K, np.flatnonzero(on_dev), slots) if n_dev else None
         if self.cache.n_slots:
             self._collect_prefill(li, x)
@@ -537,19 +555,7 @@ class HybridExperts(ExpertBackend):
         if stream:
             ys = self._stream_part(layer, x, weights, K, away, flat)
             y = ys if y is None else y + ys
-        if fut is not None:
-            y_cpu = fut.result()
-        if y_cpu is not None:
-            yc = y_cpu.to(x.device)
-            if rows_t is None:
-                y = yc if y is None else y + yc
-            else:
-                y = torch.zeros(T, self.hidden, device=x.device, dtype=torch.float32) if y is None else y
-                y.index_add_(0, rows_t, yc)
-        if y is None:                                 # K == 0 or T == 0
-            y = torch.zeros(T, self.hidden, device=x.device, dtype=torch.float32)
-        y = y.to(x.dtype)
-        return y if s_out is None else s_out + y
+        return _Joined(self, x, y, fut, y_cpu, rows_t, T)
 
     def _collect_prefill(self, li: int, x: torch.Tensor) -> None:
         """Keep a long forward's router inputs per MoE layer; after the last layer, fit the corrections."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import fetch
-from . import ExpertBackend, expert_names
+from . import ExpertBackend, Ready, expert_names
 
 
 class TorchExperts(ExpertBackend):
@@ -31,7 +31,7 @@ class TorchExperts(ExpertBackend):
             layers[layer] = (gate, up, down)
         return cls(layers)
 
-    def forward(self, layer, x, ids, weights):
+    def submit(self, layer, x, ids, weights):
         gate, up, down = self.layers[layer]
         y = torch.zeros_like(x, dtype=torch.float32)
         flat = ids.reshape(-1)
@@ -48,4 +48,4 @@ class TorchExperts(ExpertBackend):
             xe = x[t]
             h = F.silu(xe @ gate[e].T) * (xe @ up[e].T)
             y.index_add_(0, t, (h @ down[e].T).float() * we[:, None].float())
-        return y.to(x.dtype)
+        return Ready(y.to(x.dtype))
