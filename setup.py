@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Kimi K2 inference: attention on the accelerator, routed experts on CPU kernels",
     python_requires=">=3.10",
-    packages=find_packages(include=["hybrid_k2", "hybrid_k2.*", "quant", "quant.*"]),
+    packages=find_packages(include=["hybrid_k2", "hybrid_k2.*"]),
     package_data={"hybrid_k2": ["demo_model/*"]},   # the trained demo checkpoint, read in place
     setup_requires=["cffi>=1.16"],
     cffi_modules=["hybrid_k2/_kernels_build.py:ffibuilder"],

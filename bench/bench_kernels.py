@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from hybrid_k2 import kernels as K
-from hybrid_k2.bench import random_blocks   # valid random blocks of any weight type
+from hybrid_k2.synthetic import random_blocks   # valid random blocks of any weight type
 
 try:
     from bench import ktransformers_moe as ktm

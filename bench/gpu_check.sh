@@ -43,7 +43,7 @@ main() {
       echo "WARNING: installing .whl/*.whl failed; going on with what is installed"
     fi
   fi
-  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}   # this checkout's hybrid_k2 and quant, built in place
+  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}   # this checkout's hybrid_k2, built in place
   echo "repo $ROOT at $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | wc -l | tr -d ' ') changed file(s); logs in $LOG"
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi -L

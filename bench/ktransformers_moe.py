@@ -169,8 +169,7 @@ def probe(names: list[str], threads: int, timeout_s: float = 300.0) -> dict[str,
 
 
 def _probe_main(threads: int, names: list[str]) -> None:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_kernels import random_blocks   # noqa: E402 (the bench's valid random blocks)
+    from hybrid_k2.synthetic import random_blocks   # the kernel bench's valid random blocks
     ext, why = load()
     if why:
         for n in names:

@@ -198,7 +198,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from quant.convert import convert
+    from .convert import convert
     convert(args.hf_dir, args.out, experts=args.experts, other=args.other, progress=True)
     return 0
 
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-PASSTHROUGH = {"plan": "hybrid_k2.placement", "bench": "hybrid_k2.bench"}   # commands with their own parsers
+PASSTHROUGH = {"plan": "hybrid_k2.placement", "bench": "hybrid_k2.versus_llama"}   # commands with their own parsers
 
 
 class Terminated(BaseException):

@@ -13,9 +13,11 @@ import pytest
 from gguf import GGMLQuantizationType as GQT
 
 from hybrid_k2 import kernels as K
-from hybrid_k2.bench import random_blocks
 from hybrid_k2.checkpoint.gguf import SCALE_FIELDS
-from test_kernels import _restore_defaults, q8_k_reference, simde_lib, simde_path, variants  # noqa: F401 (fixtures)
+from hybrid_k2.synthetic import random_blocks
+from test_kernels import q8_k_reference
+
+pytestmark = pytest.mark.usefixtures("kernel_defaults")   # conftest: variants, simde_lib
 
 # activation blocks the kernels quantize x (and h) to for each weight type: llama.cpp's vec_dot_type
 ACT_QB = {

@@ -2,14 +2,6 @@
 import sys
 
 import pexpect
-import pytest
-
-from hybrid_k2.demo import ensure_demo
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return ensure_demo(tmp_path_factory.mktemp("cache"))
 
 
 def spawn(demo, tmp_path, *extra):

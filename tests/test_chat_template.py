@@ -277,7 +277,7 @@ def test_engine_generates_from_the_checkpoints_template(ckpt_dir):
 
 
 def test_gguf_template_is_used(ckpt_dir, tmp_path_factory):
-    from quant.convert import convert
+    from hybrid_k2.convert import convert
     (ckpt_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": THINKING_TEMPLATE}))
     path = str(tmp_path_factory.mktemp("gguf") / "demo.gguf")
     convert(str(ckpt_dir), path, experts="q8_0", other="q8_0", progress=False)

@@ -13,14 +13,8 @@ import pytest
 import torch
 
 from hybrid_k2 import cli
-from hybrid_k2.demo import ensure_demo
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return ensure_demo(tmp_path_factory.mktemp("cache"))
 
 
 def _start(args, **kw):

@@ -13,13 +13,8 @@ import pytest
 
 from hybrid_k2 import cli
 from hybrid_k2.checkpoint import open_checkpoint
+from hybrid_k2.convert import convert
 from hybrid_k2.demo import TRAINED_DEMO_DIR, ensure_demo
-from quant.convert import convert
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return ensure_demo(tmp_path_factory.mktemp("cache"))
 
 
 def _digest(path):

@@ -10,27 +10,13 @@ import hybrid_k2
 from hybrid_k2 import kernels
 from hybrid_k2.checkpoint import open_checkpoint
 from hybrid_k2.checkpoint.quantize import fp8_block_quantize, int4_group_quantize, save_safetensors
-from hybrid_k2.demo import ensure_demo
 from hybrid_k2.experts.cpu import CPUExperts
-from quant.convert import convert
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    return ensure_demo(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory):
+def gguf_path(demo_ggufs):
     """The trained demo (learned, peaked predictions), converted to GGUF."""
-    cache = {}
-
-    def get(experts):
-        if experts not in cache:
-            cache[experts] = convert(ensure_demo(), tmp_path_factory.mktemp("gguf") / f"demo-{experts}.gguf",
-                                     experts=experts, other="f32", progress=False)
-        return cache[experts]
-    return get
+    return lambda experts: demo_ggufs(experts, "f32", trained=True)
 
 
 def greedy_decode(model, prompt: list[int], n: int) -> list[int]:

@@ -11,15 +11,14 @@ from hybrid_k2 import kernels
 from hybrid_k2.decode_step import CPUDecodeStep
 from hybrid_k2.demo import ensure_demo
 from hybrid_k2.model import KVCache
-from quant.convert import convert
+from hybrid_k2.convert import convert
 from test_model_parity import NO_Q_LORA, make_hf_model
 
 
 @pytest.fixture(scope="module")
-def demo_gguf(tmp_path_factory):
-    """The demo (query LoRA, a dense first layer, MoE layers with a shared expert) as a Q8_0 GGUF."""
-    return convert(ensure_demo(tmp_path_factory.mktemp("cache")), tmp_path_factory.mktemp("gguf") / "demo.gguf",
-                   experts="q4_0", other="q8_0", progress=False)
+def demo_gguf(demo_ggufs):
+    """The demo (query LoRA, a dense first layer, MoE layers with a shared expert) as a GGUF."""
+    return demo_ggufs("q4_0", "q8_0")
 
 
 def decode(model, cache, tokens, start: int, use_step: bool) -> torch.Tensor:

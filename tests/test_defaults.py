@@ -18,15 +18,13 @@ from hybrid_k2.demo import ensure_demo
 from hybrid_k2.loader import DENSE_MATRICES, resolve_dense_format
 from hybrid_k2.placement import PlacementError
 from hybrid_k2.qlinear import QuantLinear
-from quant.convert import convert
 
 DEMO = ensure_demo()
 
 
 @pytest.fixture(scope="module")
-def demo_gguf(tmp_path_factory):
-    return convert(DEMO, tmp_path_factory.mktemp("gguf") / "demo-q8_0.gguf", experts="q8_0", other="q8_0",
-                   progress=False)
+def demo_gguf(demo_ggufs):
+    return demo_ggufs("q8_0", "q8_0", trained=True)   # DEMO's
 
 
 def covered(eng):

@@ -13,15 +13,9 @@ import pytest
 import torch
 
 import hybrid_k2
-from hybrid_k2.demo import ensure_demo
 from hybrid_k2.generate import StreamAbandonedError
 
 PROMPTS = ["Beautiful is", "Errors should", "Now is better", "Flat is"]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return ensure_demo(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

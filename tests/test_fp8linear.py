@@ -13,12 +13,12 @@ from torch.nn import functional as F
 import hybrid_k2
 from hybrid_k2.checkpoint import CheckpointError, fetch, open_checkpoint
 from hybrid_k2.checkpoint.quantize import fp8_block_quantize, save_safetensors
+from hybrid_k2.convert import convert
 from hybrid_k2.demo import ensure_demo
 from hybrid_k2.experts.torch_backend import TorchExperts
 from hybrid_k2.generate import Engine
 from hybrid_k2.fp8linear import FP8Linear
 from hybrid_k2.loader import DENSE_MATRICES, build_model
-from quant.convert import convert
 
 DEMO = ensure_demo()   # the packaged trained demo: Kimi-K2-Instruct's layout (FP8 matrices, bf16 lm_head)
 

@@ -1,7 +1,7 @@
 """Fuzzing the GGUF reader, the safetensors/HF reader and config parsing (issue 11, item 4).
 
 Seeds are real files: the tiny Kimi-K2-shaped HF checkpoint of test_hardening_readers (FP8 dense, INT4
-experts, one file and a sharded copy with an index) and the deepseek2 GGUFs quant.convert makes of it.
+experts, one file and a sharded copy with an index) and the deepseek2 GGUFs hybrid_k2.convert makes of it.
 Each input is a seed mutated by a few operations (numeric header fields set to edge values, bytes
 overwritten, the file cut or extended; safetensors header JSON entries retyped, reshaped, moved, removed;
 index entries pointed outside; config fields set to values of every JSON type), then read the way the
@@ -55,7 +55,7 @@ OURS = (CheckpointError, ConfigError)
 # ---- seeds ----------------------------------------------------------------------------------------------
 def make_seeds(root: str) -> dict:
     """The real files every mutation starts from (written once per run)."""
-    from quant.convert import convert
+    from hybrid_k2.convert import convert
     from test_hardening_readers import write_tiny_hf
 
     hf = os.path.join(root, "hf")

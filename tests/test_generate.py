@@ -10,10 +10,8 @@ from hybrid_k2.generate import ContextOverflowError
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    path = ensure_demo(root)
-    return hybrid_k2.load(path, device="cpu", experts="torch", ctx=256)
+def engine(demo):
+    return hybrid_k2.load(demo, device="cpu", experts="torch", ctx=256)
 
 
 def test_demo_checkpoint_is_real_fp8_and_deterministic(tmp_path, engine):

@@ -1,4 +1,4 @@
-"""GGUF side: HF checkpoint -> llama.cpp deepseek2 GGUF (quant/convert.py) and back (hybrid_k2/checkpoint/gguf.py).
+"""GGUF side: HF checkpoint -> llama.cpp deepseek2 GGUF (hybrid_k2/convert.py) and back (hybrid_k2/checkpoint/gguf.py).
 
 References: the HF tensors themselves (transformers' DeepseekV3ForCausalLM.save_pretrained), the `gguf`
 package's reader and quantizers (llama.cpp's own Python), and llama.cpp's deepseek2 tensor table
@@ -24,8 +24,8 @@ from hybrid_k2.checkpoint import CheckpointError, HFCheckpoint, open_checkpoint
 from hybrid_k2.checkpoint.gguf import GGUFCheckpoint
 from hybrid_k2.checkpoint.quantize import int4_group_quantize, save_safetensors
 from hybrid_k2.config import ModelConfig
+from hybrid_k2.convert import convert, main
 from hybrid_k2.tokenizer import KIMI_PAT_STR, KIMI_SPECIAL_TOKEN_OFFSETS, Tokenizer
-from quant.convert import convert, main
 
 TEXT = ("The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs far away. "
         "Héllo wörld, naïve café! 数据 数据 模型 the theory of the thing: there, then, these, those. "
@@ -364,7 +364,7 @@ def test_config_roundtrip(converted, hf_dir):
 def test_bench_gives_llama_cpp_the_files_yarn_betas(converted):
     """llama-cpp-python's Llama() defaults to YaRN beta_fast=32 over the file's own (here 1.0): the bench passes
     the GGUF's values, or llama.cpp computes other RoPE frequencies than the model's."""
-    from hybrid_k2.bench import llama_cpp_rope_args
+    from hybrid_k2.versus_llama import llama_cpp_rope_args
     assert llama_cpp_rope_args(converted("q8_0", "q8_0")) == dict(yarn_beta_fast=1.0, yarn_beta_slow=1.0)
 
 

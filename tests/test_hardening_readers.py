@@ -3,7 +3,7 @@ before anything is allocated, corrupt files refused by tensor name, shard paths 
 every config field validated by name, and a SIGBUS on a truncated mapped file that says which file.
 
 The checkpoints are real files: a tiny Kimi-K2-shaped HF directory (FP8 dense, INT4 experts, BF16 norms,
-tiktoken.model) written here, and the deepseek2 GGUF that quant.convert makes of it. The fuzz harness
+tiktoken.model) written here, and the deepseek2 GGUF that hybrid_k2.convert makes of it. The fuzz harness
 (test_fuzz.py) seeds from the same files.
 """
 import json
@@ -90,7 +90,7 @@ def tiny_hf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_hf, tmp_path_factory):
-    from quant.convert import convert
+    from hybrid_k2.convert import convert
     return convert(str(tiny_hf), str(tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf"), experts="q4_0",
                    other="q8_0", progress=False)
 
@@ -500,7 +500,7 @@ def test_sigbus_on_a_truncated_mapping_names_the_file(tiny_gguf, tiny_hf, tmp_pa
     SIGBUS, as before, but first says which file, and does not hang -- also when the fault is in the C
     kernels' worker threads, which run without the GIL."""
     if kind == "kernels":
-        from quant.convert import convert
+        from hybrid_k2.convert import convert
         p = convert(str(tiny_hf), str(tmp_path / "q8.gguf"), experts="q8_0", progress=False)   # run in place
         code = f"""
             import os, torch
@@ -544,7 +544,7 @@ def test_expert_views_outlive_the_checkpoint(tmp_path):
     """Closing a GGUFCheckpoint must not unmap under the expert views it handed out (the CPU backend runs them in
     place): reading one after close() was a segfault. The SIGBUS note keeps naming the file until the last view goes."""
     import gc
-    from hybrid_k2.bench import build_demo_gguf
+    from hybrid_k2.versus_llama import build_demo_gguf
     from hybrid_k2.checkpoint import mapped
     p = str(build_demo_gguf())
     g = GGUFCheckpoint(p)

@@ -10,7 +10,8 @@ from gguf import GGMLQuantizationType as GQT
 
 from hybrid_k2 import kernels as K
 from test_block_types import act_roundtrip, dequantize_ref, moe_reference, random_blocks, relerr
-from test_kernels import _restore_defaults, simde_lib, simde_path, variants  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("kernel_defaults")   # conftest: variants, simde_lib
 
 
 def test_repack_then_dequantize_equals_gguf_on_the_source_blocks():

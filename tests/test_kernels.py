@@ -23,7 +23,6 @@ import torch
 from gguf import GGMLQuantizationType as GQT
 
 from hybrid_k2 import kernels as K
-from hybrid_k2._kernels_build import build_shared, simde_include
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACT_QB = {"Q4_0": 32, "Q8_0": 32, "Q4_K": 256, "Q6_K": 256, "Q4_0_R8": 32, "Q4_K_R8": 256}
@@ -76,39 +75,7 @@ def quantize_as(x: np.ndarray, qt: str) -> np.ndarray:
     return K.quantize(x, qt)
 
 
-# ---------------------------------------------------------------- fixtures
-
-@pytest.fixture(autouse=True)
-def _restore_defaults():
-    isa, threads = K.isa(), K.get_threads()
-    yield
-    K.set_isa(isa)
-    K.set_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def simde_path() -> str:
-    include = simde_include()
-    if include is None:
-        pytest.fail("SIMDe headers are needed to test the AVX-512 code here: pip install -e '.[test]' brings them "
-                    "(simde-py)")
-    return build_shared(defines=["HK2_USE_SIMDE"], opt="-O1", include_dirs=[include])  # cached by source hash
-
-
-@pytest.fixture(scope="session")
-def simde_lib(simde_path) -> K.KernelLib:
-    return K.KernelLib.open_shared(simde_path)
-
-
-@pytest.fixture(scope="session")
-def variants(simde_lib) -> list[tuple[str, K.KernelLib, str]]:
-    """(label, library, isa) for every kernel variant this machine can run."""
-    out = [("scalar", K._default, "scalar")]
-    for isa in ("avx2", "avx512bw", "avx512vnni"):
-        if K.isa_supported(isa):
-            out.append((isa, K._default, isa))
-    out += [("simde-avx512bw", simde_lib, "avx512bw"), ("simde-avx512vnni", simde_lib, "avx512vnni")]
-    return out
+pytestmark = pytest.mark.usefixtures("kernel_defaults")   # conftest: variants, simde_lib
 
 
 # ---------------------------------------------------------------- references

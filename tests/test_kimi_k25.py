@@ -22,7 +22,7 @@ from hybrid_k2.checkpoint.gguf import GGUFCheckpoint
 from hybrid_k2.checkpoint.hf import IMAGES_NOTICE, text_model_name
 from hybrid_k2.checkpoint.quantize import fp8_block_quantize, int4_group_quantize, save_safetensors, write_sharded
 from hybrid_k2.config import ConfigError, ModelConfig
-from quant.convert import convert
+from hybrid_k2.convert import convert
 from test_checkpoint import fp8_reference, int4_reference
 from test_gguf import TEXT, train_ranks, write_tokenizer
 from test_model_parity import K2_LIKE, assert_close_logits, make_hf_model

@@ -15,19 +15,16 @@ import torch
 from gguf import GGUFReader
 
 import hybrid_k2
-from hybrid_k2.bench import llama_cpp_prompt_logits, llama_cpp_quantize, prompt_ids
 from hybrid_k2.demo import ensure_demo
-from quant.convert import convert
+from hybrid_k2.versus_llama import llama_cpp_prompt_logits, llama_cpp_quantize, prompt_ids
 
 FTYPES = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q4_1", "IQ4_XS", "IQ4_NL", "IQ3_S", "TQ1_0", "TQ2_0"]
 PROMPT = 48
 
 
 @pytest.fixture(scope="module")
-def f16_gguf(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("llama_cpp_types") / "demo-f16.gguf"
-    convert(ensure_demo(), out, experts="f16", other="f16", progress=False)
-    return out
+def f16_gguf(demo_ggufs) -> Path:
+    return demo_ggufs("f16", "f16", trained=True)
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,9 @@ from hybrid_k2.experts.cpu import CPUExperts
 from hybrid_k2.experts.hybrid import (ACCEL_GFLOPS_GUESS, CPU_GFLOPS_GUESS, HybridExperts, PrefillStreamModel,
                                       STREAM_MIN_TOKENS, dequantize_torch)
 from test_hybrid import (assert_slots_hold_their_experts, dequantized, dev_eng, eng,  # noqa: F401  (shared fixtures)
-                         gate_copies, on, with_backend)
+                         gate_copies, on, ref_float, with_backend)
 
 PROMPT = "Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex. " * 4
-
-
-@pytest.fixture(scope="module")
-def ref_float(eng, device):
-    return dequantized(eng.experts, device)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,9 @@ import hybrid_k2
 from hybrid_k2 import kernels
 from hybrid_k2.checkpoint import open_checkpoint
 from hybrid_k2.cli import build_parser
-from hybrid_k2.demo import ensure_demo
 from hybrid_k2.loader import DENSE_MATRICES, build_model
 from hybrid_k2.qlinear import QuantLinear
-from quant.convert import convert
+from hybrid_k2.convert import convert
 
 
 def act_roundtrip(x: np.ndarray) -> np.ndarray:
@@ -135,14 +134,8 @@ def test_mlp_of_blocks_decodes_in_one_expert_call():
 # ---------------------------------------------------------------- dense_format in the whole model
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    return ensure_demo(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def gguf_q8(demo_dir, tmp_path_factory):
-    return convert(demo_dir, tmp_path_factory.mktemp("gguf") / "demo-q8_0.gguf", experts="q8_0", other="q8_0",
-                   progress=False)
+def gguf_q8(demo_ggufs):
+    return demo_ggufs("q8_0", "q8_0")
 
 
 def covered_names(net) -> list[str]:

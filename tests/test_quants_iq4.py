@@ -11,7 +11,8 @@ from gguf import GGMLQuantizationType as GQT
 
 from hybrid_k2 import kernels as K
 from test_block_types import act_roundtrip, random_blocks, relerr
-from test_kernels import _restore_defaults, simde_lib, simde_path, variants  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("kernel_defaults")   # conftest: variants, simde_lib
 
 TYPES = ("IQ4_NL", "IQ4_XS")
 ACT_QB = {"IQ4_NL": 32, "IQ4_XS": 256}

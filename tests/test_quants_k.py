@@ -11,7 +11,8 @@ from gguf import GGMLQuantizationType as GQT
 
 from hybrid_k2 import kernels as K
 from test_block_types import FP16_FIELDS, act_roundtrip, dequantize_ref, random_blocks, relerr
-from test_kernels import _restore_defaults, simde_lib, simde_path, variants  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("kernel_defaults")   # conftest: variants, simde_lib
 
 TYPES = ("Q2_K", "Q3_K", "Q5_K")
 # relative RMS round-trip error on N(0, 1) rows (ours measure 0.281, 0.149, 0.035; llama.cpp's are of that order)

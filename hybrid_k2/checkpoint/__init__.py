@@ -1,9 +1,8 @@
 """Checkpoint readers: one interface over HF safetensors dirs and GGUF files.
 
-Every reader maps tensors lazily from disk and hands out one dequantised tensor at a
-time under the canonical HF DeepseekV3 names (see DESIGN.md). `CheckpointError` and
-`Checkpoint` are defined here, before the submodules are imported, so that the
-readers (and the future `gguf.py`) can import them from the package.
+Every reader maps tensors lazily from disk and hands out one dequantised tensor at a time under the canonical HF
+DeepseekV3 names (`model.layers.N.self_attn.kv_a_proj_with_mqa.weight`, ...). `CheckpointError` and `Checkpoint` are
+defined here, before the submodules are imported, so that the readers can import them from the package.
 """
 from __future__ import annotations
 

@@ -129,8 +129,8 @@ class Server:
         self.metrics = Metrics()
         self.max_body = max_body
         # A stream writes at most once per stream_interval s (the first piece and the end at once): pieces
-        # generated meanwhile go out as one SSE write. At a K2's 30-100 ms a token this never merges; at the
-        # demo's 1 ms it spares the engine's thread an event-loop wakeup (and the GIL it takes) per token.
+        # generated meanwhile go out as one SSE write: a slow model's tokens still go out one by one, a fast
+        # model's spare the engine's thread an event-loop wakeup (and the GIL it takes) per token.
         if not (isinstance(stream_interval, (int, float)) and 0 <= stream_interval <= 1):
             raise ValueError(f"stream_interval must be seconds in [0, 1], got {stream_interval!r}")
         self.stream_interval = float(stream_interval)

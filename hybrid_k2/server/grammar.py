@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import torch
 
-_TOKENIZERS: dict[int, tuple[object, object]] = {}   # id(Tokenizer) -> (Tokenizer, LLTokenizer); built once (~1 s)
+_TOKENIZERS: dict[int, tuple[object, object]] = {}   # id(Tokenizer) -> (Tokenizer, LLTokenizer); slow, built once
 _LOCK = threading.Lock()
 # the JSON llguidance writes: compact (no free whitespace, which a small model can spin in forever)
 _JSON_OPTIONS = {"whitespace_flexible": False}

@@ -34,14 +34,17 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 
-from hybrid_k2.checkpoint.gguf import split_kv_b
-from hybrid_k2.checkpoint.quantize import int4_to_q4_0
-from hybrid_k2.kernels import QUANTIZE_QTYPES
+from . import kernels   # the project's one quantizer (C, GGML block formats byte for byte)
+from .checkpoint import HFCheckpoint
+from .checkpoint.gguf import split_kv_b
+from .checkpoint.quantize import int4_to_q4_0
+from .config import ModelConfig
+from .tokenizer import Tokenizer
 
 log = logging.getLogger("hybrid_k2.convert")
 
 ARCH = "deepseek2"
-EXPERT_FORMATS = {n.lower(): QT[n] for n in QUANTIZE_QTYPES if n != "F32"}   # every type our quantizer writes
+EXPERT_FORMATS = {n.lower(): QT[n] for n in kernels.QUANTIZE_QTYPES if n != "F32"}   # every type our quantizer writes
 OTHER_FORMATS = {"q8_0": QT.Q8_0, "bf16": QT.BF16, "f16": QT.F16, "f32": QT.F32}
 _FT = gguf.LlamaFileType
 FILE_TYPES = {"q4_0": _FT.MOSTLY_Q4_0, "q8_0": _FT.MOSTLY_Q8_0, "q4_k": _FT.MOSTLY_Q4_K_M, "q6_k": _FT.MOSTLY_Q6_K,
@@ -95,8 +98,6 @@ def encode(x: np.ndarray, qtype: QT) -> np.ndarray:
         return x.astype(np.float16)
     if qtype == QT.BF16:  # round to nearest even, as gguf.quants.BF16 and ggml do
         return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy()
-    from hybrid_k2 import kernels  # the project's one quantizer (C, GGML block formats byte for byte)
-
     return kernels.quantize(x.reshape(-1, x.shape[-1]), int(qtype))
 
 
@@ -147,8 +148,6 @@ def tokenizer_arrays(ranks: dict[bytes, int], specials: dict[str, int], vocab_si
 
 
 def _write_tokenizer(w: gguf.GGUFWriter, hf_dir: str, vocab_size: int) -> None:
-    from hybrid_k2.tokenizer import Tokenizer
-
     tok = Tokenizer.from_dir(hf_dir)
     ranks = {tok.token_bytes(i): i for i in range(tok.num_base_tokens)}
     tokens, types, merges = tokenizer_arrays(ranks, tok.special_tokens, vocab_size)
@@ -339,9 +338,6 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, experts: str
       group 32) experts become q4_0 without requantization. other: format of the remaining matrices
       ('q8_0', 'bf16', 'f16', 'f32'); norms, router and biases are always F32. The file is written
       to a temp file beside `out_path` and renamed over it only when complete (check_output)."""
-    from hybrid_k2.checkpoint import HFCheckpoint
-    from hybrid_k2.config import ModelConfig
-
     if experts not in EXPERT_FORMATS:
         raise ValueError(f"experts={experts!r}: expected one of {', '.join(EXPERT_FORMATS)}")
     if other not in OTHER_FORMATS:

@@ -3,17 +3,17 @@
 Models:
   k2-shaped  Kimi K2's real expert matrices (hidden 7168, expert 2048, top-8, 1 shared) and MLA dims, a few MoE
              layers, fewer experts and heads and a small vocab so it fits this machine; written by this script
-             (random weights, Q4_0 experts, Q8_0 elsewhere) through quant.convert.write_gguf.
+             (random weights, Q4_0 experts, Q8_0 elsewhere) through hybrid_k2.convert.write_gguf.
   demo       the demo checkpoint converted to GGUF (also run through HF transformers from its HF dir).
 Prints prefill/decode tok/s for each engine (medians over rounds in which the engines take turns, so a drift in the
 machine's memory bandwidth lands on both) and the ratios, plus the machine's read bandwidth. hybrid_k2 is loaded
 with load()'s defaults, as a user gets them (attention, dense FFN, shared experts and lm_head from the GGUF's own
 Q8_0 blocks in the C kernels, as llama.cpp runs them; torch then gets 1 thread for what is left), and when
-llama-cpp-python is present the bench also prints how often our
-top-1 token on the prompt agrees with llama.cpp's (both engines quantize activations to 8 bits, in different
-places, so a flat random-weight model agrees less than a trained one would).
+llama-cpp-python is present the bench also prints how often our top-1 token on the prompt agrees with llama.cpp's
+(both engines quantize activations to 8 bits, in different places, so a flat random-weight model agrees less than
+a trained one would).
 
-    pip install -e ".[bench]"         # llama-cpp-python: builds llama.cpp from source (~8 min on 2 cores)
+    pip install -e ".[bench]"         # llama-cpp-python: builds llama.cpp from source (minutes)
     hybrid-k2 bench --threads 2       # or: python bench/bench_decode.py --threads 2
 """
 from __future__ import annotations
@@ -24,92 +24,17 @@ import inspect
 import os
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
 
 import hybrid_k2
 from hybrid_k2 import kernels
-from hybrid_k2.checkpoint import Checkpoint
-from hybrid_k2.checkpoint.gguf import SCALE_FIELDS
 from hybrid_k2.config import ModelConfig, preset
+from hybrid_k2.convert import EXPERT_FORMATS, convert, write_gguf
 from hybrid_k2.demo import cache_dir, ensure_demo
-
-
-class SyntheticCheckpoint(Checkpoint):
-    """Random weights under the canonical names, generated per tensor on request (deterministic per name)."""
-
-    def __init__(self, cfg: ModelConfig, seed: int = 0):
-        from hybrid_k2.model import Transformer
-        self.path, self.cfg, self.seed = "<synthetic k2-shaped>", cfg, seed
-        with torch.device("meta"):
-            net = Transformer(cfg)
-        self._shapes = {n: tuple(p.shape) for n, p in net.named_parameters()}
-        for layer in cfg.moe_layers:
-            for e in range(cfg.n_routed_experts):
-                p = f"model.layers.{layer}.mlp.experts.{e}."
-                I, H = cfg.moe_intermediate_size, cfg.hidden_size
-                self._shapes.update({p + "gate_proj.weight": (I, H), p + "up_proj.weight": (I, H),
-                                     p + "down_proj.weight": (H, I)})
-
-    def names(self):
-        return list(self._shapes)
-
-    def __contains__(self, name):
-        return name in self._shapes
-
-    def shape(self, name):
-        return self._shapes[name]
-
-    def format(self, name):
-        return "f32"
-
-    def get(self, name, dtype=torch.float32, device="cpu"):
-        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
-        shape = self._shapes[name]
-        if name.endswith("norm.weight"):
-            return torch.ones(shape, dtype=dtype)
-        if name.endswith("e_score_correction_bias"):
-            return torch.zeros(shape, dtype=dtype)
-        return (torch.randn(shape, generator=g) * shape[-1] ** -0.5).to(dtype)
-
-
-_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16}
-
-
-# the kernel bench's and the block-type tests' weights (timing and the float references do not depend on the values)
-def random_blocks(rng: np.random.Generator, t: kernels.QType | str, rows: int, cols: int) -> np.ndarray:
-    """[rows, row_bytes] random blocks of weight type t with every fp16 scale finite, about 1e-2 (the scale
-    offsets: gguf.SCALE_FIELDS); float types: values ~ N(0, 0.05) in that precision."""
-    t = kernels.qtype(t)
-    if t.name in kernels.REPACKED.values():   # a kernel layout: random blocks of its GGUF type, repacked
-        src = next(k for k, v in kernels.REPACKED.items() if v == t.name)
-        return kernels.repack(random_blocks(rng, src, rows, cols), src)
-    if t.name in _FLOAT_DTYPES:
-        return (rng.standard_normal((rows, cols), np.float32) * 0.05).astype(_FLOAT_DTYPES[t.name]).view(np.uint8)
-    if t.name == "BF16":   # the high half of a float32
-        f = rng.standard_normal((rows, cols), np.float32) * 0.05
-        return (f.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-    a = rng.integers(0, 256, size=(rows, t.row_bytes(cols)), dtype=np.uint8)
-    b = a.reshape(-1, t.block_bytes)
-    scales = (rng.uniform(0.5, 2.0, size=(b.shape[0], 2)) * 1e-2).astype(np.float16)
-    if t.name == "IQ1_M":   # its fp16 scale: the top nibbles of its four uint16 scale words (bytes 48..55)
-        d = scales[:, 0].view(np.uint16)
-        w = b[:, 48:56].copy().view(np.uint16)
-        for i in range(4):
-            w[:, i] = (w[:, i] & 0x0FFF) | (((d >> (4 * i)) & 0xF) << 12)
-        b[:, 48:56] = w.view(np.uint8)
-    else:
-        fields = SCALE_FIELDS.get(GGMLQuantizationType[t.name])
-        if fields is None:
-            raise ValueError(f"random_blocks: no fp16 scale table entry for {t.name} (gguf.SCALE_FIELDS)")
-        sb = scales.view(np.uint8)
-        for i, off in enumerate(fields):
-            b[:, off:off + 2] = sb[:, 2 * i:2 * i + 2]
-    return a
+from hybrid_k2.synthetic import SyntheticCheckpoint
 
 
 def k2_shaped_config(n_layers: int, n_experts: int, vocab: int) -> ModelConfig:
@@ -120,7 +45,6 @@ def k2_shaped_config(n_layers: int, n_experts: int, vocab: int) -> ModelConfig:
 
 
 def build_k2_gguf(n_layers: int, n_experts: int, experts: str = "q4_0") -> Path:
-    from quant.convert import write_gguf
     demo = ensure_demo()
     ranks = sum(1 for line in open(demo / "tiktoken.model") if line.strip())
     cfg = k2_shaped_config(n_layers, n_experts, ranks + 256)
@@ -134,7 +58,6 @@ def build_k2_gguf(n_layers: int, n_experts: int, experts: str = "q4_0") -> Path:
 
 
 def build_demo_gguf() -> Path:
-    from quant.convert import convert
     src = ensure_demo()
     out = cache_dir() / "bench" / f"demo-{src.name}-{os.stat(src / 'model.safetensors').st_size}-q8_0.gguf"
     if not out.exists():
@@ -166,7 +89,7 @@ class HybridRunner:
         model, prompt = self.eng.model, self.prompt
         with torch.inference_mode():
             cache = model.new_cache(len(prompt) + self.n_decode + 1)
-            if warm_up:   # binds the C objects (and the decode step) once, outside the timed rounds
+            if warm_up:   # first-call costs (allocations, the kernels' threads) stay outside the timed rounds
                 model(torch.tensor(prompt[:-1]), 0, cache, last_only=True)
                 model(torch.tensor(prompt[-1:]), len(prompt) - 1, cache, last_only=True)
                 return 0.0, 0.0
@@ -193,8 +116,7 @@ class HybridRunner:
 def llama_cpp_rope_args(path: str | Path) -> dict:
     """llama-cpp-python's Llama() passes YaRN beta_fast=32, beta_slow=1 unless told, overriding the GGUF's own
     rope.scaling.yarn_beta_* (Kimi K2: 1 and 1), which changes the RoPE frequencies: its logits then drift from
-    the reference model's with position (top-1 agreement with HF transformers fell to ~0.5 by position 300 on the
-    demo). Pass the file's values."""
+    the reference model's with position. Pass the file's values."""
     from hybrid_k2.checkpoint import open_checkpoint
     with open_checkpoint(path) as ck:
         rs = ck.config().rope_scaling
@@ -379,7 +301,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=3, help="MoE layers of the K2-shaped model")
     ap.add_argument("--experts", type=int, default=32, help="routed experts per layer of the K2-shaped model")
-    from quant.convert import EXPERT_FORMATS
     ap.add_argument("--expert-format", default="q4_0", choices=list(EXPERT_FORMATS),
                     help="block format of the K2-shaped model's routed experts (written by our quantizer)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
