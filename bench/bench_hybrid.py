@@ -37,8 +37,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from hybrid_k2 import kernels  # noqa: E402
 from hybrid_k2.experts.cpu import CPUExperts  # noqa: E402
-from hybrid_k2.experts.hybrid import HybridExperts, slot_bytes  # noqa: E402
+from hybrid_k2.experts.hybrid import HybridConfig, HybridExperts  # noqa: E402
 from hybrid_k2.experts.prefetch import RoutingPredictor, _router_from_weights  # noqa: E402
+from hybrid_k2.experts.slots import slot_bytes  # noqa: E402
 from hybrid_k2.model import MLP  # noqa: E402
 from hybrid_k2.placement import format_size, parse_size  # noqa: E402
 
@@ -136,6 +137,12 @@ class SyntheticRouting:
         return xs
 
 
+def moe(backend, routing: SyntheticRouting, layer: int, x, ids, w) -> torch.Tensor:
+    """One MoE layer as model.MoE runs it: routed experts submitted, the shared expert meanwhile, then joined."""
+    fut = backend.submit(layer, x, ids, w)
+    return routing.shared[layer](x) + fut.result()
+
+
 def run_decode(backend, routing: SyntheticRouting, tokens: int, warmup: int, trace=None) -> float:
     """Seconds per token over `tokens` decode steps after `warmup` untimed ones."""
     cuda = routing.device.type == "cuda"
@@ -152,7 +159,7 @@ def run_decode(backend, routing: SyntheticRouting, tokens: int, warmup: int, tra
                 ids, w = routing.routers[layer](x)
                 if trace is not None:
                     ids = torch.as_tensor(trace[t % len(trace), j % trace.shape[1]], device=x.device).long()[None]
-                backend.run(layer, x, ids, w, routing.shared[layer])
+                moe(backend, routing, layer, x, ids, w)
             if cuda:
                 torch.cuda.synchronize()
     return (time.perf_counter() - t0) / tokens
@@ -165,14 +172,14 @@ def run_prefill(backend, routing: SyntheticRouting, xs) -> float:
     with torch.inference_mode():
         routed = [(layer, x, *routing.routers[layer](x)) for layer, x in xs]
         layer, x, ids, w = routed[0]
-        backend.run(layer, x, ids, w, routing.shared[layer])
+        moe(backend, routing, layer, x, ids, w)
         if cuda:
             torch.cuda.synchronize()
         if hasattr(backend, "reset_stats"):
             backend.reset_stats()
         t0 = time.perf_counter()
         for layer, x, ids, w in routed:
-            backend.run(layer, x, ids, w, routing.shared[layer])
+            moe(backend, routing, layer, x, ids, w)
         if cuda:
             torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -306,8 +313,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
 
     def hybrid(slots, **kw):
-        return lambda: HybridExperts(cpu, device, dtype, slots,
-                                     predictor=None if trace is not None else routing.predictor(), **kw)
+        return lambda: HybridExperts(cpu, device, dtype, slots, HybridConfig(**kw),
+                                     predictor=None if trace is not None else routing.predictor())
 
     bench("cpu backend (overlap)", lambda: cpu)
     for label, slots, kw in [("hybrid, cache off", 0, dict()),

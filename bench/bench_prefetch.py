@@ -3,7 +3,7 @@
 Records a routing trace (router inputs included) from MODEL (default: the demo model) over evaluation text
 (HELD_OUT: files of the Python standard library), and a second trace over other stdlib files (FIT_FILES,
 disjoint from HELD_OUT) on which the predictor's learned heads are fitted (RoutingPredictor.fit_heads; saved as
-an .npz next to the trace, which the engine loads with HybridExperts.load_predictor_heads). Then reports
+an .npz next to the trace, which the engine loads with load(prefetch_heads=...)). Then reports
   * predictor recall@top-k at lookahead 1 and 2: the plain next-layer routers on the current router input,
     a ridge correction per (layer, lookahead) (fit_correction) fitted on the fit trace, the same fitted
     online on the evaluation trace's first PREFILL tokens (a prompt's prefill, as HybridExperts does; recall
@@ -152,9 +152,7 @@ def main(argv=None) -> int:
 
     plain, ridge, heads = t.predictor(), t.predictor(), t.predictor()
     depths = [d for d in range(1, HEADS_DEPTH + 1) if d < L]
-    for d in depths:
-        for j in range(L - d):
-            ridge.fit_correction(j, d, fit.hidden[:, j], fit.hidden[:, j + d], ridge=1e-2)
+    ridge.fit_corrections(fit.hidden.swapaxes(0, 1), HEADS_DEPTH, ridge=1e-2)
     if heads_path.exists():
         heads.load_heads(heads_path)
     else:
@@ -163,9 +161,7 @@ def main(argv=None) -> int:
         heads.save_heads(heads_path)
         print(f"fitted learned heads in {time.perf_counter() - t0:.0f} s -> {heads_path}")
     online = t.predictor()
-    for d in depths:
-        for j in range(L - d):
-            online.fit_correction(j, d, t.hidden[:PREFILL, j], t.hidden[:PREFILL, j + d], ridge=0.3)
+    online.fit_corrections(t.hidden[:PREFILL].swapaxes(0, 1), HEADS_DEPTH, ridge=0.3)
     rest = slice(PREFILL, None)
     for name, rp, span in (("plain routers", plain, slice(None)), ("ridge correction", ridge, slice(None)),
                            ("plain routers, after the prefill", plain, rest),

@@ -451,12 +451,13 @@ def _load_experts(kind: str, ckpt, cfg: ModelConfig, device, dtype, progress: bo
             from .experts.torch_backend import TorchExperts
             return TorchExperts.from_checkpoint(ckpt, cfg, device, dtype, bar)
         if kind == "hybrid":
-            from .experts.hybrid import HybridExperts
+            from .experts.hybrid import HybridConfig, HybridExperts
+            config = HybridConfig(policy=cache_policy, prefetch=prefetch, lookahead=lookahead,
+                                  predictor_heads=prefetch_heads, prefill_stream=prefill_stream)
             return HybridExperts.from_checkpoint(ckpt, cfg, expert_format, device=device, dtype=dtype,
                                                  n_slots=cache_slots, vram_budget=vram_budget, ctx=ctx,
-                                                 threads=threads, progress=bar, policy=cache_policy,
-                                                 prefetch=prefetch, lookahead=lookahead, predictor_heads=prefetch_heads,
-                                                 prefill_stream=prefill_stream, ram_budget=ram_budget, ram_used=ram_used)
+                                                 threads=threads, progress=bar, ram_budget=ram_budget,
+                                                 ram_used=ram_used, config=config)
         from .experts.cpu import CPUExperts
         # Overlap runs the experts in a worker while the accelerator computes the shared expert; on a CPU
         # device both would share the same cores (and the kernels' pool), so it would only add a handoff.

@@ -1,4 +1,4 @@
-"""Routing traces: which experts each token chose in each MoE layer, saved as DESIGN.md's .npz format.
+"""Routing traces: which experts each token chose in each MoE layer, saved as the .npz hybrid_k2.sim reads.
 
 With `hidden=True` the trace also holds each MoE layer's router input and the routers themselves (weights,
 correction bias, post-attention norm weights, grouping), which is what `python -m hybrid_k2.sim` needs to

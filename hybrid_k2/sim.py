@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .experts.cache import POLICIES, ExpertCache
-from .experts.prefetch import CostModel, Prefetcher, RoutingPredictor
+from .experts.prefetch import CostModel, Link, Prefetcher, RoutingPredictor
 
 
 class TraceError(ValueError):
@@ -77,6 +77,20 @@ def _scalar_int(arrays, name, source, default):
     return int(v.reshape(()))
 
 
+def _floats(arrays, name, source, shape, needs=None):
+    """arrays[name] as float32 (None when absent), checked to be float of `shape` (a name: any extent)."""
+    if name not in arrays:
+        return None
+    if needs is not None and needs not in arrays:
+        raise TraceError(f"{source}: array {name!r} given without {needs!r}")
+    a = np.asarray(arrays[name])
+    if (a.ndim != len(shape) or not np.issubdtype(a.dtype, np.floating)
+            or any(isinstance(want, int) and want != n for want, n in zip(shape, a.shape))):
+        raise TraceError(f"{source}: array {name!r} must be float [{', '.join(map(str, shape))}], got {a.dtype} "
+                         f"{a.shape}")
+    return a.astype(np.float32)
+
+
 def validate_trace(arrays, source: str = "<trace>") -> Trace:
     """Check a mapping of arrays (an opened .npz or a dict) and return a Trace."""
     if "ids" not in arrays:
@@ -90,13 +104,7 @@ def validate_trace(arrays, source: str = "<trace>") -> Trace:
     if 0 in ids.shape:
         raise TraceError(f"{source}: array 'ids' is empty (shape {ids.shape})")
     T, L, K = ids.shape
-    routers = hidden = bias = None
-    if "routers" in arrays:
-        routers = np.asarray(arrays["routers"])
-        if routers.ndim != 3 or routers.shape[0] != L or not np.issubdtype(routers.dtype, np.floating):
-            raise TraceError(f"{source}: array 'routers' must be float [{L}, n_experts, hidden], got "
-                             f"{routers.dtype} {routers.shape}")
-        routers = routers.astype(np.float32)
+    routers = _floats(arrays, "routers", source, (L, "n_experts", "hidden"))
     n_experts = _scalar_int(arrays, "n_experts", source, None)
     if routers is not None:
         if n_experts is not None and n_experts != routers.shape[1]:
@@ -111,35 +119,13 @@ def validate_trace(arrays, source: str = "<trace>") -> Trace:
         raise TraceError(f"{source}: array 'ids' has expert id {hi}, out of range for {n_experts} experts")
     if K > n_experts:
         raise TraceError(f"{source}: array 'ids' has top_k {K} > {n_experts} experts")
-    weights = None
-    if "weights" in arrays:
-        weights = np.asarray(arrays["weights"])
-        if weights.shape != ids.shape or not np.issubdtype(weights.dtype, np.floating):
-            raise TraceError(f"{source}: array 'weights' must be float with the shape of 'ids' {ids.shape}, got "
-                             f"{weights.dtype} {weights.shape}")
-    if "hidden" in arrays:
-        hidden = np.asarray(arrays["hidden"])
-        if hidden.ndim != 3 or hidden.shape[:2] != (T, L) or not np.issubdtype(hidden.dtype, np.floating):
-            raise TraceError(f"{source}: array 'hidden' must be float [{T}, {L}, hidden], got {hidden.dtype} "
-                             f"{hidden.shape}")
-        hidden = hidden.astype(np.float32)
-        if routers is not None and routers.shape[2] != hidden.shape[2]:
-            raise TraceError(f"{source}: 'hidden' has width {hidden.shape[2]} but 'routers' expects {routers.shape[2]}")
-    if "router_bias" in arrays:
-        if routers is None:
-            raise TraceError(f"{source}: array 'router_bias' given without 'routers'")
-        bias = np.asarray(arrays["router_bias"], dtype=np.float32)
-        if bias.shape != routers.shape[:2]:
-            raise TraceError(f"{source}: array 'router_bias' must be {routers.shape[:2]}, got {bias.shape}")
-    norms = None
-    if "norms" in arrays:
-        if routers is None:
-            raise TraceError(f"{source}: array 'norms' given without 'routers'")
-        norms = np.asarray(arrays["norms"])
-        if norms.shape != (L, routers.shape[2]) or not np.issubdtype(norms.dtype, np.floating):
-            raise TraceError(f"{source}: array 'norms' must be float [{L}, {routers.shape[2]}], got "
-                             f"{norms.dtype} {norms.shape}")
-        norms = norms.astype(np.float32)
+    weights = _floats(arrays, "weights", source, ids.shape)
+    hidden = _floats(arrays, "hidden", source, (T, L, "hidden"))
+    if hidden is not None and routers is not None and routers.shape[2] != hidden.shape[2]:
+        raise TraceError(f"{source}: 'hidden' has width {hidden.shape[2]} but 'routers' expects {routers.shape[2]}")
+    H = "hidden" if routers is None else routers.shape[2]
+    bias = _floats(arrays, "router_bias", source, (L, n_experts), needs="routers")
+    norms = _floats(arrays, "norms", source, (L, H), needs="routers")
     n_group = _scalar_int(arrays, "n_group", source, 1)
     topk_group = _scalar_int(arrays, "topk_group", source, 1)
     if n_group < 1 or n_experts % n_group or not 1 <= topk_group <= n_group:
@@ -258,7 +244,7 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
     demand copies are decided when it has ended, after the next layer's prefetches (the same issue time).
     The result's `recall` is that of the predictor replayed, over the whole trace.
     prefill_fit: fit the router predictor's ridge corrections on the first `prefill_fit` tokens (<= warmup,
-    never measured tokens), as HybridExperts(fit_on_prefill=...) does on a prompt.
+    never measured tokens), as HybridConfig.fit_on_prefill does on a prompt.
     """
     if not isinstance(trace, Trace):
         trace = load_trace(trace) if isinstance(trace, (str, os.PathLike)) else validate_trace(trace)
@@ -294,11 +280,7 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
         if predictor != "router" or heads is not None:
             raise ValueError("simulate: prefill_fit goes with the trace's router predictor (no heads)")
         predictor = trace.predictor()
-        for j in range(L):
-            for d in range(1, max(lookahead, 1) + 1):
-                if j + d < L:
-                    predictor.fit_correction(j, d, trace.hidden[:prefill_fit, j], trace.hidden[:prefill_fit, j + d],
-                                             ridge=prefill_ridge)
+        predictor.fit_corrections(trace.hidden[:prefill_fit].swapaxes(0, 1), max(lookahead, 1), prefill_ridge)
     if policy == "belady" or lookahead == 0:
         predictor = "none"
     preds = predicted_uses(trace, predictor, lookahead) if not (isinstance(predictor, str) and
@@ -324,16 +306,20 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
     else:
         cache = ExpertCache(slots, L, E, policy, **kw)
         first = 0
-    cm = CostModel(expert_bytes, pcie_gbps, cpu_s * 1e3) if cost_model and policy != "belady" else None
-    pf = Prefetcher(cache, None, cm, lookahead=lookahead, confidence=confidence, min_uses=min_uses,
-                    max_copies=max_copies, max_backlog_ms=max_backlog_ms,
-                    max_demand_backlog_ms=max_demand_backlog_ms, timing=CostModel(expert_bytes, pcie_gbps, cpu_s * 1e3),
-                    demand=demand, defer_demand=defer_demand)
+    timing = CostModel(expert_bytes, pcie_gbps, cpu_s * 1e3)
+    pf = Prefetcher(cache, timing if cost_model and policy != "belady" else None, confidence=confidence,
+                    min_uses=min_uses, max_copies=max_copies, max_backlog_ms=max_backlog_ms, timing=timing,
+                    max_demand_backlog_ms=max_demand_backlog_ms, demand=demand, defer_demand=defer_demand)
 
-    now = link_free = 0.0
+    now = 0.0
+    link = Link()
     ready = np.zeros(L * E)          # when each key's latest copy lands
-    clock = [0.0]                    # the time the cache's `landed` predicate asks about
-    cache.set_landed(lambda keys: ready[keys] <= clock[0])
+
+    def send(copies, now) -> int:
+        for tl, e in copies:
+            ready[tl * E + e] = link.send(now, copy_s)
+        return len(copies)
+    cache.set_landed(lambda keys: ready[keys] <= now)   # landed by the time the cache asks
     late = prefetches = 0
     measured_time = 0.0
     for t in range(first, T):
@@ -343,7 +329,6 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
             pf.declined_by_cost = pf.declined_by_link = pf.declined_late = 0
         t_token = now
         for l in range(L):
-            clock[0] = now
             ids = trace.ids[t, l]
             resident = cache.access(l, ids)
             keys = l * E + ids
@@ -354,20 +339,12 @@ def simulate(trace, *, slots: int, policy: str = "score", pcie_gbps: float = 25.
             ahead = {l + d: p[t, l][None] for d, p in preds.items() if l + d < L}
             if ahead:                                 # prefetch for l + 1..l + d, issued at the start of layer l
                 lead = pf.lead_times(l, 1e3 * dt, ahead, fixed_ms=1e3 * layer_s) if land_check else None
-                for (tl, e) in pf.plan_copies(l, ahead, backlog_ms=1e3 * max(0.0, link_free - now), lead_ms=lead):
-                    link_free = max(now, link_free) + copy_s
-                    ready[tl * E + e] = link_free
-                    prefetches += 1
+                prefetches += send(pf.plan_copies(l, ahead, backlog_ms=1e3 * link.backlog(now), lead_ms=lead), now)
             if defer_demand:                          # the previous layer's misses, now that it has ended
-                for (tl, e) in pf.after_access(l, ids, resident, backlog_ms=1e3 * max(0.0, link_free - now)):
-                    link_free = max(now, link_free) + copy_s
-                    ready[tl * E + e] = link_free
+                send(pf.after_access(l, ids, resident, backlog_ms=1e3 * link.backlog(now)), now)
             now += dt
-            clock[0] = now
             if not defer_demand:                      # this layer's misses, as it ends
-                for (tl, e) in pf.after_access(l, ids, resident, backlog_ms=1e3 * max(0.0, link_free - now)):
-                    link_free = max(now, link_free) + copy_s
-                    ready[tl * E + e] = link_free
+                send(pf.after_access(l, ids, resident, backlog_ms=1e3 * link.backlog(now)), now)
         cache.next_token()
         if t >= start:
             measured_time += now - t_token
@@ -424,22 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    kw = vars(build_parser().parse_args(argv))
+    trace = kw.pop("trace")
+    kw["demand"], kw["cost_model"] = not kw.pop("no_demand"), not kw.pop("admit_all")   # the flags say "off"
     try:
-        r = simulate(args.trace, slots=args.slots, policy=args.policy, pcie_gbps=args.pcie_gbps,
-                     ram_gbps=args.ram_gbps, expert_bytes=args.expert_bytes, gpu_gbps=args.gpu_gbps,
-                     gpu_layer_ms=args.gpu_layer_ms, lookahead=args.lookahead, predictor=args.predictor,
-                     heads=args.heads, min_uses=args.min_uses, max_copies=args.max_copies,
-                     max_backlog_ms=args.max_backlog_ms, max_demand_backlog_ms=args.max_demand_backlog_ms,
-                     prefill_fit=args.prefill_fit,
-                     warmup=args.warmup, decay=args.decay, cost_model=not args.admit_all,
-                     cpu_expert_ms=args.cpu_expert_ms, predict_weight=args.predict_weight,
-                     land_check=args.land_check, demand=not args.no_demand, defer_demand=args.defer_demand,
-                     margin=args.margin)
+        r = simulate(trace, **kw)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.trace}: {r.tokens} tokens measured")
+    print(f"{trace}: {r.tokens} tokens measured")
     print(r.render())
     return 0
 

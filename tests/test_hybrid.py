@@ -19,8 +19,9 @@ from conftest import sync
 from hybrid_k2 import kernels
 from hybrid_k2.demo import ensure_demo
 from hybrid_k2.experts.cpu import CPUExperts
-from hybrid_k2.experts.hybrid import HybridExperts, dequantize_torch, slot_bytes, slots_for_budget
+from hybrid_k2.experts.hybrid import HybridConfig, HybridExperts
 from hybrid_k2.experts.prefetch import RoutingPredictor
+from hybrid_k2.experts.slots import dequantize_torch, slot_bytes, slots_for_budget
 from hybrid_k2.experts.torch_backend import TorchExperts
 
 
@@ -79,11 +80,13 @@ def assert_slots_hold_their_experts(b: HybridExperts, ref: TorchExperts):
     """Every slot the backend would use holds exactly the expert the cache says it does."""
     n = 0
     for s, key in enumerate(b.cache.slot_key.tolist()):
-        if key < 0 or b._content[s] != key or b._ready[s] != b._gen[s]:
+        sl = b.pool.slots[s]
+        if key < 0 or sl.content != key or sl.ready != sl.gen:
             continue
         li, e = divmod(key, b.n_experts)
         g, u, d = ref.layers[b.layers[li]]
-        assert torch.equal(b.gate[s], g[e]) and torch.equal(b.up[s], u[e]) and torch.equal(b.down[s], d[e]), (s, key)
+        p = b.pool
+        assert torch.equal(p.gate[s], g[e]) and torch.equal(p.up[s], u[e]) and torch.equal(p.down[s], d[e]), (s, key)
         n += 1
     return n
 
@@ -149,8 +152,8 @@ def test_hit_miss_accounting_exact_and_pairs_take_their_path(eng, ref_float, dev
     cpu = eng.experts
     layer = min(cpu.layers)
     # inline fills and no cost model (the CPU device's defaults; on CUDA the fills still take the side stream)
-    b = HybridExperts(cpu, device, torch.float32, 2, policy="lru", prefetch=False, overlap=False, defer_demand=False,
-                      async_copies=False, cost_model=None)
+    b = HybridExperts(cpu, device, torch.float32, 2, HybridConfig(policy="lru", prefetch=False, overlap=False,
+                      defer_demand=False, async_copies=False, cost_model=None))
     g = torch.Generator().manual_seed(1)
     seq = [3, 7, 3, 11, 7, 3, 7, 11]
     want = [False, False, True, False, False, False, True, False]
@@ -198,8 +201,9 @@ def test_prefetch_accounting_exact(eng, ref_float, device):
     bias[1, [5, 6]] = 1.0
     bias[2, [7, 8]] = 1.0
     pred = RoutingPredictor.from_weights(np.zeros((3, 16, 256), np.float32), bias, top_k=2)   # keys 0..2
-    b = HybridExperts(cpu, device, torch.float32, 4, policy="score", prefetch=True, lookahead=1, overlap=True,
-                      predictor=pred, cost_model=None, predict_weight=1.0, margin=0.0, defer_demand=False)
+    b = HybridExperts(cpu, device, torch.float32, 4, HybridConfig(policy="score", prefetch=True, lookahead=1,
+                      overlap=True, cost_model=None, predict_weight=1.0, margin=0.0, defer_demand=False),
+                      predictor=pred)
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2))
     w = torch.tensor([[0.6, 0.4]])
     b.forward(L[0], *on(device, x, torch.tensor([[0, 1]]), w))   # 2 misses; prefetch (1,5),(1,6); demand (0,0),(0,1)
@@ -224,7 +228,7 @@ def test_layer_outputs_against_torch_backend(eng, ref_float, device):
     float rounding; against the exact HF weights (torch backend from the checkpoint) within the Q8_0 error."""
     cpu = eng.experts
     exact = TorchExperts.from_checkpoint(eng.checkpoint, eng.cfg, device, torch.float32)
-    b = HybridExperts(cpu, device, torch.float32, 48, prefetch=False)
+    b = HybridExperts(cpu, device, torch.float32, 48, HybridConfig(prefetch=False))
     assert b.preload() == 48 and b.stats()["resident"] == 48
     b.close()                                          # every fill has landed (async on CUDA)
     g = torch.Generator().manual_seed(0)
@@ -260,7 +264,7 @@ def test_fill_formats(eng, fmt, device):
             assert (w.gate_type.name, w.down_type.name) == ("Q4_K_R8", "Q6_K")
         cpu = CPUExperts({1: w}, overlap=False)
     ref = dequantized(cpu, device)
-    b = HybridExperts(cpu, device, torch.float32, 6, prefetch=False, async_copies=True)
+    b = HybridExperts(cpu, device, torch.float32, 6, HybridConfig(prefetch=False, async_copies=True))
     b.preload()
     b.close()                                          # joins the copier: every fill has landed
     assert assert_slots_hold_their_experts(b, ref) == b.cache.n_slots == min(6, 3 * 16 if fmt == "q4_0" else 4)
@@ -307,7 +311,7 @@ def test_decode_matches_cpu_engine(dev_eng, ref_float, reference_run, slots, kw,
     kw = dict(kw)
     preload = kw.pop("preload", False)
     tokens, n_prompt, ref = reference_run
-    b = HybridExperts(eng.experts, device, torch.float32, slots, **kw)
+    b = HybridExperts(eng.experts, device, torch.float32, slots, HybridConfig(**kw))
     b.attach(eng.model)
     if preload:
         b.preload()
@@ -337,8 +341,8 @@ def test_generate_stats_and_many_decode_steps_no_thread_leak(dev_eng, ref_float,
     prefetch. No deadlock (bounded join), a stable thread count, exact totals, slots consistent."""
     eng = dev_eng
     base = threading.active_count()
-    b = HybridExperts(eng.experts, device, torch.float32, 10, policy="lru", prefetch=True, lookahead=2,
-                      overlap=True, async_copies=True)
+    b = HybridExperts(eng.experts, device, torch.float32, 10, HybridConfig(policy="lru", prefetch=True, lookahead=2,
+                      overlap=True, async_copies=True))
     b.attach(eng.model)
     moe = [blk.mlp for blk in eng.model.model.layers if hasattr(blk.mlp, "gate")]
     counts, errors = [], []
@@ -353,7 +357,9 @@ def test_generate_stats_and_many_decode_steps_no_thread_leak(dev_eng, ref_float,
                     hd = h.to(device)
                     for m in moe:
                         ids, w = m.gate(hd)
-                        b.run(m.layer, hd, ids, w, m.shared_experts)
+                        fut = b.submit(m.layer, hd, ids, w)
+                        m.shared_experts(hd)
+                        fut.result()
                     if step % 100 == 0:
                         counts.append(threading.active_count())
         except BaseException as e:   # surfaces in the main thread
@@ -377,7 +383,8 @@ def test_generate_stats_and_many_decode_steps_no_thread_leak(dev_eng, ref_float,
 def test_keyboard_interrupt_mid_generation_then_reuse(dev_eng, ref_float, reference_run, device):
     eng = dev_eng
     base = threading.active_count()
-    b = HybridExperts(eng.experts, device, torch.float32, 12, prefetch=True, overlap=True, async_copies=True)
+    b = HybridExperts(eng.experts, device, torch.float32, 12, HybridConfig(prefetch=True, overlap=True,
+                      async_copies=True))
     b.attach(eng.model)
     eng.model.set_experts(b)
     try:
@@ -414,15 +421,16 @@ def test_keyboard_interrupt_mid_generation_then_reuse(dev_eng, ref_float, refere
 
 def test_failed_fill_is_reported_then_repaired(eng, ref_float, device):
     """A fill that raises on the copier thread surfaces in the next run; the slot is refilled on its next use."""
-    b = HybridExperts(eng.experts, device, torch.float32, 4, prefetch=False, overlap=False, async_copies=True)
-    good, b.gate = b.gate, torch.empty(4, 1, 1, device=device)   # slots of the wrong shape: the copy into them fails
+    b = HybridExperts(eng.experts, device, torch.float32, 4, HybridConfig(prefetch=False, overlap=False,
+                      async_copies=True))
+    good, b.pool.gate = b.pool.gate, torch.empty(4, 1, 1, device=device)   # slots of the wrong shape: the copy into them fails
     b.preload([(1, 3)])
     b.close()                                         # joins the copier
     x, ids, w = torch.randn(1, 256), torch.tensor([[3]]), torch.tensor([[1.0]])
     xd, idsd, wd = on(device, x, ids, w)
     with pytest.raises(RuntimeError, match="VRAM fill failed"):
         b.forward(1, xd, idsd, wd)
-    b.gate = good
+    b.pool.gate = good
     assert torch.equal(b.forward(1, xd, idsd, wd).cpu(), eng.experts.forward(1, x, ids, w))   # late: ran on the CPU
     b.close()
     assert torch.allclose(b.forward(1, xd, idsd, wd), ref_float.forward(1, xd, idsd, wd), rtol=1e-5, atol=1e-6)
@@ -437,11 +445,11 @@ def test_buffers_are_normal_tensors_whatever_the_inference_mode(eng, ref_float, 
     in or out of it: a backend built inside torch.inference_mode() still fills (async), and one whose first
     fills ran inline inside it (allocating the staging ring) still fills from a preload outside it."""
     with torch.inference_mode():
-        a = HybridExperts(eng.experts, device, torch.float32, 2, prefetch=False, async_copies=True)
+        a = HybridExperts(eng.experts, device, torch.float32, 2, HybridConfig(prefetch=False, async_copies=True))
     a.preload([(1, 3)])                                # the copier's fill (slots of inference mode: it failed)
     a.close()
-    b = HybridExperts(eng.experts, device, torch.float32, 2, policy="lru", prefetch=False, overlap=False,
-                      async_copies=False, cost_model=None, defer_demand=False)
+    b = HybridExperts(eng.experts, device, torch.float32, 2, HybridConfig(policy="lru", prefetch=False, overlap=False,
+                      async_copies=False, cost_model=None, defer_demand=False))
     x, w = on(device, torch.randn(1, 256), torch.tensor([[1.0]]))
     with torch.inference_mode():
         b.forward(1, x, torch.tensor([[5]], device=device), w)   # a miss: filled inline here
@@ -457,12 +465,12 @@ def test_buffers_are_normal_tensors_whatever_the_inference_mode(eng, ref_float, 
 def gate_copies(b: HybridExperts) -> threading.Event:
     """Hold the backend's fills on its copier thread until the returned event is set: a copy "on the link"
     (a CUDA fill whose event has not completed) for as long as a test needs."""
-    gate, fill = threading.Event(), b._fill
+    gate, fill = threading.Event(), b.pool.fill
 
     def gated(req):
         assert gate.wait(60), "gate never opened"
         fill(req)
-    b._fill = gated
+    b.pool.fill = gated
     return gate
 
 
@@ -470,8 +478,9 @@ def test_unlanded_copy_runs_on_the_cpu_and_is_not_evicted(eng, ref_float, device
     """A resident expert whose copy has not landed runs in the kernels (the engine does not wait for it), and
     its copy lands for later use; the score policy evicts a landed expert rather than one whose copy is in
     flight, even one with a higher priority. The cache sees landing through the backend's fills."""
-    b = HybridExperts(eng.experts, device, torch.float32, 2, policy="score", prefetch=False, overlap=False,
-                      async_copies=True, defer_demand=False, margin=0.0, cost_model=None, max_demand_backlog_ms=None)
+    b = HybridExperts(eng.experts, device, torch.float32, 2, HybridConfig(policy="score", prefetch=False,
+                      overlap=False, async_copies=True, defer_demand=False, margin=0.0, cost_model=None,
+                      max_demand_backlog_ms=None))
     gate = gate_copies(b)
     gate.set()
     b.preload([(1, 5)])
@@ -508,8 +517,8 @@ def test_deferred_demand_admits_a_layers_misses_at_the_next_layer(eng, device):
     without it, at once."""
     x, w = on(device, torch.randn(1, 256), torch.full((1, 2), 0.5))
     for defer, after_first in ((True, []), (False, [(0, 2), (0, 4)])):
-        b = HybridExperts(eng.experts, device, torch.float32, 4, policy="lru", prefetch=False, overlap=False,
-                          defer_demand=defer, async_copies=False, cost_model=None)
+        b = HybridExperts(eng.experts, device, torch.float32, 4, HybridConfig(policy="lru", prefetch=False,
+                          overlap=False, defer_demand=defer, async_copies=False, cost_model=None))
         b.forward(1, x, torch.tensor([[2, 4]], device=device), w)
         assert sorted(b.cache.residents()) == after_first
         b.forward(2, x, torch.tensor([[6, 7]], device=device), w)
@@ -541,16 +550,17 @@ def test_sizing_and_errors(eng, device):
     with pytest.raises(ValueError, match="n_slots"):
         HybridExperts(eng.experts, "cpu", torch.float32, -1)
     with pytest.raises(ValueError, match="policy"):
-        HybridExperts(eng.experts, "cpu", torch.float32, 4, policy="fifo")
+        HybridExperts(eng.experts, "cpu", torch.float32, 4, HybridConfig(policy="fifo"))
     with pytest.raises(TypeError, match="CPUExperts"):
         HybridExperts(object(), "cpu", torch.float32, 4)
     prof = np.zeros((3, 16))
     prof[1, [2, 9]] = 5
-    st = HybridExperts(eng.experts, "cpu", torch.float32, 2, policy="static", profile=prof, prefetch=False)
+    st = HybridExperts(eng.experts, "cpu", torch.float32, 2, HybridConfig(policy="static", prefetch=False),
+                       profile=prof)
     assert sorted(st.cache.residents()) == [(1, 2), (1, 9)] and st.stats()["fills_done"] == 2
     st.close()
     fc = HybridExperts.from_checkpoint(eng.checkpoint, eng.cfg, "q8_0", device="cpu", dtype=torch.float32,
-                                       vram_budget=10 * one, prefetch=False)
+                                       vram_budget=10 * one, config=HybridConfig(prefetch=False))
     assert fc.cache.n_slots == 10 and fc.cpu is not eng.experts
     x, ids, w = torch.randn(2, 256), torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]), torch.rand(2, 4)
     assert torch.equal(fc.forward(1, x, ids, w), eng.experts.forward(1, x, ids, w))   # same blocks, no slots yet

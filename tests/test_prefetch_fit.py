@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hybrid_k2
-from hybrid_k2.experts.hybrid import HybridExperts
+from hybrid_k2.experts.hybrid import HybridConfig, HybridExperts
 from hybrid_k2.experts.prefetch import PredictorHead, RoutingPredictor, recall_at_k
 from hybrid_k2.sim import load_trace, simulate
 
@@ -163,8 +163,8 @@ def test_hybrid_backend_uses_loaded_heads(traces, device):
         want = eng.generate(prompt, max_new_tokens=12, temperature=0).token_ids
         # no copy-cost gate (the CPU device's default; on CUDA its roofline guess wants 2 expected uses per copy
         # until the kernels' time is measured): this test is about the heads driving prefetch
-        b = HybridExperts(eng.experts, device, torch.float32, 24, prefetch=True, lookahead=2, predictor_heads=heads,
-                          min_uses=0.3, cost_model=None)
+        b = HybridExperts(eng.experts, device, torch.float32, 24, HybridConfig(prefetch=True, lookahead=2,
+                          predictor_heads=heads, min_uses=0.3, cost_model=None))
         b.attach(eng.model)
         assert b.predictor is not None and len(b.predictor.heads) == 7
         eng.model.set_experts(b)
@@ -186,7 +186,8 @@ def test_heads_shallower_than_the_lookahead_are_reported(traces, caplog, device)
     fit, ev, heads = traces
     eng = dev_engine(device)
     try:
-        b = HybridExperts(eng.experts, device, torch.float32, 24, prefetch=True, lookahead=3, predictor_heads=heads)
+        b = HybridExperts(eng.experts, device, torch.float32, 24, HybridConfig(prefetch=True, lookahead=3,
+                          predictor_heads=heads))
         with caplog.at_level("WARNING", logger="hybrid_k2.experts.hybrid"):
             b.attach(eng.model)
         b.close()
@@ -214,7 +215,8 @@ def test_prefill_fit_engine_and_simulator(traces, device):
     fit, ev, heads = traces
     eng = dev_engine(device)
     try:
-        b = HybridExperts(eng.experts, device, torch.float32, 24, prefetch=True, lookahead=2, fit_on_prefill=256)
+        b = HybridExperts(eng.experts, device, torch.float32, 24, HybridConfig(prefetch=True, lookahead=2,
+                          fit_on_prefill=256))
         b.attach(eng.model)
         eng.model.set_experts(b)
         try:

@@ -1,4 +1,4 @@
-"""Prefill streaming in the `hybrid` backend (HybridExperts(prefill_stream=...)) on the test device (conftest: the
+"""Prefill streaming in the `hybrid` backend (HybridConfig.prefill_stream) on the test device (conftest: the
 GPU when there is one, else the CPU): a large forward's non-resident experts are streamed through the staging ring
 and run with torch matmuls. Checked against the torch backend on the same dequantized weights, the cpu engine,
 hand arithmetic for the cost model, and exact counters."""
@@ -12,8 +12,9 @@ import hybrid_k2
 from hybrid_k2 import kernels
 from hybrid_k2.demo import ensure_demo
 from hybrid_k2.experts.cpu import CPUExperts
-from hybrid_k2.experts.hybrid import (ACCEL_GFLOPS_GUESS, CPU_GFLOPS_GUESS, HybridExperts, PrefillStreamModel,
-                                      STREAM_MIN_TOKENS, dequantize_torch)
+from hybrid_k2.experts.hybrid import STREAM_MIN_TOKENS, HybridConfig, HybridExperts
+from hybrid_k2.experts.slots import dequantize_torch
+from hybrid_k2.experts.stream import ACCEL_GFLOPS_GUESS, CPU_GFLOPS_GUESS, PrefillStreamModel
 from test_hybrid import (assert_slots_hold_their_experts, dequantized, dev_eng, eng,  # noqa: F401  (shared fixtures)
                          gate_copies, on, ref_float, with_backend)
 
@@ -80,19 +81,20 @@ def test_backend_stream_model_figures(eng, device):
     the CPU rate given, else measured on its own prefill-sized kernel calls, else the documented guess."""
     cpu = eng.experts
     w = cpu.layers[1]
-    b = HybridExperts(cpu, device, torch.float32, 0, overlap=False, pcie_gbps=10, ram_gbps=20, accel_gflops=500)
+    b = HybridExperts(cpu, device, torch.float32, 0, HybridConfig(overlap=False, pcie_gbps=10, ram_gbps=20,
+                      accel_gflops=500))
     m = b.stream_model(1)
     assert (m.copy_bytes, m.ram_bytes, m.flops_per_pair) == (w.expert_nbytes(), w.expert_nbytes(), 6 * 256 * 128)
     assert (m.pcie_gbps, m.ram_gbps, m.accel_gflops, m.cpu_gflops) == (10, 20, 500, CPU_GFLOPS_GUESS)
     g = torch.Generator().manual_seed(0)
     x, ids, wt = on(device, torch.randn(40, 256, generator=g), torch.randint(0, 16, (40, 4), generator=g),
                     torch.rand(40, 4))
-    b.prefill_stream = False
+    b.config.prefill_stream = False
     b.forward(1, x, ids, wt)                           # 40 tokens >= MEASURE_MIN_TOKENS: a measured rate
     measured = b.measured_cpu_gflops()
     assert measured > 0 and b.stream_model(1).cpu_gflops == measured == b.stats()["cpu_gflops"]
     b.close()
-    fixed = HybridExperts(cpu, device, torch.float32, 0, cpu_gflops=123.0)
+    fixed = HybridExperts(cpu, device, torch.float32, 0, HybridConfig(cpu_gflops=123.0))
     assert fixed.stream_model().cpu_gflops == 123.0
     fixed.close()
 
@@ -109,8 +111,8 @@ def test_auto_decision_follows_the_cost_model(eng, ref_float, device):
     F = 6 * 256 * 128
     # CPU 1 GFLOP/s: a pair costs F/1e9 s. Link: one expert's copy = 4 pairs' CPU time.
     pcie = w.expert_nbytes() / (4 * F)                  # GB/s
-    b = HybridExperts(cpu, device, torch.float32, 0, overlap=False, prefill_stream=None, prefill_stream_min_tokens=8,
-                      cpu_gflops=1.0, accel_gflops=1e6, pcie_gbps=pcie, ram_gbps=1e6)
+    b = HybridExperts(cpu, device, torch.float32, 0, HybridConfig(overlap=False, prefill_stream=None,
+                      prefill_stream_min_tokens=8, cpu_gflops=1.0, accel_gflops=1e6, pcie_gbps=pcie, ram_gbps=1e6))
     g = torch.Generator().manual_seed(1)
     T, K = 32, 4
     x, wt = torch.randn(T, 256, generator=g), torch.rand(T, K, generator=g)
@@ -122,7 +124,7 @@ def test_auto_decision_follows_the_cost_model(eng, ref_float, device):
     assert torch.allclose(y, ref_float.forward(layer, *on(device, x, few, wt)), rtol=1e-5, atol=1e-5)
     s = b.stats()
     assert (s["stream_layers"], s["stream_declined"], s["stream_experts"], s["stream_pairs"]) == (1, 0, 2, T * K)
-    b.pcie_gbps = pcie / 3                              # 16 experts x 12 pair-times = 192 > 128 pair-times
+    b.config.pcie_gbps = pcie / 3                       # 16 experts x 12 pair-times = 192 > 128 pair-times
     assert not b.stream_model(layer).wins(16, 128)
     y = b.forward(layer, *on(device, x, many, wt))
     assert torch.equal(y.cpu(), kernels.moe_forward(w, x, many.int(), wt))
@@ -133,7 +135,7 @@ def test_auto_decision_follows_the_cost_model(eng, ref_float, device):
     assert b.stats()["stream_declined"] == 1
     b.close()
     # auto without an accelerator rate: off on a CPU device; on CUDA the documented guess decides
-    auto = HybridExperts(cpu, device, torch.float32, 0, overlap=False, prefill_stream_min_tokens=8)
+    auto = HybridExperts(cpu, device, torch.float32, 0, HybridConfig(overlap=False, prefill_stream_min_tokens=8))
     wins = auto.stream_model(layer).wins(2, T * K)
     auto.forward(layer, *on(device, x, few, wt))
     s = auto.stats()
@@ -167,8 +169,8 @@ def test_streamed_layer_with_resident_slots(eng, fmt, buffers, device):
     layer = min(cpu.layers)
     w = cpu.layers[layer]
     E, H = w.n_experts, w.hidden
-    b = HybridExperts(cpu, device, torch.float32, 3, prefetch=False, prefill_stream=True, prefill_stream_min_tokens=16,
-                      prefill_stream_buffers=buffers, policy="lru", cost_model=None)
+    b = HybridExperts(cpu, device, torch.float32, 3, HybridConfig(prefetch=False, prefill_stream=True,
+                      prefill_stream_min_tokens=16, prefill_stream_buffers=buffers, policy="lru", cost_model=None))
     b.preload([(layer, 0), (layer, 1), (layer, 2)])
     b.close()                                          # landed (async fills on CUDA)
     g = torch.Generator().manual_seed(2)
@@ -182,8 +184,8 @@ def test_streamed_layer_with_resident_slots(eng, fmt, buffers, device):
     assert torch.allclose(y, ref.forward(layer, *on(device, x, ids, wt)), rtol=1e-5, atol=1e-4)
     s = b.stats()
     n_res, away = int(resident.sum()), ids.numpy()[~resident]
-    copy_bytes = b._layer_copy_bytes[layer]
-    assert n_res > 0 and len(b._stage) == buffers
+    copy_bytes = b.stream_model(layer).copy_bytes
+    assert n_res > 0 and len(b.streamer.buffers) == buffers
     assert (s["gpu_pairs"], s["stream_pairs"], s["cpu_pairs"]) == (n_res, T * K - n_res, 0)
     assert s["gpu_pairs"] + s["stream_pairs"] + s["cpu_pairs"] == s["hits"] + s["misses"] == T * K
     assert (s["stream_layers"], s["stream_experts"]) == (1, len(np.unique(away)))
@@ -211,7 +213,7 @@ def test_prefill_logits_streamed_match_torch_and_cpu_engines(dev_eng, ref_float,
     use, once; the logits equal the torch backend's on the same dequantized weights (float rounding) and sit
     within test_hybrid's tolerance of the cpu engine (which adds 8-bit activation rounding)."""
     eng = dev_eng
-    b = HybridExperts(eng.experts, device, torch.float32, 0, prefill_stream=True)
+    b = HybridExperts(eng.experts, device, torch.float32, 0, HybridConfig(prefill_stream=True))
     got, chosen = routed_logits(eng, b, prompt)
     flt, chosen_f = routed_logits(eng, ref_float, prompt)
     ref = with_backend(eng, eng.experts, lambda: eng.logits(prompt))
@@ -240,8 +242,8 @@ def test_decode_after_streamed_prefill_is_unchanged(dev_eng, prompt, device):
     steps = len(tokens) - n
     runs = {}
     for mode in (True, False, None):
-        b = HybridExperts(eng.experts, device, torch.float32, 8, policy="score", prefetch=True, overlap=True,
-                          **({} if mode is None else dict(prefill_stream=mode)))
+        b = HybridExperts(eng.experts, device, torch.float32, 8, HybridConfig(policy="score", prefetch=True,
+                          overlap=True, **({} if mode is None else dict(prefill_stream=mode))))
         b.attach(eng.model)
         eng.model.set_experts(b)
         try:
@@ -286,8 +288,8 @@ def test_streamed_expert_admitted_to_the_cache_crosses_the_link_once(eng, ref_fl
     ids = torch.stack([torch.tensor(experts)[torch.randperm(K, generator=g)] for _ in range(T)])
     x, wt, ids = on(device, x, wt, ids)
     copy_bytes = eng.experts.layers[layer].expert_nbytes()
-    b = HybridExperts(eng.experts, device, torch.float32, 4, policy="lru", prefetch=False, overlap=False,
-                      prefill_stream=True, prefill_stream_min_tokens=16, cost_model=None)
+    b = HybridExperts(eng.experts, device, torch.float32, 4, HybridConfig(policy="lru", prefetch=False, overlap=False,
+                      prefill_stream=True, prefill_stream_min_tokens=16, cost_model=None))
     y = b.forward(layer, x, ids, wt)
     assert torch.allclose(y, ref_float.forward(layer, x, ids, wt), rtol=1e-5, atol=1e-4)
     s = b.stats()
@@ -301,8 +303,8 @@ def test_streamed_expert_admitted_to_the_cache_crosses_the_link_once(eng, ref_fl
     assert (b.stats()["gpu_pairs"] - s["gpu_pairs"], b.stats()["cpu_pairs"]) == (K, 0)
     b.close()
     # the queued case: expert 2's fill waits on the copier when its layer streams
-    q = HybridExperts(eng.experts, device, torch.float32, 4, policy="lru", prefetch=False, overlap=False,
-                      prefill_stream=True, prefill_stream_min_tokens=16, async_copies=True, cost_model=None)
+    q = HybridExperts(eng.experts, device, torch.float32, 4, HybridConfig(policy="lru", prefetch=False, overlap=False,
+                      prefill_stream=True, prefill_stream_min_tokens=16, async_copies=True, cost_model=None))
     gate = gate_copies(q)
     q.preload([(layer, 2)])
     y = q.forward(layer, x, ids, wt)
@@ -318,7 +320,8 @@ def test_streamed_expert_admitted_to_the_cache_crosses_the_link_once(eng, ref_fl
 def test_stage_buffers_serve_calls_in_and_out_of_inference_mode(eng, ref_float, device):
     """The staging ring, allocated at the first streamed layer (here inside torch.inference_mode(), as Engine
     calls run), is written again by a streamed call outside it."""
-    b = HybridExperts(eng.experts, device, torch.float32, 0, prefill_stream=True, prefill_stream_min_tokens=16)
+    b = HybridExperts(eng.experts, device, torch.float32, 0, HybridConfig(prefill_stream=True,
+                      prefill_stream_min_tokens=16))
     g = torch.Generator().manual_seed(8)
     x, ids, wt = on(device, torch.randn(24, 256, generator=g), torch.randint(0, 16, (24, 4), generator=g),
                     torch.rand(24, 4, generator=g))
@@ -333,21 +336,21 @@ def test_stage_buffers_serve_calls_in_and_out_of_inference_mode(eng, ref_float, 
 
 def test_staging_host_copy_in_chunks(eng, device):
     """The host side of a stage: a large expert's bytes are copied into the staging buffer on several threads."""
-    b = HybridExperts(eng.experts, device, torch.float32, 0, prefill_stream_copy_threads=3)
+    b = HybridExperts(eng.experts, device, torch.float32, 0, HybridConfig(prefill_stream_copy_threads=3))
     src = np.random.default_rng(0).integers(0, 256, 9 << 20, dtype=np.uint8)
     dst = np.zeros_like(src)
-    b._host_copy(dst, src)
-    assert np.array_equal(dst, src) and b._copy_pool is not None
+    b.streamer.host_copy(dst, src)
+    assert np.array_equal(dst, src) and b.streamer.copy_pool is not None
     b.close()
-    assert b._copy_pool is None
+    assert b.streamer.copy_pool is None
 
 
 def test_errors(eng):
     with pytest.raises(ValueError, match="prefill_stream_buffers must be an integer >= 2"):
-        HybridExperts(eng.experts, "cpu", torch.float32, 0, prefill_stream_buffers=1)
+        HybridExperts(eng.experts, "cpu", torch.float32, 0, HybridConfig(prefill_stream_buffers=1))
     with pytest.raises(ValueError, match="prefill_stream must be True, False or None"):
-        HybridExperts(eng.experts, "cpu", torch.float32, 0, prefill_stream="yes")
+        HybridExperts(eng.experts, "cpu", torch.float32, 0, HybridConfig(prefill_stream="yes"))
     with pytest.raises(ValueError, match="cpu_gflops must be positive"):
-        HybridExperts(eng.experts, "cpu", torch.float32, 0, cpu_gflops=0)
+        HybridExperts(eng.experts, "cpu", torch.float32, 0, HybridConfig(cpu_gflops=0))
     with pytest.raises(ValueError, match="prefill_stream_min_tokens"):
-        HybridExperts(eng.experts, "cpu", torch.float32, 0, prefill_stream_min_tokens=0)
+        HybridExperts(eng.experts, "cpu", torch.float32, 0, HybridConfig(prefill_stream_min_tokens=0))

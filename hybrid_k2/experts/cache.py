@@ -2,8 +2,7 @@
 
 The live engine maps slot numbers to VRAM tensors and copies an expert in when `admit` returns a slot;
 the trace simulator (`hybrid_k2.sim`) drives the same object. Keys are (layer, expert) with
-0 <= layer < n_layers, 0 <= expert < n_experts (the engine may use model layer numbers, the simulator
-MoE-layer indices).
+0 <= layer < n_layers (the MoE-layer index, in the engine and the simulator alike), 0 <= expert < n_experts.
 
 Policies
   score   priority = exponentially decayed use count (x `decay` per token) + `predict_weight` x the

@@ -2,7 +2,7 @@
 
 Weights come from a GGUF file or from an HF checkpoint quantized at load, one expert at a time
 (compressed-tensors INT4 experts become Q4_0 without requantizing). Q4_0 and Q4_K are repacked to the kernels'
-Q4_0_R8 / Q4_K_R8 layouts (8 rows interleaved; ~1.5x / ~1.3x faster kernels, as llama.cpp's CPU repack), the
+Q4_0_R8 / Q4_K_R8 layouts (8 rows interleaved for faster kernels, as llama.cpp's CPU repack), the
 file's pages released as each layer is copied; other formats run from the GGUF mapping in place.
 While the kernels run (they release the GIL) the accelerator computes the shared expert.
 

@@ -7,13 +7,14 @@ RoutingPredictor  applies the routers of layers L+1..L+d to layer L's router inp
                   the target router is rescaled by w_{L+d} / w_L so it sees w_{L+d} x RMSNorm(h_L). An optional
                   correction fitted by ridge least squares on recorded (h_L, h_{L+d}) pairs maps h_L to the
                   logits layer L+d would compute from h_{L+d}; it folds into a router weight W + C^T.
-                  The same fit runs online on a prompt's prefill (HybridExperts fit_on_prefill: no files).
+                  The same fit runs online on a prompt's prefill (HybridConfig.fit_on_prefill: no files).
                   A learned PredictorHead per (L, d) (the rescaled router's choice scores plus a small MLP on
                   h_L, trained on recorded traces to give the probability that each expert is in layer L+d's
                   top-k) replaces the router when fitted or loaded (`fit_heads`, `save_heads`, `load_heads`:
                   an .npz that the engine and the simulator both read).
 CostModel         a copy is worth it when expected uses x CPU time saved per use > copy time.
-Prefetcher        ties the two to an ExpertCache: `plan_copies` for predicted ids or probabilities,
+Link              the copy link's queue: when a copy lands, how long a new one waits.
+Prefetcher        admits copies to an ExpertCache: `plan_copies` for predicted ids or probabilities,
                   `after_access` for demand admission of experts that just missed. A copy lasts about as long
                   as a decode layer, so with `lead_ms` (`lead_times`: when each target layer will start, from the
                   current layer's CPU work and the predicted misses of the layers between) a prefetch is planned
@@ -317,6 +318,15 @@ class RoutingPredictor:
         # float32 like the rescaled base routers: a bf16 model's routers (accelerator default) would round the fit
         self._corrected[(layer, tgt)] = _clone_router(base, (B + C.T).float())
 
+    def fit_corrections(self, hidden, depth: int, ridge: float = 1e-3) -> None:
+        """fit_correction for every (L, d <= depth) pair from one set of router inputs per layer, `hidden[j]`
+        [N, H] at the j-th router key (a trace's hidden[:, j], or a prompt's prefill as the engine keeps it)."""
+        n = len(self.layers)
+        for j in range(n):
+            for d in range(1, depth + 1):
+                if j + d < n:
+                    self.fit_correction(self.layers[j], d, hidden[j], hidden[j + d], ridge=ridge)
+
     def clear_corrections(self) -> None:
         """Drop fitted linear corrections and learned heads: back to the plain routers."""
         self._corrected.clear()
@@ -455,6 +465,23 @@ class CostModel:
         return expected_uses * self.cpu_expert_ms > self.copy_ms
 
 
+class Link:
+    """The host -> device copy link, carrying one copy at a time (the engine's copier thread, and the simulator's
+    model of it): `send` queues a copy issued at `now` (seconds on any clock) and returns when it lands;
+    `backlog` is how long a copy issued at `now` would wait."""
+    __slots__ = ("free",)
+
+    def __init__(self):
+        self.free = 0.0
+
+    def send(self, now: float, duration: float) -> float:
+        self.free = max(now, self.free) + duration
+        return self.free
+
+    def backlog(self, now: float) -> float:
+        return max(0.0, self.free - now)
+
+
 class Prefetcher:
     """Decides copies into `cache`. Expected uses of an expert = predicted uses this token (x `confidence`)
     + its decayed use count (the cache's estimate of near-future uses). cost_model None admits whatever the
@@ -472,29 +499,16 @@ class Prefetcher:
     right after the next layer's plan_copies, when the first layer has ended), so the next layer's
     prefetches, which can still land for this token, go on the link before them."""
 
-    def __init__(self, cache: ExpertCache, predictor: RoutingPredictor | None = None,
-                 cost_model: CostModel | None = None, *, lookahead: int = 1, confidence: float = 1.0,
+    def __init__(self, cache: ExpertCache, cost_model: CostModel | None = None, *, confidence: float = 1.0,
                  min_uses: float = 0.0, max_copies: int | None = None, max_backlog_ms: float | None = None,
                  max_demand_backlog_ms: float | None = None, timing: CostModel | None = None, demand: bool = True,
                  defer_demand: bool = False):
-        self.cache, self.predictor, self.cost_model = cache, predictor, cost_model
-        self.lookahead, self.confidence = lookahead, confidence
+        self.cache, self.cost_model, self.confidence = cache, cost_model, confidence
         self.min_uses, self.max_copies, self.max_backlog_ms = min_uses, max_copies, max_backlog_ms
         self.max_demand_backlog_ms = max_demand_backlog_ms
         self.timing, self.demand, self.defer_demand = timing, bool(demand), bool(defer_demand)
         self._pending: tuple[int, list[int]] | None = None     # deferred misses: (layer, expert ids)
         self.declined_by_cost = self.declined_by_link = self.declined_late = 0
-
-    @property
-    def copy_ms(self) -> float | None:
-        t = self.timing or self.cost_model
-        return None if t is None else t.copy_ms
-
-    def predict(self, layer: int, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
-        """{target layer: expected uses [T, E]} for the next `lookahead` layers."""
-        if self.predictor is None or self.lookahead < 1:
-            return {}
-        return self.predictor.predict_ahead(layer, hidden, self.lookahead, uses=True)
 
     @staticmethod
     def _uses(pred) -> tuple[np.ndarray, np.ndarray]:
@@ -522,20 +536,17 @@ class Prefetcher:
         out = {}
         for tgt in predicted:
             ms = layer_ms
-            for j in range(layer + 1, tgt):
-                ms += est[j] if j in est else fixed_ms + self._top_k_guess(predicted) * t.cpu_expert_ms
+            for j in range(layer + 1, tgt):      # no prediction for j: as many misses as the largest one
+                ms += est[j] if j in est else (
+                    fixed_ms + max(float(self._uses(p)[1].sum()) for p in predicted.values()) * t.cpu_expert_ms)
             out[tgt] = ms
         return out
 
-    def _top_k_guess(self, predicted) -> float:
-        sums = [float(self._uses(p)[1].sum()) for p in predicted.values()]
-        return max(sums) if sums else 0.0
-
     def plan_copies(self, layer: int, predicted, backlog_ms: float = 0.0,
                     lead_ms: Mapping[int, float] | None = None) -> list[tuple[int, int]]:
-        """`predicted`: {target_layer: ids [T, K] or expected uses [T, E]} (as from `predict`). Admits the
-        experts worth copying and returns their (layer, expert) keys in the order the link should carry them;
-        the caller copies each into `cache.slot_of`. backlog_ms: how long the copy link is already busy;
+        """`predicted`: {target_layer: ids [T, K] or expected uses [T, E]} (RoutingPredictor.predict_ahead).
+        Admits the experts worth copying and returns their (layer, expert) keys in the order the link should
+        carry them; the caller copies each into `cache.slot_of`. backlog_ms: how long the copy link is already busy;
         lead_ms: {target layer: ms until it starts} (see lead_times), None: no landing check."""
         del layer  # the source layer only matters to the predictor
         cands = []
@@ -553,7 +564,8 @@ class Prefetcher:
         copies, per_target = [], {}
         # each planned copy delays the next by its copy time (known to a cost model, or to `timing` when the
         # landing check needs it)
-        copy_ms = self.cost_model.copy_ms if self.cost_model is not None else (self.copy_ms if lead_ms else None)
+        t = self.cost_model or (self.timing if lead_ms else None)
+        copy_ms = None if t is None else t.copy_ms
         for _, _, tgt, e, score in cands:
             if self.max_copies is not None and per_target.get(tgt, 0) >= self.max_copies:
                 continue

@@ -1,11 +1,12 @@
 """Reference backend: dequantized experts stacked per layer, torch matmuls, one expert at a time."""
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import fetch
 from . import ExpertBackend, Ready, expert_names
+from .swiglu import grouped_swiglu
 
 
 class TorchExperts(ExpertBackend):
@@ -33,19 +34,6 @@ class TorchExperts(ExpertBackend):
 
     def submit(self, layer, x, ids, weights):
         gate, up, down = self.layers[layer]
-        y = torch.zeros_like(x, dtype=torch.float32)
-        flat = ids.reshape(-1)
-        order = flat.argsort()
-        counts = torch.bincount(flat, minlength=gate.shape[0]).tolist()
-        tok = (order // ids.shape[1])
-        w = weights.reshape(-1)[order]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            t, we = tok[start:start + n], w[start:start + n]
-            start += n
-            xe = x[t]
-            h = F.silu(xe @ gate[e].T) * (xe @ up[e].T)
-            y.index_add_(0, t, (h @ down[e].T).float() * we[:, None].float())
+        flat = ids.detach().reshape(-1).cpu().numpy()
+        y = grouped_swiglu(x, weights, np.arange(flat.size), flat, lambda e: (gate[e], up[e], down[e]))
         return Ready(y.to(x.dtype))
