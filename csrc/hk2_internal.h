@@ -12,6 +12,10 @@
 #define HK2_NA 4       /* activation rows one dot call handles (weights unpacked once for all) */
 #define HK2_MAX_NA 8   /* ... for a type whose kernel at the active level takes more (hk2_type_ops.max_na) */
 #define HK2_CACHE_LINE 64
+#define HK2_MAX_DIM (1 << 28)  /* the largest row count, row length and token count the drivers take */
+/* rows visited together by moe.c's and linear.c's items: a tile of weight rows stays in L1/L2 while the
+ * item's tokens pass over it, hk2_na_for at a time */
+#define HK2_ROW_TILE 16
 #define HK2_UNUSED(x) ((void)(x))
 
 /* n rounded up to a whole number of cache lines (job structs with aligned atomics, workspace offsets) */
@@ -138,10 +142,11 @@ static inline void hk2_act_q4_0_view(const int8_t *qs, const float *d, int8_t *q
     }
 }
 
-/* ---- per-ISA kernel table ----
- * dot: s[j] = dot(weight row w of n values, activation row a[j]) for j < na (na <= hk2_na_for the type).
+/* ---- per-ISA kernel table (vec.c, vec_avx2.c, vec_avx512.c) ----
+ * What is not a block type's dot: the activation quantizer, the bandwidth probe and the float32 math of the
+ * router and MLA. The dots are in the type tables below (hk2_type_ops.dot[level]).
  * quantize_act: n values (n % qb == 0) -> qs, d, bs as described above (s8 is filled by the caller,
- * moe.c); bit-identical across ISAs. */
+ * hk2_act_quantize_into); bit-identical across ISAs. */
 typedef void (*hk2_dot_fn)(int n, const void *w, const hk2_arow *a, int na, float *s);
 typedef void (*hk2_quantize_act_fn)(const float *x, int n, int qb, int8_t *qs, float *d, int16_t *bs);
 
@@ -151,16 +156,9 @@ enum { HK2_LVL_SCALAR, HK2_LVL_AVX2, HK2_LVL_AVX512BW, HK2_LVL_AVX512VNNI, HK2_N
 typedef struct {
     const char *name;
     int level;
-    hk2_dot_fn dot_q4_0;
-    hk2_dot_fn dot_q8_0;
-    hk2_dot_fn dot_q4_K;
-    hk2_dot_fn dot_q6_K;
-    hk2_dot_fn dot_q4_0_r8;  /* w = 8 interleaved rows; s[8 * j + r] for activation j, row r */
-    hk2_dot_fn dot_q4_K_r8;  /* the same for Q4_K_R8 */
-    int na_q8_0;             /* activation rows dot_q8_0 takes per call; 0: HK2_NA */
     hk2_quantize_act_fn quantize_act;
     uint64_t (*read_sum)(const void *p, size_t n);  /* bandwidth probe: touch every byte */
-    float (*dot_f32)(int n, const float *a, const float *b);         /* float32 math of decode.c */
+    float (*dot_f32)(int n, const float *a, const float *b);         /* float32 math of norm_router.c, mla.c */
     void (*axpy_f32)(int n, float alpha, const float *x, float *y);  /* y += alpha * x */
     /* MLA's passes over the cache. Each output's sum runs in one fixed order whatever m and n are, so
      * splitting the work differently (another thread count) gives the same bits.
@@ -190,16 +188,15 @@ static inline void hk2_act_quantize_into(const hk2_kernels *k, const float *v, i
 extern const hk2_kernels hk2_kernels_scalar;
 #ifndef HK2_NO_X86
 extern const hk2_kernels hk2_kernels_avx2;
-void hk2_dot_q4_0_r8_avx2(int n, const void *w, const hk2_arow *a, int na, float *s);  /* also AVX-512 BW's */
-void hk2_dot_q4_K_r8_avx2(int n, const void *w, const hk2_arow *a, int na, float *s);  /* also the AVX-512 tables' */
-float hk2_dot_f32_avx2(int n, const float *a, const float *b);          /* also the AVX-512 tables' */
+extern const hk2_kernels hk2_kernels_avx512bw;
+extern const hk2_kernels hk2_kernels_avx512vnni;
+/* the AVX2 float math, also the AVX-512 tables' (it is small next to its memory traffic) */
+float hk2_dot_f32_avx2(int n, const float *a, const float *b);
 void hk2_axpy_f32_avx2(int n, float alpha, const float *x, float *y);
 void hk2_gemm_nt_f32_avx2(int m, int n, int K, const float *a, int64_t lda, const float *b, int64_t ldb, float *out,
                           int64_t ldo, int add);
 void hk2_gemm_nn_f32_avx2(int m, int n, int K, const float *p, int64_t ldp, const float *b, int64_t ldb, float *out,
                           int64_t ldo);
-extern const hk2_kernels hk2_kernels_avx512bw;
-extern const hk2_kernels hk2_kernels_avx512vnni;
 #endif
 
 /* scalar helpers reused by the SIMD files for tails and set-up */
@@ -238,23 +235,30 @@ int hk2_pool_threads(void);
 int hk2_pool_resize(int n);
 void hk2_pool_shutdown(void);
 
-/* ---- errors (hk2_api.c) ---- */
+/* ---- errors, lock, workspace (hk2_api.c) ---- */
 int hk2_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void hk2_clear_error(void);
 void hk2_api_lock(void);   /* serialises calls that use the pool or shared workspace */
 void hk2_api_unlock(void);
+void *hk2_workspace(size_t n);  /* n bytes, cache-line aligned, kept between calls; the caller holds the API lock */
 
-/* ---- pieces shared by the drivers (moe.c, decode.c); *_locked: the caller holds the API lock ---- */
+/* ---- pieces shared by the drivers; *_locked: the caller holds the API lock ---- */
+/* linear.c: hk2_linear's argument checks (also hk2_attn_check's, for its matrices) and the call itself */
 int hk2_linear_check(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, const float *y);
 int hk2_linear_locked(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, float *y);
+/* norm_router.c: y = x / sqrt(mean(x^2) + eps) * w for one row of n (y may be x); v = softmax(v) in place */
+void hk2_norm_row(const hk2_kernels *k, const float *x, const float *w, int64_t n, float eps, float *y);
+void hk2_softmax(float *v, int64_t n);
+/* a struct that its hk2_*_check has validated (hk2.h: the checked fields) */
+#define HK2_CHECKED 0x4B32434B
 
-/* ---- block types of the type families (quants_*.c) ----
- * Each family file defines one table of these, ended by an entry with name NULL; quants.c finds a
- * type there when it is not one of its own. dequantize/quantize convert one row of n values (n a
- * multiple of block_size); quantize NULL: no quantizer of ours (such files come from llama.cpp's).
- * dot[level]: the type's kernel for that kernel table level; NULL takes the next lower level's
- * (dot[HK2_LVL_SCALAR] is required). act_qb: the activation row the dot reads: 32 (Q8_0 style),
- * 256 (Q8_K style) or 0 (float32 values, hk2_arow.f). */
+/* ---- block types (quants.c: the registry; quants_<family>.c: the types) ----
+ * Each family file defines one table of these, ended by an entry with name NULL. dequantize/quantize
+ * convert one row of n values (n a multiple of block_size); quantize NULL: no quantizer of ours (such
+ * files come from llama.cpp's). dot[level]: the type's kernel for that kernel table level; NULL takes the
+ * next lower level's; dot[HK2_LVL_SCALAR] NULL: not a weight type (Q8_K, the K-quants' activation
+ * blocks). act_qb: the activation row the dot reads: 32 (Q8_0 style), 256 (Q8_K style) or 0 (float32
+ * values, hk2_arow.f). */
 typedef void (*hk2_dequant_row_fn)(const void *blocks, float *y, int64_t n);
 typedef void (*hk2_quant_row_fn)(const float *x, void *blocks, int64_t n);
 typedef struct {
@@ -270,31 +274,32 @@ typedef struct {
      * dequantize converts a whole group: the g rows' bytes -> y [g, n] */
     int row_group;
 } hk2_type_ops;
+extern const hk2_type_ops hk2_types_base[];   /* quants_base.c: Q4_0 Q8_0 Q4_K Q6_K Q8_K Q4_0_R8 Q4_K_R8 */
 extern const hk2_type_ops hk2_types_k[];      /* quants_k.c: Q2_K Q3_K Q5_K */
 extern const hk2_type_ops hk2_types_q[];      /* quants_q.c: Q4_1 Q5_0 Q5_1 */
-extern const hk2_type_ops hk2_types_iq4[];    /* quants_iq4.c: IQ4_NL IQ4_XS */
+extern const hk2_type_ops hk2_types_iq4[];    /* quants_iq4.c: IQ4_NL IQ4_XS IQ4_XS_R8 */
 extern const hk2_type_ops hk2_types_iq23[];   /* quants_iq23.c: IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S */
 extern const hk2_type_ops hk2_types_iq1[];    /* quants_iq1.c: IQ1_S IQ1_M */
 extern const hk2_type_ops hk2_types_tq[];     /* quants_tq.c: TQ1_0 TQ2_0 */
 extern const hk2_type_ops hk2_types_float[];  /* quants_float.c: F32 F16 BF16 */
-/* per-ISA entry points are named hk2_dot_<type>_<isa> (isa: avx2, avx512vnni) and are declared by the
- * family's table file under this guard, so non-x86 builds leave them NULL */
+/* per-ISA entry points are named hk2_dot_<type>_<isa> (isa: avx2, avx512bw, avx512vnni) and are declared by
+ * the family's table file under this guard, so non-x86 builds leave them NULL */
 #ifndef HK2_NO_X86
 #define HK2_X86(f) f
 #else
 #define HK2_X86(f) NULL
 #endif
-const hk2_type_ops *hk2_type_ops_for(int qtype);  /* a family type, or NULL */
-
-/* ---- block types (quants.c) ---- */
-int hk2_type_known(int qtype);          /* weight or activation type we implement */
-int hk2_type_is_weight(int qtype);      /* usable as MoE weights */
-int hk2_act_qb(int weight_type);        /* activation block size for a weight type: 32 or 256 */
-int hk2_type_row_group(int qtype);      /* rows one dot call computes: 8 for Q4_0_R8, else 1 */
+const hk2_type_ops *hk2_type_ops_for(int qtype);  /* the type's table entry, or NULL */
+int hk2_type_is_weight(int qtype);      /* has dot kernels: usable as MoE or linear weights */
+int hk2_act_qb(int weight_type);        /* activation block size for a weight type: 32, 256 or 0 */
 const char *hk2_type_name(int qtype);
 const hk2_kernels *hk2_active_kernels(void);
 hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int weight_type);
 int hk2_na_for(const hk2_kernels *k, int weight_type);  /* rows per call of that dot: HK2_NA, or its max_na */
+/* a repack's arguments: nrows (a multiple of 8) rows of type `from` at src -> type `to` at dst, not overlapping;
+ * their row bytes out */
+int hk2_repack_args(int from, int to, const void *src, int64_t nrows, int64_t ncols, const void *dst, int64_t *rb,
+                    int64_t *rb_to);
 
 /* Shared by the per-ISA kernel files. */
 #define INLINE static inline __attribute__((always_inline))

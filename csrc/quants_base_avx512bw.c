@@ -1,3 +1,3 @@
-/* The AVX-512 kernels again, with VNNI (vpdpbusd) for the u8 x s8 dot products. */
-#define HK2_AVX512_VNNI 1
+/* quants_base_avx512.c's kernels again, without VNNI (maddubs + madd for the u8 x s8 sums): the avx512bw level. */
+#define HK2_AVX512_VNNI 0
 #include "quants_base_avx512.c"
