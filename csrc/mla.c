@@ -167,8 +167,17 @@ static int bad_dim(const char *name, int64_t v, int64_t lo) {
     return hk2_fail(HK2_ESHAPE, "mla_decode: %s=%lld out of range [%lld, %d]", name, (long long)v, (long long)lo, MLA_MAX_DIM);
 }
 
-static int mla_check(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
-                     const float *kv_cache, const float *pe_cache, const float *o) {
+/* n float arrays: each set and 4-byte aligned, the first bad one named */
+static int check_floats(const char *who, int n, const void *const *ptrs, const char *const *names) {
+    for (int i = 0; i < n; i++) {
+        if (!ptrs[i]) return hk2_fail(HK2_EINVAL, "%s: %s is NULL", who, names[i]);
+        if ((uintptr_t)ptrs[i] % sizeof(float)) return hk2_fail(HK2_EINVAL, "%s: %s is not 4-byte aligned", who, names[i]);
+    }
+    return HK2_OK;
+}
+
+/* the struct's own fields (hk2_mla_check, hk2_attn_check; every call with an unchecked struct) */
+static int check_mla(const hk2_mla *m) {
     if (!m) return hk2_fail(HK2_EINVAL, "mla_decode: m is NULL");
     if (m->n_heads < 1 || m->n_heads > MLA_MAX_DIM) return bad_dim("n_heads", m->n_heads, 1);
     if (m->nope < 1 || m->nope > MLA_MAX_DIM) return bad_dim("nope", m->nope, 1);
@@ -176,8 +185,6 @@ static int mla_check(const hk2_mla *m, int64_t pos, const float *q, const float 
         return hk2_fail(HK2_ESHAPE, "mla_decode: rope=%lld must be even and in [2, %d]", (long long)m->rope, MLA_MAX_DIM);
     if (m->v_dim < 1 || m->v_dim > MLA_MAX_DIM) return bad_dim("v_dim", m->v_dim, 1);
     if (m->rank < 1 || m->rank > MLA_MAX_DIM) return bad_dim("rank", m->rank, 1);
-    if (pos < 0 || pos >= MLA_MAX_POS)
-        return hk2_fail(HK2_ESHAPE, "mla_decode: pos=%lld out of range [0, %lld)", (long long)pos, (long long)MLA_MAX_POS);
     if (!(m->scale > 0.0f) || !isfinite(m->scale)) return hk2_fail(HK2_EINVAL, "mla_decode: scale=%g is not a positive number", m->scale);
     if (!(m->eps >= 0.0f) || !isfinite(m->eps)) return hk2_fail(HK2_EINVAL, "mla_decode: eps=%g is not a number >= 0", m->eps);
     if (m->k_b.w || m->v_b.w) {   /* kv_b as blocks: both halves, whole per-head row groups */
@@ -191,15 +198,27 @@ static int mla_check(const hk2_mla *m, int64_t pos, const float *q, const float 
             return hk2_fail(HK2_ESHAPE, "mla_decode: v_b: v_dim=%lld rows per head do not fill %s row groups of %d",
                             (long long)m->v_dim, hk2_type_name(m->v_b.qtype), hk2_row_group(m->v_b.qtype));
     }
-    /* wkv_b only without blocks (check_matrix has checked those); the blocks need 2-byte alignment, floats 4 */
-    const int first = m->k_b.w ? 1 : 0;
-    const void *ptrs[] = {m->wkv_b, m->kv_norm, q, kv_a, rot, kv_cache, pe_cache, o};
-    static const char *const names[] = {"wkv_b", "kv_norm", "q", "kv_a", "rot", "kv_cache", "pe_cache", "o"};
-    for (int i = first; i < 8; i++) {
-        if (!ptrs[i]) return hk2_fail(HK2_EINVAL, "mla_decode: %s is NULL", names[i]);
-        if ((uintptr_t)ptrs[i] % sizeof(float)) return hk2_fail(HK2_EINVAL, "mla_decode: %s is not 4-byte aligned", names[i]);
-    }
-    return HK2_OK;
+    /* wkv_b only without blocks (check_matrix has checked those) */
+    const void *ptrs[] = {m->wkv_b, m->kv_norm};
+    static const char *const names[] = {"wkv_b", "kv_norm"};
+    return m->k_b.w ? check_floats("mla_decode", 1, ptrs + 1, names + 1) : check_floats("mla_decode", 2, ptrs, names);
+}
+
+int hk2_mla_check(hk2_mla *m) {
+    hk2_clear_error();
+    const int err = check_mla(m);
+    if (m) m->checked = err ? 0 : HK2_CHECKED;
+    return err;
+}
+
+/* what one decode call brings: the position and the token's buffers (first = 3: only rot and the caches) */
+static int check_step(int64_t pos, int first, const float *q, const float *kv_a, const float *rot, const float *kv_cache,
+                      const float *pe_cache, const float *o) {
+    if (pos < 0 || pos >= MLA_MAX_POS)
+        return hk2_fail(HK2_ESHAPE, "mla_decode: pos=%lld out of range [0, %lld)", (long long)pos, (long long)MLA_MAX_POS);
+    const void *ptrs[] = {q, kv_a, o, rot, kv_cache, pe_cache};
+    static const char *const names[] = {"q", "kv_a", "o", "rot", "kv_cache", "pe_cache"};
+    return check_floats("mla_decode", 6 - first, ptrs + first, names + first);
 }
 
 static int mla_locked(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
@@ -242,7 +261,8 @@ static int mla_locked(const hk2_mla *m, int64_t pos, const float *q, const float
 int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
                    float *kv_cache, float *pe_cache, float *o) {
     hk2_clear_error();
-    int err = mla_check(m, pos, q, kv_a, rot, kv_cache, pe_cache, o);
+    int err = m && m->checked == HK2_CHECKED ? HK2_OK : check_mla(m);
+    if (!err) err = check_step(pos, 0, q, kv_a, rot, kv_cache, pe_cache, o);
     if (err) return err;
     hk2_api_lock();
     err = mla_locked(m, pos, q, kv_a, rot, kv_cache, pe_cache, o);
@@ -250,16 +270,17 @@ int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *k
     return err;
 }
 
-int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float *rot, float *kv_cache,
-                    float *pe_cache, float *out) {
-    hk2_clear_error();
+/* the block's own fields, its mla included (hk2_attn_check; every call with an unchecked block) */
+static int check_attn(const hk2_attn *a) {
     if (!a) return hk2_fail(HK2_EINVAL, "attn_decode: a is NULL");
     const hk2_mla *m = &a->mla;
     const int64_t D = a->hidden, H = m->n_heads;
     if (D < 1 || D > MLA_MAX_DIM) return hk2_fail(HK2_ESHAPE, "attn_decode: hidden=%lld out of range", (long long)D);
+    int err = check_mla(m);   /* first: the matrices' expected shapes come from its dimensions */
+    if (err) return err;
     const int lora = a->q_a.w != NULL;
     const int64_t q_in = lora ? a->q_a.rows : D;
-    int err = lora ? check_matrix("attn_decode", "q_a", &a->q_a, q_in, D) : HK2_OK;
+    err = lora ? check_matrix("attn_decode", "q_a", &a->q_a, q_in, D) : HK2_OK;
     if (!err) err = check_matrix("attn_decode", "q_b", &a->q_b, H * (m->nope + m->rope), q_in);
     if (!err) err = check_matrix("attn_decode", "kv_a", &a->kv_a, m->rank + m->rope, D);
     if (!err) err = check_matrix("attn_decode", "o", &a->o, D, H * m->v_dim);
@@ -268,16 +289,31 @@ int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float 
         return hk2_fail(HK2_EINVAL, "attn_decode: %s is NULL", !a->input_norm ? "input_norm" : "q_a_norm");
     if (!(a->input_eps >= 0.0f) || !isfinite(a->input_eps) || !(a->q_a_eps >= 0.0f) || !isfinite(a->q_a_eps))
         return hk2_fail(HK2_EINVAL, "attn_decode: a norm epsilon is not a number >= 0");
+    return HK2_OK;
+}
+
+int hk2_attn_check(hk2_attn *a) {
+    hk2_clear_error();
+    const int err = check_attn(a);
+    if (a) a->checked = err ? 0 : HK2_CHECKED;
+    return err;
+}
+
+int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float *rot, float *kv_cache,
+                    float *pe_cache, float *out) {
+    hk2_clear_error();
+    int err = a && a->checked == HK2_CHECKED ? HK2_OK : check_attn(a);
+    if (!err) err = check_step(pos, 3, NULL, NULL, rot, kv_cache, pe_cache, NULL);
+    if (err) return err;
     if (!x || !out) return hk2_fail(HK2_EINVAL, "attn_decode: %s is NULL", !x ? "x" : "out");
+    const hk2_mla *m = &a->mla;
+    const int64_t D = a->hidden, H = m->n_heads;
+    const int lora = a->q_a.w != NULL;
+    const int64_t q_in = lora ? a->q_a.rows : D;
     const size_t n = (size_t)(D + q_in + a->q_b.rows + a->kv_a.rows + H * m->v_dim + D);
     float *buf = malloc(sizeof(float) * n);
     if (!buf) return hk2_fail(HK2_ENOMEM, "attn_decode: out of memory");
     float *xn = buf, *qa = xn + D, *q = qa + q_in, *kva = q + a->q_b.rows, *att = kva + a->kv_a.rows, *delta = att + H * m->v_dim;
-    err = mla_check(m, pos, q, kva, rot, kv_cache, pe_cache, att);
-    if (err) {
-        free(buf);
-        return err;
-    }
     const hk2_kernels *k = hk2_active_kernels();
     hk2_api_lock();
     hk2_norm_row(k, x, a->input_norm, D, a->input_eps, xn);

@@ -111,8 +111,8 @@ static void choose(const hk2_router *r, float *scores, float *choice, uint8_t *o
     for (int64_t k = 0; k < K; k++) w[k] = w[k] * norm * r->scaling;
 }
 
-int hk2_route(const hk2_router *r, int64_t n_tokens, const float *x, int32_t *ids, float *weights) {
-    hk2_clear_error();
+/* the router's own fields (hk2_router_check; every hk2_route call with an unchecked router) */
+static int check_router(const hk2_router *r) {
     if (!r) return hk2_fail(HK2_EINVAL, "route: r is NULL");
     const int64_t E = r->n_experts, H = r->hidden, K = r->top_k, G = r->n_group;
     if (E < 1 || E > NR_MAX_DIM) return hk2_fail(HK2_ESHAPE, "route: n_experts=%lld out of range", (long long)E);
@@ -126,10 +126,25 @@ int hk2_route(const hk2_router *r, int64_t n_tokens, const float *x, int32_t *id
     const int64_t open_experts = G > 1 ? r->topk_group * (E / G) : E;
     if (K < 1 || K > open_experts)
         return hk2_fail(HK2_ESHAPE, "route: top_k=%lld out of range [1, %lld]", (long long)K, (long long)open_experts);
-    if (n_tokens < 0 || n_tokens > NR_MAX_N) return hk2_fail(HK2_ESHAPE, "route: n_tokens=%lld out of range", (long long)n_tokens);
     if (!isfinite(r->scaling)) return hk2_fail(HK2_EINVAL, "route: scaling=%g is not a finite number", r->scaling);
-    if (!r->weight || !x || !ids || !weights)
-        return hk2_fail(HK2_EINVAL, "route: %s is NULL", !r->weight ? "weight" : !x ? "x" : !ids ? "ids" : "weights");
+    if (!r->weight) return hk2_fail(HK2_EINVAL, "route: weight is NULL");
+    return HK2_OK;
+}
+
+int hk2_router_check(hk2_router *r) {
+    hk2_clear_error();
+    const int err = check_router(r);
+    if (r) r->checked = err ? 0 : HK2_CHECKED;
+    return err;
+}
+
+int hk2_route(const hk2_router *r, int64_t n_tokens, const float *x, int32_t *ids, float *weights) {
+    hk2_clear_error();
+    const int err0 = r && r->checked == HK2_CHECKED ? HK2_OK : check_router(r);
+    if (err0) return err0;
+    const int64_t E = r->n_experts, K = r->top_k;
+    if (n_tokens < 0 || n_tokens > NR_MAX_N) return hk2_fail(HK2_ESHAPE, "route: n_tokens=%lld out of range", (long long)n_tokens);
+    if (!x || !ids || !weights) return hk2_fail(HK2_EINVAL, "route: %s is NULL", !x ? "x" : !ids ? "ids" : "weights");
     if (n_tokens == 0) return HK2_OK;
 
     float *logits = malloc(sizeof(float) * (size_t)(n_tokens * E + E));
