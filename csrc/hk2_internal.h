@@ -210,6 +210,35 @@ static inline void hk2_q4_K_scale_min(int j, const uint8_t *q, uint8_t *sc, uint
         *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
     }
 }
+/* the quantizers with signed sub-block scales (Q3_K, Q6_K): per 16 values s of a super-block x, the scale that maps
+ * the first value of largest magnitude to q_extreme; returns the scale of largest magnitude (0: all values 0) */
+static inline float hk2_signed_scales16(const float *x, float q_extreme, float scale[16]) {
+    float max_scale = 0.0f, amax_scale = 0.0f;
+    for (int s = 0; s < 16; s++) {
+        float amax = 0.0f, max = 0.0f;
+        for (int l = 0; l < 16; l++) {
+            const float v = x[16 * s + l];
+            if (__builtin_fabsf(v) > amax) { amax = __builtin_fabsf(v); max = v; }
+        }
+        scale[s] = max / q_extreme;
+        if (__builtin_fabsf(scale[s]) > amax_scale) { amax_scale = __builtin_fabsf(scale[s]); max_scale = scale[s]; }
+    }
+    return max_scale;
+}
+/* the inverse: 8 6-bit scales and mins -> Q4_K's (and Q5_K's) 12 packed bytes */
+static inline void hk2_q4_K_pack_scales(const uint8_t sc[8], const uint8_t m[8], uint8_t q[12]) {
+    memset(q, 0, 12);
+    for (int j = 0; j < 8; j++) {
+        if (j < 4) {
+            q[j] = sc[j];
+            q[j + 4] = m[j];
+        } else {
+            q[j + 4] = (uint8_t)((sc[j] & 0xF) | ((m[j] & 0xF) << 4));
+            q[j - 4] |= (uint8_t)((sc[j] >> 4) << 6);
+            q[j] |= (uint8_t)((m[j] >> 4) << 6);
+        }
+    }
+}
 /* round half away from zero, as C roundf and gguf's np_roundf */
 static inline int hk2_roundf_int(float v) {
     const int t = (int)v;  /* truncation; |v| is small here (<= 127.x) */
@@ -241,6 +270,15 @@ void hk2_clear_error(void);
 void hk2_api_lock(void);   /* serialises calls that use the pool or shared workspace */
 void hk2_api_unlock(void);
 void *hk2_workspace(size_t n);  /* n bytes, cache-line aligned, kept between calls; the caller holds the API lock */
+
+/* the bind-time check of a struct (hk2.h): check it in full, mark it checked or not */
+#define HK2_DEFINE_CHECK(name, type, check)                 \
+    int name(type *s) {                                     \
+        hk2_clear_error();                                  \
+        const int err = check(s);                           \
+        if (s) s->checked = err ? 0 : HK2_CHECKED;          \
+        return err;                                         \
+    }
 
 /* ---- pieces shared by the drivers; *_locked: the caller holds the API lock ---- */
 /* linear.c: hk2_linear's argument checks (also hk2_attn_check's, for its matrices) and the call itself */
@@ -296,10 +334,62 @@ const char *hk2_type_name(int qtype);
 const hk2_kernels *hk2_active_kernels(void);
 hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int weight_type);
 int hk2_na_for(const hk2_kernels *k, int weight_type);  /* rows per call of that dot: HK2_NA, or its max_na */
-/* a repack's arguments: nrows (a multiple of 8) rows of type `from` at src -> type `to` at dst, not overlapping;
- * their row bytes out */
-int hk2_repack_args(int from, int to, const void *src, int64_t nrows, int64_t ncols, const void *dst, int64_t *rb,
-                    int64_t *rb_to);
+/* a repack to an 8-row layout (hk2_repack_*): checks the arguments (nrows a multiple of 8, src and dst not
+ * overlapping), then put(out, r, in) stores each source block in of row r of a group into the group's out block */
+typedef void (*hk2_repack_fn)(void *out, int r, const void *in);
+int hk2_repack(int from, int to, const void *src, int64_t nrows, int64_t ncols, void *dst, hk2_repack_fn put);
+/* the dequantizer of 8-row layout `to`: get(out, r, in) takes row r's block back out of the group's block in, which
+ * the source type `from` then dequantizes: the group's 8 rows -> y [8, n] */
+void hk2_dequantize_r8(int from, int to, hk2_repack_fn get, const void *blocks, float *y, int64_t n);
+
+/* A scalar dot kernel dot_<t> (the reference the type's SIMD kernels are tested against): s[j] = the sum over the
+ * blocks b of blk_<t>(x + b, y, bs, d), block b's float term from activation row j's values y, 16-value sums bs
+ * and scale d there, added in block order. */
+#define HK2_SCALAR_DOT(t, block_t, qk)                                                                        \
+    static void dot_##t(int n, const void *w, const hk2_arow *a, int na, float *s) {                          \
+        const block_t *x = w;                                                                                 \
+        for (int j = 0; j < na; j++) {                                                                        \
+            float sum = 0.0f;                                                                                 \
+            for (int b = 0; b < n / (qk); b++)                                                                \
+                sum += blk_##t(x + b, a[j].qs + (qk) * b, a[j].bs + (qk) / 16 * b, a[j].d[b]);              \
+            s[j] = sum;                                                                                       \
+        }                                                                                                     \
+    }
+/* the same for a type of 8 interleaved rows: s[8 j + r] from blk_<t>(x + b, r, y, bs, d) */
+#define HK2_SCALAR_DOT_R8(t, block_t, qk)                                                                     \
+    static void dot_##t(int n, const void *w, const hk2_arow *a, int na, float *s) {                          \
+        const block_t *x = w;                                                                                 \
+        for (int j = 0; j < na; j++)                                                                          \
+            for (int r = 0; r < HK2_R8; r++) {                                                                \
+                float sum = 0.0f;                                                                             \
+                for (int b = 0; b < n / (qk); b++)                                                            \
+                    sum += blk_##t(x + b, r, a[j].qs + (qk) * b, a[j].bs + (qk) / 16 * b, a[j].d[b]);       \
+                s[HK2_R8 * j + r] = sum;                                                                      \
+            }                                                                                                 \
+    }
+/* A K-quant super-block's scalar term where values have mins (Q2_K Q4_K Q5_K): value v = d * sc * q[v] - dmin * m
+ * over sub-blocks of `sub` values (16 or 32; sc, m one per sub-block), the min term from the activation's
+ * 16-value sums bs */
+static inline float hk2_k_min_term(const uint8_t *q, int sub, const uint8_t *sc, const uint8_t *m, hk2_half d,
+                                   hk2_half dmin, const int8_t *y, const int16_t *bs, float da) {
+    int sumi = 0, summ = 0;
+    for (int sb = 0; sb < HK2_QK_K / sub; sb++) {
+        int p = 0;
+        for (int l = 0; l < sub; l++) p += q[sub * sb + l] * y[sub * sb + l];
+        sumi += sc[sb] * p;
+        summ += m[sb] * (sub == 32 ? bs[2 * sb] + bs[2 * sb + 1] : bs[sb]);
+    }
+    return da * (hk2_fp16_to_fp32(d) * (float)sumi - hk2_fp16_to_fp32(dmin) * (float)summ);
+}
+/* A family type's dots for its table: dot_<t> (scalar, the table's file), hk2_dot_<t>_avx2 and
+ * hk2_dot_<t>_avx512vnni (the family's SIMD files), declared by HK2_DECLARE_DOTS(t) */
+typedef void hk2_dot_kernel(int n, const void *w, const hk2_arow *a, int na, float *s);
+#define HK2_DOTS(t) {dot_##t, HK2_X86(hk2_dot_##t##_avx2), NULL, HK2_X86(hk2_dot_##t##_avx512vnni)}
+#ifndef HK2_NO_X86
+#define HK2_DECLARE_DOTS(t) hk2_dot_kernel hk2_dot_##t##_avx2, hk2_dot_##t##_avx512vnni;
+#else
+#define HK2_DECLARE_DOTS(t)
+#endif
 
 /* Shared by the per-ISA kernel files. */
 #define INLINE static inline __attribute__((always_inline))
@@ -323,6 +413,16 @@ int hk2_repack_args(int from, int to, const void *src, int64_t nrows, int64_t nc
     case 7: f(n, w, a, 7, s, ##__VA_ARGS__); break;                                              \
     default: f(n, w, a, 8, s, ##__VA_ARGS__); break;                                             \
     }
+/* A SIMD file's entry point hk2_dot_<t>_<HK2_ISA> (HK2_ISA: set by hk2_target_avx2.h / hk2_target_avx512.h), the
+ * kernel template dot_<t>_t (HK2_DOT_ENTRY_OF: tmpl, with further arguments) instantiated by sw (HK2_NA_SWITCH4
+ * or HK2_NA_SWITCH8: up to the type's max_na activation rows) */
+#define HK2_CAT4_(a, b, c, d) a##b##c##d
+#define HK2_CAT4(a, b, c, d) HK2_CAT4_(a, b, c, d)
+#define HK2_DOT_ENTRY_OF(t, sw, tmpl, ...)                                                                  \
+    void HK2_CAT4(hk2_dot_, t, _, HK2_ISA)(int n, const void *w, const hk2_arow *a, int na, float *s) {     \
+        sw(na, tmpl, n, w, a, s, ##__VA_ARGS__)                                                             \
+    }
+#define HK2_DOT_ENTRY(t, sw) HK2_DOT_ENTRY_OF(t, sw, dot_##t##_t)
 /* Software prefetch distance in bytes along a weight row (rows of one expert are contiguous, so
  * running past a row's end fetches the next). The hardware prefetcher alone leaves a single
  * core well short of its share of DRAM bandwidth. (rw=0, locality=3) is _MM_HINT_T0. */

@@ -204,12 +204,7 @@ static int check_mla(const hk2_mla *m) {
     return m->k_b.w ? check_floats("mla_decode", 1, ptrs + 1, names + 1) : check_floats("mla_decode", 2, ptrs, names);
 }
 
-int hk2_mla_check(hk2_mla *m) {
-    hk2_clear_error();
-    const int err = check_mla(m);
-    if (m) m->checked = err ? 0 : HK2_CHECKED;
-    return err;
-}
+HK2_DEFINE_CHECK(hk2_mla_check, hk2_mla, check_mla)
 
 /* what one decode call brings: the position and the token's buffers (first = 3: only rot and the caches) */
 static int check_step(int64_t pos, int first, const float *q, const float *kv_a, const float *rot, const float *kv_cache,
@@ -292,12 +287,7 @@ static int check_attn(const hk2_attn *a) {
     return HK2_OK;
 }
 
-int hk2_attn_check(hk2_attn *a) {
-    hk2_clear_error();
-    const int err = check_attn(a);
-    if (a) a->checked = err ? 0 : HK2_CHECKED;
-    return err;
-}
+HK2_DEFINE_CHECK(hk2_attn_check, hk2_attn, check_attn)
 
 int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float *rot, float *kv_cache,
                     float *pe_cache, float *out) {

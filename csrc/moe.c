@@ -182,12 +182,7 @@ static int check_layer(const hk2_moe_layer *L) {
     return HK2_OK;
 }
 
-int hk2_moe_layer_check(hk2_moe_layer *L) {
-    hk2_clear_error();
-    const int err = check_layer(L);
-    if (L) L->checked = err ? 0 : HK2_CHECKED;
-    return err;
-}
+HK2_DEFINE_CHECK(hk2_moe_layer_check, hk2_moe_layer, check_layer)
 
 int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x, const int32_t *ids,
                     const float *weights, float *y, int flags) {

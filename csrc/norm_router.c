@@ -131,12 +131,7 @@ static int check_router(const hk2_router *r) {
     return HK2_OK;
 }
 
-int hk2_router_check(hk2_router *r) {
-    hk2_clear_error();
-    const int err = check_router(r);
-    if (r) r->checked = err ? 0 : HK2_CHECKED;
-    return err;
-}
+HK2_DEFINE_CHECK(hk2_router_check, hk2_router, check_router)
 
 int hk2_route(const hk2_router *r, int64_t n_tokens, const float *x, int32_t *ids, float *weights) {
     hk2_clear_error();

@@ -1,6 +1,6 @@
 /* The block type registry (every type's table entry, from the quants_<family>.c files) and the entry points
  * that convert whole matrices: hk2_quantize / hk2_dequantize (rows split across the pool), hk2_quantize_act,
- * and the repacks' shared argument checks. */
+ * and the repacks' driver. */
 #include <stdatomic.h>
 #include <stdlib.h>
 #include "hk2_internal.h"
@@ -115,17 +115,35 @@ static int overlap(const void *a, int64_t na, const void *b, int64_t nb) {
     return x < y + (uintptr_t)nb && y < x + (uintptr_t)na;
 }
 
-int hk2_repack_args(int from, int to, const void *src, int64_t nrows, int64_t ncols, const void *dst, int64_t *rb,
-                    int64_t *rb_to) {
+int hk2_repack(int from, int to, const void *src, int64_t nrows, int64_t ncols, void *dst, hk2_repack_fn put) {
     hk2_clear_error();
     if (!src || !dst) return hk2_fail(HK2_EINVAL, "repack: null %s pointer", !src ? "input" : "output");
     if (nrows < 0 || nrows % HK2_R8)
         return hk2_fail(HK2_ESHAPE, "repack: nrows=%lld is not a multiple of %d", (long long)nrows, HK2_R8);
-    *rb = hk2_row_bytes(from, ncols);
-    if (*rb < 0) return (int)*rb;
-    *rb_to = hk2_row_bytes(to, ncols);
-    if (overlap(src, nrows * *rb, dst, nrows * *rb_to)) return hk2_fail(HK2_EINVAL, "repack: src and dst overlap");
+    const int64_t rb = hk2_row_bytes(from, ncols);
+    if (rb < 0) return (int)rb;
+    const int64_t rb8 = hk2_row_bytes(to, ncols);
+    if (overlap(src, nrows * rb, dst, nrows * rb8)) return hk2_fail(HK2_EINVAL, "repack: src and dst overlap");
+    const int64_t nb = ncols / hk2_block_size(from);
+    const size_t in_bytes = (size_t)hk2_block_bytes(from), out_bytes = HK2_R8 * (size_t)hk2_block_bytes(to);
+    for (int64_t g = 0; g < nrows / HK2_R8; g++) {
+        const uint8_t *in = (const uint8_t *)src + g * HK2_R8 * rb;
+        uint8_t *out = (uint8_t *)dst + g * HK2_R8 * rb8;
+        for (int64_t b = 0; b < nb; b++)
+            for (int r = 0; r < HK2_R8; r++) put(out + (size_t)b * out_bytes, r, in + (size_t)(r * nb + b) * in_bytes);
+    }
     return HK2_OK;
+}
+
+void hk2_dequantize_r8(int from, int to, hk2_repack_fn get, const void *blocks, float *y, int64_t n) {
+    const hk2_type_ops *o = hk2_type_ops_for(from);
+    const size_t group_bytes = HK2_R8 * (size_t)hk2_block_bytes(to);
+    _Alignas(16) uint8_t one[512];   /* one source block (the largest is 292 bytes) */
+    for (int64_t b = 0; b < n / o->block_size; b++)
+        for (int r = 0; r < HK2_R8; r++) {
+            get(one, r, (const uint8_t *)blocks + (size_t)b * group_bytes);
+            o->dequantize(one, y + r * n + b * o->block_size, o->block_size);
+        }
 }
 
 int hk2_quantize(int qtype, const float *x, int64_t nrows, int64_t ncols, void *out) {

@@ -66,17 +66,7 @@ static void quantize_row_q4_K(const float *x, void *blocks, int64_t n) {
             ls[j] = (uint8_t)clampi(nearest_int(inv_scale * scale[j]), 0, 63);
             lm[j] = (uint8_t)clampi(nearest_int(inv_min * minv[j]), 0, 63);
         }
-        memset(y[i].scales, 0, sizeof y[i].scales);
-        for (int j = 0; j < 8; j++) {
-            if (j < 4) {
-                y[i].scales[j] = ls[j];
-                y[i].scales[j + 4] = lm[j];
-            } else {
-                y[i].scales[j + 4] = (uint8_t)((ls[j] & 0xF) | ((lm[j] & 0xF) << 4));
-                y[i].scales[j - 4] |= (uint8_t)((ls[j] >> 4) << 6);
-                y[i].scales[j] |= (uint8_t)((lm[j] >> 4) << 6);
-            }
-        }
+        hk2_q4_K_pack_scales(ls, lm, y[i].scales);
         y[i].d = hk2_fp32_to_fp16(max_scale / 63.0f);
         y[i].dmin = hk2_fp32_to_fp16(max_min / 63.0f);
         const float d = hk2_fp16_to_fp32(y[i].d), dmin = hk2_fp16_to_fp32(y[i].dmin);
@@ -96,17 +86,9 @@ static void quantize_row_q4_K(const float *x, void *blocks, int64_t n) {
 static void quantize_row_q6_K(const float *x, void *blocks, int64_t n) {
     block_q6_K *y = blocks;
     for (int64_t i = 0; i < n / HK2_QK_K; i++, x += HK2_QK_K) {
-        float scale[16], max_scale = 0.0f, amax_scale = 0.0f;
-        for (int s = 0; s < 16; s++) {  /* value = scale * q, q in -32..31; the extreme maps to -32 */
-            float amax = 0.0f, max = 0.0f;
-            for (int l = 0; l < 16; l++) {
-                const float v = x[16 * s + l];
-                if (fabsf(v) > amax) { amax = fabsf(v); max = v; }
-            }
-            scale[s] = max / -32.0f;
-            if (fabsf(scale[s]) > amax_scale) { amax_scale = fabsf(scale[s]); max_scale = scale[s]; }
-        }
-        if (amax_scale == 0.0f) {
+        float scale[16];
+        const float max_scale = hk2_signed_scales16(x, -32.0f, scale);  /* value = scale * q, q in -32..31 */
+        if (max_scale == 0.0f) {
             memset(&y[i], 0, sizeof y[i]);
             /* q = 0 is stored as 32 in both halves */
             for (int l = 0; l < 64; l++) y[i].qh[l] = 0xAA;
@@ -161,39 +143,7 @@ static void dequantize_row_q4_0(const void *blocks, float *y, int64_t n) {
     }
 }
 
-/* 8 interleaved rows: y [8, n] */
-static void dequantize_rows_q4_0_r8(const void *blocks, float *y, int64_t n) {
-    const block_q4_0x8 *x = blocks;
-    for (int64_t i = 0; i < n / HK2_QK; i++)
-        for (int r = 0; r < HK2_R8; r++) {
-            const float d = hk2_fp16_to_fp32(x[i].d[r]);
-            float *yr = y + r * n + i * HK2_QK;
-            for (int j = 0; j < HK2_QK / 2; j++) {
-                const uint8_t q = x[i].qs[32 * (j / 4) + 4 * r + j % 4];
-                yr[j] = d * ((q & 0xF) - 8);
-                yr[j + HK2_QK / 2] = d * ((q >> 4) - 8);
-            }
-        }
-}
 
-/* 8 interleaved rows: y [8, n]; the same float ops as dequantize_row_q4_K, so the same values */
-static void dequantize_rows_q4_K_r8(const void *blocks, float *y, int64_t n) {
-    const block_q4_Kx8 *x = blocks;
-    for (int64_t i = 0; i < n / HK2_QK_K; i++)
-        for (int r = 0; r < HK2_R8; r++) {
-            const float d = hk2_fp16_to_fp32(x[i].d[r]), dmin = hk2_fp16_to_fp32(x[i].dmin[r]);
-            float *yr = y + r * n + i * HK2_QK_K;
-            for (int c = 0; c < 4; c++) {
-                const float d1 = d * x[i].sc[2 * c][r], m1 = dmin * x[i].m[2 * c][r];
-                const float d2 = d * x[i].sc[2 * c + 1][r], m2 = dmin * x[i].m[2 * c + 1][r];
-                for (int l = 0; l < 32; l++) {
-                    const uint8_t q = x[i].qs[256 * c + 32 * (l / 4) + 4 * r + l % 4];
-                    yr[64 * c + l] = d1 * (q & 0xF) - m1;
-                    yr[64 * c + 32 + l] = d2 * (q >> 4) - m2;
-                }
-            }
-        }
-}
 
 static void dequantize_row_q4_K(const void *blocks, float *y, int64_t n) {
     const block_q4_K *x = blocks;
@@ -242,192 +192,128 @@ static void dequantize_row_q8_K(const void *blocks, float *y, int64_t n) {
 
 /* ---------------- repacks: 8 rows interleaved (hk2.h) ---------------- */
 
+static void put_q4_0_r8(void *out, int r, const void *in) {
+    block_q4_0x8 *o = out;
+    const block_q4_0 *x = in;
+    o->d[r] = x->d;
+    for (int c = 0; c < 4; c++) memcpy(o->qs + 32 * c + 4 * r, x->qs + 4 * c, 4);
+}
 int hk2_repack_q4_0_r8(const void *src, int64_t nrows, int64_t ncols, void *dst) {
-    int64_t rb, rb8;
-    const int err = hk2_repack_args(HK2_Q4_0, HK2_Q4_0_R8, src, nrows, ncols, dst, &rb, &rb8);
-    if (err) return err;
-    const uint8_t *s = src;
-    uint8_t *d = dst;
-    const int64_t nb = ncols / HK2_QK;
-    for (int64_t g = 0; g < nrows / HK2_R8; g++) {
-        const block_q4_0 *in = (const block_q4_0 *)(s + g * HK2_R8 * rb);
-        block_q4_0x8 *out = (block_q4_0x8 *)(d + g * HK2_R8 * rb8);
-        for (int64_t b = 0; b < nb; b++)
-            for (int r = 0; r < HK2_R8; r++) {
-                const block_q4_0 *x = in + r * nb + b;
-                out[b].d[r] = x->d;
-                for (int c = 0; c < 4; c++) memcpy(out[b].qs + 32 * c + 4 * r, x->qs + 4 * c, 4);
-            }
-    }
-    return HK2_OK;
+    return hk2_repack(HK2_Q4_0, HK2_Q4_0_R8, src, nrows, ncols, dst, put_q4_0_r8);
+}
+/* the inverse: row r's Q4_0 block back out of the group's */
+static void get_q4_0_r8(void *out, int r, const void *in) {
+    block_q4_0 *o = out;
+    const block_q4_0x8 *x = in;
+    o->d = x->d[r];
+    for (int c = 0; c < 4; c++) memcpy(o->qs + 4 * c, x->qs + 32 * c + 4 * r, 4);
+}
+static void dequantize_rows_q4_0_r8(const void *blocks, float *y, int64_t n) {
+    hk2_dequantize_r8(HK2_Q4_0, HK2_Q4_0_R8, get_q4_0_r8, blocks, y, n);
 }
 
+static void put_q4_K_r8(void *out, int r, const void *in) {
+    block_q4_Kx8 *o = out;
+    const block_q4_K *x = in;
+    o->d[r] = x->d;
+    o->dmin[r] = x->dmin;
+    for (int j = 0; j < 8; j++) hk2_q4_K_scale_min(j, x->scales, &o->sc[j][r], &o->m[j][r]);
+    for (int c = 0; c < 4; c++)
+        for (int k = 0; k < 8; k++) memcpy(o->qs + 256 * c + 32 * k + 4 * r, x->qs + 32 * c + 4 * k, 4);
+}
 int hk2_repack_q4_K_r8(const void *src, int64_t nrows, int64_t ncols, void *dst) {
-    int64_t rb, rb8;
-    const int err = hk2_repack_args(HK2_Q4_K, HK2_Q4_K_R8, src, nrows, ncols, dst, &rb, &rb8);
-    if (err) return err;
-    const uint8_t *s = src;
-    uint8_t *d = dst;
-    const int64_t nb = ncols / HK2_QK_K;
-    for (int64_t g = 0; g < nrows / HK2_R8; g++) {
-        const block_q4_K *in = (const block_q4_K *)(s + g * HK2_R8 * rb);
-        block_q4_Kx8 *out = (block_q4_Kx8 *)(d + g * HK2_R8 * rb8);
-        for (int64_t b = 0; b < nb; b++)
-            for (int r = 0; r < HK2_R8; r++) {
-                const block_q4_K *x = in + r * nb + b;
-                out[b].d[r] = x->d;
-                out[b].dmin[r] = x->dmin;
-                for (int j = 0; j < 8; j++) hk2_q4_K_scale_min(j, x->scales, &out[b].sc[j][r], &out[b].m[j][r]);
-                for (int c = 0; c < 4; c++)
-                    for (int k = 0; k < 8; k++) memcpy(out[b].qs + 256 * c + 32 * k + 4 * r, x->qs + 32 * c + 4 * k, 4);
-            }
+    return hk2_repack(HK2_Q4_K, HK2_Q4_K_R8, src, nrows, ncols, dst, put_q4_K_r8);
+}
+static void get_q4_K_r8(void *out, int r, const void *in) {
+    block_q4_K *o = out;
+    const block_q4_Kx8 *x = in;
+    uint8_t sc[8], m[8];
+    o->d = x->d[r];
+    o->dmin = x->dmin[r];
+    for (int j = 0; j < 8; j++) {
+        sc[j] = x->sc[j][r];
+        m[j] = x->m[j][r];
     }
-    return HK2_OK;
+    hk2_q4_K_pack_scales(sc, m, o->scales);
+    for (int c = 0; c < 4; c++)
+        for (int k = 0; k < 8; k++) memcpy(o->qs + 32 * c + 4 * k, x->qs + 256 * c + 32 * k + 4 * r, 4);
+}
+static void dequantize_rows_q4_K_r8(const void *blocks, float *y, int64_t n) {
+    hk2_dequantize_r8(HK2_Q4_K, HK2_Q4_K_R8, get_q4_K_r8, blocks, y, n);
 }
 
-/* ---------------- scalar dots ---------------- */
+/* ---------------- scalar dots: integer sums per block, one float multiply-add per block ---------------- */
 
-static void dot_q4_0(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_q4_0 *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int b = 0; b < n / HK2_QK; b++) {
-            const int8_t *y = a[j].qs + b * HK2_QK;
-            int sumi = 0;
-            for (int l = 0; l < HK2_QK / 2; l++)
-                sumi += ((x[b].qs[l] & 0xF) - 8) * y[l] + ((x[b].qs[l] >> 4) - 8) * y[l + HK2_QK / 2];
-            sum += hk2_fp16_to_fp32(x[b].d) * a[j].d[b] * (float)sumi;
+static inline float blk_q4_0(const block_q4_0 *x, const int8_t *y, const int16_t *bs, float da) {
+    int sumi = 0;
+    for (int l = 0; l < HK2_QK / 2; l++) sumi += ((x->qs[l] & 0xF) - 8) * y[l] + ((x->qs[l] >> 4) - 8) * y[l + HK2_QK / 2];
+    return hk2_fp16_to_fp32(x->d) * da * (float)sumi;
+}
+HK2_SCALAR_DOT(q4_0, block_q4_0, HK2_QK)
+
+/* 8 interleaved rows: row r's Q4_0 block taken back out, so the same integer sums as Q4_0's */
+static inline float blk_q4_0_r8(const block_q4_0x8 *x, int r, const int8_t *y, const int16_t *bs, float da) {
+    block_q4_0 one;
+    get_q4_0_r8(&one, r, x);
+    return blk_q4_0(&one, y, bs, da);
+}
+HK2_SCALAR_DOT_R8(q4_0_r8, block_q4_0x8, HK2_QK)
+
+static inline float blk_q8_0(const block_q8_0 *x, const int8_t *y, const int16_t *bs, float da) {
+    int sumi = 0;
+    for (int l = 0; l < HK2_QK; l++) sumi += x->qs[l] * y[l];
+    return hk2_fp16_to_fp32(x->d) * da * (float)sumi;
+}
+HK2_SCALAR_DOT(q8_0, block_q8_0, HK2_QK)
+
+static inline float blk_q4_K(const block_q4_K *x, const int8_t *y, const int16_t *bs, float da) {
+    uint8_t q[HK2_QK_K], sc[8], m[8];
+    for (int j = 0; j < 8; j++) hk2_q4_K_scale_min(j, x->scales, &sc[j], &m[j]);
+    for (int c = 0; c < HK2_QK_K / 64; c++)
+        for (int l = 0; l < 32; l++) {
+            q[64 * c + l] = x->qs[32 * c + l] & 0xF;
+            q[64 * c + 32 + l] = x->qs[32 * c + l] >> 4;
         }
-        s[j] = sum;
+    return hk2_k_min_term(q, 32, sc, m, x->d, x->dmin, y, bs, da);
+}
+HK2_SCALAR_DOT(q4_K, block_q4_K, HK2_QK_K)
+
+/* 8 interleaved rows, as Q4_0_R8 */
+static inline float blk_q4_K_r8(const block_q4_Kx8 *x, int r, const int8_t *y, const int16_t *bs, float da) {
+    block_q4_K one;
+    get_q4_K_r8(&one, r, x);
+    return blk_q4_K(&one, y, bs, da);
+}
+HK2_SCALAR_DOT_R8(q4_K_r8, block_q4_Kx8, HK2_QK_K)
+
+static inline float blk_q6_K(const block_q6_K *x, const int8_t *y, const int16_t *bs, float da) {
+    const uint8_t *ql = x->ql, *qh = x->qh;
+    const int8_t *sc = x->scales;
+    int sumi = 0;
+    for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8, y += 128) {
+        int part[8] = {0};  /* per 16-value sub-block of this half */
+        for (int l = 0; l < 32; l++) {
+            const int is = l / 16;
+            part[is + 0] += (((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32) * y[l];
+            part[is + 2] += (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32) * y[l + 32];
+            part[is + 4] += (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32) * y[l + 64];
+            part[is + 6] += (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32) * y[l + 96];
+        }
+        for (int k = 0; k < 8; k++) sumi += sc[k] * part[k];
     }
+    return da * hk2_fp16_to_fp32(x->d) * (float)sumi;
 }
-
-/* 8 interleaved rows; the same integer sums per block as dot_q4_0 */
-static void dot_q4_0_r8(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_q4_0x8 *x = w;
-    for (int j = 0; j < na; j++)
-        for (int r = 0; r < HK2_R8; r++) {
-            float sum = 0.0f;
-            for (int b = 0; b < n / HK2_QK; b++) {
-                const int8_t *y = a[j].qs + b * HK2_QK;
-                int sumi = 0;
-                for (int l = 0; l < HK2_QK / 2; l++) {
-                    const uint8_t q = x[b].qs[32 * (l / 4) + 4 * r + l % 4];
-                    sumi += ((q & 0xF) - 8) * y[l] + ((q >> 4) - 8) * y[l + HK2_QK / 2];
-                }
-                sum += hk2_fp16_to_fp32(x[b].d[r]) * a[j].d[b] * (float)sumi;
-            }
-            s[HK2_R8 * j + r] = sum;
-        }
-}
-
-/* 8 interleaved rows; the same integer sums per super-block as dot_q4_K */
-static void dot_q4_K_r8(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_q4_Kx8 *x = w;
-    for (int j = 0; j < na; j++)
-        for (int r = 0; r < HK2_R8; r++) {
-            float sum = 0.0f;
-            for (int b = 0; b < n / HK2_QK_K; b++) {
-                const int8_t *y = a[j].qs + b * HK2_QK_K;
-                const int16_t *bs = a[j].bs + b * (HK2_QK_K / 16);
-                int sumi = 0, summ = 0;
-                for (int c = 0; c < HK2_QK_K / 64; c++) {
-                    int s1 = 0, s2 = 0;
-                    for (int l = 0; l < 32; l++) {
-                        const uint8_t q = x[b].qs[256 * c + 32 * (l / 4) + 4 * r + l % 4];
-                        s1 += (q & 0xF) * y[64 * c + l];
-                        s2 += (q >> 4) * y[64 * c + 32 + l];
-                    }
-                    sumi += x[b].sc[2 * c][r] * s1 + x[b].sc[2 * c + 1][r] * s2;
-                    summ += x[b].m[2 * c][r] * (bs[4 * c] + bs[4 * c + 1]) + x[b].m[2 * c + 1][r] * (bs[4 * c + 2] + bs[4 * c + 3]);
-                }
-                sum += a[j].d[b] * (hk2_fp16_to_fp32(x[b].d[r]) * (float)sumi - hk2_fp16_to_fp32(x[b].dmin[r]) * (float)summ);
-            }
-            s[HK2_R8 * j + r] = sum;
-        }
-}
-
-static void dot_q8_0(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_q8_0 *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int b = 0; b < n / HK2_QK; b++) {
-            const int8_t *y = a[j].qs + b * HK2_QK;
-            int sumi = 0;
-            for (int l = 0; l < HK2_QK; l++) sumi += x[b].qs[l] * y[l];
-            sum += hk2_fp16_to_fp32(x[b].d) * a[j].d[b] * (float)sumi;
-        }
-        s[j] = sum;
-    }
-}
-
-/* value = d*sc*q - dmin*m; the min term uses the activation's 16-value sums */
-static void dot_q4_K(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_q4_K *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int b = 0; b < n / HK2_QK_K; b++) {
-            const int8_t *y = a[j].qs + b * HK2_QK_K;
-            const int16_t *bs = a[j].bs + b * (HK2_QK_K / 16);
-            int sumi = 0, summ = 0;
-            for (int c = 0; c < HK2_QK_K / 64; c++) {
-                const uint8_t *q = x[b].qs + 32 * c;
-                uint8_t sc1, m1, sc2, m2;
-                hk2_q4_K_scale_min(2 * c, x[b].scales, &sc1, &m1);
-                hk2_q4_K_scale_min(2 * c + 1, x[b].scales, &sc2, &m2);
-                int s1 = 0, s2 = 0;
-                for (int l = 0; l < 32; l++) {
-                    s1 += (q[l] & 0xF) * y[64 * c + l];
-                    s2 += (q[l] >> 4) * y[64 * c + 32 + l];
-                }
-                sumi += sc1 * s1 + sc2 * s2;
-                summ += m1 * (bs[4 * c] + bs[4 * c + 1]) + m2 * (bs[4 * c + 2] + bs[4 * c + 3]);
-            }
-            sum += a[j].d[b] * (hk2_fp16_to_fp32(x[b].d) * (float)sumi - hk2_fp16_to_fp32(x[b].dmin) * (float)summ);
-        }
-        s[j] = sum;
-    }
-}
-
-static void dot_q6_K(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_q6_K *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int b = 0; b < n / HK2_QK_K; b++) {
-            const int8_t *y = a[j].qs + b * HK2_QK_K;
-            const uint8_t *ql = x[b].ql, *qh = x[b].qh;
-            const int8_t *sc = x[b].scales;
-            int sumi = 0;
-            for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8, y += 128) {
-                int part[8] = {0};  /* per 16-value sub-block of this half */
-                for (int l = 0; l < 32; l++) {
-                    const int is = l / 16;
-                    part[is + 0] += (((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32) * y[l];
-                    part[is + 2] += (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32) * y[l + 32];
-                    part[is + 4] += (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32) * y[l + 64];
-                    part[is + 6] += (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32) * y[l + 96];
-                }
-                for (int k = 0; k < 8; k++) sumi += sc[k] * part[k];
-            }
-            sum += a[j].d[b] * hk2_fp16_to_fp32(x[b].d) * (float)sumi;
-        }
-        s[j] = sum;
-    }
-}
+HK2_SCALAR_DOT(q6_K, block_q6_K, HK2_QK_K)
 
 #ifndef HK2_NO_X86
-#define HK2_BASE_DOTS(isa)                                                    \
-    void hk2_dot_q4_0_##isa(int, const void *, const hk2_arow *, int, float *); \
-    void hk2_dot_q8_0_##isa(int, const void *, const hk2_arow *, int, float *); \
-    void hk2_dot_q4_K_##isa(int, const void *, const hk2_arow *, int, float *); \
-    void hk2_dot_q6_K_##isa(int, const void *, const hk2_arow *, int, float *);
-HK2_BASE_DOTS(avx2)
-HK2_BASE_DOTS(avx512bw)
-HK2_BASE_DOTS(avx512vnni)
-void hk2_dot_q4_0_r8_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_q4_K_r8_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_q4_0_r8_avx512vnni(int, const void *, const hk2_arow *, int, float *);
+#define DECLARE_BASE_DOTS(t) hk2_dot_kernel hk2_dot_##t##_avx2, hk2_dot_##t##_avx512bw, hk2_dot_##t##_avx512vnni;
+DECLARE_BASE_DOTS(q4_0)
+DECLARE_BASE_DOTS(q8_0)
+DECLARE_BASE_DOTS(q4_K)
+DECLARE_BASE_DOTS(q6_K)
+hk2_dot_kernel hk2_dot_q4_K_r8_avx2;
 #endif
+HK2_DECLARE_DOTS(q4_0_r8)
 /* one type's dots at every level: scalar, AVX2, AVX-512 BW, AVX-512 VNNI */
 #define DOTS(t) {dot_##t, HK2_X86(hk2_dot_##t##_avx2), HK2_X86(hk2_dot_##t##_avx512bw), HK2_X86(hk2_dot_##t##_avx512vnni)}
 
@@ -443,7 +329,7 @@ const hk2_type_ops hk2_types_base[] = {
     {HK2_Q8_K, "Q8_K", HK2_QK_K, sizeof(block_q8_K), HK2_QK_K, dequantize_row_q8_K, quantize_row_q8_K, {NULL}, {0}, 1},
     /* bytes per row-block as Q4_0 */
     {HK2_Q4_0_R8, "Q4_0_R8", HK2_QK, sizeof(block_q4_0), HK2_QK, dequantize_rows_q4_0_r8, NULL,
-     {dot_q4_0_r8, HK2_X86(hk2_dot_q4_0_r8_avx2), NULL, HK2_X86(hk2_dot_q4_0_r8_avx512vnni)}, {0}, HK2_R8},
+     HK2_DOTS(q4_0_r8), {0}, HK2_R8},
     /* Q4_K's 144 bytes + 4 unpacked scale bytes */
     {HK2_Q4_K_R8, "Q4_K_R8", HK2_QK_K, HK2_Q4_K_R8_BYTES, HK2_QK_K, dequantize_rows_q4_K_r8, NULL,
      {dot_q4_K_r8, HK2_X86(hk2_dot_q4_K_r8_avx2), NULL, NULL}, {0}, HK2_R8},

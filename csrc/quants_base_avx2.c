@@ -14,11 +14,6 @@ INLINE float f16(hk2_half h) { return _cvtsh_ss(h); }
 /* two floats into lanes 0 and 1 (an 8-byte load with no alignment requirement) */
 INLINE __m128 load2f(const float *p) { return _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)p)); }
 
-/* 16 packed bytes -> 32 nibbles: low nibbles (elements 0..15) then high nibbles (16..31) */
-INLINE __m256i nibbles(const uint8_t *p) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
-}
 /* sum of 4 adjacent products of unsigned u and signed s bytes, as 8 int32 */
 INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
@@ -312,16 +307,11 @@ INLINE void dot_q6_K_t(int n, const block_q6_K *x, const hk2_arow *a, const int 
     for (int j = 0; j < NA; j++) s[j] = hsum_ps(acc[j]);
 }
 
-/* one entry point per type (listed in quants_base.c's table); the switch instantiates the kernel for each constant NA */
-#define DOT_ENTRY(t)                                                                      \
-    void hk2_dot_##t##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH4(na, dot_##t##_t, n, w, a, s)                                      \
-    }
-DOT_ENTRY(q4_0)
-DOT_ENTRY(q8_0)
-DOT_ENTRY(q4_K)
-DOT_ENTRY(q6_K)
-DOT_ENTRY(q4_0_r8)
-DOT_ENTRY(q4_K_r8)
+HK2_DOT_ENTRY(q4_0, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(q8_0, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(q4_K, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(q6_K, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(q4_0_r8, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(q4_K_r8, HK2_NA_SWITCH4)
 
 #include "hk2_target_end.h"

@@ -5,11 +5,6 @@
 #include "hk2_target_avx512.h"
 
 #define f16(h) hk2_fp16_to_fp32(h)
-#if HK2_AVX512_VNNI
-#define K(name) hk2_##name##_avx512vnni
-#else
-#define K(name) hk2_##name##_avx512bw
-#endif
 
 /* sum of 4 adjacent products of unsigned u and signed s bytes, as int32 lanes */
 INLINE __m512i dp_u8s8(__m512i u, __m512i s) {
@@ -26,19 +21,9 @@ INLINE __m256i dp_u8s8_256(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
 }
-INLINE __m256i nibbles(const uint8_t *p) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
-}
 INLINE __m512i cat256(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
 /* [a x8, b x8] */
 INLINE __m512 two_scales(float a, float b) { return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b)); }
-INLINE float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* ---------------- Q4_0: sum (q-8)*y = sum q*y - sum 8*y ---------------- */
 INLINE void dot_q4_0_t(int n, const block_q4_0 *x, const hk2_arow *a, const int NA, float *s) {
@@ -68,7 +53,7 @@ INLINE void dot_q4_0_t(int n, const block_q4_0 *x, const hk2_arow *a, const int 
             acc2[j] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a[j].d[b]), _mm256_cvtepi32_ps(p), acc2[j]);
         }
     }
-    for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]) + hsum256(acc2[j]);
+    for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]) + hsum_ps(acc2[j]);
 }
 
 /* ---------------- Q8_0: |w| x (y with w's sign) ---------------- */
@@ -104,7 +89,7 @@ INLINE void dot_q8_0_t(int n, const block_q8_0 *x, const hk2_arow *a, const int 
             acc2[j] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a[j].d[b]), _mm256_cvtepi32_ps(p), acc2[j]);
         }
     }
-    for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]) + hsum256(acc2[j]);
+    for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]) + hsum_ps(acc2[j]);
 }
 
 /* ---------------- Q4_K: one 64-value chunk (two 32-value sub-blocks) per vector ---------------- */
@@ -195,13 +180,6 @@ INLINE void dot_q6_K_t(int n, const block_q6_K *x, const hk2_arow *a, const int 
  * With VNNI one vpdpbusd per run replaces maddubs + add (and the int16 bound); without it the
  * AVX2 kernel is already the best fit, as the 8 rows fill exactly one 256-bit vector. */
 #if HK2_AVX512_VNNI
-INLINE __m256 fp16x8(const hk2_half *d) {
-#ifdef HK2_USE_SIMDE  /* SIMDe has no F16C */
-    return _mm256_setr_ps(f16(d[0]), f16(d[1]), f16(d[2]), f16(d[3]), f16(d[4]), f16(d[5]), f16(d[6]), f16(d[7]));
-#else
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d));
-#endif
-}
 INLINE void dot_q4_0_r8_t(int n, const block_q4_0x8 *x, const hk2_arow *a, const int NA, float *s) {
     __m256 acc[HK2_MAX_NA];
     for (int j = 0; j < NA; j++) acc[j] = _mm256_setzero_ps();
@@ -236,18 +214,13 @@ INLINE void dot_q4_0_r8_t(int n, const block_q4_0x8 *x, const hk2_arow *a, const
 }
 #endif
 
-/* one entry point per type; the switch instantiates the kernel for each constant NA (Q8_0: up to 8, its table
- * entry's max_na) */
-#define DOT_ENTRY(name, na_switch)                                                    \
-    void K(name)(int n, const void *w, const hk2_arow *a, int na, float *s) {        \
-        na_switch(na, name##_t, n, w, a, s)                                           \
-    }
-DOT_ENTRY(dot_q4_0, HK2_NA_SWITCH4)
-DOT_ENTRY(dot_q8_0, HK2_NA_SWITCH8)
-DOT_ENTRY(dot_q4_K, HK2_NA_SWITCH4)
-DOT_ENTRY(dot_q6_K, HK2_NA_SWITCH4)
+/* Q8_0: up to 8 activation rows per call (its table entry's max_na) */
+HK2_DOT_ENTRY(q4_0, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(q8_0, HK2_NA_SWITCH8)
+HK2_DOT_ENTRY(q4_K, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(q6_K, HK2_NA_SWITCH4)
 #if HK2_AVX512_VNNI
-DOT_ENTRY(dot_q4_0_r8, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(q4_0_r8, HK2_NA_SWITCH4)
 #endif
 
 #include "hk2_target_end.h"
