@@ -6,8 +6,9 @@
  * The structs a caller builds once and passes to every call (hk2_moe_layer, hk2_router, hk2_mla, hk2_attn)
  * are validated once: their hk2_*_check function checks everything and marks the struct checked; a call
  * with a checked struct then checks only its own arguments (token count, ids, pos, buffers). An unchecked
- * struct (checked = 0, as a zero-initialised struct has it) is checked in full on every call. Call the
- * check again after changing any field of a checked struct.
+ * struct (checked = 0, as a zero-initialised struct has it) is checked in full on every call, and so is one
+ * whose fields changed after its check (the mark covers them). What a struct points to is not read again:
+ * after changing an expert pointer array's entries or moving the weights, call the check again.
  * The text between the CDEF markers is parsed by cffi (hybrid_k2/_kernels_build.py):
  * keep it free of preprocessor directives other than integer #defines. */
 #ifndef HK2_H

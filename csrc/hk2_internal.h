@@ -276,7 +276,7 @@ void *hk2_workspace(size_t n);  /* n bytes, cache-line aligned, kept between cal
     int name(type *s) {                                     \
         hk2_clear_error();                                  \
         const int err = check(s);                           \
-        if (s) s->checked = err ? 0 : HK2_CHECKED;          \
+        if (s) s->checked = err ? 0 : hk2_seal(s, offsetof(type, checked)); \
         return err;                                         \
     }
 
@@ -287,8 +287,21 @@ int hk2_linear_locked(int qtype, const void *w, int64_t n_rows, int64_t n_cols, 
 /* norm_router.c: y = x / sqrt(mean(x^2) + eps) * w for one row of n (y may be x); v = softmax(v) in place */
 void hk2_norm_row(const hk2_kernels *k, const float *x, const float *w, int64_t n, float eps, float *y);
 void hk2_softmax(float *v, int64_t n);
-/* a struct that its hk2_*_check has validated (hk2.h: the checked fields) */
-#define HK2_CHECKED 0x4B32434B
+/* The mark hk2_*_check leaves in a valid struct's `checked` field (its last): a hash of all the bytes before it,
+ * so a struct changed after its check, or a copy changed, no longer carries it and is checked in full again. */
+static inline int hk2_seal(const void *s, size_t n) {
+    const uint8_t *p = s;
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        h = (h ^ w) * 0x100000001b3ull;
+        h ^= h >> 29;
+    }
+    for (size_t i = n & ~(size_t)7; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
+    return (int)((uint32_t)(h ^ (h >> 32)) | 1u);   /* never 0, the unchecked value */
+}
+#define HK2_SEALED(s, type) ((s) && (s)->checked == hk2_seal((s), offsetof(type, checked)))
 
 /* ---- block types (quants.c: the registry; quants_<family>.c: the types) ----
  * Each family file defines one table of these, ended by an entry with name NULL. dequantize/quantize

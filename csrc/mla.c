@@ -256,7 +256,7 @@ static int mla_locked(const hk2_mla *m, int64_t pos, const float *q, const float
 int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
                    float *kv_cache, float *pe_cache, float *o) {
     hk2_clear_error();
-    int err = m && m->checked == HK2_CHECKED ? HK2_OK : check_mla(m);
+    int err = HK2_SEALED(m, hk2_mla) ? HK2_OK : check_mla(m);
     if (!err) err = check_step(pos, 0, q, kv_a, rot, kv_cache, pe_cache, o);
     if (err) return err;
     hk2_api_lock();
@@ -292,7 +292,7 @@ HK2_DEFINE_CHECK(hk2_attn_check, hk2_attn, check_attn)
 int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float *rot, float *kv_cache,
                     float *pe_cache, float *out) {
     hk2_clear_error();
-    int err = a && a->checked == HK2_CHECKED ? HK2_OK : check_attn(a);
+    int err = HK2_SEALED(a, hk2_attn) ? HK2_OK : check_attn(a);
     if (!err) err = check_step(pos, 3, NULL, NULL, rot, kv_cache, pe_cache, NULL);
     if (err) return err;
     if (!x || !out) return hk2_fail(HK2_EINVAL, "attn_decode: %s is NULL", !x ? "x" : "out");

@@ -189,7 +189,7 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
     hk2_clear_error();
     if (flags & ~HK2_MOE_H_RESIDUAL) return hk2_fail(HK2_EINVAL, "flags=%d has unknown bits", flags);
     int hr = flags & HK2_MOE_H_RESIDUAL ? 2 : 1;
-    int err = L && L->checked == HK2_CHECKED ? HK2_OK : check_layer(L);   /* a checked layer: only this call's arguments */
+    int err = HK2_SEALED(L, hk2_moe_layer) ? HK2_OK : check_layer(L);   /* a checked layer: only this call's arguments */
     if (err) return err;
     if (T < 0 || T > HK2_MAX_DIM) return hk2_fail(HK2_ESHAPE, "n_tokens=%lld out of range", (long long)T);
     if (K < 1 || K > 4096 || T * K > HK2_MAX_DIM) return hk2_fail(HK2_ESHAPE, "top_k=%lld out of range", (long long)K);

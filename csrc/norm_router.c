@@ -135,7 +135,7 @@ HK2_DEFINE_CHECK(hk2_router_check, hk2_router, check_router)
 
 int hk2_route(const hk2_router *r, int64_t n_tokens, const float *x, int32_t *ids, float *weights) {
     hk2_clear_error();
-    const int err0 = r && r->checked == HK2_CHECKED ? HK2_OK : check_router(r);
+    const int err0 = HK2_SEALED(r, hk2_router) ? HK2_OK : check_router(r);
     if (err0) return err0;
     const int64_t E = r->n_experts, K = r->top_k;
     if (n_tokens < 0 || n_tokens > NR_MAX_N) return hk2_fail(HK2_ESHAPE, "route: n_tokens=%lld out of range", (long long)n_tokens);

@@ -269,14 +269,26 @@ static void test_bind_checks(void) {
     CHECK(hk2_moe_forward(&good, 2, 0, x, ids, w, y1, 0) == HK2_ESHAPE, "checked layer, top_k 0");
     CHECK(hk2_moe_forward(&good, 2, 2, x, NULL, w, y1, 0) == HK2_EINVAL, "checked layer, null ids");
     CHECK(hk2_moe_forward(&good, 2, 2, x, ids, w, y1, 8) == HK2_EINVAL, "checked layer, unknown flag bits");
-    /* the expert pointers are not walked again per call: a pointer changed after the check goes unseen by a call
-     * that does not use it (the caller's promise), until the layer is checked again */
+    /* a field changed after the check, in the struct or in a copy of it: checked in full again */
     bad = good;
     bad.gate = null_ptrs;
-    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y1, 0) == HK2_OK, "checked layer: expert 3 not walked per call");
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y1, 0) == HK2_EINVAL, "checked layer copied, its gate array changed");
+    bad = good;
+    bad.down_type = HK2_Q8_K;
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y1, 0) == HK2_ETYPE, "checked layer copied, its down type changed");
+    good.inter = 48;
+    CHECK(hk2_moe_forward(&good, 2, 2, x, ids, w, y1, 0) == HK2_ESHAPE, "checked layer, its inter changed");
+    good.inter = ex.I;
+    CHECK(hk2_moe_forward(&good, 2, 2, x, ids, w, y1, 0) == HK2_OK, "the mark again matches the checked fields");
+    /* what the layer points to is not walked again per call: an entry of its pointer arrays changed after the check
+     * goes unseen by a call that does not use that expert (the caller's promise), until the layer is checked again */
+    const void *keep = ex.gp[3];
+    ex.gp[3] = NULL;
+    CHECK(hk2_moe_forward(&good, 2, 2, x, ids, w, y1, 0) == HK2_OK, "checked layer: expert 3 not walked per call");
     CHECK(memcmp(y0, y1, sizeof y0) == 0, "the same y without expert 3");
-    CHECK(hk2_moe_layer_check(&bad) == HK2_EINVAL && bad.checked == 0, "checking again finds the change");
-    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y1, 0) == HK2_EINVAL, "and the calls check it in full again");
+    CHECK(hk2_moe_layer_check(&good) == HK2_EINVAL && good.checked == 0, "checking again finds the change");
+    CHECK(hk2_moe_forward(&good, 2, 2, x, ids, w, y1, 0) == HK2_EINVAL, "and the calls check it in full again");
+    ex.gp[3] = keep;
     free_experts(&ex);
 
     enum { E = 8, RH = 32, RK = 2 };
@@ -295,6 +307,8 @@ static void test_bind_checks(void) {
     CHECK(memcmp(id0, id1, sizeof id0) == 0 && memcmp(rw0, rw1, sizeof rw0) == 0, "checked router, same choice");
     CHECK(hk2_route(&r, -1, rx, id1, rw1) == HK2_ESHAPE, "checked router, negative tokens");
     CHECK(hk2_route(&r, 2, rx, NULL, rw1) == HK2_EINVAL, "checked router, null ids");
+    r.top_k = E + 1;
+    CHECK(hk2_route(&r, 2, rx, id1, rw1) == HK2_ESHAPE, "checked router, its top_k changed");
 }
 
 static void test_pool_lifecycle(void) {
@@ -473,6 +487,9 @@ static void test_decode_ops(void) {
     CHECK(hk2_mla_decode(&m, -1, q, kv_a, rot, kvc, pec, o) == HK2_ESHAPE, "checked mla, negative pos");
     CHECK(hk2_mla_decode(&m, POS, q, kv_a, rot, kvc, NULL, o) == HK2_EINVAL, "checked mla, null pe_cache");
     CHECK(hk2_mla_decode(&m, POS, q, kv_a, rot, kvc, pec, (float *)((char *)o + 2)) == HK2_EINVAL, "checked mla, misaligned o");
+    bad = m;
+    bad.rope = 7;
+    CHECK(hk2_mla_decode(&bad, POS, q, kv_a, rot, kvc, pec, o) == HK2_ESHAPE, "checked mla copied, rope changed");
     free(wkv_b); free(norm); free(q); free(kv_a); free(rot); free(kvc); free(pec); free(o); free(o1); free(ref);
 
     /* router: 12 experts in 3 groups of 4, the best 2 groups compete; ids unique, best first, in kept groups */
@@ -566,6 +583,9 @@ static void test_decode_ops(void) {
     CHECK(hk2_attn_decode(&at, 1, ax, NULL, kc1, pc1, aout) == HK2_EINVAL && strstr(hk2_last_error(), "rot"),
           "checked attn, null rot: %s", hk2_last_error());
     CHECK(hk2_attn_decode(&at, 1, NULL, arot, kc1, pc1, aout) == HK2_EINVAL, "checked attn, null x");
+    hk2_attn copy = at;
+    copy.o.cols = 48;
+    CHECK(hk2_attn_decode(&copy, 1, ax, arot, kc1, pc1, aout) == HK2_ESHAPE, "checked attn copied, o changed");
 }
 
 /* hk2_mla_decode reading kv_b as GGML blocks (a GGUF's attn_k_b / attn_v_b): against the double reference
