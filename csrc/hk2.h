@@ -3,6 +3,12 @@
  * Weight formats are GGML's block formats, byte for byte (type ids are GGML's).
  * Every entry point validates its arguments and returns an HK2_E* code (< 0) instead of
  * crashing; hk2_last_error() then holds a message naming the bad argument.
+ * The structs a caller builds once and passes to every call (hk2_moe_layer, hk2_router, hk2_mla, hk2_attn)
+ * are validated once: their hk2_*_check function checks everything and marks the struct checked; a call
+ * with a checked struct then checks only its own arguments (token count, ids, pos, buffers). An unchecked
+ * struct (checked = 0, as a zero-initialised struct has it) is checked in full on every call, and so is one
+ * whose fields changed after its check (the mark covers them). What a struct points to is not read again:
+ * after changing an expert pointer array's entries or moving the weights, call the check again.
  * The text between the CDEF markers is parsed by cffi (hybrid_k2/_kernels_build.py):
  * keep it free of preprocessor directives other than integer #defines. */
 #ifndef HK2_H
@@ -97,7 +103,11 @@ typedef struct {
     const void *const *gate;
     const void *const *up;
     const void *const *down;
+    int checked;                 /* 0, or set by hk2_moe_layer_check */
 } hk2_moe_layer;
+/* Checks the layer in full (sizes, types, row groups, each expert pointer: 3 x n_experts of them) and marks it
+ * checked: hk2_moe_forward then checks only its call's arguments. */
+int hk2_moe_layer_check(hk2_moe_layer *layer);
 
 /* y[t,:] = sum_k weights[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)),  e = ids[t,k].
  * x, y: [n_tokens, hidden] float32; ids: [n_tokens, top_k] int32; weights: [n_tokens, top_k] float32.
@@ -127,7 +137,9 @@ typedef struct {
     float scaling;               /* routed_scaling_factor */
     const float *weight;         /* [n_experts, hidden] */
     const float *bias;           /* [n_experts] e_score_correction_bias, or NULL */
+    int checked;                 /* 0, or set by hk2_router_check */
 } hk2_router;
+int hk2_router_check(hk2_router *r);   /* checks r in full and marks it checked (see above) */
 /* x [n_tokens, hidden] -> ids [n_tokens, top_k] int32, weights [n_tokens, top_k] float32. */
 int hk2_route(const hk2_router *r, int64_t n_tokens, const float *x, int32_t *ids, float *weights);
 
@@ -151,7 +163,9 @@ typedef struct {
      * (each head's W_k transposed) and attn_v_b [n_heads * v_dim, rank]. The head's q_nope and its latent
      * output are quantized to 8 bits for them, as hk2_linear quantizes its input. */
     hk2_matrix k_b, v_b;
+    int checked;                 /* 0, or set by hk2_mla_check */
 } hk2_mla;
+int hk2_mla_check(hk2_mla *m);   /* checks m in full and marks it checked (see above) */
 /* q [n_heads, nope + rope]: the token's queries, rope part not yet rotated; kv_a [rank + rope]: kv_a_proj's
  * output (latent, then the shared key's rope part, not normalised or rotated); rot [rope / 2][2]: cos and
  * sin (attention factor included) for position pos; kv_cache [pos + 1, rank] and pe_cache [pos + 1, rope]:
@@ -170,7 +184,9 @@ typedef struct {
     const float *q_a_norm;       /* [q_a.rows] */
     float q_a_eps;
     hk2_matrix q_a, q_b, kv_a, o;
+    int checked;                 /* 0, or set by hk2_attn_check (which checks a.mla too; a.mla.checked is not read) */
 } hk2_attn;
+int hk2_attn_check(hk2_attn *a);   /* checks a in full (its four matrices, norms and mla) and marks it checked */
 /* x, out [hidden] (may be the same); rot, kv_cache, pe_cache as for hk2_mla_decode. */
 int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float *rot, float *kv_cache,
                     float *pe_cache, float *out);

@@ -1,4 +1,4 @@
-/* Process-wide state behind the C API: error messages, the API lock, ISA selection
+/* Process-wide state behind the C API: error messages, the API lock and the workspace it guards, ISA selection
  * (cpuid, overridable with HYBRID_K2_ISA), thread count, the bandwidth probe, test hooks. */
 #include <pthread.h>
 #include <stdarg.h>
@@ -36,6 +36,21 @@ void hk2_api_lock(void) {
     pthread_mutex_lock(&g_api_mu);
 }
 void hk2_api_unlock(void) { pthread_mutex_unlock(&g_api_mu); }
+
+/* ---- workspace: grown on demand, kept between calls (guarded by the API lock) ---- */
+static uint8_t *g_ws;
+static size_t g_ws_size;
+
+void *hk2_workspace(size_t n) {
+    if (n > g_ws_size) {
+        free(g_ws);
+        g_ws_size = 0;
+        g_ws = aligned_alloc(HK2_CACHE_LINE, hk2_align_up(n));
+        if (!g_ws) return NULL;
+        g_ws_size = n;
+    }
+    return g_ws;
+}
 
 /* ---- ISA ---- */
 typedef struct { const char *name; const hk2_kernels *k; } isa_entry;

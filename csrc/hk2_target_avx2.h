@@ -8,18 +8,5 @@
 #endif
 #include <immintrin.h>
 #include "hk2_internal.h"
-
-/* helpers every AVX2 kernel file uses */
-/* the sum of a vector's 8 floats */
-INLINE float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-/* the fp16 at p (any alignment) as a float */
-INLINE float half_at(const uint8_t *p) {
-    hk2_half h;
-    memcpy(&h, p, sizeof h);
-    return _cvtsh_ss(h);
-}
+#define HK2_ISA avx2   /* the entry points' suffix (HK2_DOT_ENTRY) */
+#include "hk2_simd.h"

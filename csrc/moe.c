@@ -1,5 +1,5 @@
-/* Fused MoE forward for one layer of routed experts, and (at the end of this file) the dense
- * linear layer that runs the non-expert matrices from the same blocks and kernels.
+/* Fused MoE forward for one layer of routed experts (the dense layer, from the same blocks and kernels, is
+ * linear.c's).
  *
  *   plan     (caller): group the (token, expert) pairs by expert; a token that picks the same
  *                      expert twice becomes one pair with the summed weight
@@ -15,39 +15,9 @@
  * list over the down rows. Every output element is produced by one item in a fixed order, so
  * results do not depend on the thread count. Each weight row is read once per call. */
 #include <math.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include "hk2_internal.h"
-
-#define MAX_DIM (1 << 28)
-
-hk2_dot_fn hk2_dot_for(const hk2_kernels *k, int t) {
-    switch (t) {
-    case HK2_Q4_0: return k->dot_q4_0;
-    case HK2_Q8_0: return k->dot_q8_0;
-    case HK2_Q4_K: return k->dot_q4_K;
-    case HK2_Q6_K: return k->dot_q6_K;
-    case HK2_Q4_0_R8: return k->dot_q4_0_r8;
-    case HK2_Q4_K_R8: return k->dot_q4_K_r8;
-    default: break;
-    }
-    const hk2_type_ops *o = hk2_type_ops_for(t);
-    if (!o) return NULL;
-    for (int lv = k->level; lv > HK2_LVL_SCALAR; lv--)
-        if (o->dot[lv]) return o->dot[lv];
-    return o->dot[HK2_LVL_SCALAR];
-}
-
-int hk2_na_for(const hk2_kernels *k, int t) {
-    if (t == HK2_Q8_0) return k->na_q8_0 > 0 ? k->na_q8_0 : HK2_NA;
-    const hk2_type_ops *o = hk2_type_ops_for(t);
-    if (!o) return HK2_NA;
-    int lv = k->level;
-    while (lv > HK2_LVL_SCALAR && !o->dot[lv]) lv--;
-    const int na = o->max_na[lv];
-    return na > 0 && na <= HK2_MAX_NA ? na : HK2_NA;
-}
 
 typedef struct {
     const hk2_moe_layer *L;
@@ -79,10 +49,9 @@ typedef struct {
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
-/* Rows are visited in tiles of ROW_TILE so that a tile of gate+up rows stays in L2 while every
+/* Rows are visited in tiles of HK2_ROW_TILE so that a tile of gate+up rows stays in L2 while every
  * token of the expert passes over it, hk2_na_for tokens at a time (weights unpacked once per
  * block for all of them). h for the whole chunk is kept per thread, then quantized for down. */
-#define ROW_TILE 16
 
 static void gate_up_item(const moe_job *j, int ith, int g, int64_t r0, int64_t r1) {
     const int e = j->grp_expert[g];
@@ -90,8 +59,8 @@ static void gate_up_item(const moe_job *j, int ith, int g, int64_t r0, int64_t r
     const int first = j->grp_start[g], ns = j->grp_start[g + 1] - first;
     const int64_t cw = r1 - r0;
     float *h = j->hbuf + (size_t)ith * j->hbuf_stride;  /* [ns][cw] */
-    for (int64_t rs = r0; rs < r1; rs += ROW_TILE) {
-        const int64_t re = rs + ROW_TILE < r1 ? rs + ROW_TILE : r1;
+    for (int64_t rs = r0; rs < r1; rs += HK2_ROW_TILE) {
+        const int64_t re = rs + HK2_ROW_TILE < r1 ? rs + HK2_ROW_TILE : r1;
         for (int s0 = 0; s0 < ns; s0 += j->na_gu) {
             const int na = ns - s0 < j->na_gu ? ns - s0 : j->na_gu;
             hk2_arow ag[HK2_MAX_NA], au[HK2_MAX_NA];
@@ -183,27 +152,11 @@ static void down_task(void *ctx, int ith, int nth) {
     }
 }
 
-/* ---- workspace: grown on demand, kept between calls (guarded by the API lock) ---- */
-static uint8_t *g_ws;
-static size_t g_ws_size;
-
-static void *workspace(size_t n) {
-    if (n > g_ws_size) {
-        free(g_ws);
-        g_ws_size = 0;
-        g_ws = aligned_alloc(HK2_CACHE_LINE, hk2_align_up(n));
-        if (!g_ws) return NULL;
-        g_ws_size = n;
-    }
-    return g_ws;
-}
-
-
 static int check_layer(const hk2_moe_layer *L) {
     if (!L) return hk2_fail(HK2_EINVAL, "layer is NULL");
-    if (L->n_experts < 1 || L->n_experts > MAX_DIM) return hk2_fail(HK2_ESHAPE, "layer.n_experts=%lld out of range", (long long)L->n_experts);
-    if (L->hidden < 1 || L->hidden > MAX_DIM) return hk2_fail(HK2_ESHAPE, "layer.hidden=%lld out of range", (long long)L->hidden);
-    if (L->inter < 1 || L->inter > MAX_DIM) return hk2_fail(HK2_ESHAPE, "layer.inter=%lld out of range", (long long)L->inter);
+    if (L->n_experts < 1 || L->n_experts > HK2_MAX_DIM) return hk2_fail(HK2_ESHAPE, "layer.n_experts=%lld out of range", (long long)L->n_experts);
+    if (L->hidden < 1 || L->hidden > HK2_MAX_DIM) return hk2_fail(HK2_ESHAPE, "layer.hidden=%lld out of range", (long long)L->hidden);
+    if (L->inter < 1 || L->inter > HK2_MAX_DIM) return hk2_fail(HK2_ESHAPE, "layer.inter=%lld out of range", (long long)L->inter);
     const struct { const char *name; int type; int64_t ncols; const void *const *ptrs; } m[3] = {
         {"gate", L->gate_type, L->hidden, L->gate}, {"up", L->up_type, L->hidden, L->up}, {"down", L->down_type, L->inter, L->down}};
     for (int i = 0; i < 3; i++) {
@@ -213,9 +166,9 @@ static int check_layer(const hk2_moe_layer *L) {
             return hk2_fail(HK2_ESHAPE, "%s: row length %lld is not a multiple of the %s block size %d", m[i].name,
                             (long long)m[i].ncols, hk2_type_name(m[i].type), hk2_block_size(m[i].type));
         const int64_t rows = i < 2 ? L->inter : L->hidden;
-        if (rows % hk2_type_row_group(m[i].type))
+        if (rows % hk2_row_group(m[i].type))
             return hk2_fail(HK2_ESHAPE, "%s: %lld rows is not a multiple of the %s row group %d", m[i].name, (long long)rows,
-                            hk2_type_name(m[i].type), hk2_type_row_group(m[i].type));
+                            hk2_type_name(m[i].type), hk2_row_group(m[i].type));
         if (!m[i].ptrs) return hk2_fail(HK2_EINVAL, "%s: expert pointer array is NULL", m[i].name);
         for (int64_t e = 0; e < L->n_experts; e++) {
             if (!m[i].ptrs[e]) return hk2_fail(HK2_EINVAL, "%s: expert %lld has a NULL pointer", m[i].name, (long long)e);
@@ -223,21 +176,23 @@ static int check_layer(const hk2_moe_layer *L) {
                 return hk2_fail(HK2_EINVAL, "%s: expert %lld is not 2-byte aligned", m[i].name, (long long)e);
         }
     }
-    if (hk2_type_row_group(L->gate_type) != hk2_type_row_group(L->up_type))
+    if (hk2_row_group(L->gate_type) != hk2_row_group(L->up_type))
         return hk2_fail(HK2_ETYPE, "gate (%s) and up (%s) must share a row layout", hk2_type_name(L->gate_type),
                         hk2_type_name(L->up_type));
     return HK2_OK;
 }
+
+HK2_DEFINE_CHECK(hk2_moe_layer_check, hk2_moe_layer, check_layer)
 
 int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x, const int32_t *ids,
                     const float *weights, float *y, int flags) {
     hk2_clear_error();
     if (flags & ~HK2_MOE_H_RESIDUAL) return hk2_fail(HK2_EINVAL, "flags=%d has unknown bits", flags);
     int hr = flags & HK2_MOE_H_RESIDUAL ? 2 : 1;
-    int err = check_layer(L);
+    int err = HK2_SEALED(L, hk2_moe_layer) ? HK2_OK : check_layer(L);   /* a checked layer: only this call's arguments */
     if (err) return err;
-    if (T < 0 || T > MAX_DIM) return hk2_fail(HK2_ESHAPE, "n_tokens=%lld out of range", (long long)T);
-    if (K < 1 || K > 4096 || T * K > MAX_DIM) return hk2_fail(HK2_ESHAPE, "top_k=%lld out of range", (long long)K);
+    if (T < 0 || T > HK2_MAX_DIM) return hk2_fail(HK2_ESHAPE, "n_tokens=%lld out of range", (long long)T);
+    if (K < 1 || K > 4096 || T * K > HK2_MAX_DIM) return hk2_fail(HK2_ESHAPE, "top_k=%lld out of range", (long long)K);
     if (T == 0) return HK2_OK;
     if (!x || !ids || !weights || !y)
         return hk2_fail(HK2_EINVAL, "%s is NULL", !x ? "x" : !ids ? "ids" : !weights ? "weights" : "y");
@@ -282,7 +237,7 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
     o_au = off; off += separate_up ? act_x_stride * (size_t)T : 0;
     o_ah = off; off += act_h_stride * (size_t)(hr * N);
     o_hb = off; off += sizeof(float) * hbuf_stride * (size_t)nth;
-    uint8_t *ws = workspace(off);
+    uint8_t *ws = hk2_workspace(off);
     if (!ws) {
         hk2_api_unlock();
         return hk2_fail(HK2_ENOMEM, "moe_forward: cannot allocate %zu bytes of workspace", off);
@@ -335,7 +290,7 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
         .gate_rb = (size_t)hk2_row_bytes(L->gate_type, H), .up_rb = (size_t)hk2_row_bytes(L->up_type, H),
         .down_rb = (size_t)hk2_row_bytes(L->down_type, I),
         .dot_gate = hk2_dot_for(k, L->gate_type), .dot_up = hk2_dot_for(k, L->up_type), .dot_down = hk2_dot_for(k, L->down_type),
-        .rg_gate = hk2_type_row_group(L->gate_type), .rg_down = hk2_type_row_group(L->down_type),
+        .rg_gate = hk2_row_group(L->gate_type), .rg_down = hk2_row_group(L->down_type),
         .na_gu = hk2_na_for(k, L->gate_type) < hk2_na_for(k, L->up_type) ? hk2_na_for(k, L->gate_type)
                                                                          : hk2_na_for(k, L->up_type),
         .na_down = hk2_na_for(k, L->down_type),
@@ -358,142 +313,6 @@ int hk2_moe_forward(const hk2_moe_layer *L, int64_t T, int64_t K, const float *x
     if (!err) err = hk2_pool_run_dynamic(gate_up_task, job);
     if (!err) err = hk2_pool_run_dynamic(down_task, job);
     free(job);
-    hk2_api_unlock();
-    return err;
-}
-
-/* ================================================================ dense linear
- * y[t, n] = dot(W row n, x[t]) for the non-expert matrices (attention projections, dense and shared
- * FFN, lm_head) with the same activation quantization and per-ISA dot kernels as the experts.
- *   phase 0 (pool): quantize each token's x once
- *   phase 1 (pool): work items = (chunk of output rows, tile of LIN_TOKEN_TILE tokens), row-chunk
- *                   major, so threads busy at the same moment share a chunk's weights through L3.
- *                   Inside an item, ROW_TILE rows stay in L1/L2 while the tile's tokens pass over
- *                   them hk2_na_for at a time: each weight row is read from memory once per tile.
- * Every output element comes from one item in a fixed order: results do not depend on the thread
- * count, and a token's output does not depend on the other tokens of the call. */
-#define LIN_TOKEN_TILE 32
-
-typedef struct {
-    const hk2_kernels *k;
-    hk2_dot_fn dot;
-    const uint8_t *w;
-    const float *x;
-    float *y;
-    int64_t N, K, T;
-    size_t rb, act_stride;
-    int qb, rg, na;
-    uint8_t *act;
-    int64_t chunk, n_tiles, items;
-    _Alignas(HK2_CACHE_LINE) atomic_long next_x;
-    _Alignas(HK2_CACHE_LINE) atomic_long done_x;
-    _Alignas(HK2_CACHE_LINE) atomic_long next;
-} linear_job;
-
-static void linear_item(const linear_job *j, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-    for (int64_t rs = r0; rs < r1; rs += ROW_TILE) {
-        const int64_t re = rs + ROW_TILE < r1 ? rs + ROW_TILE : r1;
-        for (int64_t s0 = t0; s0 < t1; s0 += j->na) {
-            const int na = t1 - s0 < j->na ? (int)(t1 - s0) : j->na;
-            hk2_arow a[HK2_MAX_NA];
-            for (int t = 0; t < na; t++) a[t] = hk2_act_row(j->act + (size_t)(s0 + t) * j->act_stride, j->K, j->qb);
-            for (int64_t r = rs; r < re; r += j->rg) {
-                float out[HK2_MAX_NA * HK2_R8];
-                j->dot((int)j->K, j->w + (size_t)r * j->rb, a, na, out);
-                for (int t = 0; t < na; t++)
-                    for (int i = 0; i < j->rg; i++) j->y[(s0 + t) * j->N + r + i] = out[t * j->rg + i];
-            }
-        }
-    }
-}
-
-/* Run with hk2_pool_run_dynamic: a thread waits only for rows of x that another running thread has
- * claimed, never for a thread that has not started, so the caller alone can always finish. */
-static void linear_task(void *ctx, int ith, int nth) {
-    linear_job *j = ctx;
-    HK2_UNUSED(ith); HK2_UNUSED(nth);
-    for (int64_t t; (t = atomic_fetch_add(&j->next_x, 1)) < j->T;) {
-        hk2_act_quantize_into(j->k, j->x + t * j->K, (int)j->K, j->qb, j->act + (size_t)t * j->act_stride, j->K, 0);
-        atomic_fetch_add_explicit(&j->done_x, 1, memory_order_release);
-    }
-    for (unsigned spins = 0; atomic_load_explicit(&j->done_x, memory_order_acquire) < j->T;) {
-        if (++spins < 2000) hk2_cpu_relax();
-        else sched_yield();
-    }
-    for (int64_t i; (i = atomic_fetch_add(&j->next, 1)) < j->items;) {
-        const int64_t r0 = i / j->n_tiles * j->chunk, t0 = i % j->n_tiles * LIN_TOKEN_TILE;
-        linear_item(j, r0, r0 + j->chunk < j->N ? r0 + j->chunk : j->N, t0, t0 + LIN_TOKEN_TILE < j->T ? t0 + LIN_TOKEN_TILE : j->T);
-    }
-}
-
-/* checks hk2_linear's arguments (shared with hk2_attn_decode's matrices) */
-int hk2_linear_check(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, const float *y) {
-    const int64_t N = n_rows, K = n_cols, T = n_tokens;
-    if (!hk2_type_is_weight(qtype)) return hk2_fail(HK2_ETYPE, "linear: unsupported weight type %d (%s)", qtype, hk2_type_name(qtype));
-    if (N < 1 || N > MAX_DIM) return hk2_fail(HK2_ESHAPE, "linear: n_rows=%lld out of range", (long long)N);
-    if (N % hk2_type_row_group(qtype))
-        return hk2_fail(HK2_ESHAPE, "linear: n_rows=%lld is not a multiple of the %s row group %d", (long long)N,
-                        hk2_type_name(qtype), hk2_type_row_group(qtype));
-    if (K < 1 || K > MAX_DIM || K % hk2_block_size(qtype))
-        return hk2_fail(HK2_ESHAPE, "linear: n_cols=%lld is not a positive multiple of the %s block size %d", (long long)K,
-                        hk2_type_name(qtype), hk2_block_size(qtype));
-    if (T < 0 || T > MAX_DIM) return hk2_fail(HK2_ESHAPE, "linear: n_tokens=%lld out of range", (long long)T);
-    if (T == 0) return HK2_OK;
-    if (!w || !x || !y) return hk2_fail(HK2_EINVAL, "linear: %s is NULL", !w ? "w" : !x ? "x" : "y");
-    if ((uintptr_t)w % 2) return hk2_fail(HK2_EINVAL, "linear: w is not 2-byte aligned (blocks hold fp16 scales)");
-    if ((uintptr_t)x % sizeof(float) || (uintptr_t)y % sizeof(float))
-        return hk2_fail(HK2_EINVAL, "linear: %s is not 4-byte aligned", (uintptr_t)x % sizeof(float) ? "x" : "y");
-    return HK2_OK;
-}
-
-/* the call itself; the caller holds the API lock and has checked the arguments */
-int hk2_linear_locked(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, float *y) {
-    const int64_t N = n_rows, K = n_cols, T = n_tokens;
-    if (T == 0) return HK2_OK;
-    const int qb = hk2_act_qb(qtype);
-    const size_t act_stride = hk2_act_row_bytes(K, qb);
-    uint8_t *act = workspace(act_stride * (size_t)T);
-    if (!act) {
-        return hk2_fail(HK2_ENOMEM, "linear: cannot allocate %zu bytes of workspace", act_stride * (size_t)T);
-    }
-    linear_job *job = aligned_alloc(HK2_CACHE_LINE, hk2_align_up(sizeof(linear_job)));
-    if (!job) return hk2_fail(HK2_ENOMEM, "linear: out of memory");
-    memset(job, 0, sizeof *job);
-    const hk2_kernels *k = hk2_active_kernels();
-    const int nth = hk2_pool_threads();
-    const int64_t n_tiles = (T + LIN_TOKEN_TILE - 1) / LIN_TOKEN_TILE;
-    /* long row chunks (fewer stream starts), shrunk until every thread has several items */
-    int64_t chunk = 256;
-    while (chunk > 16 && (N + chunk - 1) / chunk * n_tiles < 4 * nth) chunk /= 2;
-    job->k = k;
-    job->dot = hk2_dot_for(k, qtype);
-    job->w = w;
-    job->x = x;
-    job->y = y;
-    job->N = N; job->K = K; job->T = T;
-    job->rb = (size_t)hk2_row_bytes(qtype, K);
-    job->act_stride = act_stride;
-    job->qb = qb;
-    job->rg = hk2_type_row_group(qtype);
-    job->na = hk2_na_for(k, qtype);
-    job->act = act;
-    job->chunk = chunk;
-    job->n_tiles = n_tiles;
-    job->items = (N + chunk - 1) / chunk * n_tiles;
-    atomic_init(&job->next_x, 0);
-    atomic_init(&job->done_x, 0);
-    atomic_init(&job->next, 0);
-    const int err = hk2_pool_run_dynamic(linear_task, job);
-    free(job);
-    return err;
-}
-
-int hk2_linear(int qtype, const void *w, int64_t n_rows, int64_t n_cols, int64_t n_tokens, const float *x, float *y) {
-    hk2_clear_error();
-    int err = hk2_linear_check(qtype, w, n_rows, n_cols, n_tokens, x, y);
-    if (err) return err;
-    hk2_api_lock();
-    err = hk2_linear_locked(qtype, w, n_rows, n_cols, n_tokens, x, y);
     hk2_api_unlock();
     return err;
 }

@@ -37,46 +37,28 @@ static void quantize_row_bf16(const float *x, void *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) h[i] = fp32_to_bf16(x[i]);
 }
 
-static void dot_f32(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const float *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int i = 0; i < n; i++) sum += x[i] * a[j].f[i];
-        s[j] = sum;
+/* the dot of weights of type T (load: one as a float) */
+#define FLOAT_DOT(t, T, load)                                                                \
+    static void dot_##t(int n, const void *w, const hk2_arow *a, int na, float *s) {         \
+        const T *x = w;                                                                      \
+        for (int j = 0; j < na; j++) {                                                       \
+            float sum = 0.0f;                                                                \
+            for (int i = 0; i < n; i++) sum += load(x[i]) * a[j].f[i];                       \
+            s[j] = sum;                                                                      \
+        }                                                                                    \
     }
-}
-static void dot_f16(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const hk2_half *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int i = 0; i < n; i++) sum += hk2_fp16_to_fp32(x[i]) * a[j].f[i];
-        s[j] = sum;
-    }
-}
-static void dot_bf16(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const uint16_t *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int i = 0; i < n; i++) sum += bf16_to_fp32(x[i]) * a[j].f[i];
-        s[j] = sum;
-    }
-}
+#define AS_FLOAT(v) (v)
+FLOAT_DOT(wf32, float, AS_FLOAT)
+FLOAT_DOT(f16, hk2_half, hk2_fp16_to_fp32)
+FLOAT_DOT(bf16, uint16_t, bf16_to_fp32)
 
-#ifndef HK2_NO_X86
-void hk2_dot_wf32_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_f16_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_bf16_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_wf32_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_f16_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_bf16_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-#endif
+HK2_DECLARE_DOTS(wf32)
+HK2_DECLARE_DOTS(f16)
+HK2_DECLARE_DOTS(bf16)
 
 const hk2_type_ops hk2_types_float[] = {
-    {HK2_F32, "F32", 1, 4, 0, dequantize_row_f32, quantize_row_f32,
-     {dot_f32, HK2_X86(hk2_dot_wf32_avx2), NULL, HK2_X86(hk2_dot_wf32_avx512vnni)}, {0}, 1},
-    {HK2_F16, "F16", 1, 2, 0, dequantize_row_f16, quantize_row_f16,
-     {dot_f16, HK2_X86(hk2_dot_f16_avx2), NULL, HK2_X86(hk2_dot_f16_avx512vnni)}, {0}, 1},
-    {HK2_BF16, "BF16", 1, 2, 0, dequantize_row_bf16, quantize_row_bf16,
-     {dot_bf16, HK2_X86(hk2_dot_bf16_avx2), NULL, HK2_X86(hk2_dot_bf16_avx512vnni)}, {0}, 1},
+    {HK2_F32, "F32", 1, 4, 0, dequantize_row_f32, quantize_row_f32, HK2_DOTS(wf32), {0}, 1},
+    {HK2_F16, "F16", 1, 2, 0, dequantize_row_f16, quantize_row_f16, HK2_DOTS(f16), {0}, 1},
+    {HK2_BF16, "BF16", 1, 2, 0, dequantize_row_bf16, quantize_row_bf16, HK2_DOTS(bf16), {0}, 1},
     {.name = NULL},
 };

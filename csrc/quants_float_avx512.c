@@ -33,12 +33,8 @@ INLINE void dot_t(int n, const void *w, const hk2_arow *a, const int NA, float *
     }
 }
 
-#define ENTRY(name, kind)                                                             \
-    void name(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH4(na, dot_t, n, w, a, s, kind) \
-    }
-ENTRY(hk2_dot_wf32_avx512vnni, 0)
-ENTRY(hk2_dot_f16_avx512vnni, 1)
-ENTRY(hk2_dot_bf16_avx512vnni, 2)
+HK2_DOT_ENTRY_OF(wf32, HK2_NA_SWITCH4, dot_t, 0)
+HK2_DOT_ENTRY_OF(f16, HK2_NA_SWITCH4, dot_t, 1)
+HK2_DOT_ENTRY_OF(bf16, HK2_NA_SWITCH4, dot_t, 2)
 
 #include "hk2_target_end.h"

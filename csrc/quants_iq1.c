@@ -28,8 +28,8 @@ static inline float iq1_m_d(const block_iq1_m *x) {
     return hk2_fp16_to_fp32((hk2_half)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000)));
 }
 
-/* per group g (32 of a block): grid index, delta negative; per 16-value half h: the 3-bit scale */
-static inline void iq1_s_fields(const block_iq1_s *x, int idx[32], int neg[32], int sc[16]) {
+/* per group g (32 of a block): grid index, delta negative; per 16-value half h: the 3-bit scale; returns d */
+static inline float iq1_s_fields(const block_iq1_s *x, int idx[32], int neg[32], int sc[16]) {
     for (int ib = 0; ib < 8; ib++) {
         const int qh = x->qh[ib];
         for (int l = 0; l < 4; l++) {
@@ -38,8 +38,9 @@ static inline void iq1_s_fields(const block_iq1_s *x, int idx[32], int neg[32], 
         }
         sc[2 * ib] = sc[2 * ib + 1] = (qh >> 12) & 7;
     }
+    return hk2_fp16_to_fp32(x->d);
 }
-static inline void iq1_m_fields(const block_iq1_m *x, int idx[32], int neg[32], int sc[16]) {
+static inline float iq1_m_fields(const block_iq1_m *x, int idx[32], int neg[32], int sc[16]) {
     uint16_t w[4];
     memcpy(w, x->scales, 8);
     for (int g = 0; g < 32; g++) {
@@ -48,6 +49,7 @@ static inline void iq1_m_fields(const block_iq1_m *x, int idx[32], int neg[32], 
         neg[g] = nib >> 3;
     }
     for (int h = 0; h < 16; h++) sc[h] = (w[h / 4] >> (3 * (h % 4))) & 7;
+    return iq1_m_d(x);
 }
 
 /* y = dl * (grid + delta), dl = d * (2 s + 1), in float32 as gguf computes it */
@@ -56,24 +58,6 @@ static void iq1_dequant_block(float d, const int idx[32], const int neg[32], con
         const float dl = d * (float)(2 * sc[g / 2] + 1);
         const float delta = neg[g] ? -0.125f : 0.125f;
         for (int k = 0; k < 8; k++) y[8 * g + k] = dl * ((float)grid_value(idx[g], k) + delta);
-    }
-}
-
-static void dequantize_row_iq1_s(const void *blocks, float *y, int64_t n) {
-    const block_iq1_s *x = blocks;
-    int idx[32], neg[32], sc[16];
-    for (int64_t b = 0; b < n / HK2_QK_K; b++) {
-        iq1_s_fields(x + b, idx, neg, sc);
-        iq1_dequant_block(hk2_fp16_to_fp32(x[b].d), idx, neg, sc, y + HK2_QK_K * b);
-    }
-}
-
-static void dequantize_row_iq1_m(const void *blocks, float *y, int64_t n) {
-    const block_iq1_m *x = blocks;
-    int idx[32], neg[32], sc[16];
-    for (int64_t b = 0; b < n / HK2_QK_K; b++) {
-        iq1_m_fields(x + b, idx, neg, sc);
-        iq1_dequant_block(iq1_m_d(x + b), idx, neg, sc, y + HK2_QK_K * b);
     }
 }
 
@@ -89,41 +73,34 @@ static int iq1_block_sum(const int idx[32], const int neg[32], const int sc[16],
     return total;
 }
 
-static void dot_iq1_s(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_iq1_s *x = w;
-    float acc[HK2_MAX_NA] = {0};
-    int idx[32], neg[32], sc[16];
-    for (int b = 0; b < n / HK2_QK_K; b++) {
-        iq1_s_fields(x + b, idx, neg, sc);
-        const float d = 0.125f * hk2_fp16_to_fp32(x[b].d);
-        for (int j = 0; j < na; j++) acc[j] += d * a[j].d[b] * (float)iq1_block_sum(idx, neg, sc, a[j].qs + HK2_QK_K * b);
+/* the dequantizer and the dot of each type: each block read once (iq1_<t>_fields), for all activation rows */
+#define IQ1_TYPE(t)                                                                                         \
+    static void dequantize_row_##t(const void *blocks, float *y, int64_t n) {                               \
+        const block_##t *x = blocks;                                                                        \
+        int idx[32], neg[32], sc[16];                                                                       \
+        for (int64_t b = 0; b < n / HK2_QK_K; b++) {                                                        \
+            const float d = t##_fields(x + b, idx, neg, sc);                                                \
+            iq1_dequant_block(d, idx, neg, sc, y + HK2_QK_K * b);                                           \
+        }                                                                                                   \
+    }                                                                                                       \
+    static void dot_##t(int n, const void *w, const hk2_arow *a, int na, float *s) {                        \
+        const block_##t *x = w;                                                                             \
+        float acc[HK2_MAX_NA] = {0};                                                                        \
+        int idx[32], neg[32], sc[16];                                                                       \
+        for (int b = 0; b < n / HK2_QK_K; b++) {                                                            \
+            const float d = 0.125f * t##_fields(x + b, idx, neg, sc);                                       \
+            for (int j = 0; j < na; j++) acc[j] += d * a[j].d[b] * (float)iq1_block_sum(idx, neg, sc, a[j].qs + HK2_QK_K * b); \
+        }                                                                                                   \
+        for (int j = 0; j < na; j++) s[j] = acc[j];                                                         \
     }
-    for (int j = 0; j < na; j++) s[j] = acc[j];
-}
+IQ1_TYPE(iq1_s)
+IQ1_TYPE(iq1_m)
 
-static void dot_iq1_m(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_iq1_m *x = w;
-    float acc[HK2_MAX_NA] = {0};
-    int idx[32], neg[32], sc[16];
-    for (int b = 0; b < n / HK2_QK_K; b++) {
-        iq1_m_fields(x + b, idx, neg, sc);
-        const float d = 0.125f * iq1_m_d(x + b);
-        for (int j = 0; j < na; j++) acc[j] += d * a[j].d[b] * (float)iq1_block_sum(idx, neg, sc, a[j].qs + HK2_QK_K * b);
-    }
-    for (int j = 0; j < na; j++) s[j] = acc[j];
-}
-
-#ifndef HK2_NO_X86
-void hk2_dot_iq1_s_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_iq1_s_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_iq1_m_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_iq1_m_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-#endif
+HK2_DECLARE_DOTS(iq1_s)
+HK2_DECLARE_DOTS(iq1_m)
 
 const hk2_type_ops hk2_types_iq1[] = {
-    {HK2_IQ1_S, "IQ1_S", HK2_QK_K, sizeof(block_iq1_s), HK2_QK_K, dequantize_row_iq1_s, NULL,
-     {dot_iq1_s, HK2_X86(hk2_dot_iq1_s_avx2), NULL, HK2_X86(hk2_dot_iq1_s_avx512vnni)}, {0}, 1},
-    {HK2_IQ1_M, "IQ1_M", HK2_QK_K, sizeof(block_iq1_m), HK2_QK_K, dequantize_row_iq1_m, NULL,
-     {dot_iq1_m, HK2_X86(hk2_dot_iq1_m_avx2), NULL, HK2_X86(hk2_dot_iq1_m_avx512vnni)}, {0}, 1},
+    {HK2_IQ1_S, "IQ1_S", HK2_QK_K, sizeof(block_iq1_s), HK2_QK_K, dequantize_row_iq1_s, NULL, HK2_DOTS(iq1_s), {0}, 1},
+    {HK2_IQ1_M, "IQ1_M", HK2_QK_K, sizeof(block_iq1_m), HK2_QK_K, dequantize_row_iq1_m, NULL, HK2_DOTS(iq1_m), {0}, 1},
     {.name = NULL},
 };

@@ -102,11 +102,7 @@ INLINE __m256i iq1_block_dot(const iq1_block *w, const int8_t *y, const int16_t 
 IQ1_DOT(iq1_s)
 IQ1_DOT(iq1_m)
 
-#define DOT_ENTRY(name, btype)                                                               \
-    void hk2_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH4(na, name##_t, n, w, a, s) \
-    }
-DOT_ENTRY(dot_iq1_s, block_iq1_s)
-DOT_ENTRY(dot_iq1_m, block_iq1_m)
+HK2_DOT_ENTRY(iq1_s, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(iq1_m, HK2_NA_SWITCH4)
 
 #include "hk2_target_end.h"

@@ -126,11 +126,7 @@ INLINE __m512i iq1_block_dot(const __m512i u[4], const __m512i ls[4], __m256i c9
 IQ1_DOT(iq1_s)
 IQ1_DOT(iq1_m)
 
-#define DOT_ENTRY(name, btype)                                                                 \
-    void hk2_##name##_avx512vnni(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH4(na, name##_t, n, w, a, s) \
-    }
-DOT_ENTRY(dot_iq1_s, block_iq1_s)
-DOT_ENTRY(dot_iq1_m, block_iq1_m)
+HK2_DOT_ENTRY(iq1_s, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(iq1_m, HK2_NA_SWITCH4)
 
 #include "hk2_target_end.h"

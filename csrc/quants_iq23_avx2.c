@@ -19,19 +19,6 @@ INLINE __m256i sign_vec(uint32_t sg) {
     const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)sg), spread), bit);
     return _mm256_or_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(1));
 }
-/* per 32-bit lane: four 7-bit sign indices (bits 0..27) -> the four sign bytes (hk2_ksigns by its definition:
- * bit 7 = parity of the 7 bits) */
-INLINE __m256i ksigns4(__m256i a) {
-    const __m256i m7 = _mm256_set1_epi32(0x7F);
-    __m256i t = _mm256_and_si256(a, m7);
-    t = _mm256_or_si256(t, _mm256_and_si256(_mm256_slli_epi32(a, 1), _mm256_slli_epi32(m7, 8)));
-    t = _mm256_or_si256(t, _mm256_and_si256(_mm256_slli_epi32(a, 2), _mm256_slli_epi32(m7, 16)));
-    t = _mm256_or_si256(t, _mm256_and_si256(_mm256_slli_epi32(a, 3), _mm256_slli_epi32(m7, 24)));
-    __m256i p = _mm256_xor_si256(t, _mm256_srli_epi32(t, 4));
-    p = _mm256_xor_si256(p, _mm256_srli_epi32(p, 2));
-    p = _mm256_xor_si256(p, _mm256_srli_epi32(p, 1));
-    return _mm256_or_si256(t, _mm256_slli_epi32(_mm256_and_si256(p, _mm256_set1_epi8(1)), 7));
-}
 /* per 16-bit lane: a 7-bit index in bits 0..6 -> its sign byte in the low byte */
 INLINE __m256i ksigns1_16(__m256i t) {
     __m256i p = _mm256_xor_si256(t, _mm256_srli_epi16(t, 4));
@@ -169,14 +156,10 @@ INLINE void dot_iq3_s_t(int n, const block_iq3_s *x, const hk2_arow *a, const in
     for (int j = 0; j < NA; j++) s[j] = hsum_ps(acc[j]);
 }
 
-#define ENTRY(t)                                                                          \
-    void hk2_dot_##t##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH4(na, dot_##t##_t, n, w, a, s) \
-    }
-ENTRY(iq2_xxs)
-ENTRY(iq2_xs)
-ENTRY(iq2_s)
-ENTRY(iq3_xxs)
-ENTRY(iq3_s)
+HK2_DOT_ENTRY(iq2_xxs, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(iq2_xs, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(iq2_s, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(iq3_xxs, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(iq3_s, HK2_NA_SWITCH4)
 
 #include "hk2_target_end.h"

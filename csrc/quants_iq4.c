@@ -25,6 +25,17 @@ static inline int xs_scale(const block_iq4_xs *x, int ib) {
     return (((x->scales_l[ib / 2] >> 4 * (ib % 2)) & 0xF) | ((x->scales_h >> 2 * ib) & 3) << 4) - 32;
 }
 
+/* the inverse: the 8 sub-block scales minus 32 (-32..31) packed */
+static inline void xs_set_scales(block_iq4_xs *x, const int ls[8]) {
+    x->scales_h = 0;
+    memset(x->scales_l, 0, 4);
+    for (int ib = 0; ib < 8; ib++) {
+        const int u = ls[ib] + 32;
+        x->scales_l[ib / 2] |= (uint8_t)((u & 0xF) << 4 * (ib % 2));
+        x->scales_h |= (uint16_t)((u >> 4) << 2 * ib);
+    }
+}
+
 /* ---------------- dequantize (gguf's float32 arithmetic) ---------------- */
 static void dequantize_row_iq4_nl(const void *blocks, float *y, int64_t n) {
     const block_iq4_nl *x = blocks;
@@ -126,51 +137,43 @@ static void quantize_row_iq4_xs(const float *x, void *blocks, int64_t n) {
         y[b].d = hk2_fp32_to_fp16(smax / -32.0f);
         const float d = hk2_fp16_to_fp32(y[b].d);
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[b].scales_h = 0;
-        memset(y[b].scales_l, 0, 4);
+        int ls[8];
         for (int ib = 0; ib < 8; ib++) {
-            int ls = hk2_roundf_int(sc[ib] * id);
-            ls = ls < -32 ? -32 : ls > 31 ? 31 : ls;
-            const int u = ls + 32;
-            y[b].scales_l[ib / 2] |= (uint8_t)((u & 0xF) << 4 * (ib % 2));
-            y[b].scales_h |= (uint16_t)((u >> 4) << 2 * ib);
-            requantize_32(mid, xb + 32 * ib, d * (float)ls, q);
+            ls[ib] = hk2_roundf_int(sc[ib] * id);
+            ls[ib] = ls[ib] < -32 ? -32 : ls[ib] > 31 ? 31 : ls[ib];
+            requantize_32(mid, xb + 32 * ib, d * (float)ls[ib], q);
             pack_nibbles(q, y[b].qs + 16 * ib);
         }
+        xs_set_scales(&y[b], ls);
     }
 }
 
 /* ---------------- scalar dots: integer sums per (sub-)block, one float multiply-add per block ---------------- */
-static void dot_iq4_nl(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_iq4_nl *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int b = 0; b < n / 32; b++) {
-            const int8_t *y = a[j].qs + 32 * b;
-            int sumi = 0;
-            for (int l = 0; l < 32; l++) sumi += hk2_iq4_values[nib(x[b].qs, l)] * y[l];
-            sum += hk2_fp16_to_fp32(x[b].d) * a[j].d[b] * (float)sumi;
-        }
-        s[j] = sum;
-    }
+/* the 32 values of a (sub-)block: indices q (value l) times the activations */
+static inline int levels_dot(const uint8_t q[32], const int8_t *y) {
+    int sum = 0;
+    for (int l = 0; l < 32; l++) sum += hk2_iq4_values[q[l]] * y[l];
+    return sum;
 }
-static void dot_iq4_xs(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_iq4_xs *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int b = 0; b < n / HK2_QK_K; b++) {
-            const int8_t *y = a[j].qs + HK2_QK_K * b;
-            int sumi = 0;
-            for (int ib = 0; ib < 8; ib++) {
-                int part = 0;
-                for (int l = 0; l < 32; l++) part += hk2_iq4_values[nib(x[b].qs + 16 * ib, l)] * y[32 * ib + l];
-                sumi += xs_scale(&x[b], ib) * part;
-            }
-            sum += hk2_fp16_to_fp32(x[b].d) * a[j].d[b] * (float)sumi;
-        }
-        s[j] = sum;
-    }
+static inline void unpack_nibbles(const uint8_t qs[16], uint8_t q[32]) {
+    for (int l = 0; l < 32; l++) q[l] = (uint8_t)nib(qs, l);
 }
+static inline float blk_iq4_nl(const block_iq4_nl *x, const int8_t *y, const int16_t *bs, float da) {
+    uint8_t q[32];
+    unpack_nibbles(x->qs, q);
+    return hk2_fp16_to_fp32(x->d) * da * (float)levels_dot(q, y);
+}
+HK2_SCALAR_DOT(iq4_nl, block_iq4_nl, 32)
+static inline float blk_iq4_xs(const block_iq4_xs *x, const int8_t *y, const int16_t *bs, float da) {
+    int sumi = 0;
+    for (int ib = 0; ib < 8; ib++) {
+        uint8_t q[32];
+        unpack_nibbles(x->qs + 16 * ib, q);
+        sumi += xs_scale(x, ib) * levels_dot(q, y + 32 * ib);
+    }
+    return hk2_fp16_to_fp32(x->d) * da * (float)sumi;
+}
+HK2_SCALAR_DOT(iq4_xs, block_iq4_xs, HK2_QK_K)
 
 /* ---------------- IQ4_XS_R8: 8 rows interleaved per super-block (csrc/hk2.h) ----------------
  * Run k (8 bytes) of row r's sub-block j holds that row's IQ4_XS qs[16j + 8k .. +8]: low nibbles are values
@@ -179,96 +182,52 @@ static void dot_iq4_xs(int n, const void *w, const hk2_arow *a, int na, float *s
 typedef struct { hk2_half d[HK2_R8]; int8_t sc[8][HK2_R8]; uint8_t qs[HK2_R8 * 128]; } block_iq4_xsx8;
 _Static_assert(sizeof(block_iq4_xsx8) == HK2_R8 * 138, "block_iq4_xsx8 layout");
 
-/* index byte l (< 16) of row r's sub-block j */
-static inline uint8_t xs8_byte(const block_iq4_xsx8 *x, int r, int j, int l) {
-    return x->qs[128 * j + 64 * (l / 8) + 8 * r + l % 8];
-}
 
-int hk2_repack_iq4_xs_r8(const void *src, int64_t nrows, int64_t ncols, void *dst) {
-    hk2_clear_error();
-    if (!src || !dst) return hk2_fail(HK2_EINVAL, "repack: null %s pointer", !src ? "input" : "output");
-    if (nrows < 0 || nrows % HK2_R8)
-        return hk2_fail(HK2_ESHAPE, "repack: nrows=%lld is not a multiple of %d", (long long)nrows, HK2_R8);
-    const int64_t rb = hk2_row_bytes(HK2_IQ4_XS, ncols);
-    if (rb < 0) return (int)rb;
-    const int64_t rb8 = hk2_row_bytes(HK2_IQ4_XS_R8, ncols);
-    const uintptr_t s0 = (uintptr_t)src, d0 = (uintptr_t)dst;
-    if (s0 < d0 + (uintptr_t)(nrows * rb8) && d0 < s0 + (uintptr_t)(nrows * rb))
-        return hk2_fail(HK2_EINVAL, "repack: src and dst overlap");
-    const int64_t nb = ncols / HK2_QK_K;
-    for (int64_t g = 0; g < nrows / HK2_R8; g++) {
-        const block_iq4_xs *in = (const block_iq4_xs *)((const uint8_t *)src + g * HK2_R8 * rb);
-        block_iq4_xsx8 *out = (block_iq4_xsx8 *)((uint8_t *)dst + g * HK2_R8 * rb8);
-        for (int64_t b = 0; b < nb; b++)
-            for (int r = 0; r < HK2_R8; r++) {
-                const block_iq4_xs *x = in + r * nb + b;
-                out[b].d[r] = x->d;
-                for (int j = 0; j < 8; j++) {
-                    out[b].sc[j][r] = (int8_t)xs_scale(x, j);
-                    for (int k = 0; k < 2; k++) memcpy(out[b].qs + 128 * j + 64 * k + 8 * r, x->qs + 16 * j + 8 * k, 8);
-                }
-            }
+static void put_iq4_xs_r8(void *out, int r, const void *in) {
+    block_iq4_xsx8 *o = out;
+    const block_iq4_xs *x = in;
+    o->d[r] = x->d;
+    for (int j = 0; j < 8; j++) {
+        o->sc[j][r] = (int8_t)xs_scale(x, j);
+        for (int k = 0; k < 2; k++) memcpy(o->qs + 128 * j + 64 * k + 8 * r, x->qs + 16 * j + 8 * k, 8);
     }
-    return HK2_OK;
 }
-
-/* the group's 8 rows -> y [8, n]; the same float ops as dequantize_row_iq4_xs, so the same values */
+int hk2_repack_iq4_xs_r8(const void *src, int64_t nrows, int64_t ncols, void *dst) {
+    return hk2_repack(HK2_IQ4_XS, HK2_IQ4_XS_R8, src, nrows, ncols, dst, put_iq4_xs_r8);
+}
+/* the inverse: row r's IQ4_XS block back out of the group's */
+static void get_iq4_xs_r8(void *out, int r, const void *in) {
+    block_iq4_xs *o = out;
+    const block_iq4_xsx8 *x = in;
+    int ls[8];
+    o->d = x->d[r];
+    for (int j = 0; j < 8; j++) {
+        ls[j] = x->sc[j][r];
+        for (int k = 0; k < 2; k++) memcpy(o->qs + 16 * j + 8 * k, x->qs + 128 * j + 64 * k + 8 * r, 8);
+    }
+    xs_set_scales(o, ls);
+}
 static void dequantize_rows_iq4_xs_r8(const void *blocks, float *y, int64_t n) {
-    const block_iq4_xsx8 *x = blocks;
-    for (int64_t b = 0; b < n / HK2_QK_K; b++)
-        for (int r = 0; r < HK2_R8; r++) {
-            const float d = hk2_fp16_to_fp32(x[b].d[r]);
-            float *yr = y + r * n + HK2_QK_K * b;
-            for (int j = 0; j < 8; j++) {
-                const float dl = d * (float)x[b].sc[j][r];
-                for (int l = 0; l < 16; l++) {
-                    const uint8_t q = xs8_byte(&x[b], r, j, l);
-                    yr[32 * j + l] = dl * (float)hk2_iq4_values[q & 0xF];
-                    yr[32 * j + 16 + l] = dl * (float)hk2_iq4_values[q >> 4];
-                }
-            }
-        }
+    hk2_dequantize_r8(HK2_IQ4_XS, HK2_IQ4_XS_R8, get_iq4_xs_r8, blocks, y, n);
 }
 
-/* s[8j + r] = row r . a[j] */
-static void dot_iq4_xs_r8(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_iq4_xsx8 *x = w;
-    for (int j = 0; j < na; j++)
-        for (int r = 0; r < HK2_R8; r++) {
-            float sum = 0.0f;
-            for (int b = 0; b < n / HK2_QK_K; b++) {
-                const int8_t *y = a[j].qs + HK2_QK_K * b;
-                int sumi = 0;
-                for (int ib = 0; ib < 8; ib++) {
-                    int part = 0;
-                    for (int l = 0; l < 16; l++) {
-                        const uint8_t q = xs8_byte(&x[b], r, ib, l);
-                        part += hk2_iq4_values[q & 0xF] * y[32 * ib + l] + hk2_iq4_values[q >> 4] * y[32 * ib + 16 + l];
-                    }
-                    sumi += x[b].sc[ib][r] * part;
-                }
-                sum += hk2_fp16_to_fp32(x[b].d[r]) * a[j].d[b] * (float)sumi;
-            }
-            s[HK2_R8 * j + r] = sum;
-        }
-}
 
-#ifndef HK2_NO_X86
-void hk2_dot_iq4_xs_r8_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_iq4_xs_r8_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_iq4_nl_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_iq4_xs_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_iq4_nl_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_iq4_xs_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-#endif
+/* row r's IQ4_XS block taken back out, so the same integer sums as IQ4_XS's */
+static inline float blk_iq4_xs_r8(const block_iq4_xsx8 *x, int r, const int8_t *y, const int16_t *bs, float da) {
+    block_iq4_xs one;
+    get_iq4_xs_r8(&one, r, x);
+    return blk_iq4_xs(&one, y, bs, da);
+}
+HK2_SCALAR_DOT_R8(iq4_xs_r8, block_iq4_xsx8, HK2_QK_K)
+
+HK2_DECLARE_DOTS(iq4_nl)
+HK2_DECLARE_DOTS(iq4_xs)
+HK2_DECLARE_DOTS(iq4_xs_r8)
 
 const hk2_type_ops hk2_types_iq4[] = {
-    {HK2_IQ4_NL, "IQ4_NL", 32, 18, 32, dequantize_row_iq4_nl, quantize_row_iq4_nl,
-     {dot_iq4_nl, HK2_X86(hk2_dot_iq4_nl_avx2), NULL, HK2_X86(hk2_dot_iq4_nl_avx512vnni)}, {0, 0, 0, 8}, 1},
-    {HK2_IQ4_XS, "IQ4_XS", 256, 136, 256, dequantize_row_iq4_xs, quantize_row_iq4_xs,
-     {dot_iq4_xs, HK2_X86(hk2_dot_iq4_xs_avx2), NULL, HK2_X86(hk2_dot_iq4_xs_avx512vnni)}, {0, 0, 0, 8}, 1},
-    {HK2_IQ4_XS_R8, "IQ4_XS_R8", 256, 138, 256, dequantize_rows_iq4_xs_r8, NULL,
-     {dot_iq4_xs_r8, HK2_X86(hk2_dot_iq4_xs_r8_avx2), NULL, HK2_X86(hk2_dot_iq4_xs_r8_avx512vnni)}, {0, 0, 0, 8},
+    {HK2_IQ4_NL, "IQ4_NL", 32, 18, 32, dequantize_row_iq4_nl, quantize_row_iq4_nl, HK2_DOTS(iq4_nl), {0, 0, 0, 8}, 1},
+    {HK2_IQ4_XS, "IQ4_XS", 256, 136, 256, dequantize_row_iq4_xs, quantize_row_iq4_xs, HK2_DOTS(iq4_xs), {0, 0, 0, 8}, 1},
+    {HK2_IQ4_XS_R8, "IQ4_XS_R8", 256, 138, 256, dequantize_rows_iq4_xs_r8, NULL, HK2_DOTS(iq4_xs_r8), {0, 0, 0, 8},
      HK2_R8},
     {.name = NULL},
 };

@@ -7,11 +7,6 @@
 
 extern const int8_t hk2_iq4_values[16];
 
-/* 16 packed bytes -> low nibbles (values 0..15) then high nibbles (16..31) */
-INLINE __m256i nibbles(const uint8_t *p) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
-}
 INLINE __m256i levels_table(void) {
     return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)hk2_iq4_values));
 }
@@ -119,12 +114,8 @@ INLINE void dot_iq4_xs_r8_t(int n, const uint8_t *x, const hk2_arow *a, const in
                                              _mm256_castps_pd(_mm256_hadd_ps(acc[0][j], acc[1][j])), 0xD8)));
 }
 
-#define DOT_ENTRY(name)                                                                   \
-    void hk2_dot_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH4(na, dot_##name##_t, n, w, a, s) \
-    }
-DOT_ENTRY(iq4_nl)
-DOT_ENTRY(iq4_xs)
-DOT_ENTRY(iq4_xs_r8)
+HK2_DOT_ENTRY(iq4_nl, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(iq4_xs, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(iq4_xs_r8, HK2_NA_SWITCH4)
 
 #include "hk2_target_end.h"

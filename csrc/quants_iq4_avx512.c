@@ -17,35 +17,6 @@ INLINE void indices4(__m512i raw, __m512i v[2]) {
     v[0] = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi);
     v[1] = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi);
 }
-/* two blocks' 16 packed bytes -> [lo b0 | hi b0 | lo b1 | hi b1]: the indices of both blocks in value order,
- * [p0 p0 p1 p1] by two broadcast loads (load ports and one merge, no shuffle-port work) */
-INLINE __m512i indices2(const uint8_t *p0, const uint8_t *p1) {
-    const __m512i r = _mm512_mask_broadcast_i32x4(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p0)), 0xFF00,
-                                                  _mm_loadu_si128((const __m128i *)p1));
-    return _mm512_and_si512(_mm512_srlv_epi64(r, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0F));
-}
-/* 8 fp16 at p as floats */
-INLINE __m256 fp16x8_ps(const uint8_t *p) {
-#ifdef HK2_USE_SIMDE  /* SIMDe has no F16C */
-    float f[8];
-    for (int i = 0; i < 8; i++) f[i] = half_at(p + 2 * i);
-    return _mm256_loadu_ps(f);
-#else
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-#endif
-}
-/* the fp16 at p + i * stride, i < 4, as floats */
-INLINE __m128 four_halves(const uint8_t *p, int stride) {
-#ifdef HK2_USE_SIMDE  /* SIMDe has no F16C */
-    return _mm_setr_ps(half_at(p), half_at(p + stride), half_at(p + 2 * stride), half_at(p + 3 * stride));
-#else
-    uint16_t h[4];
-    for (int i = 0; i < 4; i++) memcpy(&h[i], p + i * stride, 2);
-    uint64_t v;
-    memcpy(&v, h, 8);
-    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)v));
-#endif
-}
 /* the weights of one index vector as |level| bytes and the mask of the negative ones (indices 0..7) */
 INLINE __m512i unsigned_levels(__m512i idx, __m512i tab, __mmask64 *neg) {
     *neg = ~_mm512_test_epi8_mask(idx, _mm512_set1_epi8(8));
@@ -72,8 +43,8 @@ INLINE void dot_iq4_nl_t(int n, const uint8_t *x, const hk2_arow *a, const int N
         PREFETCH(blk);
         PREFETCH(blk + 64);
         __mmask64 n0, n1;
-        const __m512i w0 = unsigned_levels(indices2(blk + 2, blk + NL_BYTES + 2), tab, &n0);
-        const __m512i w1 = unsigned_levels(indices2(blk + 2 * NL_BYTES + 2, blk + 3 * NL_BYTES + 2), tab, &n1);
+        const __m512i w0 = unsigned_levels(nibbles2(blk + 2, blk + NL_BYTES + 2), tab, &n0);
+        const __m512i w1 = unsigned_levels(nibbles2(blk + 2 * NL_BYTES + 2, blk + 3 * NL_BYTES + 2), tab, &n1);
         const __m128 dw = four_halves(blk, NL_BYTES);
         for (int j = 0; j < NA; j++) {
             const int8_t *y = a[j].qs + 32 * b;
@@ -201,7 +172,7 @@ INLINE void dot_iq4_xs_r8_t(int n, const uint8_t *x, const hk2_arow *a, const in
                 sumi[j] = _mm512_add_epi32(sumi[j], _mm512_mullo_epi32(p, sc));
             }
         }
-        const __m512 dw = _mm512_permutexvar_ps(dupd, _mm512_castps256_ps512(fp16x8_ps(blk)));
+        const __m512 dw = _mm512_permutexvar_ps(dupd, _mm512_castps256_ps512(fp16x8(blk)));
         for (int j = 0; j < NA; j++)
             acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(a[j].d[b])), _mm512_cvtepi32_ps(sumi[j]), acc[j]);
     }
@@ -212,12 +183,8 @@ INLINE void dot_iq4_xs_r8_t(int n, const uint8_t *x, const hk2_arow *a, const in
                                                                               _mm512_permutexvar_ps(odd, acc[j]))));
 }
 
-#define DOT_ENTRY(name)                                                                         \
-    void hk2_dot_##name##_avx512vnni(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH8(na, dot_##name##_t, n, w, a, s) \
-    }
-DOT_ENTRY(iq4_nl)
-DOT_ENTRY(iq4_xs)
-DOT_ENTRY(iq4_xs_r8)
+HK2_DOT_ENTRY(iq4_nl, HK2_NA_SWITCH8)
+HK2_DOT_ENTRY(iq4_xs, HK2_NA_SWITCH8)
+HK2_DOT_ENTRY(iq4_xs_r8, HK2_NA_SWITCH8)
 
 #include "hk2_target_end.h"

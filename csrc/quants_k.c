@@ -154,17 +154,7 @@ static void quantize_row_q5_K(const float *x, void *blocks, int64_t n) {
     for (int64_t i = 0; i < n / HK2_QK_K; i++, x += HK2_QK_K) {
         uint8_t sc[8], m[8], L[HK2_QK_K];
         quantize_asym(x, 8, 32, 31, 63, sc, m, L, &y[i].d, &y[i].dmin);
-        memset(y[i].scales, 0, sizeof y[i].scales);
-        for (int j = 0; j < 8; j++) {  /* Q4_K's packing (hk2_q4_K_scale_min reads it back) */
-            if (j < 4) {
-                y[i].scales[j] = sc[j];
-                y[i].scales[j + 4] = m[j];
-            } else {
-                y[i].scales[j + 4] = (uint8_t)((sc[j] & 0xF) | ((m[j] & 0xF) << 4));
-                y[i].scales[j - 4] |= (uint8_t)((sc[j] >> 4) << 6);
-                y[i].scales[j] |= (uint8_t)((m[j] >> 4) << 6);
-            }
-        }
+        hk2_q4_K_pack_scales(sc, m, y[i].scales);   /* Q4_K's packing */
         memset(y[i].qh, 0, sizeof y[i].qh);
         memset(y[i].qs, 0, sizeof y[i].qs);
         for (int v = 0; v < HK2_QK_K; v++) {
@@ -178,17 +168,9 @@ static void quantize_row_q5_K(const float *x, void *blocks, int64_t n) {
 static void quantize_row_q3_K(const float *x, void *blocks, int64_t n) {
     block_q3_K *y = blocks;
     for (int64_t i = 0; i < n / HK2_QK_K; i++, x += HK2_QK_K) {
-        float scale[16], max_scale = 0.0f, amax_scale = 0.0f;
-        for (int s = 0; s < 16; s++) {
-            float amax = 0.0f, max = 0.0f;
-            for (int l = 0; l < 16; l++) {
-                const float v = x[16 * s + l];
-                if (fabsf(v) > amax) { amax = fabsf(v); max = v; }
-            }
-            scale[s] = max / -4.0f;
-            if (fabsf(scale[s]) > amax_scale) { amax_scale = fabsf(scale[s]); max_scale = scale[s]; }
-        }
-        y[i].d = fp16_nonzero(amax_scale > 0.0f ? max_scale / -32.0f : 0.0f);
+        float scale[16];
+        const float max_scale = hk2_signed_scales16(x, -4.0f, scale);
+        y[i].d = fp16_nonzero(max_scale != 0.0f ? max_scale / -32.0f : 0.0f);
         const float d = hk2_fp16_to_fp32(y[i].d);
         int sc[16];
         uint8_t L[HK2_QK_K];  /* q + 4 */
@@ -221,91 +203,55 @@ static void quantize_row_q3_K(const float *x, void *blocks, int64_t n) {
 /* ---------------- scalar dots: integer sums per sub-block, the float scales once per super-block ---------------- */
 
 /* value = d*sc*q - dmin*m: the min term is m times the activations' 16-value sums */
-static void dot_q2_K(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_q2_K *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int b = 0; b < n / HK2_QK_K; b++) {
-            const int8_t *y = a[j].qs + b * HK2_QK_K;
-            const int16_t *bs = a[j].bs + b * (HK2_QK_K / 16);
-            int sumi = 0, summ = 0;
-            for (int sb = 0; sb < 16; sb++) {
-                int p = 0;
-                for (int l = 0; l < 16; l++) p += q2_at(x[b].qs, 16 * sb + l) * y[16 * sb + l];
-                sumi += (x[b].scales[sb] & 0xF) * p;
-                summ += (x[b].scales[sb] >> 4) * bs[sb];
-            }
-            sum += a[j].d[b] * (hk2_fp16_to_fp32(x[b].d) * (float)sumi - hk2_fp16_to_fp32(x[b].dmin) * (float)summ);
-        }
-        s[j] = sum;
+static inline float blk_q2_K(const block_q2_K *x, const int8_t *y, const int16_t *bs, float da) {
+    uint8_t q[HK2_QK_K], sc[16], m[16];
+    for (int v = 0; v < HK2_QK_K; v++) q[v] = (uint8_t)q2_at(x->qs, v);
+    for (int sb = 0; sb < 16; sb++) {
+        sc[sb] = x->scales[sb] & 0xF;
+        m[sb] = x->scales[sb] >> 4;
     }
+    return hk2_k_min_term(q, 16, sc, m, x->d, x->dmin, y, bs, da);
 }
+HK2_SCALAR_DOT(q2_K, block_q2_K, HK2_QK_K)
 
 /* q = (q + 4) - 4: the -4 is 4 times the activations' 16-value sums */
-static void dot_q3_K(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_q3_K *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int b = 0; b < n / HK2_QK_K; b++) {
-            const int8_t *y = a[j].qs + b * HK2_QK_K;
-            const int16_t *bs = a[j].bs + b * (HK2_QK_K / 16);
-            int8_t sc[16];
-            q3_K_scales(x[b].scales, sc);
-            int sumi = 0;
-            for (int sb = 0; sb < 16; sb++) {
-                int p = 0;
-                for (int l = 0; l < 16; l++) {
-                    const int v = 16 * sb + l;
-                    p += (q2_at(x[b].qs, v) | (((x[b].hmask[v % 32] >> (v / 32)) & 1) << 2)) * y[v];
-                }
-                sumi += sc[sb] * (p - 4 * bs[sb]);
-            }
-            sum += a[j].d[b] * hk2_fp16_to_fp32(x[b].d) * (float)sumi;
+static inline float blk_q3_K(const block_q3_K *x, const int8_t *y, const int16_t *bs, float da) {
+    int8_t sc[16];
+    q3_K_scales(x->scales, sc);
+    int sumi = 0;
+    for (int sb = 0; sb < 16; sb++) {
+        int p = 0;
+        for (int l = 0; l < 16; l++) {
+            const int v = 16 * sb + l;
+            p += (q2_at(x->qs, v) | (((x->hmask[v % 32] >> (v / 32)) & 1) << 2)) * y[v];
         }
-        s[j] = sum;
+        sumi += sc[sb] * (p - 4 * bs[sb]);
     }
+    return da * hk2_fp16_to_fp32(x->d) * (float)sumi;
 }
+HK2_SCALAR_DOT(q3_K, block_q3_K, HK2_QK_K)
 
-static void dot_q5_K(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_q5_K *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int b = 0; b < n / HK2_QK_K; b++) {
-            const int8_t *y = a[j].qs + b * HK2_QK_K;
-            const int16_t *bs = a[j].bs + b * (HK2_QK_K / 16);
-            int sumi = 0, summ = 0;
-            for (int sb = 0; sb < 8; sb++) {
-                uint8_t sc, m;
-                hk2_q4_K_scale_min(sb, x[b].scales, &sc, &m);
-                int p = 0;
-                for (int l = 0; l < 32; l++) {
-                    const int q = ((x[b].qs[32 * (sb / 2) + l] >> (4 * (sb % 2))) & 0xF) | (((x[b].qh[l] >> sb) & 1) << 4);
-                    p += q * y[32 * sb + l];
-                }
-                sumi += sc * p;
-                summ += m * (bs[2 * sb] + bs[2 * sb + 1]);
-            }
-            sum += a[j].d[b] * (hk2_fp16_to_fp32(x[b].d) * (float)sumi - hk2_fp16_to_fp32(x[b].dmin) * (float)summ);
-        }
-        s[j] = sum;
+static inline float blk_q5_K(const block_q5_K *x, const int8_t *y, const int16_t *bs, float da) {
+    uint8_t q[HK2_QK_K], sc[8], m[8];
+    for (int sb = 0; sb < 8; sb++) {
+        hk2_q4_K_scale_min(sb, x->scales, &sc[sb], &m[sb]);
+        for (int l = 0; l < 32; l++)
+            q[32 * sb + l] = (uint8_t)(((x->qs[32 * (sb / 2) + l] >> (4 * (sb % 2))) & 0xF) | (((x->qh[l] >> sb) & 1) << 4));
     }
+    return hk2_k_min_term(q, 32, sc, m, x->d, x->dmin, y, bs, da);
 }
+HK2_SCALAR_DOT(q5_K, block_q5_K, HK2_QK_K)
 
-#ifndef HK2_NO_X86
-void hk2_dot_q2_K_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_q3_K_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_q5_K_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_q2_K_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_q3_K_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_q5_K_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-#endif
+HK2_DECLARE_DOTS(q2_K)
+HK2_DECLARE_DOTS(q3_K)
+HK2_DECLARE_DOTS(q5_K)
 
 const hk2_type_ops hk2_types_k[] = {
-    {HK2_Q2_K, "Q2_K", HK2_QK_K, sizeof(block_q2_K), HK2_QK_K, dequantize_row_q2_K, quantize_row_q2_K,
-     {dot_q2_K, HK2_X86(hk2_dot_q2_K_avx2), NULL, HK2_X86(hk2_dot_q2_K_avx512vnni)}, {0, 0, 0, 8}, 1},
-    {HK2_Q3_K, "Q3_K", HK2_QK_K, sizeof(block_q3_K), HK2_QK_K, dequantize_row_q3_K, quantize_row_q3_K,
-     {dot_q3_K, HK2_X86(hk2_dot_q3_K_avx2), NULL, HK2_X86(hk2_dot_q3_K_avx512vnni)}, {0, 0, 0, 8}, 1},
-    {HK2_Q5_K, "Q5_K", HK2_QK_K, sizeof(block_q5_K), HK2_QK_K, dequantize_row_q5_K, quantize_row_q5_K,
-     {dot_q5_K, HK2_X86(hk2_dot_q5_K_avx2), NULL, HK2_X86(hk2_dot_q5_K_avx512vnni)}, {0, 0, 0, 8}, 1},
+    {HK2_Q2_K, "Q2_K", HK2_QK_K, sizeof(block_q2_K), HK2_QK_K, dequantize_row_q2_K, quantize_row_q2_K, HK2_DOTS(q2_K),
+     {0, 0, 0, 8}, 1},
+    {HK2_Q3_K, "Q3_K", HK2_QK_K, sizeof(block_q3_K), HK2_QK_K, dequantize_row_q3_K, quantize_row_q3_K, HK2_DOTS(q3_K),
+     {0, 0, 0, 8}, 1},
+    {HK2_Q5_K, "Q5_K", HK2_QK_K, sizeof(block_q5_K), HK2_QK_K, dequantize_row_q5_K, quantize_row_q5_K, HK2_DOTS(q5_K),
+     {0, 0, 0, 8}, 1},
     {.name = NULL},
 };

@@ -47,15 +47,6 @@ INLINE __m512 d_dmin(const hk2_half *p) {
 #endif
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), _mm512_castps128_ps512(v));
 }
-INLINE __m128i q3_K_scales_v(const uint8_t *p) {  /* as in quants_k_avx2.c */
-    uint32_t u[3];
-    memcpy(u, p, 12);
-    const uint32_t m4 = 0x0f0f0f0f, m2 = 0x03030303;
-    const __m128i v = _mm_setr_epi32((int)((u[0] & m4) | ((u[2] & m2) << 4)), (int)((u[1] & m4) | (((u[2] >> 2) & m2) << 4)),
-                                     (int)(((u[0] >> 4) & m4) | (((u[2] >> 4) & m2) << 4)),
-                                     (int)(((u[1] >> 4) & m4) | (((u[2] >> 6) & m2) << 4)));
-    return _mm_sub_epi8(v, _mm_set1_epi8(32));
-}
 
 /* ---------------- Q2_K ---------------- */
 INLINE void dot_q2_K_t(int n, const block_q2_K *x, const hk2_arow *a, const int NA, float *s) {
@@ -170,12 +161,8 @@ INLINE void dot_q5_K_t(int n, const block_q5_K *x, const hk2_arow *a, const int 
     for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]);
 }
 
-#define DOT_ENTRY(name, btype)                                                                      \
-    void hk2_##name##_avx512vnni(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH8(na, name##_t, n, w, a, s) \
-    }
-DOT_ENTRY(dot_q2_K, block_q2_K)
-DOT_ENTRY(dot_q3_K, block_q3_K)
-DOT_ENTRY(dot_q5_K, block_q5_K)
+HK2_DOT_ENTRY(q2_K, HK2_NA_SWITCH8)
+HK2_DOT_ENTRY(q3_K, HK2_NA_SWITCH8)
+HK2_DOT_ENTRY(q5_K, HK2_NA_SWITCH8)
 
 #include "hk2_target_end.h"

@@ -124,65 +124,37 @@ static void quantize_row_q5_0(const float *x, void *blocks, int64_t n) {
 
 /* ---------------- scalar dots: integer sums per block, one float multiply-add per block ----------------
  * Q4_1/Q5_1: sum (d q + m) y_a d_a = d d_a sum q y + m d_a sum y, sum y from the 16-value sums bs. */
-static void dot_q4_1(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_q4_1 *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int b = 0; b < n / 32; b++) {
-            const int8_t *y = a[j].qs + 32 * b;
-            int sumi = 0;
-            for (int l = 0; l < 32; l++) sumi += nib(x[b].qs, l) * y[l];
-            const int sumy = a[j].bs[2 * b] + a[j].bs[2 * b + 1];
-            sum += a[j].d[b] * (hk2_fp16_to_fp32(x[b].d) * (float)sumi + hk2_fp16_to_fp32(x[b].m) * (float)sumy);
-        }
-        s[j] = sum;
-    }
+static inline float min_term(hk2_half d, hk2_half m, int sumi, const int16_t *bs, float da) {
+    return da * (hk2_fp16_to_fp32(d) * (float)sumi + hk2_fp16_to_fp32(m) * (float)(bs[0] + bs[1]));
 }
-static void dot_q5_0(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_q5_0 *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int b = 0; b < n / 32; b++) {
-            const int8_t *y = a[j].qs + 32 * b;
-            const uint32_t qh = load_qh(x[b].qh);
-            int sumi = 0;
-            for (int l = 0; l < 32; l++) sumi += (q5(x[b].qs, qh, l) - 16) * y[l];
-            sum += a[j].d[b] * hk2_fp16_to_fp32(x[b].d) * (float)sumi;
-        }
-        s[j] = sum;
-    }
+static inline float blk_q4_1(const block_q4_1 *x, const int8_t *y, const int16_t *bs, float da) {
+    int sumi = 0;
+    for (int l = 0; l < 32; l++) sumi += nib(x->qs, l) * y[l];
+    return min_term(x->d, x->m, sumi, bs, da);
 }
-static void dot_q5_1(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_q5_1 *x = w;
-    for (int j = 0; j < na; j++) {
-        float sum = 0.0f;
-        for (int b = 0; b < n / 32; b++) {
-            const int8_t *y = a[j].qs + 32 * b;
-            const uint32_t qh = load_qh(x[b].qh);
-            int sumi = 0;
-            for (int l = 0; l < 32; l++) sumi += q5(x[b].qs, qh, l) * y[l];
-            const int sumy = a[j].bs[2 * b] + a[j].bs[2 * b + 1];
-            sum += a[j].d[b] * (hk2_fp16_to_fp32(x[b].d) * (float)sumi + hk2_fp16_to_fp32(x[b].m) * (float)sumy);
-        }
-        s[j] = sum;
-    }
+static inline float blk_q5_1(const block_q5_1 *x, const int8_t *y, const int16_t *bs, float da) {
+    const uint32_t qh = load_qh(x->qh);
+    int sumi = 0;
+    for (int l = 0; l < 32; l++) sumi += q5(x->qs, qh, l) * y[l];
+    return min_term(x->d, x->m, sumi, bs, da);
 }
+static inline float blk_q5_0(const block_q5_0 *x, const int8_t *y, const int16_t *bs, float da) {
+    const uint32_t qh = load_qh(x->qh);
+    int sumi = 0;
+    for (int l = 0; l < 32; l++) sumi += (q5(x->qs, qh, l) - 16) * y[l];
+    return da * hk2_fp16_to_fp32(x->d) * (float)sumi;
+}
+HK2_SCALAR_DOT(q4_1, block_q4_1, 32)
+HK2_SCALAR_DOT(q5_0, block_q5_0, 32)
+HK2_SCALAR_DOT(q5_1, block_q5_1, 32)
 
-#ifndef HK2_NO_X86
-void hk2_dot_q4_1_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_q5_0_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_q5_1_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_q4_1_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_q5_0_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_q5_1_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-#endif
+HK2_DECLARE_DOTS(q4_1)
+HK2_DECLARE_DOTS(q5_0)
+HK2_DECLARE_DOTS(q5_1)
 
 const hk2_type_ops hk2_types_q[] = {
-    {HK2_Q4_1, "Q4_1", 32, 20, 32, dequantize_row_q4_1, quantize_row_q4_1,
-     {dot_q4_1, HK2_X86(hk2_dot_q4_1_avx2), NULL, HK2_X86(hk2_dot_q4_1_avx512vnni)}, {0}, 1},
-    {HK2_Q5_0, "Q5_0", 32, 22, 32, dequantize_row_q5_0, quantize_row_q5_0,
-     {dot_q5_0, HK2_X86(hk2_dot_q5_0_avx2), NULL, HK2_X86(hk2_dot_q5_0_avx512vnni)}, {0}, 1},
-    {HK2_Q5_1, "Q5_1", 32, 24, 32, dequantize_row_q5_1, quantize_row_q5_1,
-     {dot_q5_1, HK2_X86(hk2_dot_q5_1_avx2), NULL, HK2_X86(hk2_dot_q5_1_avx512vnni)}, {0}, 1},
+    {HK2_Q4_1, "Q4_1", 32, 20, 32, dequantize_row_q4_1, quantize_row_q4_1, HK2_DOTS(q4_1), {0}, 1},
+    {HK2_Q5_0, "Q5_0", 32, 22, 32, dequantize_row_q5_0, quantize_row_q5_0, HK2_DOTS(q5_0), {0}, 1},
+    {HK2_Q5_1, "Q5_1", 32, 24, 32, dequantize_row_q5_1, quantize_row_q5_1, HK2_DOTS(q5_1), {0}, 1},
     {.name = NULL},
 };

@@ -17,11 +17,6 @@ INLINE __m128 two_halves(const uint8_t *p, int stride) {
     memcpy(&h1, p + stride, 2);
     return _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)h0 | (uint32_t)h1 << 16)));
 }
-/* 16 packed bytes -> low nibbles (values 0..15) then high nibbles (16..31) */
-INLINE __m256i nibbles(const uint8_t *p) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
-}
 /* byte l = 0x10 where bit l of qh is set, else 0 */
 INLINE __m256i fifth_bits(const uint8_t *qh_p) {
     uint32_t qh;
@@ -92,12 +87,8 @@ INLINE void dot_q_t(int n, const uint8_t *x, const hk2_arow *a, const int NA, fl
     }
 }
 
-#define DOT_ENTRY(name, T)                                                               \
-    void hk2_dot_##name##_avx2(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH4(na, dot_q_t, n, w, a, s, T) \
-    }
-DOT_ENTRY(q4_1, T_Q4_1)
-DOT_ENTRY(q5_0, T_Q5_0)
-DOT_ENTRY(q5_1, T_Q5_1)
+HK2_DOT_ENTRY_OF(q4_1, HK2_NA_SWITCH4, dot_q_t, T_Q4_1)
+HK2_DOT_ENTRY_OF(q5_0, HK2_NA_SWITCH4, dot_q_t, T_Q5_0)
+HK2_DOT_ENTRY_OF(q5_1, HK2_NA_SWITCH4, dot_q_t, T_Q5_1)
 
 #include "hk2_target_end.h"

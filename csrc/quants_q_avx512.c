@@ -14,25 +14,6 @@ INLINE uint32_t u32_at(const uint8_t *p) {
     memcpy(&v, p, 4);
     return v;
 }
-/* two blocks' 16 packed bytes -> [lo b0 | hi b0 | lo b1 | hi b1]: values 0..31 of each block in order */
-INLINE __m512i nibbles2(const uint8_t *p0, const uint8_t *p1) {
-    /* [p0 p0 p1 p1] by two broadcast loads (load ports, one merge) instead of shuffles on the shuffle port */
-    const __m512i r = _mm512_mask_broadcast_i32x4(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p0)), 0xFF00,
-                                                  _mm_loadu_si128((const __m128i *)p1));
-    return _mm512_and_si512(_mm512_srlv_epi64(r, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0F));
-}
-/* the fp16 at p + i * stride, i < 4, as floats */
-INLINE __m128 four_halves(const uint8_t *p, int stride) {
-#ifdef HK2_USE_SIMDE  /* SIMDe has no F16C */
-    return _mm_setr_ps(half_at(p), half_at(p + stride), half_at(p + 2 * stride), half_at(p + 3 * stride));
-#else
-    uint16_t h[4];
-    for (int i = 0; i < 4; i++) memcpy(&h[i], p + i * stride, 2);
-    uint64_t v;
-    memcpy(&v, h, 8);
-    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)v));
-#endif
-}
 
 /* Four blocks per step, two per 512-bit vector. Q4_1/Q5_1: q unsigned, one vpdpbusd per row and vector; Q5_0:
  * w = q - 16 is negative exactly where the fifth bit is 0, so |w| = the fifth bit ? nibble : 16 - nibble and y
@@ -105,12 +86,8 @@ INLINE void dot_q_t(int n, const uint8_t *x, const hk2_arow *a, const int NA, fl
     }
 }
 
-#define DOT_ENTRY(name, T)                                                                     \
-    void hk2_dot_##name##_avx512vnni(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH4(na, dot_q_t, n, w, a, s, T) \
-    }
-DOT_ENTRY(q4_1, T_Q4_1)
-DOT_ENTRY(q5_0, T_Q5_0)
-DOT_ENTRY(q5_1, T_Q5_1)
+HK2_DOT_ENTRY_OF(q4_1, HK2_NA_SWITCH4, dot_q_t, T_Q4_1)
+HK2_DOT_ENTRY_OF(q5_0, HK2_NA_SWITCH4, dot_q_t, T_Q5_0)
+HK2_DOT_ENTRY_OF(q5_1, HK2_NA_SWITCH4, dot_q_t, T_Q5_1)
 
 #include "hk2_target_end.h"

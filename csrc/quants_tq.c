@@ -38,25 +38,7 @@ static void tq2_0_unpack(const block_tq2_0 *x, uint8_t t[HK2_QK_K]) {
             for (int m = 0; m < 32; m++) t[128 * h + 32 * l + m] = (x->qs[32 * h + m] >> (2 * l)) & 3;
 }
 
-static void dequantize_row_tq1_0(const void *blocks, float *y, int64_t n) {
-    const block_tq1_0 *x = blocks;
-    uint8_t t[HK2_QK_K];
-    for (int64_t b = 0; b < n / HK2_QK_K; b++) {
-        const float d = hk2_fp16_to_fp32(x[b].d);
-        tq1_0_unpack(x + b, t);
-        for (int i = 0; i < HK2_QK_K; i++) y[HK2_QK_K * b + i] = d * (float)(t[i] - 1);
-    }
-}
 
-static void dequantize_row_tq2_0(const void *blocks, float *y, int64_t n) {
-    const block_tq2_0 *x = blocks;
-    uint8_t t[HK2_QK_K];
-    for (int64_t b = 0; b < n / HK2_QK_K; b++) {
-        const float d = hk2_fp16_to_fp32(x[b].d);
-        tq2_0_unpack(x + b, t);
-        for (int i = 0; i < HK2_QK_K; i++) y[HK2_QK_K * b + i] = d * (float)(t[i] - 1);
-    }
-}
 
 /* q + 1 of each value: round(x / max|x|) in {-1, 0, 1}, plus 1; d = max|x| (as gguf.quants, uint8 packing) */
 static float tq_ternarize(const float *x, uint8_t t[HK2_QK_K]) {
@@ -107,43 +89,39 @@ static inline int tq_block_sum(const uint8_t *t, const int8_t *y, const int16_t 
     return sum;
 }
 
-static void dot_tq1_0(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_tq1_0 *x = w;
-    float acc[HK2_MAX_NA] = {0};
-    uint8_t t[HK2_QK_K];
-    for (int b = 0; b < n / HK2_QK_K; b++) {
-        tq1_0_unpack(x + b, t);
-        const float d = hk2_fp16_to_fp32(x[b].d);
-        for (int j = 0; j < na; j++)
-            acc[j] += d * a[j].d[b] * (float)tq_block_sum(t, a[j].qs + HK2_QK_K * b, a[j].bs + 16 * b);
+/* the dequantizer and the dot: each block unpacked once (<t>_unpack), for all activation rows */
+#define TQ_TYPE(t)                                                                                       \
+    static void dequantize_row_##t(const void *blocks, float *y, int64_t n) {                            \
+        const block_##t *x = blocks;                                                                     \
+        uint8_t tr[HK2_QK_K];                                                                            \
+        for (int64_t b = 0; b < n / HK2_QK_K; b++) {                                                     \
+            const float d = hk2_fp16_to_fp32(x[b].d);                                                    \
+            t##_unpack(x + b, tr);                                                                       \
+            for (int i = 0; i < HK2_QK_K; i++) y[HK2_QK_K * b + i] = d * (float)(tr[i] - 1);             \
+        }                                                                                                \
+    }                                                                                                    \
+    static void dot_##t(int n, const void *w, const hk2_arow *a, int na, float *s) {                     \
+        const block_##t *x = w;                                                                          \
+        float acc[HK2_MAX_NA] = {0};                                                                     \
+        uint8_t tr[HK2_QK_K];                                                                            \
+        for (int b = 0; b < n / HK2_QK_K; b++) {                                                         \
+            t##_unpack(x + b, tr);                                                                       \
+            const float d = hk2_fp16_to_fp32(x[b].d);                                                    \
+            for (int j = 0; j < na; j++)                                                                 \
+                acc[j] += d * a[j].d[b] * (float)tq_block_sum(tr, a[j].qs + HK2_QK_K * b, a[j].bs + 16 * b); \
+        }                                                                                                \
+        for (int j = 0; j < na; j++) s[j] = acc[j];                                                      \
     }
-    for (int j = 0; j < na; j++) s[j] = acc[j];
-}
+TQ_TYPE(tq1_0)
+TQ_TYPE(tq2_0)
 
-static void dot_tq2_0(int n, const void *w, const hk2_arow *a, int na, float *s) {
-    const block_tq2_0 *x = w;
-    float acc[HK2_MAX_NA] = {0};
-    uint8_t t[HK2_QK_K];
-    for (int b = 0; b < n / HK2_QK_K; b++) {
-        tq2_0_unpack(x + b, t);
-        const float d = hk2_fp16_to_fp32(x[b].d);
-        for (int j = 0; j < na; j++)
-            acc[j] += d * a[j].d[b] * (float)tq_block_sum(t, a[j].qs + HK2_QK_K * b, a[j].bs + 16 * b);
-    }
-    for (int j = 0; j < na; j++) s[j] = acc[j];
-}
-
-#ifndef HK2_NO_X86
-void hk2_dot_tq1_0_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_tq1_0_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_tq2_0_avx2(int, const void *, const hk2_arow *, int, float *);
-void hk2_dot_tq2_0_avx512vnni(int, const void *, const hk2_arow *, int, float *);
-#endif
+HK2_DECLARE_DOTS(tq1_0)
+HK2_DECLARE_DOTS(tq2_0)
 
 const hk2_type_ops hk2_types_tq[] = {
-    {HK2_TQ1_0, "TQ1_0", HK2_QK_K, sizeof(block_tq1_0), HK2_QK_K, dequantize_row_tq1_0, quantize_row_tq1_0,
-     {dot_tq1_0, HK2_X86(hk2_dot_tq1_0_avx2), NULL, HK2_X86(hk2_dot_tq1_0_avx512vnni)}, {0}, 1},
-    {HK2_TQ2_0, "TQ2_0", HK2_QK_K, sizeof(block_tq2_0), HK2_QK_K, dequantize_row_tq2_0, quantize_row_tq2_0,
-     {dot_tq2_0, HK2_X86(hk2_dot_tq2_0_avx2), NULL, HK2_X86(hk2_dot_tq2_0_avx512vnni)}, {0}, 1},
+    {HK2_TQ1_0, "TQ1_0", HK2_QK_K, sizeof(block_tq1_0), HK2_QK_K, dequantize_row_tq1_0, quantize_row_tq1_0, HK2_DOTS(tq1_0),
+     {0}, 1},
+    {HK2_TQ2_0, "TQ2_0", HK2_QK_K, sizeof(block_tq2_0), HK2_QK_K, dequantize_row_tq2_0, quantize_row_tq2_0, HK2_DOTS(tq2_0),
+     {0}, 1},
     {.name = NULL},
 };

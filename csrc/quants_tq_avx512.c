@@ -97,11 +97,7 @@ INLINE void dot_tq2_0_t(int n, const block_tq2_0 *x, const hk2_arow *a, const in
     for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]);
 }
 
-#define DOT_ENTRY(name, btype)                                                                 \
-    void hk2_##name##_avx512vnni(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH4(na, name##_t, n, w, a, s) \
-    }
-DOT_ENTRY(dot_tq1_0, block_tq1_0)
-DOT_ENTRY(dot_tq2_0, block_tq2_0)
+HK2_DOT_ENTRY(tq1_0, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(tq2_0, HK2_NA_SWITCH4)
 
 #include "hk2_target_end.h"

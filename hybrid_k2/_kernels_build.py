@@ -19,9 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 
 # Sources shared by every build of the kernels (this module, CMake, the SIMDe test library).
-TYPE_FAMILIES = ["k", "q", "iq4", "iq23", "iq1", "tq", "float"]  # csrc/quants_<family>{,_avx2,_avx512}.c
-COMMON_SOURCES = ["hk2_api.c", "quants.c", "moe.c", "decode.c", "threadpool.c", "moe_scalar.c", "sigbus.c"] + [f"quants_{f}.c" for f in TYPE_FAMILIES]
-X86_SOURCES = ["moe_avx2.c", "moe_avx512.c", "moe_avx512_vnni.c"] + [
+TYPE_FAMILIES = ["base", "k", "q", "iq4", "iq23", "iq1", "tq", "float"]  # csrc/quants_<family>{,_avx2,_avx512}.c
+COMMON_SOURCES = ["hk2_api.c", "threadpool.c", "sigbus.c", "quants.c", "vec.c", "moe.c", "linear.c", "norm_router.c",
+                  "mla.c"] + [f"quants_{f}.c" for f in TYPE_FAMILIES]
+X86_SOURCES = ["vec_avx2.c", "vec_avx512.c", "quants_base_avx512bw.c"] + [
     f"quants_{f}_{isa}.c" for f in TYPE_FAMILIES for isa in ("avx2", "avx512")]
 # -ffp-contract=off: quantizers must round exactly like ggml's reference (no fused x*id+c)
 COMPILE_ARGS = ["-O3", "-std=gnu11", "-pthread", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden",

@@ -88,7 +88,8 @@ static void make_experts(experts *ex, int gt, int dt, int E, int H, int I) {
         ex->upp[e] = ex->up + e * I * grb;
         ex->dp[e] = ex->down + e * H * drb;
     }
-    ex->layer = (hk2_moe_layer){E, H, I, gt, gt, dt, ex->gp, ex->upp, ex->dp};
+    ex->layer = (hk2_moe_layer){.n_experts = E, .hidden = H, .inter = I, .gate_type = gt, .up_type = gt, .down_type = dt,
+                                .gate = ex->gp, .up = ex->upp, .down = ex->dp};
 }
 
 static void free_experts(experts *ex) {
@@ -237,6 +238,77 @@ static void test_bad_arguments(void) {
     CHECK(hk2_set_isa("sse9") == HK2_EISA, "unknown isa");
     CHECK(hk2_isa_supported("sse9") == HK2_EISA, "unknown isa name");
     free_experts(&ex);
+}
+
+/* Structs validated once (hk2_*_check): the calls then check only their own arguments. An unchecked struct is
+ * still checked in full on every call, so a bad pointer is an error, not a crash. */
+static void test_bind_checks(void) {
+    experts ex;
+    make_experts(&ex, HK2_Q8_0, HK2_Q4_0, 4, 64, 64);
+    float x[2 * 64], w[4] = {0.5f, 0.25f, 1, 2}, y0[2 * 64], y1[2 * 64];
+    for (int i = 0; i < 128; i++) x[i] = nrand();
+    int32_t ids[4] = {0, 1, 2, 1}, bad_ids[4] = {0, 1, 2, 4};
+    const void *null_ptrs[4] = {ex.gp[0], ex.gp[1], ex.gp[2], NULL};
+    hk2_moe_layer bad = ex.layer;
+    bad.gate = null_ptrs;
+    CHECK(bad.checked == 0, "a new layer is unchecked");
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y0, 0) == HK2_EINVAL && strstr(hk2_last_error(), "expert 3"),
+          "unchecked layer with a NULL expert pointer: %s", hk2_last_error());
+    bad.checked = 1;   /* not the mark hk2_moe_layer_check sets: still checked in full */
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y0, 0) == HK2_EINVAL, "layer with a made-up checked value");
+    CHECK(hk2_moe_layer_check(&bad) == HK2_EINVAL && bad.checked == 0, "hk2_moe_layer_check finds the NULL pointer");
+    CHECK(hk2_moe_layer_check(NULL) == HK2_EINVAL, "hk2_moe_layer_check(NULL)");
+    hk2_moe_layer good = ex.layer;
+    CHECK(hk2_moe_forward(&good, 2, 2, x, ids, w, y0, 0) == HK2_OK, "unchecked good layer");
+    CHECK(hk2_moe_layer_check(&good) == HK2_OK && good.checked != 0, "hk2_moe_layer_check of a good layer");
+    CHECK(hk2_moe_forward(&good, 2, 2, x, ids, w, y1, 0) == HK2_OK, "checked layer runs");
+    CHECK(memcmp(y0, y1, sizeof y0) == 0, "checked and unchecked layer give the same y");
+    CHECK(hk2_moe_forward(&good, 2, 2, x, bad_ids, w, y1, 0) == HK2_EID && strstr(hk2_last_error(), "ids[1, 1] = 4"),
+          "checked layer, id out of range: %s", hk2_last_error());
+    CHECK(hk2_moe_forward(&good, -1, 2, x, ids, w, y1, 0) == HK2_ESHAPE, "checked layer, negative tokens");
+    CHECK(hk2_moe_forward(&good, 2, 0, x, ids, w, y1, 0) == HK2_ESHAPE, "checked layer, top_k 0");
+    CHECK(hk2_moe_forward(&good, 2, 2, x, NULL, w, y1, 0) == HK2_EINVAL, "checked layer, null ids");
+    CHECK(hk2_moe_forward(&good, 2, 2, x, ids, w, y1, 8) == HK2_EINVAL, "checked layer, unknown flag bits");
+    /* a field changed after the check, in the struct or in a copy of it: checked in full again */
+    bad = good;
+    bad.gate = null_ptrs;
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y1, 0) == HK2_EINVAL, "checked layer copied, its gate array changed");
+    bad = good;
+    bad.down_type = HK2_Q8_K;
+    CHECK(hk2_moe_forward(&bad, 2, 2, x, ids, w, y1, 0) == HK2_ETYPE, "checked layer copied, its down type changed");
+    good.inter = 48;
+    CHECK(hk2_moe_forward(&good, 2, 2, x, ids, w, y1, 0) == HK2_ESHAPE, "checked layer, its inter changed");
+    good.inter = ex.I;
+    CHECK(hk2_moe_forward(&good, 2, 2, x, ids, w, y1, 0) == HK2_OK, "the mark again matches the checked fields");
+    /* what the layer points to is not walked again per call: an entry of its pointer arrays changed after the check
+     * goes unseen by a call that does not use that expert (the caller's promise), until the layer is checked again */
+    const void *keep = ex.gp[3];
+    ex.gp[3] = NULL;
+    CHECK(hk2_moe_forward(&good, 2, 2, x, ids, w, y1, 0) == HK2_OK, "checked layer: expert 3 not walked per call");
+    CHECK(memcmp(y0, y1, sizeof y0) == 0, "the same y without expert 3");
+    CHECK(hk2_moe_layer_check(&good) == HK2_EINVAL && good.checked == 0, "checking again finds the change");
+    CHECK(hk2_moe_forward(&good, 2, 2, x, ids, w, y1, 0) == HK2_EINVAL, "and the calls check it in full again");
+    ex.gp[3] = keep;
+    free_experts(&ex);
+
+    enum { E = 8, RH = 32, RK = 2 };
+    float rw[E * RH], rx[2 * RH], rw0[2 * RK], rw1[2 * RK];
+    int32_t id0[2 * RK], id1[2 * RK];
+    for (int i = 0; i < E * RH; i++) rw[i] = nrand();
+    for (int i = 0; i < 2 * RH; i++) rx[i] = nrand();
+    hk2_router r = {.n_experts = E, .hidden = RH, .top_k = RK, .n_group = 1, .topk_group = 1, .softmax = 1,
+                    .norm_topk = 1, .scaling = 1.0f, .weight = NULL};
+    CHECK(hk2_route(&r, 2, rx, id0, rw0) == HK2_EINVAL && strstr(hk2_last_error(), "weight"), "unchecked router, no weight");
+    CHECK(hk2_router_check(&r) == HK2_EINVAL && r.checked == 0, "hk2_router_check finds the NULL weight");
+    r.weight = rw;
+    CHECK(hk2_route(&r, 2, rx, id0, rw0) == HK2_OK, "unchecked router");
+    CHECK(hk2_router_check(&r) == HK2_OK && r.checked != 0, "hk2_router_check");
+    CHECK(hk2_route(&r, 2, rx, id1, rw1) == HK2_OK, "checked router runs");
+    CHECK(memcmp(id0, id1, sizeof id0) == 0 && memcmp(rw0, rw1, sizeof rw0) == 0, "checked router, same choice");
+    CHECK(hk2_route(&r, -1, rx, id1, rw1) == HK2_ESHAPE, "checked router, negative tokens");
+    CHECK(hk2_route(&r, 2, rx, NULL, rw1) == HK2_EINVAL, "checked router, null ids");
+    r.top_k = E + 1;
+    CHECK(hk2_route(&r, 2, rx, id1, rw1) == HK2_ESHAPE, "checked router, its top_k changed");
 }
 
 static void test_pool_lifecycle(void) {
@@ -403,6 +475,21 @@ static void test_decode_ops(void) {
     CHECK(hk2_rms_norm(kv_a, norm, 1, 0, 1e-6f, o) == HK2_ESHAPE, "rms_norm n=0");
     CHECK(hk2_rms_norm(kv_a, NULL, 1, R, 1e-6f, o) == HK2_EINVAL, "rms_norm null weight");
     CHECK(hk2_rms_norm(kv_a, norm, 1, R, -1.0f, o) == HK2_EINVAL, "rms_norm negative eps");
+    bad = m;
+    bad.kv_norm = NULL;
+    CHECK(hk2_mla_check(&bad) == HK2_EINVAL && bad.checked == 0 && strstr(hk2_last_error(), "kv_norm"),
+          "hk2_mla_check finds the NULL kv_norm: %s", hk2_last_error());
+    CHECK(hk2_mla_decode(&bad, POS, q, kv_a, rot, kvc, pec, o) == HK2_EINVAL, "unchecked mla, NULL kv_norm");
+    CHECK(hk2_mla_decode(&m, POS, q, kv_a, rot, kvc, pec, o1) == HK2_OK, "unchecked mla");
+    CHECK(hk2_mla_check(&m) == HK2_OK && m.checked != 0, "hk2_mla_check");
+    CHECK(hk2_mla_decode(&m, POS, q, kv_a, rot, kvc, pec, o) == HK2_OK, "checked mla runs");
+    CHECK(memcmp(o, o1, sizeof(float) * H * vd) == 0, "checked and unchecked mla give the same o");
+    CHECK(hk2_mla_decode(&m, -1, q, kv_a, rot, kvc, pec, o) == HK2_ESHAPE, "checked mla, negative pos");
+    CHECK(hk2_mla_decode(&m, POS, q, kv_a, rot, kvc, NULL, o) == HK2_EINVAL, "checked mla, null pe_cache");
+    CHECK(hk2_mla_decode(&m, POS, q, kv_a, rot, kvc, pec, (float *)((char *)o + 2)) == HK2_EINVAL, "checked mla, misaligned o");
+    bad = m;
+    bad.rope = 7;
+    CHECK(hk2_mla_decode(&bad, POS, q, kv_a, rot, kvc, pec, o) == HK2_ESHAPE, "checked mla copied, rope changed");
     free(wkv_b); free(norm); free(q); free(kv_a); free(rot); free(kvc); free(pec); free(o); free(o1); free(ref);
 
     /* router: 12 experts in 3 groups of 4, the best 2 groups compete; ids unique, best first, in kept groups */
@@ -481,6 +568,24 @@ static void test_decode_ops(void) {
     CHECK(hk2_attn_decode(&at, 0, ax, arot, kc1, pc1, aout) == HK2_ETYPE, "attn_decode: bad q_b type");
     CHECK(strstr(hk2_last_error(), "q_b") != NULL, "message names q_b: %s", hk2_last_error());
     CHECK(hk2_attn_decode(NULL, 0, ax, arot, kc1, pc1, aout) == HK2_EINVAL, "attn_decode: null block");
+    CHECK(hk2_attn_check(&at) == HK2_ETYPE && at.checked == 0 && strstr(hk2_last_error(), "q_b"),
+          "hk2_attn_check finds the bad q_b type: %s", hk2_last_error());
+    at.q_b.qtype = HK2_Q8_0;
+    at.mla.kv_norm = NULL;
+    CHECK(hk2_attn_check(&at) == HK2_EINVAL && strstr(hk2_last_error(), "kv_norm"), "hk2_attn_check checks its mla too");
+    at.mla.kv_norm = nkv;
+    CHECK(hk2_attn_decode(&at, 1, ax, arot, kc1, pc1, aout) == HK2_OK, "unchecked attn");
+    CHECK(hk2_attn_check(&at) == HK2_OK && at.checked != 0, "hk2_attn_check");
+    float aout2[D];
+    CHECK(hk2_attn_decode(&at, 1, ax, arot, kc2, pc2, aout2) == HK2_OK, "checked attn runs");
+    CHECK(memcmp(aout, aout2, sizeof aout) == 0, "checked and unchecked attn give the same out");
+    CHECK(hk2_attn_decode(&at, -1, ax, arot, kc1, pc1, aout) == HK2_ESHAPE, "checked attn, negative pos");
+    CHECK(hk2_attn_decode(&at, 1, ax, NULL, kc1, pc1, aout) == HK2_EINVAL && strstr(hk2_last_error(), "rot"),
+          "checked attn, null rot: %s", hk2_last_error());
+    CHECK(hk2_attn_decode(&at, 1, NULL, arot, kc1, pc1, aout) == HK2_EINVAL, "checked attn, null x");
+    hk2_attn copy = at;
+    copy.o.cols = 48;
+    CHECK(hk2_attn_decode(&copy, 1, ax, arot, kc1, pc1, aout) == HK2_ESHAPE, "checked attn copied, o changed");
 }
 
 /* hk2_mla_decode reading kv_b as GGML blocks (a GGUF's attn_k_b / attn_v_b): against the double reference
@@ -548,6 +653,7 @@ int main(void) {
     test_moe();
     test_bad_arguments();
     test_decode_ops();
+    test_bind_checks();
     test_mla_kv_b_blocks();
     test_pool_lifecycle();
     hk2_shutdown();

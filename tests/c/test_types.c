@@ -111,7 +111,8 @@ static void test_moe(const type_case *tc) {
             mf[k][e] = malloc(sizeof(float) * rows * cols);
             CHECK(hk2_dequantize(tc->type, m[k][e], rows, cols, mf[k][e]) == HK2_OK, "dequantize expert");
         }
-    const hk2_moe_layer L = {E, H, I, tc->type, tc->type, tc->type, ptr[0], ptr[1], ptr[2]};
+    const hk2_moe_layer L = {.n_experts = E, .hidden = H, .inter = I, .gate_type = tc->type, .up_type = tc->type,
+                             .down_type = tc->type, .gate = ptr[0], .up = ptr[1], .down = ptr[2]};
     float x[T * H], xq[H], h[I], hq[I], y[T * H], w[T * TOPK];
     int32_t ids[T * TOPK] = {0, 2, 1, 1, 2, 0};  /* token 1 picks expert 1 twice */
     double ref[T * H];

@@ -1,9 +1,4 @@
-/* The float32 pieces of a CPU decode step, each one C call in place of many small torch ops (whose
- * dispatch costs, with caches cold from streaming weights, add up to a large share of decode time).
- *
- * hk2_rms_norm: y = x / sqrt(mean(x^2) + eps) * w per row.
- *
- * hk2_route: the MoE router's scores (the matrix-vector products split over the pool) and its choice.
+/* MLA attention of one decode token, for a model whose attention runs on the CPU.
  *
  * hk2_attn_decode: a layer's whole attention for one decode token (norm, projections, MLA, output), so the
  * decode loop leaves C once per attention block instead of once per op.
@@ -35,7 +30,7 @@ typedef struct {
 static block_rows block_rows_for(const hk2_kernels *k, int qtype, int64_t n) {
     const int qb = hk2_act_qb(qtype);
     return (block_rows){.dot = hk2_dot_for(k, qtype), .rb = (size_t)hk2_row_bytes(qtype, n),
-                        .act_stride = hk2_act_row_bytes(n, qb), .n = n, .qb = qb, .rg = hk2_type_row_group(qtype)};
+                        .act_stride = hk2_act_row_bytes(n, qb), .n = n, .qb = qb, .rg = hk2_row_group(qtype)};
 }
 
 /* out[r] = w_r . x for `rows` block rows from w, x quantized to 8 bits into act first (as hk2_linear does) */
@@ -63,147 +58,6 @@ typedef struct {
     _Alignas(HK2_CACHE_LINE) atomic_llong next;
 } mla_job;
 
-/* y = x / sqrt(mean(x^2) + eps) * w for one row of n (y may be x): every RMSNorm of the decode step */
-static void norm_row(const hk2_kernels *k, const float *x, const float *w, int64_t n, float eps, float *y) {
-    const float inv = 1.0f / sqrtf(k->dot_f32((int)n, x, x) / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) y[i] = x[i] * inv * w[i];
-}
-
-/* v = softmax(v) over n values, in place */
-static void softmax_inplace(float *v, int64_t n) {
-    float mx = -INFINITY, sum = 0.0f;
-    for (int64_t i = 0; i < n; i++) mx = v[i] > mx ? v[i] : mx;
-    for (int64_t i = 0; i < n; i++) { v[i] = expf(v[i] - mx); sum += v[i]; }
-    const float inv = 1.0f / sum;
-    for (int64_t i = 0; i < n; i++) v[i] *= inv;
-}
-
-int hk2_rms_norm(const float *x, const float *w, int64_t n_rows, int64_t n, float eps, float *y) {
-    hk2_clear_error();
-    if (n_rows < 0 || n < 1 || n > MLA_MAX_POS)
-        return hk2_fail(HK2_ESHAPE, "rms_norm: n_rows=%lld, n=%lld out of range", (long long)n_rows, (long long)n);
-    if (!(eps >= 0.0f) || !isfinite(eps)) return hk2_fail(HK2_EINVAL, "rms_norm: eps=%g is not a number >= 0", eps);
-    if (!x || !w || !y) return hk2_fail(HK2_EINVAL, "rms_norm: %s is NULL", !x ? "x" : !w ? "w" : "y");
-    const hk2_kernels *k = hk2_active_kernels();
-    for (int64_t r = 0; r < n_rows; r++) norm_row(k, x + r * n, w, n, eps, y + r * n);
-    return HK2_OK;
-}
-
-
-/* ---- router ---- */
-typedef struct {
-    const hk2_router *r;
-    const hk2_kernels *k;
-    const float *x;
-    float *logits;          /* [T, E] */
-    int64_t T, chunk, n_items;
-    _Alignas(HK2_CACHE_LINE) atomic_llong next;
-} route_job;
-
-static void logits_task(void *ctx, int ith, int nth) {   /* items: runs of experts, all tokens */
-    route_job *j = ctx;
-    const int64_t E = j->r->n_experts, H = j->r->hidden;
-    HK2_UNUSED(ith); HK2_UNUSED(nth);
-    for (int64_t i; (i = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
-        const int64_t e1 = (i + 1) * j->chunk < E ? (i + 1) * j->chunk : E;
-        for (int64_t e = i * j->chunk; e < e1; e++)
-            for (int64_t t = 0; t < j->T; t++)
-                j->logits[t * E + e] = j->k->dot_f32((int)H, j->r->weight + e * H, j->x + t * H);
-    }
-}
-
-/* the index of the largest v[i] among i in [0, n) with mask[i] (ties: the lower index); -1 if none */
-static int64_t argmax_masked(const float *v, const uint8_t *mask, int64_t n) {
-    int64_t best = -1;
-    for (int64_t i = 0; i < n; i++)
-        if (mask[i] && (best < 0 || v[i] > v[best])) best = i;
-    return best;
-}
-
-static void choose(const hk2_router *r, float *scores, float *choice, uint8_t *open, int32_t *ids, float *w) {
-    const int64_t E = r->n_experts, K = r->top_k, G = r->n_group, per = E / G;
-    if (r->softmax)
-        softmax_inplace(scores, E);
-    else
-        for (int64_t e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
-    for (int64_t e = 0; e < E; e++) choice[e] = r->bias ? scores[e] + r->bias[e] : scores[e];
-    memset(open, 1, (size_t)E);
-    if (G > 1) {   /* keep the topk_group best groups */
-        float gs[1024];
-        uint8_t gopen[1024];
-        for (int64_t g = 0; g < G; g++) {
-            const float *c = choice + g * per;
-            float a = -INFINITY, b = -INFINITY;   /* best and second best */
-            for (int64_t i = 0; i < per; i++) {
-                if (c[i] > a) { b = a; a = c[i]; }
-                else if (c[i] > b) b = c[i];
-            }
-            gs[g] = r->bias ? a + b : a;
-            gopen[g] = 1;
-        }
-        uint8_t keep[1024] = {0};
-        for (int64_t n = 0; n < r->topk_group; n++) {
-            const int64_t g = argmax_masked(gs, gopen, G);
-            keep[g] = 1;
-            gopen[g] = 0;
-        }
-        for (int64_t e = 0; e < E; e++) open[e] = keep[e / per];
-    }
-    float sum = 0.0f;
-    for (int64_t k = 0; k < K; k++) {
-        const int64_t e = argmax_masked(choice, open, E);
-        open[e] = 0;
-        ids[k] = (int32_t)e;
-        w[k] = scores[e];
-        sum += scores[e];
-    }
-    const float norm = r->norm_topk && K > 1 ? 1.0f / (sum + 1e-20f) : 1.0f;
-    for (int64_t k = 0; k < K; k++) w[k] = w[k] * norm * r->scaling;
-}
-
-int hk2_route(const hk2_router *r, int64_t n_tokens, const float *x, int32_t *ids, float *weights) {
-    hk2_clear_error();
-    if (!r) return hk2_fail(HK2_EINVAL, "route: r is NULL");
-    const int64_t E = r->n_experts, H = r->hidden, K = r->top_k, G = r->n_group;
-    if (E < 1 || E > MLA_MAX_DIM) return hk2_fail(HK2_ESHAPE, "route: n_experts=%lld out of range", (long long)E);
-    if (H < 1 || H > MLA_MAX_DIM) return hk2_fail(HK2_ESHAPE, "route: hidden=%lld out of range", (long long)H);
-    if (G < 1 || G > 1024 || E % G)
-        return hk2_fail(HK2_ESHAPE, "route: n_group=%lld must divide n_experts=%lld (and be <= 1024)", (long long)G, (long long)E);
-    if (G > 1 && (r->topk_group < 1 || r->topk_group > G))
-        return hk2_fail(HK2_ESHAPE, "route: topk_group=%lld out of range [1, n_group=%lld]", (long long)r->topk_group, (long long)G);
-    if (G > 1 && r->bias && E / G < 2)
-        return hk2_fail(HK2_ESHAPE, "route: groups of %lld expert(s) cannot be scored by their top two", (long long)(E / G));
-    const int64_t open_experts = G > 1 ? r->topk_group * (E / G) : E;
-    if (K < 1 || K > open_experts)
-        return hk2_fail(HK2_ESHAPE, "route: top_k=%lld out of range [1, %lld]", (long long)K, (long long)open_experts);
-    if (n_tokens < 0 || n_tokens > MLA_MAX_POS) return hk2_fail(HK2_ESHAPE, "route: n_tokens=%lld out of range", (long long)n_tokens);
-    if (!isfinite(r->scaling)) return hk2_fail(HK2_EINVAL, "route: scaling=%g is not a finite number", r->scaling);
-    if (!r->weight || !x || !ids || !weights)
-        return hk2_fail(HK2_EINVAL, "route: %s is NULL", !r->weight ? "weight" : !x ? "x" : !ids ? "ids" : "weights");
-    if (n_tokens == 0) return HK2_OK;
-
-    float *logits = malloc(sizeof(float) * (size_t)(n_tokens * E + E));
-    uint8_t *open = malloc((size_t)E);
-    route_job *job = aligned_alloc(HK2_CACHE_LINE, hk2_align_up(sizeof(route_job)));
-    if (!logits || !open || !job) {
-        free(logits); free(open); free(job);
-        return hk2_fail(HK2_ENOMEM, "route: out of memory");
-    }
-    hk2_api_lock();
-    const int64_t nth = hk2_pool_threads();
-    int64_t chunk = (E + 4 * nth - 1) / (4 * nth);
-    *job = (route_job){.r = r, .k = hk2_active_kernels(), .x = x, .logits = logits, .T = n_tokens, .chunk = chunk,
-                       .n_items = (E + chunk - 1) / chunk};
-    atomic_init(&job->next, 0);
-    const int err = hk2_pool_run_dynamic(logits_task, job);
-    hk2_api_unlock();
-    if (!err)
-        for (int64_t t = 0; t < n_tokens; t++)
-            choose(r, logits + t * E, logits + n_tokens * E, open, ids + t * K, weights + t * K);
-    free(logits); free(open); free(job);
-    return err;
-}
-
 static void rotate(const float *x, const float *rot, int64_t n, float *out) {
     for (int64_t i = 0; i < n / 2; i++) {
         const float a = x[2 * i], b = x[2 * i + 1], c = rot[2 * i], s = rot[2 * i + 1];
@@ -221,7 +75,7 @@ static void q_task(void *ctx, int ith, int nth) {   /* items: heads, then the ca
     HK2_UNUSED(ith); HK2_UNUSED(nth);
     for (int64_t h; (h = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
         if (h == m->n_heads) {  /* the new cache row: RMS-normalised latent, rotated shared key */
-            norm_row(j->k, j->kv_a, m->kv_norm, R, m->eps, j->kv_cache + j->pos * R);
+            hk2_norm_row(j->k, j->kv_a, m->kv_norm, R, m->eps, j->kv_cache + j->pos * R);
             rotate(j->kv_a + R, j->rot, rope, j->pe_cache + j->pos * rope);
             continue;
         }
@@ -258,7 +112,7 @@ static void softmax_task(void *ctx, int ith, int nth) {   /* items: heads */
     mla_job *j = ctx;
     const int64_t S = j->n_pos;
     HK2_UNUSED(ith); HK2_UNUSED(nth);
-    for (int64_t h; (h = atomic_fetch_add(&j->next, 1)) < j->n_items;) softmax_inplace(j->p + h * S, S);
+    for (int64_t h; (h = atomic_fetch_add(&j->next, 1)) < j->n_items;) hk2_softmax(j->p + h * S, S);
 }
 
 static void o_lat_task(void *ctx, int ith, int nth) {   /* items: runs of latent columns, all heads and positions */
@@ -313,8 +167,17 @@ static int bad_dim(const char *name, int64_t v, int64_t lo) {
     return hk2_fail(HK2_ESHAPE, "mla_decode: %s=%lld out of range [%lld, %d]", name, (long long)v, (long long)lo, MLA_MAX_DIM);
 }
 
-static int mla_check(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
-                     const float *kv_cache, const float *pe_cache, const float *o) {
+/* n float arrays: each set and 4-byte aligned, the first bad one named */
+static int check_floats(const char *who, int n, const void *const *ptrs, const char *const *names) {
+    for (int i = 0; i < n; i++) {
+        if (!ptrs[i]) return hk2_fail(HK2_EINVAL, "%s: %s is NULL", who, names[i]);
+        if ((uintptr_t)ptrs[i] % sizeof(float)) return hk2_fail(HK2_EINVAL, "%s: %s is not 4-byte aligned", who, names[i]);
+    }
+    return HK2_OK;
+}
+
+/* the struct's own fields (hk2_mla_check, hk2_attn_check; every call with an unchecked struct) */
+static int check_mla(const hk2_mla *m) {
     if (!m) return hk2_fail(HK2_EINVAL, "mla_decode: m is NULL");
     if (m->n_heads < 1 || m->n_heads > MLA_MAX_DIM) return bad_dim("n_heads", m->n_heads, 1);
     if (m->nope < 1 || m->nope > MLA_MAX_DIM) return bad_dim("nope", m->nope, 1);
@@ -322,30 +185,35 @@ static int mla_check(const hk2_mla *m, int64_t pos, const float *q, const float 
         return hk2_fail(HK2_ESHAPE, "mla_decode: rope=%lld must be even and in [2, %d]", (long long)m->rope, MLA_MAX_DIM);
     if (m->v_dim < 1 || m->v_dim > MLA_MAX_DIM) return bad_dim("v_dim", m->v_dim, 1);
     if (m->rank < 1 || m->rank > MLA_MAX_DIM) return bad_dim("rank", m->rank, 1);
-    if (pos < 0 || pos >= MLA_MAX_POS)
-        return hk2_fail(HK2_ESHAPE, "mla_decode: pos=%lld out of range [0, %lld)", (long long)pos, (long long)MLA_MAX_POS);
     if (!(m->scale > 0.0f) || !isfinite(m->scale)) return hk2_fail(HK2_EINVAL, "mla_decode: scale=%g is not a positive number", m->scale);
     if (!(m->eps >= 0.0f) || !isfinite(m->eps)) return hk2_fail(HK2_EINVAL, "mla_decode: eps=%g is not a number >= 0", m->eps);
     if (m->k_b.w || m->v_b.w) {   /* kv_b as blocks: both halves, whole per-head row groups */
         int err = check_matrix("mla_decode", "k_b", &m->k_b, m->n_heads * m->rank, m->nope);
         if (!err) err = check_matrix("mla_decode", "v_b", &m->v_b, m->n_heads * m->v_dim, m->rank);
         if (err) return err;
-        if (m->rank % hk2_type_row_group(m->k_b.qtype))   /* a head's rows must not share a row group */
+        if (m->rank % hk2_row_group(m->k_b.qtype))   /* a head's rows must not share a row group */
             return hk2_fail(HK2_ESHAPE, "mla_decode: k_b: rank=%lld rows per head do not fill %s row groups of %d",
-                            (long long)m->rank, hk2_type_name(m->k_b.qtype), hk2_type_row_group(m->k_b.qtype));
-        if (m->v_dim % hk2_type_row_group(m->v_b.qtype))
+                            (long long)m->rank, hk2_type_name(m->k_b.qtype), hk2_row_group(m->k_b.qtype));
+        if (m->v_dim % hk2_row_group(m->v_b.qtype))
             return hk2_fail(HK2_ESHAPE, "mla_decode: v_b: v_dim=%lld rows per head do not fill %s row groups of %d",
-                            (long long)m->v_dim, hk2_type_name(m->v_b.qtype), hk2_type_row_group(m->v_b.qtype));
+                            (long long)m->v_dim, hk2_type_name(m->v_b.qtype), hk2_row_group(m->v_b.qtype));
     }
-    /* wkv_b only without blocks (check_matrix has checked those); the blocks need 2-byte alignment, floats 4 */
-    const int first = m->k_b.w ? 1 : 0;
-    const void *ptrs[] = {m->wkv_b, m->kv_norm, q, kv_a, rot, kv_cache, pe_cache, o};
-    static const char *const names[] = {"wkv_b", "kv_norm", "q", "kv_a", "rot", "kv_cache", "pe_cache", "o"};
-    for (int i = first; i < 8; i++) {
-        if (!ptrs[i]) return hk2_fail(HK2_EINVAL, "mla_decode: %s is NULL", names[i]);
-        if ((uintptr_t)ptrs[i] % sizeof(float)) return hk2_fail(HK2_EINVAL, "mla_decode: %s is not 4-byte aligned", names[i]);
-    }
-    return HK2_OK;
+    /* wkv_b only without blocks (check_matrix has checked those) */
+    const void *ptrs[] = {m->wkv_b, m->kv_norm};
+    static const char *const names[] = {"wkv_b", "kv_norm"};
+    return m->k_b.w ? check_floats("mla_decode", 1, ptrs + 1, names + 1) : check_floats("mla_decode", 2, ptrs, names);
+}
+
+HK2_DEFINE_CHECK(hk2_mla_check, hk2_mla, check_mla)
+
+/* what one decode call brings: the position and the token's buffers (first = 3: only rot and the caches) */
+static int check_step(int64_t pos, int first, const float *q, const float *kv_a, const float *rot, const float *kv_cache,
+                      const float *pe_cache, const float *o) {
+    if (pos < 0 || pos >= MLA_MAX_POS)
+        return hk2_fail(HK2_ESHAPE, "mla_decode: pos=%lld out of range [0, %lld)", (long long)pos, (long long)MLA_MAX_POS);
+    const void *ptrs[] = {q, kv_a, o, rot, kv_cache, pe_cache};
+    static const char *const names[] = {"q", "kv_a", "o", "rot", "kv_cache", "pe_cache"};
+    return check_floats("mla_decode", 6 - first, ptrs + first, names + first);
 }
 
 static int mla_locked(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
@@ -388,7 +256,8 @@ static int mla_locked(const hk2_mla *m, int64_t pos, const float *q, const float
 int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *kv_a, const float *rot,
                    float *kv_cache, float *pe_cache, float *o) {
     hk2_clear_error();
-    int err = mla_check(m, pos, q, kv_a, rot, kv_cache, pe_cache, o);
+    int err = HK2_SEALED(m, hk2_mla) ? HK2_OK : check_mla(m);
+    if (!err) err = check_step(pos, 0, q, kv_a, rot, kv_cache, pe_cache, o);
     if (err) return err;
     hk2_api_lock();
     err = mla_locked(m, pos, q, kv_a, rot, kv_cache, pe_cache, o);
@@ -396,16 +265,17 @@ int hk2_mla_decode(const hk2_mla *m, int64_t pos, const float *q, const float *k
     return err;
 }
 
-int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float *rot, float *kv_cache,
-                    float *pe_cache, float *out) {
-    hk2_clear_error();
+/* the block's own fields, its mla included (hk2_attn_check; every call with an unchecked block) */
+static int check_attn(const hk2_attn *a) {
     if (!a) return hk2_fail(HK2_EINVAL, "attn_decode: a is NULL");
     const hk2_mla *m = &a->mla;
     const int64_t D = a->hidden, H = m->n_heads;
     if (D < 1 || D > MLA_MAX_DIM) return hk2_fail(HK2_ESHAPE, "attn_decode: hidden=%lld out of range", (long long)D);
+    int err = check_mla(m);   /* first: the matrices' expected shapes come from its dimensions */
+    if (err) return err;
     const int lora = a->q_a.w != NULL;
     const int64_t q_in = lora ? a->q_a.rows : D;
-    int err = lora ? check_matrix("attn_decode", "q_a", &a->q_a, q_in, D) : HK2_OK;
+    err = lora ? check_matrix("attn_decode", "q_a", &a->q_a, q_in, D) : HK2_OK;
     if (!err) err = check_matrix("attn_decode", "q_b", &a->q_b, H * (m->nope + m->rope), q_in);
     if (!err) err = check_matrix("attn_decode", "kv_a", &a->kv_a, m->rank + m->rope, D);
     if (!err) err = check_matrix("attn_decode", "o", &a->o, D, H * m->v_dim);
@@ -414,22 +284,32 @@ int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float 
         return hk2_fail(HK2_EINVAL, "attn_decode: %s is NULL", !a->input_norm ? "input_norm" : "q_a_norm");
     if (!(a->input_eps >= 0.0f) || !isfinite(a->input_eps) || !(a->q_a_eps >= 0.0f) || !isfinite(a->q_a_eps))
         return hk2_fail(HK2_EINVAL, "attn_decode: a norm epsilon is not a number >= 0");
+    return HK2_OK;
+}
+
+HK2_DEFINE_CHECK(hk2_attn_check, hk2_attn, check_attn)
+
+int hk2_attn_decode(const hk2_attn *a, int64_t pos, const float *x, const float *rot, float *kv_cache,
+                    float *pe_cache, float *out) {
+    hk2_clear_error();
+    int err = HK2_SEALED(a, hk2_attn) ? HK2_OK : check_attn(a);
+    if (!err) err = check_step(pos, 3, NULL, NULL, rot, kv_cache, pe_cache, NULL);
+    if (err) return err;
     if (!x || !out) return hk2_fail(HK2_EINVAL, "attn_decode: %s is NULL", !x ? "x" : "out");
+    const hk2_mla *m = &a->mla;
+    const int64_t D = a->hidden, H = m->n_heads;
+    const int lora = a->q_a.w != NULL;
+    const int64_t q_in = lora ? a->q_a.rows : D;
     const size_t n = (size_t)(D + q_in + a->q_b.rows + a->kv_a.rows + H * m->v_dim + D);
     float *buf = malloc(sizeof(float) * n);
     if (!buf) return hk2_fail(HK2_ENOMEM, "attn_decode: out of memory");
     float *xn = buf, *qa = xn + D, *q = qa + q_in, *kva = q + a->q_b.rows, *att = kva + a->kv_a.rows, *delta = att + H * m->v_dim;
-    err = mla_check(m, pos, q, kva, rot, kv_cache, pe_cache, att);
-    if (err) {
-        free(buf);
-        return err;
-    }
     const hk2_kernels *k = hk2_active_kernels();
     hk2_api_lock();
-    norm_row(k, x, a->input_norm, D, a->input_eps, xn);
+    hk2_norm_row(k, x, a->input_norm, D, a->input_eps, xn);
     if (lora) {
         err = hk2_linear_locked(a->q_a.qtype, a->q_a.w, a->q_a.rows, D, 1, xn, qa);
-        if (!err) norm_row(k, qa, a->q_a_norm, q_in, a->q_a_eps, qa);
+        if (!err) hk2_norm_row(k, qa, a->q_a_norm, q_in, a->q_a_eps, qa);
     }
     if (!err) err = hk2_linear_locked(a->q_b.qtype, a->q_b.w, a->q_b.rows, q_in, 1, lora ? qa : xn, q);
     if (!err) err = hk2_linear_locked(a->kv_a.qtype, a->kv_a.w, a->kv_a.rows, D, 1, xn, kva);

@@ -1,45 +1,10 @@
-/* AVX-512 (F/BW/VL) kernels, two 32-value blocks or one 64-value chunk per 512-bit vector.
- * Compiled twice: here without VNNI (u8 x s8 sums via maddubs + madd) and, through
- * moe_avx512_vnni.c, with HK2_AVX512_VNNI=1 (one vpdpbusd). With HK2_USE_SIMDE the same code
- * builds against SIMDe's portable AVX-512 so it can be tested on CPUs without AVX-512. */
-#ifndef HK2_AVX512_VNNI
-#define HK2_AVX512_VNNI 0
-#endif
+/* Q4_0 Q8_0 Q4_K Q6_K Q4_0_R8: AVX-512 (F/BW/VL) dot kernels (hk2_dot_<type>_avx512vnni and _avx512bw, listed
+ * in quants_base.c's table), two 32-value blocks or one 64-value chunk per 512-bit vector. Compiled twice: here
+ * with VNNI (one vpdpbusd for the u8 x s8 sums) and, through quants_base_avx512bw.c, with HK2_AVX512_VNNI 0
+ * (maddubs + madd). */
+#include "hk2_target_avx512.h"
 
-#ifdef HK2_USE_SIMDE
-#define SIMDE_ENABLE_NATIVE_ALIASES
-#include <simde/x86/avx512.h>
-#include "hk2_simde_shim.h"
-#include "hk2_internal.h"
 #define f16(h) hk2_fp16_to_fp32(h)
-#else
-/* (#pragma GCC target does not expand macros, hence the four spelled-out lines) */
-#if defined(__clang__) && HK2_AVX512_VNNI
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), apply_to = function)
-#elif defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))), apply_to = function)
-#elif HK2_AVX512_VNNI
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
-#else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#include "hk2_internal.h"
-#define f16(h) _cvtsh_ss(h)
-#endif
-
-#if HK2_AVX512_VNNI
-#define K(name) name##_avx512vnni
-#define KERNELS hk2_kernels_avx512vnni
-#define KERNELS_NAME "avx512vnni"
-#define KERNELS_LEVEL HK2_LVL_AVX512VNNI
-#else
-#define K(name) name##_avx512bw
-#define KERNELS hk2_kernels_avx512bw
-#define KERNELS_NAME "avx512bw"
-#define KERNELS_LEVEL HK2_LVL_AVX512BW
-#endif
-
 
 /* sum of 4 adjacent products of unsigned u and signed s bytes, as int32 lanes */
 INLINE __m512i dp_u8s8(__m512i u, __m512i s) {
@@ -56,19 +21,9 @@ INLINE __m256i dp_u8s8_256(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
 }
-INLINE __m256i nibbles(const uint8_t *p) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
-}
 INLINE __m512i cat256(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
 /* [a x8, b x8] */
 INLINE __m512 two_scales(float a, float b) { return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b)); }
-INLINE float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* ---------------- Q4_0: sum (q-8)*y = sum q*y - sum 8*y ---------------- */
 INLINE void dot_q4_0_t(int n, const block_q4_0 *x, const hk2_arow *a, const int NA, float *s) {
@@ -98,7 +53,7 @@ INLINE void dot_q4_0_t(int n, const block_q4_0 *x, const hk2_arow *a, const int 
             acc2[j] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a[j].d[b]), _mm256_cvtepi32_ps(p), acc2[j]);
         }
     }
-    for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]) + hsum256(acc2[j]);
+    for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]) + hsum_ps(acc2[j]);
 }
 
 /* ---------------- Q8_0: |w| x (y with w's sign) ---------------- */
@@ -134,7 +89,7 @@ INLINE void dot_q8_0_t(int n, const block_q8_0 *x, const hk2_arow *a, const int 
             acc2[j] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a[j].d[b]), _mm256_cvtepi32_ps(p), acc2[j]);
         }
     }
-    for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]) + hsum256(acc2[j]);
+    for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]) + hsum_ps(acc2[j]);
 }
 
 /* ---------------- Q4_K: one 64-value chunk (two 32-value sub-blocks) per vector ---------------- */
@@ -221,17 +176,10 @@ INLINE void dot_q6_K_t(int n, const block_q6_K *x, const hk2_arow *a, const int 
     for (int j = 0; j < NA; j++) s[j] = _mm512_reduce_add_ps(acc[j]);
 }
 
-/* ---------------- Q4_0_R8 (8 rows per pass, lane r = row r; see moe_avx2.c) ----------------
+/* ---------------- Q4_0_R8 (8 rows per pass, lane r = row r; see quants_base_avx2.c) ----------------
  * With VNNI one vpdpbusd per run replaces maddubs + add (and the int16 bound); without it the
  * AVX2 kernel is already the best fit, as the 8 rows fill exactly one 256-bit vector. */
 #if HK2_AVX512_VNNI
-INLINE __m256 fp16x8(const hk2_half *d) {
-#ifdef HK2_USE_SIMDE  /* SIMDe has no F16C */
-    return _mm256_setr_ps(f16(d[0]), f16(d[1]), f16(d[2]), f16(d[3]), f16(d[4]), f16(d[5]), f16(d[6]), f16(d[7]));
-#else
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d));
-#endif
-}
 INLINE void dot_q4_0_r8_t(int n, const block_q4_0x8 *x, const hk2_arow *a, const int NA, float *s) {
     __m256 acc[HK2_MAX_NA];
     for (int j = 0; j < NA; j++) acc[j] = _mm256_setzero_ps();
@@ -266,92 +214,13 @@ INLINE void dot_q4_0_r8_t(int n, const block_q4_0x8 *x, const hk2_arow *a, const
 }
 #endif
 
-#define DOT_ENTRY(name, btype)                                                        \
-    static void K(name)(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH4(na, name##_t, n, w, a, s)                                      \
-    }
-/* up to 8 activation rows per call (kernel table na_q8_0): prefill's dense matrices are mostly Q8_0 */
-#define DOT_ENTRY8(name, btype)                                                       \
-    static void K(name)(int n, const void *w, const hk2_arow *a, int na, float *s) { \
-        HK2_NA_SWITCH8(na, name##_t, n, w, a, s)                                      \
-    }
-DOT_ENTRY(dot_q4_0, block_q4_0)
-DOT_ENTRY8(dot_q8_0, block_q8_0)
-DOT_ENTRY(dot_q4_K, block_q4_K)
-DOT_ENTRY(dot_q6_K, block_q6_K)
+/* Q8_0: up to 8 activation rows per call (its table entry's max_na) */
+HK2_DOT_ENTRY(q4_0, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(q8_0, HK2_NA_SWITCH8)
+HK2_DOT_ENTRY(q4_K, HK2_NA_SWITCH4)
+HK2_DOT_ENTRY(q6_K, HK2_NA_SWITCH4)
 #if HK2_AVX512_VNNI
-DOT_ENTRY(dot_q4_0_r8, block_q4_0x8)
-#else
-#define dot_q4_0_r8_avx512bw hk2_dot_q4_0_r8_avx2
+HK2_DOT_ENTRY(q4_0_r8, HK2_NA_SWITCH4)
 #endif
 
-/* ---------------- activations (bit-identical to the scalar quantizer) ---------------- */
-static void K(quantize_act)(const float *x, int n, int qb, int8_t *qs, float *d, int16_t *bs) {
-    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
-    const __m512 half = _mm512_set1_ps(0.5f);
-    for (int bi = 0; bi < n / qb; bi++) {
-        const float *xb = x + (size_t)bi * qb;
-        __m512 mx = _mm512_setzero_ps();
-        for (int i = 0; i < qb; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
-        const float amax = _mm512_reduce_max_ps(mx);
-        const float dd = amax / 127.0f;
-        const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
-        d[bi] = qb == HK2_QK ? hk2_fp16_to_fp32(hk2_fp32_to_fp16(dd)) : dd;
-        const __m512 vid = _mm512_set1_ps(id);
-        for (int i = 0; i < qb; i += 16) {
-            /* round half away from zero: t = trunc(v); t += sign(v) where |v - t| >= 0.5 */
-            const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xb + i), vid);
-            const __m512 t = _mm512_cvtepi32_ps(_mm512_cvttps_epi32(v));  /* trunc; |v| <= 127.x */
-            const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), half, _CMP_GE_OQ);
-            const __m512 step = _mm512_castsi512_ps(
-                _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(v), sign), _mm512_castps_si512(_mm512_set1_ps(1.0f))));
-            const __m512i q = _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, step));
-            _mm_storeu_si128((__m128i *)(qs + (size_t)bi * qb + i), _mm512_cvtepi32_epi8(q));
-        }
-    }
-    for (int g = 0; g < n / 16; g++) {
-        const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16 * g)));
-        bs[g] = (int16_t)_mm512_reduce_add_epi32(q);
-    }
-}
-
-static uint64_t K(read_sum)(const void *p, size_t n) {
-    const uint8_t *c = p;
-    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
-    size_t i = 0;
-    for (; i + 256 <= n; i += 256) {
-        _mm_prefetch((const char *)(c + i) + HK2_PF_DIST, _MM_HINT_T0);
-        _mm_prefetch((const char *)(c + i) + HK2_PF_DIST + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)(c + i) + HK2_PF_DIST + 128, _MM_HINT_T0);
-        _mm_prefetch((const char *)(c + i) + HK2_PF_DIST + 192, _MM_HINT_T0);
-        s0 = _mm512_add_epi64(s0, _mm512_loadu_si512((const void *)(c + i)));
-        s1 = _mm512_add_epi64(s1, _mm512_loadu_si512((const void *)(c + i + 64)));
-        s2 = _mm512_add_epi64(s2, _mm512_loadu_si512((const void *)(c + i + 128)));
-        s3 = _mm512_add_epi64(s3, _mm512_loadu_si512((const void *)(c + i + 192)));
-    }
-    uint64_t tail = 0;
-    for (; i + 8 <= n; i += 8) { uint64_t v; memcpy(&v, c + i, 8); tail += v; }
-    return (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3))) + tail;
-}
-
-const hk2_kernels KERNELS = {
-    .name = KERNELS_NAME,
-    .level = KERNELS_LEVEL,
-    .dot_q4_0 = K(dot_q4_0),
-    .dot_q8_0 = K(dot_q8_0),
-    .na_q8_0 = 8,
-    .dot_q4_K = K(dot_q4_K),
-    .dot_q6_K = K(dot_q6_K),
-    .dot_q4_0_r8 = K(dot_q4_0_r8),
-    .dot_q4_K_r8 = hk2_dot_q4_K_r8_avx2,   /* memory-bound at 8 rows per pass already */
-    .quantize_act = K(quantize_act),
-    .read_sum = K(read_sum),
-    .dot_f32 = hk2_dot_f32_avx2,   /* decode.c's float math is small next to its memory traffic */
-    .axpy_f32 = hk2_axpy_f32_avx2,
-    .gemm_nt_f32 = hk2_gemm_nt_f32_avx2,
-    .gemm_nn_f32 = hk2_gemm_nn_f32_avx2,
-};
-
-#if !defined(HK2_USE_SIMDE) && defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "hk2_target_end.h"
