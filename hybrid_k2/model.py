@@ -307,6 +307,9 @@ class Transformer(nn.Module):
             absorb = T == 1
         if T == 1 and absorb and self.runtime is not None and not torch.is_grad_enabled():
             return self.runtime(ids, start_pos, cache)
+        if start_pos + T > self._rope.shape[0]:   # a cache made directly, longer than new_cache's table
+            raise ValueError(f"position {start_pos + T - 1} is outside the RoPE table ({self._rope.shape[0]} "
+                             f"positions; Transformer.new_cache makes one for its cache)")
         rope = self._rope[start_pos:start_pos + T]
         h = self.model.embed_tokens(ids)
         for layer in self.model.layers:

@@ -7,9 +7,10 @@ experts and again, as one expert, for the shared expert or dense FFN, the residu
 `hk2_linear` for the logits. The model installs it with `Transformer.set_runtime(CPURuntime.build)` and builds
 it again whenever a set_* method changes what it read; nothing here re-checks the weights per token.
 
-It applies to a float32 model on the CPU whose routed experts are a CPUExperts (checked at load), with no
-routing recorder or expert deferral; dense matrices are GGML blocks (QuantLinear) or float32 tensors, which
-the kernels read in place as F32 rows. Elsewhere `build` returns None and the modules run.
+It applies to a float32 model on the CPU with no routing recorder or expert deferral: matrices, dense and
+routed, are GGML blocks (QuantLinear, CPUExperts) or float32 tensors, which the kernels read in place as F32
+rows; the reference backend (experts='torch') only when asked for (`torch_experts`): by default it stays
+torch ops, so that it can check this. Elsewhere `build` returns None and the modules run.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from . import kernels
 from .experts.cpu import CPUExperts
+from .experts.torch_backend import TorchExperts
 from .qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,29 @@ def _matrix(m: nn.Module, what: str) -> tuple[np.ndarray, kernels.QType]:
     raise NotApplicable(f"{what} is a {type(m).__name__}, not GGML blocks or a float32 Linear")
 
 
+def swiglu_as_expert(mlp, what: str = "mlp") -> kernels.ExpertWeights:
+    """A SwiGLU (model.MLP) as one expert of the routed experts' kernel, so that it is one C call. Run with
+    h_residual off, its h = silu(g)·u enters down at 8 bits, as three separate linear calls (and llama.cpp)
+    quantize every dense input."""
+    (g, gt), (u, ut), (d, dt) = (_matrix(getattr(mlp, n), f"{what}.{n}") for n in ("gate_proj", "up_proj", "down_proj"))
+    return kernels.ExpertWeights([g], [u], [d], gt, ut, dt)
+
+
+def _routed(experts, i: int, where: str, torch_experts: bool):
+    """(ExpertWeights, first-use check or None) of layer i's routed experts: a CPUExperts' blocks, or (when
+    asked for) the reference backend's float32 tensors read in place as F32 rows."""
+    if isinstance(experts, CPUExperts):
+        # experts paged from disk: their scales are checked on first use, before the kernel reads them
+        return experts.layers[i], experts.check_first_use if i in experts.pending_checks else None
+    if torch_experts and isinstance(experts, TorchExperts):
+        mats = [_f32(t, f"{where} experts").view(torch.uint8).numpy() for t in experts.layers[i]]
+        return kernels.ExpertWeights(*mats, "F32"), None
+    raise NotApplicable(f"{where}: routed experts are {type(experts).__name__}, not CPU or float32 CPU tensors")
+
+
 class CPURuntime:
-    def __init__(self, model):
+    def __init__(self, model, torch_experts: bool = False):
+        self.torch_experts = torch_experts
         cfg, bb = model.cfg, model.model
         if model._rope is None or model._rope.device.type != "cpu":
             raise NotApplicable("no CPU RoPE table yet (Transformer.new_cache makes it)")
@@ -79,10 +102,10 @@ class CPURuntime:
         self.cache = None
 
     @classmethod
-    def build(cls, model) -> CPURuntime | None:
+    def build(cls, model, *, torch_experts: bool = False) -> CPURuntime | None:
         """The runtime for this model as it is now, or None (and why, at debug level) where it does not apply."""
         try:
-            return cls(model)
+            return cls(model, torch_experts)
         except NotApplicable as e:
             log.debug("CPU runtime not used: %s", e)
             return None
@@ -118,23 +141,18 @@ class CPURuntime:
             return block.cstruct, post, None, None, self._bind_mlp(mlp, f"{where}.mlp")
         if mlp.recorder is not None or mlp.defer or mlp.carry is not None:
             raise NotApplicable("a routing recorder or expert deferral needs the modules' MoE.forward")
-        if not isinstance(mlp.experts, CPUExperts) or mlp.experts.unchecked:
-            raise NotApplicable(f"{where}: routed experts are not all checked CPU experts")
         gate = mlp.gate
         bias = _f32(gate.e_score_correction_bias.detach(), f"{where}.gate.bias") if gate.has_bias else None
         router = kernels.router(_f32(gate.weight.detach(), f"{where}.gate.weight"), bias, top_k=gate.top_k,
                                 n_group=gate.n_group, topk_group=gate.topk_group, softmax=gate.scoring != "sigmoid",
                                 norm_topk=gate.norm, scaling=gate.scaling)
-        routed = mlp.experts.layers[i]
+        routed, first_use = _routed(mlp.experts, i, where, self.torch_experts)
         self.keep += [router, routed]
         shared = self._bind_mlp(mlp.shared_experts, f"{where}.mlp.shared_experts") if mlp.shared_experts else None
-        return block.cstruct, post, router.cstruct, routed.cstruct(self.lib), shared
+        return block.cstruct, post, (router.cstruct, first_use), routed.cstruct(self.lib), shared
 
     def _bind_mlp(self, mlp, what: str):
-        """A SwiGLU as one expert of the routed experts' kernel: one C call. Its h = silu(g)·u enters down at 8
-        bits, as three separate linear calls (and llama.cpp) quantize every dense input."""
-        (g, gt), (u, ut), (d, dt) = (_matrix(getattr(mlp, n), f"{what}.{n}") for n in ("gate_proj", "up_proj", "down_proj"))
-        ew = kernels.ExpertWeights([g], [u], [d], gt, ut, dt)
+        ew = swiglu_as_expert(mlp, what)
         self.keep.append(ew)
         return ew.cstruct(self.lib)
 
@@ -174,7 +192,10 @@ class CPURuntime:
             c(lib.hk2_attn_decode(attn, pos, px, rot, self.kv[i], self.pe[i], px), "attn_decode")
             c(lib.hk2_rms_norm(px, nw, 1, H, eps, pxn), "rms_norm")
             if router is not None:
+                router, first_use = router
                 c(lib.hk2_route(router, 1, pxn, self.pids, self.pw), "route")
+                if first_use is not None:
+                    first_use(i, self.ids)
                 c(lib.hk2_moe_forward(routed, 1, self.K, pxn, self.pids, self.pw, self.py, residual), "moe_forward")
             if mlp is not None:   # shared expert (MoE) or the dense FFN
                 c(lib.hk2_moe_forward(mlp, 1, 1, pxn, one_id, one_w, self.ps, 0), "moe_forward")

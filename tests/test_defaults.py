@@ -40,9 +40,9 @@ def test_gguf_runs_its_own_blocks_by_default(demo_gguf):
         assert isinstance(m, QuantLinear) and m.qtype.name == "Q8_0", n
         assert np.shares_memory(m.blocks, eng.checkpoint.raw_blocks(n + ".weight")[0]), n   # the file's, in place
     assert all(layer.self_attn.kv_b_blocks is not None for layer in eng.model.model.layers)   # the C decode step's
-    # the decode steps run as one C sequence (CPUDecodeStep), not torch matmuls
+    # the decode steps run as one C sequence (the CPU runtime), not torch matmuls
     eng.generate([5, 6, 7], max_new_tokens=4, temperature=0)
-    assert eng.model._step[1] is not None
+    assert eng.model.runtime is not None
     eng.close()
 
 

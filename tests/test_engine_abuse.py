@@ -307,8 +307,8 @@ def test_closed_hybrid_engine_frees_its_slots_without_a_collection(demo):
         e = hybrid_k2.load(demo, device="cpu", experts="hybrid", cache_slots=6, threads=2, prefill_stream=True)
         e.generate(" ".join(PROMPTS * 4), max_new_tokens=4, temperature=0)   # fills, copier, streamed prefill
         "".join(e.generate(PROMPTS[1], max_new_tokens=3, stream=True))
-        assert e.experts.fills_done > 0
-        backend, slots = weakref.ref(e.experts), weakref.ref(e.experts.gate)
+        assert e.experts.stats()["fills_done"] > 0
+        backend, slots = weakref.ref(e.experts), weakref.ref(e.experts.pool.gate)
         e.close()
         del e
         assert backend() is None and slots() is None

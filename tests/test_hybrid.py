@@ -23,6 +23,7 @@ from hybrid_k2.experts.hybrid import HybridConfig, HybridExperts
 from hybrid_k2.experts.prefetch import RoutingPredictor
 from hybrid_k2.experts.slots import dequantize_torch, slot_bytes, slots_for_budget
 from hybrid_k2.experts.torch_backend import TorchExperts
+from hybrid_k2.runtime import CPURuntime
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +299,11 @@ def reference_run(dev_eng):
     prompt = eng.tokenizer.encode("Beautiful is better than ugly. Explicit")
     gen = eng.generate(prompt, max_new_tokens=20, temperature=0).token_ids
     tokens = prompt + gen
-    return tokens, len(prompt), decode_logits(eng.model, tokens, len(prompt))
+    eng.model.set_runtime(None)   # the modules: the path the other backends decode through
+    try:
+        return tokens, len(prompt), decode_logits(eng.model, tokens, len(prompt))
+    finally:
+        eng.model.set_runtime(CPURuntime.build)
 
 
 @pytest.mark.parametrize("slots,kw", CONFIGS, ids=[f"{s}-{'-'.join(k)}" for s, k in CONFIGS])

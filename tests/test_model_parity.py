@@ -1,9 +1,12 @@
 """Parity with HF transformers' DeepseekV3ForCausalLM on tiny random configs, saved with save_pretrained."""
+from functools import partial
+
 import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 import hybrid_k2
+from hybrid_k2.runtime import CPURuntime
 
 K2_LIKE = dict(max_position_embeddings=131072, n_group=1, topk_group=1, n_routed_experts=8, num_experts_per_tok=3,
                rope_parameters=dict(rope_type="yarn", rope_theta=50000.0, factor=32.0,
@@ -60,17 +63,17 @@ def test_full_sequence_and_decode_match_hf(tmp_path, variant, device):
     assert_close_logits(engine.logits(ids.tolist()), ref)
 
     # token-by-token through the latent cache and the absorbed attention: in torch ops (autograd on) and in
-    # the C decode step (hk2_mla_decode, taken when autograd is off on the CPU)
+    # the CPU runtime's C decode step (hk2_attn_decode, taken when autograd is off on the CPU)
     model = engine.model
-    attn = model.model.layers[0].self_attn
     ids = ids.to(device)
     for mode, fused in ((torch.enable_grad, False), (torch.no_grad, device.type == "cpu")):
-        attn._decoder = None
+        model.set_runtime(partial(CPURuntime.build, torch_experts=True) if fused else None)
         with mode():
             cache = model.new_cache(len(ids))
             steps = [model(ids[i:i + 1], i, cache) for i in range(len(ids))]
         assert_close_logits(torch.cat(steps).detach().cpu(), ref)
-        assert (attn._decoder is not None) == fused
+        assert (model.runtime is not None) == fused
+    model.set_runtime(None)
 
     # chunked prefill (expanded path over cached latents) then absorbed decode
     with torch.no_grad():

@@ -2,6 +2,8 @@
 
 References: the `gguf` package's quantizers/dequantizers and float torch linears; the whole model with
 dense_format="float" (float matmuls on the same GGUF weights)."""
+from functools import partial
+
 import gguf
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from gguf import GGMLQuantizationType as GQT
 from torch import nn
 
 import hybrid_k2
+from hybrid_k2.runtime import CPURuntime
 from hybrid_k2 import kernels
 from hybrid_k2.checkpoint import open_checkpoint
 from hybrid_k2.cli import build_parser
@@ -105,9 +108,11 @@ def test_bad_arguments():
 
 
 def test_mlp_of_blocks_decodes_in_one_expert_call():
-    """A SwiGLU of QuantLinear matrices at decode runs as one call of the routed experts' kernel (MLP.cpu_expert),
-    with the same 8-bit inputs as the three separate calls: it matches them, and the float MLP as closely."""
+    """The CPU runtime runs a SwiGLU of QuantLinear matrices as one call of the routed experts' kernel
+    (runtime.swiglu_as_expert), with the same 8-bit inputs as the three separate calls: it matches them, and the
+    float MLP as closely."""
     from hybrid_k2.model import MLP
+    from hybrid_k2.runtime import swiglu_as_expert
     torch.manual_seed(0)
     ref = MLP(256, 512).eval()
     mlp = MLP(256, 512).eval()
@@ -117,18 +122,13 @@ def test_mlp_of_blocks_decodes_in_one_expert_call():
         getattr(ref, name).weight.data.copy_(q.weight)    # the float model of the same (dequantized) weights
     x = torch.randn(1, 256)
     want = ref(x).detach()
-    unfused = mlp(x).detach()                            # autograd on: three QuantLinear calls
-    assert mlp._expert is None
-    with torch.no_grad():
-        fused = mlp(x)
-    assert mlp._expert is not None
+    unfused = mlp(x).detach()                            # the module: three QuantLinear calls
+    fused = kernels.moe_forward(swiglu_as_expert(mlp), x, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1),
+                                h_residual=False)
     err_f = ((fused - want).norm() / want.norm()).item()
     err_u = ((unfused - want).norm() / want.norm()).item()
     assert err_f < 0.015 and err_f <= err_u * 1.05, (err_f, err_u)
     assert ((fused - unfused).norm() / unfused.norm()).item() < 2e-3   # same quantization; only silu's rounding
-    with torch.no_grad():                                # prefill rows keep the three calls
-        assert torch.equal(mlp(x.repeat(3, 1))[1:2], mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x))
-                                                                    * mlp.up_proj(x)))
 
 
 # ---------------------------------------------------------------- dense_format in the whole model
@@ -174,11 +174,13 @@ def test_native_runs_the_gguf_blocks_in_place(gguf_q8):
     assert per_pos.median() < 0.05, per_pos
     top1 = (lq.argmax(-1) == lf.argmax(-1)).float().mean().item()
     assert top1 >= 0.8, top1
-    # Engine.generate (one-token decode steps, absorbed attention) picks what the full-sequence pass ranks first
+    # Engine.generate (one-token decode steps in the CPU runtime) picks what the full-sequence pass ranks first
+    native.model.set_runtime(partial(CPURuntime.build, torch_experts=True))
     out = native.generate(ids[:8], max_new_tokens=6, temperature=0)
     assert out.token_ids
-    for layer in native.model.model.layers:   # the decode steps read the GGUF's blocks (not the float kv_b)
-        dec = layer.self_attn._decoder
+    decoders = [k.mla for k in native.model.runtime.keep if isinstance(k, kernels.AttnDecoder)]
+    assert len(decoders) == len(native.model.model.layers)
+    for layer, dec in zip(native.model.model.layers, decoders):   # the decode steps read the GGUF's blocks
         assert dec.wkv_b is None and all(a[0] is b[0] for a, b in zip(dec.kv_b_blocks, layer.self_attn.kv_b_blocks))
     full = native.logits(ids[:8] + out.token_ids)[7:7 + len(out.token_ids)]
     if native.suppressed_ids is not None:

@@ -115,6 +115,11 @@ class CPUExperts(ExpertBackend):
         return cls(layers, threads=threads, overlap=overlap, mapped=mapped, unchecked=unchecked)
 
     @property
+    def pending_checks(self):
+        """The layers with experts whose scales are still to be checked on first use."""
+        return self._unchecked.keys()
+
+    @property
     def unchecked(self) -> bool:
         """Whether some experts' scales are still to be checked on first use (experts paged from disk)."""
         return bool(self._unchecked)
